@@ -1,0 +1,119 @@
+"""Source families we convert, and the one table from their names to DeepSeek-V3's."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import LatentKVError
+
+# model_type -> human name. SmolLM/SmolLM2 are Llama checkpoints (model_type "llama").
+SUPPORTED_FAMILIES = {"llama": "Llama/SmolLM", "mistral": "Mistral", "qwen2": "Qwen2"}
+
+# The only place source names meet DeepSeek-V3 names.
+#   source attention weight / config field -> where it lands in the MLA layer
+SOURCE_TO_MLA = {
+    "q_proj": "q_proj (rows split into qk_nope_head_dim | qk_rope_head_dim per head)",
+    "k_proj": "kv_a_proj_with_mqa (rotated rows -> shared k_pe) + kv_b_proj (non-rotated rows, W_uk)",
+    "v_proj": "kv_a_proj_with_mqa (latent rows) + kv_b_proj (W_uv)",
+    "o_proj": "o_proj",
+    "num_attention_heads": "num_attention_heads",
+    "num_key_value_heads": "(absorbed into kv_lora_rank / qk_rope_head_dim)",
+    "head_dim": "v_head_dim; qk_nope_head_dim + rotated pairs per head",
+    "attention_bias": "q_proj.bias, kv_a_proj_with_mqa.bias",
+}
+
+SUPPORTED_ROPE_TYPES = ("default", "llama3")
+
+
+@dataclass(frozen=True)
+class SourceLayout:
+    """The attention shapes of a supported source model."""
+
+    model_type: str
+    hidden_size: int  # D
+    num_heads: int  # H
+    num_kv_heads: int  # G
+    head_dim: int  # d
+    num_layers: int
+    rms_norm_eps: float
+
+    @property
+    def kv_values_per_token(self) -> int:
+        """Cache values per token per layer in the source: keys and values of every KV head."""
+        return 2 * self.num_kv_heads * self.head_dim
+
+    @property
+    def group_size(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+
+def _rope_type(config) -> str:
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    return params.get("rope_type", params.get("type", "default")) or "default"
+
+
+def check_supported(config) -> None:
+    """Raise a one-line error for any architecture or feature we cannot convert exactly."""
+    mt = getattr(config, "model_type", None)
+    if mt not in SUPPORTED_FAMILIES:
+        arch = (getattr(config, "architectures", None) or [mt])[0]
+        names = ", ".join(SUPPORTED_FAMILIES.values())
+        raise LatentKVError(f"unsupported architecture {arch!r} (model_type {mt!r}); supported: {names}")
+    rope = _rope_type(config)
+    if rope not in SUPPORTED_ROPE_TYPES:
+        raise LatentKVError(f"unsupported RoPE scaling {rope!r} in {mt}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+    if getattr(config, "use_sliding_window", False) or (mt == "mistral" and getattr(config, "sliding_window", None)):
+        # The latent runtime does not keep a window yet (the families issue adds it): refuse rather than
+        # silently attend beyond it.
+        raise LatentKVError(f"{mt} with sliding-window attention is not supported yet; use a checkpoint with "
+                            "sliding_window null")
+
+
+def source_layout(config) -> SourceLayout:
+    check_supported(config)
+    heads = config.num_attention_heads
+    return SourceLayout(
+        model_type=config.model_type,
+        hidden_size=config.hidden_size,
+        num_heads=heads,
+        num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+        head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+        num_layers=config.num_hidden_layers,
+        rms_norm_eps=getattr(config, "rms_norm_eps", 1e-6),
+    )
+
+
+@dataclass(frozen=True)
+class SourceAttention:
+    """One source layer's attention weights (nn.Linear layout: out x in).
+
+    w_q (H*d, D), w_k (G*d, D), w_v (G*d, D), w_o (D, H*d); biases (out,) or None.
+    """
+
+    w_q: torch.Tensor
+    w_k: torch.Tensor
+    w_v: torch.Tensor
+    w_o: torch.Tensor
+    b_q: torch.Tensor | None
+    b_k: torch.Tensor | None
+    b_v: torch.Tensor | None
+    b_o: torch.Tensor | None
+    softmax_scale: float
+
+
+def attention_layers(model) -> list:
+    """The `self_attn` modules of a decoder-only HF model, in layer order."""
+    return [layer.self_attn for layer in model.model.layers]
+
+
+def read_attention(attn) -> SourceAttention:
+    def b(lin):
+        return None if lin.bias is None else lin.bias.detach()
+
+    return SourceAttention(
+        attn.q_proj.weight.detach(), attn.k_proj.weight.detach(), attn.v_proj.weight.detach(),
+        attn.o_proj.weight.detach(), b(attn.q_proj), b(attn.k_proj), b(attn.v_proj), b(attn.o_proj),
+        float(attn.scaling),
+    )

@@ -1,0 +1,181 @@
+"""Multi-head Latent Attention (DeepSeek-V2/V3) as a drop-in `self_attn` for HF decoder layers.
+
+Einsum letters: b batch, h query head, t query token, s key token, r latent (`kv_lora_rank`),
+n non-rotated q/k dim (`qk_nope_head_dim`), p rotated dim (`qk_rope_head_dim`),
+v value dim (`v_head_dim`), D hidden size.
+
+Per token the layer caches only `c_kv (r)` and the shared rotated key `k_pe (p)`.
+Two paths compute the same function:
+- expanded: `kv_b_proj` decompresses `c_kv` into per-head keys and values (prefill, reference);
+- absorbed: `W_uk` is folded into the query and `W_uv` into the output, so every head attends
+  directly over the cached `[c_kv, k_pe]` (an MQA-shaped read; decode).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Callable, Literal
+
+import torch
+from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+Path = Literal["auto", "expanded", "absorbed"]
+
+
+@dataclass(frozen=True)
+class MLADims:
+    """Shapes of one MLA layer (DeepSeek-V3 config names)."""
+
+    hidden_size: int  # D
+    num_heads: int  # h: query heads; every head reads the same latent
+    kv_lora_rank: int  # r: cached latent width
+    qk_rope_head_dim: int  # p: cached shared rotated key width (even)
+    qk_nope_head_dim: int  # n: per-head non-rotated q/k width (0 when every key dim keeps RoPE)
+    v_head_dim: int  # v: per-head value width
+    softmax_scale: float  # kept from the source model (its head_dim ** -0.5), not (n + p) ** -0.5
+    q_lora_rank: int | None = None  # None: one dense q_proj
+    q_bias: bool = False  # Qwen2-style biases survive conversion exactly
+    kv_a_bias: bool = False
+    o_bias: bool = False
+    latent_norm: bool = False  # RMSNorm on c_kv (`kv_a_layernorm`), as stock DeepSeek-V3 engines apply
+    rms_norm_eps: float = 1e-6
+
+    def __post_init__(self):
+        if self.qk_rope_head_dim % 2:
+            raise ValueError(f"qk_rope_head_dim must be even, got {self.qk_rope_head_dim}")
+        if self.kv_lora_rank < 1:
+            raise ValueError(f"kv_lora_rank must be >= 1, got {self.kv_lora_rank}")
+
+    @property
+    def cache_values_per_token(self) -> int:
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def select_rope(cos: torch.Tensor, sin: torch.Tensor, freq_idx: torch.Tensor):
+    """Source cos/sin `(B, T, d)` (half-split layout) -> `(B, 1, T, p)` for the kept frequencies."""
+    c = cos[..., freq_idx]  # (B, T, p/2)
+    s = sin[..., freq_idx]
+    return torch.cat((c, c), -1).unsqueeze(1), torch.cat((s, s), -1).unsqueeze(1)
+
+
+def eager_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Reference attention; `key`/`value` may have 1 head (broadcast) or as many as `query`.
+
+    query (B, h, t, k), key (B, 1|h, s, k), value (B, 1|h, s, v) -> (B, t, h, v), weights.
+    """
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling  # (B, h, t, s)
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + attention_mask[..., : key.shape[-2]]
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    out = torch.matmul(probs, value)  # (B, h, t, v)
+    return out.transpose(1, 2).contiguous(), probs
+
+
+@dataclass(frozen=True)
+class _KernelView:
+    """What transformers' attention kernels read from the calling module.
+
+    The expanded path has as many key heads as query heads; the absorbed path has one.
+    """
+
+    num_key_value_groups: int
+    training: bool = False
+    is_causal: bool = True
+
+
+class MLAAttention(nn.Module):
+    """One MLA layer with both paths. Plugs in where a Llama/Mistral/Qwen2 `self_attn` sat."""
+
+    def __init__(self, dims: MLADims, config, layer_idx: int):
+        super().__init__()
+        self.dims, self.config, self.layer_idx = dims, config, layer_idx
+        self.path: Path = "auto"
+        d, h = dims, dims.num_heads
+        qk_head = d.qk_nope_head_dim + d.qk_rope_head_dim
+        if d.q_lora_rank is None:
+            self.q_proj = nn.Linear(d.hidden_size, h * qk_head, bias=d.q_bias)
+        else:
+            self.q_a_proj = nn.Linear(d.hidden_size, d.q_lora_rank, bias=False)
+            self.q_a_layernorm = nn.RMSNorm(d.q_lora_rank, eps=d.rms_norm_eps)
+            self.q_b_proj = nn.Linear(d.q_lora_rank, h * qk_head, bias=d.q_bias)
+        self.kv_a_proj_with_mqa = nn.Linear(d.hidden_size, d.kv_lora_rank + d.qk_rope_head_dim, bias=d.kv_a_bias)
+        self.kv_a_layernorm = nn.RMSNorm(d.kv_lora_rank, eps=d.rms_norm_eps) if d.latent_norm else None
+        self.kv_b_proj = nn.Linear(d.kv_lora_rank, h * (d.qk_nope_head_dim + d.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(h * d.v_head_dim, d.hidden_size, bias=d.o_bias)
+        # Which source RoPE frequency each rotated pair uses: the rope key keeps the source's
+        # rotation exactly, so llama3-scaled or other inv_freq schedules carry over unchanged.
+        self.register_buffer("rope_freq_idx", torch.zeros(d.qk_rope_head_dim // 2, dtype=torch.long))
+
+    def _query(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, t, D) -> (B, h, t, n + p)."""
+        q = self.q_proj(x) if self.dims.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        b, t, _ = x.shape
+        return q.view(b, t, self.dims.num_heads, -1).transpose(1, 2)
+
+    def _latent(self, x: torch.Tensor):
+        """x (B, t, D) -> c_kv (B, 1, t, r), k_pe (B, 1, t, p), before RoPE."""
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.dims.kv_lora_rank, self.dims.qk_rope_head_dim], -1)
+        if self.kv_a_layernorm is not None:
+            c_kv = self.kv_a_layernorm(c_kv)
+        return c_kv.unsqueeze(1), k_pe.unsqueeze(1)
+
+    def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of `kv_b_proj`: W_uk (h, n, r) and W_uv (h, v, r); no copy, so always in sync."""
+        d = self.dims
+        w = self.kv_b_proj.weight.view(d.num_heads, d.qk_nope_head_dim + d.v_head_dim, d.kv_lora_rank)
+        return w[:, : d.qk_nope_head_dim], w[:, d.qk_nope_head_dim :]
+
+    def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None, **kwargs):
+        """hidden_states (B, t, D) -> (B, t, D), attention weights or None."""
+        d = self.dims
+        kwargs.pop("past_key_values", None)
+        path = kwargs.pop("mla_path", None) or self.path
+        q_nope, q_pe = self._query(hidden_states).split([d.qk_nope_head_dim, d.qk_rope_head_dim], -1)
+        c_kv, k_pe = self._latent(hidden_states)
+        cos, sin = select_rope(*position_embeddings, self.rope_freq_idx)
+        q_pe = q_pe * cos + rotate_half(q_pe) * sin  # (B, h, t, p)
+        k_pe = k_pe * cos + rotate_half(k_pe) * sin  # (B, 1, t, p)
+        if cache is not None:
+            c_kv, k_pe = cache.update(c_kv, k_pe, self.layer_idx)  # (B, 1, s, r), (B, 1, s, p)
+        if path == "auto":
+            path = "absorbed" if q_pe.shape[2] == 1 and c_kv.shape[2] > 1 else "expanded"
+        attend = self._absorbed if path == "absorbed" else self._expanded
+        out, weights = attend(q_nope, q_pe, c_kv, k_pe, attention_mask, **kwargs)
+        b, t = hidden_states.shape[:2]
+        return self.o_proj(out.reshape(b, t, -1)), weights
+
+    def _kernel(self) -> Callable:
+        return ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention)
+
+    def _expanded(self, q_nope, q_pe, c_kv, k_pe, mask, **kwargs):
+        """Decompress every cached latent into per-head K/V, then ordinary attention -> (B, t, h, v)."""
+        d = self.dims
+        b, _, s, _ = c_kv.shape
+        kv = self.kv_b_proj(c_kv.squeeze(1)).view(b, s, d.num_heads, -1).transpose(1, 2)  # (B, h, s, n + v)
+        k_nope, value = kv.split([d.qk_nope_head_dim, d.v_head_dim], -1)
+        key = torch.cat((k_nope, k_pe.expand(b, d.num_heads, s, -1)), -1)  # (B, h, s, n + p)
+        query = torch.cat((q_nope, q_pe), -1)  # (B, h, t, n + p)
+        return self._kernel()(_KernelView(1), query, key, value, mask, scaling=d.softmax_scale, **kwargs)
+
+    def _absorbed(self, q_nope, q_pe, c_kv, k_pe, mask, **kwargs):
+        """Attend over latents: score = (W_uk^T q_nope)·c + q_pe·k_pe; out = W_uv (P c) -> (B, t, h, v)."""
+        d = self.dims
+        w_uk, w_uv = self.absorbed_weights()
+        q_lat = torch.einsum("bhtn,hnr->bhtr", q_nope, w_uk)
+        query = torch.cat((q_lat, q_pe), -1)  # (B, h, t, r + p)
+        key = torch.cat((c_kv, k_pe), -1)  # (B, 1, s, r + p)
+        view = _KernelView(d.num_heads)
+        o_lat, weights = self._kernel()(view, query, key, c_kv, mask, scaling=d.softmax_scale, **kwargs)
+        return torch.einsum("bthr,hvr->bthv", o_lat, w_uv), weights  # o_lat (B, t, h, r)
