@@ -84,3 +84,16 @@ def config_from_dict(data: dict):
         raise LatentKVError(f"checkpoint made with {method} config v{version}, this latentkv reads v{cls.version}; "
                             "re-run `latentkv convert` with this version")
     return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+
+
+def make_config(kv_budget: float | None = None, kv_lora_rank: int | None = None,
+                qk_rope_head_dim: int | None = None, method: str | None = None):
+    """CLI flags -> config. No budget, or budget 1, without a method means the exact embedding."""
+    if method not in (None, *METHODS):
+        raise LatentKVError(f"unknown --method {method!r}; choose one of: {', '.join(METHODS)}")
+    if method == "exact" or (method is None and kv_lora_rank is None and qk_rope_head_dim is None
+                             and kv_budget in (None, 1.0)):
+        if kv_lora_rank is not None or qk_rope_head_dim is not None or kv_budget not in (None, 1.0):
+            raise LatentKVError("--method exact keeps the full cache; drop --kv-budget/--kv-lora-rank/--qk-rope-head-dim")
+        return ExactConfig()
+    return SVDConfig(kv_budget=kv_budget, kv_lora_rank=kv_lora_rank, qk_rope_head_dim=qk_rope_head_dim)

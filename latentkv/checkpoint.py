@@ -1,0 +1,91 @@
+"""Native checkpoint of a converted model: `model.safetensors` + `latentkv.json` + tokenizer.
+
+There is deliberately no `config.json`: stock `from_pretrained` must not mistake an MLA
+checkpoint for its source architecture and fill k_proj/v_proj with random weights.
+`latentkv.json` = {"record": conversion record, "source_config": the source HF config}.
+(The DeepSeek-V3 export for stock engines is a separate command.)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .errors import LatentKVError
+
+WEIGHTS, META = "model.safetensors", "latentkv.json"
+
+
+def save(model, tokenizer, out: str | Path, overwrite: bool = False) -> Path:
+    """Write a converted model atomically; refuses to replace `out` unless `overwrite`."""
+    from safetensors.torch import save_model
+
+    from .atomic import atomic_output_dir
+    from .convert import record_of
+
+    record = record_of(model)
+    if record is None:
+        raise LatentKVError("save() expects a model converted by latentkv.convert; save source models with save_pretrained")
+    config = model.config.to_dict()
+    for key in ("latentkv", "quantization_config"):
+        config.pop(key, None)
+    with atomic_output_dir(out, overwrite) as tmp:
+        save_model(model, str(tmp / WEIGHTS))
+        (tmp / META).write_text(json.dumps({"record": record, "source_config": config}, indent=2))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
+    return Path(out)
+
+
+def read_meta(path: str | Path) -> dict:
+    try:
+        meta = json.loads((Path(path) / META).read_text())
+        meta["record"]["layers"], meta["source_config"]["model_type"]  # noqa: B018 - presence check
+        return meta
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise LatentKVError(f"corrupted checkpoint {path}: unreadable {META} ({type(e).__name__}); "
+                            "re-run `latentkv convert`") from None
+
+
+def load(path: str | Path, dtype: torch.dtype = torch.float32):
+    """-> (converted model in eval mode, tokenizer or None). Weights load via safetensors only."""
+    from accelerate import init_empty_weights
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from .convert import install_mla
+    from .mla import MLADims
+
+    path = Path(path)
+    meta = read_meta(path)
+    src_cfg = dict(meta["source_config"])
+    config = AutoConfig.for_model(src_cfg.pop("model_type"), **src_cfg)
+    config.latentkv = meta["record"]
+    try:
+        state = load_file(str(path / WEIGHTS))
+    except (OSError, SafetensorError) as e:
+        raise LatentKVError(f"corrupted checkpoint {path}: cannot read {WEIGHTS} ({str(e)[:120]}); "
+                            "re-run `latentkv convert`") from None
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    install_mla(model, [MLADims(**d) for d in meta["record"]["layers"]])
+    _load_state(model, state, path)
+    model.to(dtype)
+    if (path / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None
+    return model.eval(), tok
+
+
+def _load_state(model, state: dict, path: Path) -> None:
+    result = model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    meta_left = [n for n, p in model.named_parameters() if p.is_meta]
+    if result.unexpected_keys or meta_left:
+        missing = (meta_left or result.unexpected_keys)[:3]
+        raise LatentKVError(f"corrupted checkpoint {path}: tensors missing or unexpected ({', '.join(missing)}, ...); "
+                            "re-run `latentkv convert`")

