@@ -8,8 +8,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "load_model": "latentkv.loading",
     "load_text": "latentkv.text",
-    "convert": "latentkv.convert",
-    "record_of": "latentkv.convert",
+    "convert": "latentkv.conversion",
+    "record_of": "latentkv.conversion",
     "ExactConfig": "latentkv.methods",
     "SVDConfig": "latentkv.methods",
     "LatentCache": "latentkv.cache",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -20,14 +21,24 @@ def check_output_dir(out: str | Path, overwrite: bool) -> Path:
     return out
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_output_dir(out: str | Path, overwrite: bool = False):
     """Yield a temp dir; on success it replaces `out` in one rename, on failure it is removed."""
     out = check_output_dir(out, overwrite).absolute()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; the finished output should look like any other dir
     try:
         yield tmp
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                f.chmod(0o666 & ~_umask())
         if out.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             out.rename(trash / out.name)

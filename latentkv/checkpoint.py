@@ -20,10 +20,10 @@ WEIGHTS, META = "model.safetensors", "latentkv.json"
 
 def save(model, tokenizer, out: str | Path, overwrite: bool = False) -> Path:
     """Write a converted model atomically; refuses to replace `out` unless `overwrite`."""
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file
 
     from .atomic import atomic_output_dir
-    from .convert import record_of
+    from .conversion import record_of
 
     record = record_of(model)
     if record is None:
@@ -32,12 +32,24 @@ def save(model, tokenizer, out: str | Path, overwrite: bool = False) -> Path:
     for key in ("latentkv", "quantization_config"):
         config.pop(key, None)
     with atomic_output_dir(out, overwrite) as tmp:
-        save_model(model, str(tmp / WEIGHTS))
+        save_file(_unique_state(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
         (tmp / META).write_text(json.dumps({"record": record, "source_config": config}, indent=2))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         model.generation_config.save_pretrained(tmp)
     return Path(out)
+
+
+def _unique_state(model) -> dict:
+    """State dict with tied tensors stored once, under their first name (input embeddings before
+    lm_head), so that `tie_weights()` on load restores the tie in the right direction."""
+    seen, out = set(), {}
+    for name, t in model.state_dict().items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key not in seen:
+            seen.add(key)
+            out[name] = t.contiguous()
+    return out
 
 
 def read_meta(path: str | Path) -> dict:
@@ -57,7 +69,7 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32):
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    from .convert import install_mla
+    from .conversion import install_mla
     from .mla import MLADims
 
     path = Path(path)

@@ -11,7 +11,7 @@ import time
 def _convert(a) -> dict:
     from .atomic import check_output_dir
     from .checkpoint import save
-    from .convert import convert
+    from .conversion import convert
     from .loading import load_model
     from .methods import make_config
     from .report import cache_report

@@ -12,7 +12,7 @@ def run_demo(kv_budget: float = 0.5, out: str | None = None, overwrite: bool = F
              max_windows: int = 4, text: str = "wikitext2", model: str = "smollm2-135m") -> dict:
     """Source vs exact (100 %) vs budget conversion: cache bytes/token and perplexity on a few windows."""
     from .checkpoint import save
-    from .convert import convert
+    from .conversion import convert
     from .evaluate import perplexity
     from .loading import load_model
     from .methods import ExactConfig, make_config

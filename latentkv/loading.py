@@ -53,7 +53,9 @@ def load_model(source: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
     """-> (model in eval mode, tokenizer). Converted dirs (with `latentkv.json`) load our MLA runtime."""
     src = str(source)
     if src in BUNDLED:
-        return _load_gguf(bundled_gguf(src), dtype, progress)
+        model, tok = _load_gguf(bundled_gguf(src), dtype, progress)
+        model.config._name_or_path = src
+        return model, tok
     path = Path(src).expanduser()
     if src.endswith(".gguf"):
         if not path.is_file():
@@ -100,7 +102,9 @@ def _load_gguf(path: Path, dtype, progress: bool):
     cached = cache_dir() / "gguf" / f"{path.stem}-{st.st_size}-{int(st.st_mtime)}"
     if not (cached / "model.safetensors").is_file():
         _dequantize_to(path, cached, progress)
-    return _load_hf(str(cached), dtype, trust_remote_code=False, local_only=True)
+    model, tok = _load_hf(str(cached), dtype, trust_remote_code=False, local_only=True)
+    model.config._name_or_path = str(path)  # records name the GGUF, not our cache copy
+    return model, tok
 
 
 def _dequantize_to(path: Path, out: Path, progress: bool) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .convert import record_of
+from .conversion import record_of
 from .families import source_layout
 
 

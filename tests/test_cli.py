@@ -1,0 +1,82 @@
+"""The CLI end to end on a tiny local model, and its one-line errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import SAMPLE, make_tiny
+from latentkv.cli import main
+
+
+@pytest.fixture(scope="module")
+def source_dir(tmp_path_factory, tiny_tokenizer):
+    d = tmp_path_factory.mktemp("src") / "tiny"
+    make_tiny("llama-gqa", layers=3).save_pretrained(d)
+    tiny_tokenizer.save_pretrained(d)
+    (d.parent / "sample.txt").write_text(SAMPLE * 3)
+    return d
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_convert_info_eval(capsys, source_dir, tmp_path):
+    out = tmp_path / "mla"
+    code, stdout, _ = run(capsys, "convert", source_dir, "--out", out, "--kv-budget", 0.5, "--json")
+    assert code == 0
+    conv = json.loads(stdout)
+    assert conv["cache_values_per_token_per_layer"] == 32 and conv["source_values_per_token_per_layer"] == 64
+    code, stdout, _ = run(capsys, "info", out, "--json")
+    info = json.loads(stdout)
+    assert info["model"]["bytes_per_token"] * 2 == info["source"]["bytes_per_token"] == 3 * 64 * 4
+    code, stdout, _ = run(capsys, "eval", out, "--ppl", source_dir.parent / "sample.txt", "--seq-len", 32, "--json")
+    ev = json.loads(stdout)
+    assert code == 0 and {"ppl", "nll", "tokens", "windows"} <= ev.keys() and ev["ppl"] > 1
+
+
+def test_full_budget_cli_matches_source_ppl(capsys, source_dir, tmp_path):
+    text = source_dir.parent / "sample.txt"
+    assert run(capsys, "convert", source_dir, "--out", tmp_path / "x", "--kv-budget", 1)[0] == 0
+    ppl = [json.loads(run(capsys, "eval", m, "--ppl", text, "--seq-len", 32, "--json")[1])["ppl"]
+           for m in (source_dir, tmp_path / "x")]
+    assert ppl[1] == pytest.approx(ppl[0], rel=1e-5)
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["convert", "{src}", "--out", "{out}", "--kv-budget", "0"], "--kv-budget must be in (0, 1]"),
+    (["convert", "{src}", "--out", "{out}", "--kv-budget", "1.5"], "--kv-budget must be in (0, 1]"),
+    (["convert", "{src}", "--out", "{out}", "--kv-lora-rank", "8", "--qk-rope-head-dim", "5"], "multiple of"),
+    (["convert", "{src}", "--out", "{out}", "--kv-lora-rank", "999", "--qk-rope-head-dim", "8"], "between 1 and"),
+    (["convert", "./no-such-model", "--out", "{out}"], "not found"),
+    (["eval", "{src}", "--ppl", "/no/such.txt"], "not found"),
+    (["info", "{out}"], "not found"),
+])
+def test_bad_input_is_one_line(capsys, source_dir, tmp_path, argv, match):
+    argv = [a.format(src=source_dir, out=tmp_path / "out") for a in argv]
+    code, stdout, err = run(capsys, *argv)
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(lines) == 1 and match in lines[0] and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_output_is_kept(capsys, source_dir, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    code, _, err = run(capsys, "convert", source_dir, "--out", out)
+    assert code == 2 and "--overwrite" in err and list(out.iterdir()) == []
+
+
+def test_console_script_offline_hub_id(tmp_path):
+    """An unreachable hub id fails in one line, not a stack trace from the hub client."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}
+    exe = os.path.join(os.path.dirname(sys.executable), "latentkv")
+    proc = subprocess.run([exe, "info", "some-org/not-a-model"], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: could not load model 'some-org/not-a-model'")
+    assert "Traceback" not in proc.stderr
