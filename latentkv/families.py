@@ -64,11 +64,6 @@ def check_supported(config) -> None:
     rope = _rope_type(config)
     if rope not in SUPPORTED_ROPE_TYPES:
         raise LatentKVError(f"unsupported RoPE scaling {rope!r} in {mt}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
-    if getattr(config, "use_sliding_window", False) or (mt == "mistral" and getattr(config, "sliding_window", None)):
-        # The latent runtime does not keep a window yet (the families issue adds it): refuse rather than
-        # silently attend beyond it.
-        raise LatentKVError(f"{mt} with sliding-window attention is not supported yet; use a checkpoint with "
-                            "sliding_window null")
 
 
 def source_layout(config) -> SourceLayout:

@@ -24,6 +24,11 @@ TINY = {
         "high_freq_factor": 4.0, "original_max_position_embeddings": 64})),
     "qwen2-bias": (Qwen2Config, Qwen2ForCausalLM, dict(num_key_value_heads=2)),
     "mistral-gqa": (MistralConfig, MistralForCausalLM, dict(num_key_value_heads=2, sliding_window=None)),
+    # Windows shorter than the test sequences, so the mask really cuts: the latent cache keeps every
+    # token and the mask applies the window, which is the same function.
+    "mistral-sliding": (MistralConfig, MistralForCausalLM, dict(num_key_value_heads=2, sliding_window=8)),
+    "qwen2-sliding": (Qwen2Config, Qwen2ForCausalLM, dict(num_key_value_heads=2, use_sliding_window=True,
+                                                          sliding_window=8, max_window_layers=1)),
 }
 
 
