@@ -88,11 +88,12 @@ def _load_hf(src: str, dtype, trust_remote_code: bool, local_only: bool):
                             f"or {DEFAULT_MODEL!r} (offline: set HF_HUB_OFFLINE=1 and use a cached id)") from None
     check_supported(config)
     try:
-        model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, **kw)
+        # safetensors only: a pickle checkpoint can run code on load
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, use_safetensors=True, **kw)
         tok = AutoTokenizer.from_pretrained(src, **kw)
     except OSError as e:
         raise LatentKVError(f"could not load weights of {src!r}: {str(e).splitlines()[0][:160]}; "
-                            "check the directory is complete (config, safetensors, tokenizer)") from None
+                            "it needs config.json, *.safetensors weights (pickle .bin is refused) and tokenizer files") from None
     return model.eval(), tok
 
 

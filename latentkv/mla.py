@@ -140,7 +140,6 @@ class MLAAttention(nn.Module):
     def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None, **kwargs):
         """hidden_states (B, t, D) -> (B, t, D), attention weights or None."""
         d = self.dims
-        kwargs.pop("past_key_values", None)
         path = kwargs.pop("mla_path", None) or self.path
         q_nope, q_pe = self._query(hidden_states).split([d.qk_nope_head_dim, d.qk_rope_head_dim], -1)
         c_kv, k_pe = self._latent(hidden_states)

@@ -62,3 +62,11 @@ def test_cache_dir_respects_environment(monkeypatch, tmp_path):
     assert cache_dir() == tmp_path / "latentkv"
     monkeypatch.setenv("LATENTKV_CACHE", str(tmp_path / "x"))
     assert cache_dir() == tmp_path / "x"
+
+
+def test_pickle_weights_are_refused(tmp_path):
+    model = make_tiny("llama-gqa")
+    model.config.save_pretrained(tmp_path / "m")
+    torch.save(model.state_dict(), tmp_path / "m" / "pytorch_model.bin")
+    with pytest.raises(LatentKVError, match="pickle .bin is refused"):
+        load_model(tmp_path / "m")
