@@ -11,44 +11,27 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .errors import LatentKVError
-from .factorize import RopeSplit, assemble, factorize_identity, factorize_svd, split_rope, stack_nope_kv
 from .families import SourceAttention, SourceLayout, attention_layers, read_attention, source_layout
-from .methods import ExactConfig, SVDConfig, config_to_dict
+from .layers import CONVERTERS
+from .methods import LowRankConfig, config_to_dict, max_rank
 from .mla import MLAAttention, MLADims
 
 FORMAT_VERSION = 1
 
 
-def check_dims(layout: SourceLayout, kv_lora_rank: int, qk_rope_head_dim: int) -> None:
-    """One-line errors for ranks that cannot fit this model (S_high keeps pairs uniformly per KV head)."""
+def check_dims(layout: SourceLayout, kv_lora_rank: int, qk_rope_head_dim: int, rope: str = "high") -> None:
+    """One-line errors for ranks that cannot fit this model under the given RoPE strategy."""
     g, d = layout.num_kv_heads, layout.head_dim
     p, r = qk_rope_head_dim, kv_lora_rank
-    if p < 0 or p % (2 * g) or p > g * d:
-        raise LatentKVError(f"--qk-rope-head-dim {p} does not fit: it must be a multiple of 2*num_key_value_heads "
-                            f"= {2 * g} between 0 and {g * d} (num_key_value_heads*head_dim)")
-    nope = d - p // g
-    most = min(g * (nope + d), layout.hidden_size)
+    step, most_rope = {"high": (2 * g, g * d), "rorope-export": (2, d)}.get(rope, (2, g * d))
+    if p < 0 or p % step or p > most_rope:
+        what = "2*num_key_value_heads" if step > 2 else "2"
+        raise LatentKVError(f"--qk-rope-head-dim {p} does not fit: with --rope {rope} it must be a multiple of {what} "
+                            f"= {step} between 0 and {most_rope}")
+    most = max_rank(layout, p, shared_nope=rope != "high")
     if not 1 <= r <= most:
         raise LatentKVError(f"--kv-lora-rank {r} does not fit: with --qk-rope-head-dim {p} it must be between 1 and "
                             f"{most} (rank of the stacked non-rotated keys and values)")
-
-
-def _exact_layer(src: SourceAttention, layout: SourceLayout, config: ExactConfig) -> dict:
-    rank, _ = config.dims(layout)
-    parts = split_rope(src, layout, RopeSplit.high_frequencies(layout, layout.head_dim // 2))
-    w, b = stack_nope_kv(parts, src)  # every key dim is rotated, so Y = V
-    return assemble(layout, src, parts, *factorize_identity(w, b, rank))
-
-
-def _svd_layer(src: SourceAttention, layout: SourceLayout, config: SVDConfig) -> dict:
-    rank, rope = config.dims(layout)
-    parts = split_rope(src, layout, RopeSplit.high_frequencies(layout, rope // (2 * layout.num_kv_heads)))
-    w, b = stack_nope_kv(parts, src)
-    return assemble(layout, src, parts, *factorize_svd(w, b, rank))
-
-
-# config type -> pure per-layer function (SourceAttention, SourceLayout, config) -> MLA state dict
-CONVERTERS = {ExactConfig: _exact_layer, SVDConfig: _svd_layer}
 
 
 def layer_dims(layout: SourceLayout, sd: dict, src: SourceAttention, latent_norm: bool = False) -> MLADims:
@@ -63,35 +46,53 @@ def layer_dims(layout: SourceLayout, sd: dict, src: SourceAttention, latent_norm
     )
 
 
+def install_layer(model, i: int, dims: MLADims, state: dict | None = None) -> MLADims:
+    """Swap layer i's `self_attn` for an MLAAttention (in place); load `state` if given."""
+    layer = model.model.layers[i]
+    ref = next(layer.self_attn.parameters())
+    attn = MLAAttention(dims, model.config, i).to(device=ref.device, dtype=ref.dtype)
+    if state is not None:
+        attn.load_state_dict(state)
+    layer.self_attn = attn
+    return dims
+
+
 def install_mla(model, dims: list[MLADims], state: list[dict] | None = None) -> None:
-    """Swap every `self_attn` for an MLAAttention (in place); load `state` if given."""
-    for i, layer in enumerate(model.model.layers):
-        old = layer.self_attn
-        ref = next(old.parameters())
-        attn = MLAAttention(dims[i], model.config, i).to(device=ref.device, dtype=ref.dtype)
-        if state is not None:
-            attn.load_state_dict(state[i])
-        layer.self_attn = attn
+    for i, d in enumerate(dims):
+        install_layer(model, i, d, None if state is None else state[i])
 
 
-def convert(model, config, progress: bool = True):
-    """Return a converted copy of `model` (the source is untouched); the record is in `config.latentkv`."""
+def convert_layer(model, new, i: int, layout: SourceLayout, config, dims, stats) -> MLADims:
+    """Compute layer i's MLA weights from `model` and install them into `new`."""
+    src = read_attention(attention_layers(model)[i])
+    with torch.no_grad():
+        sd = CONVERTERS[type(config)](_float32(src), layout, config, dims, stats)
+    return install_layer(new, i, layer_dims(layout, sd, src), sd)
+
+
+def convert(model, config, *, tokenizer=None, calib_ids: torch.Tensor | None = None, progress: bool = True):
+    """Return a converted copy of `model` (the source is untouched); the record is in `config.latentkv`.
+
+    Calibrated methods need `tokenizer` (to read `config.calib`) or ready `calib_ids` (N, T).
+    """
     if type(config) not in CONVERTERS:
         raise LatentKVError(f"unknown conversion config {type(config).__name__}; known: "
                             + ", ".join(c.__name__ for c in CONVERTERS))
     layout = source_layout(model.config)
-    check_dims(layout, *config.dims(layout))
     start = time.perf_counter()
-    states, dims = [], []
-    for attn in tqdm(attention_layers(model), desc=f"convert ({config.method})", disable=not progress):
-        src = read_attention(attn)
-        with torch.no_grad():
-            sd = CONVERTERS[type(config)](_float32(src), layout, config)
-        dims.append(layer_dims(layout, sd, src))
-        states.append(sd)
-    new = copy.deepcopy(model)
-    install_mla(new, dims, states)
-    new.config.latentkv = conversion_record(model, layout, config, dims, time.perf_counter() - start)
+    if isinstance(config, LowRankConfig):
+        from .calibrated import convert_calibrated
+
+        new, choice = convert_calibrated(model, layout, config, tokenizer, calib_ids, progress)
+    else:
+        dims = config.dims(layout)
+        if config.method != "exact":  # the exact embedding fits any model by construction
+            check_dims(layout, *dims)
+        new, choice = copy.deepcopy(model), None
+        for i in tqdm(range(layout.num_layers), desc=f"convert ({config.method})", disable=not progress):
+            convert_layer(model, new, i, layout, config, dims, None)
+    layers = [layer.self_attn.dims for layer in new.model.layers]
+    new.config.latentkv = conversion_record(model, layout, config, layers, time.perf_counter() - start, choice)
     return new
 
 
@@ -102,7 +103,8 @@ def _float32(src: SourceAttention) -> SourceAttention:
                            src.softmax_scale)
 
 
-def conversion_record(model, layout: SourceLayout, config, dims: list[MLADims], seconds: float) -> dict:
+def conversion_record(model, layout: SourceLayout, config, dims: list[MLADims], seconds: float,
+                      choice: dict | None = None) -> dict:
     return {
         "format_version": FORMAT_VERSION,
         "latentkv_version": __version__,
@@ -110,6 +112,7 @@ def conversion_record(model, layout: SourceLayout, config, dims: list[MLADims], 
         "source": {"name_or_path": getattr(model.config, "_name_or_path", ""), **asdict(layout),
                    "kv_values_per_token_per_layer": layout.kv_values_per_token},
         "layers": [d.to_dict() for d in dims],
+        "split_search": choice,
         "convert_seconds": round(seconds, 3),
     }
 

@@ -1,135 +1,117 @@
 """Pure tensor math of the conversion: source attention weights -> MLA layer weights.
 
-Shapes: H query heads, G KV heads, d head dim, D hidden, p = qk_rope_head_dim,
-n = qk_nope_head_dim, r = kv_lora_rank. RoPE pairs use transformers' half-split layout:
-pair i of a head is dims (i, i + d/2) and rotates with the source's inv_freq[i].
+Shapes: H query heads, G KV heads, d head dim, D hidden, p = qk_rope_head_dim, n =
+qk_nope_head_dim, r = kv_lora_rank. Weights are "augmented" (m, D+1): the last column is the
+bias, acting on a constant input 1, so biases are factorized with everything else.
+RoPE pairs use transformers' half-split layout: pair i of a head is dims (i, i + d/2).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from .families import SourceAttention, SourceLayout
+from .rope import KeySplit, augment, mixed_key_weights, mixed_query_weights
 
 
-@dataclass(frozen=True)
-class RopeSplit:
-    """Per KV head g, which frequency pairs i keep their rotation; order = pair order in k_pe."""
+def split_keys(src: SourceAttention, layout: SourceLayout, split: KeySplit) -> dict:
+    """Rotated vs non-rotated rows of the (mixed) keys and queries (notes §2, identically on both).
 
-    kept: tuple[tuple[int, int], ...]  # (g, i), length p / 2
-
-    @staticmethod
-    def high_frequencies(layout: SourceLayout, pairs_per_head: int) -> RopeSplit:
-        """MHA2MLA's S_high: the `pairs_per_head` fastest-rotating pairs (i = 0 is the fastest)."""
-        return RopeSplit(tuple((g, i) for g in range(layout.num_kv_heads) for i in range(pairs_per_head)))
-
-    def nope_dims(self, layout: SourceLayout) -> torch.Tensor:
-        """(G, n) within-head dims that lose rotation; n must be equal for every KV head."""
-        half = layout.head_dim // 2
-        rows = []
-        for g in range(layout.num_kv_heads):
-            kept = {i for gg, i in self.kept if gg == g}
-            rows.append([j for j in range(layout.head_dim) if j % half not in kept])
-        if len({len(r) for r in rows}) != 1:
-            raise ValueError("every KV head must keep the same number of rotated pairs")
-        return torch.tensor(rows, dtype=torch.long).view(layout.num_kv_heads, -1)
-
-
-def split_rope(src: SourceAttention, layout: SourceLayout, split: RopeSplit) -> dict:
-    """Separate rotated from non-rotated rows of W_q and W_k (notes §2, identically on both sides).
-
-    Returns w_kr (p, D), b_kr (p,), w_q_rope (H, p, D), b_q_rope (H, p), w_q_nope (H, n, D),
-    b_q_nope (H, n), w_k_nope (G, n, D), b_k_nope (G, n), freq_idx (p/2,). Biases may be None.
+    Returns augmented weights: kr (p, D+1), q_rope (H, p, D+1), q_nope (H, n, D+1),
+    k_nope (Gn, n, D+1) for Gn nope groups, nope_group (H,) the group each head reads, freq_idx (p/2,).
+    Nope dims stay per KV group when the split is uniform with R = I (compact), else one shared group.
     """
     H, G, d = layout.num_heads, layout.num_kv_heads, layout.head_dim
     half = d // 2
-    grp = torch.tensor([g for g, _ in split.kept] * 2)  # (p,) KV head of each rotated dim
-    freq = torch.tensor([i for _, i in split.kept])  # (p/2,)
-    off = torch.cat((freq, freq + half))  # (p,) within-head dim of each rotated dim
-    g_of_h = torch.arange(H) // layout.group_size  # (H,)
-    q_rows = torch.arange(H)[:, None] * d + off[None, :]  # (H, p)
-    own = (grp[None, :] == g_of_h[:, None]).to(src.w_q.dtype)  # (H, p): head h sees only its group's dims
-    nope = split.nope_dims(layout)  # (G, n)
-    q_nope_rows = torch.arange(H)[:, None] * d + nope[g_of_h]  # (H, n)
-    k_nope_rows = torch.arange(G)[:, None] * d + nope  # (G, n)
-    k_rows = grp * d + off
-
-    def take(w, rows, scale=None):
-        if w is None:
-            return None
-        out = w[rows]
-        return out if scale is None else out * (scale[..., None] if w.dim() == 2 else scale)
-
-    return dict(
-        w_kr=take(src.w_k, k_rows), b_kr=take(src.b_k, k_rows),
-        w_q_rope=take(src.w_q, q_rows, own), b_q_rope=take(src.b_q, q_rows, own),
-        w_q_nope=take(src.w_q, q_nope_rows), b_q_nope=take(src.b_q, q_nope_rows),
-        w_k_nope=take(src.w_k, k_nope_rows), b_k_nope=take(src.b_k, k_nope_rows),
-        freq_idx=freq,
-    )
+    wk = mixed_key_weights(src, layout, split.mix).reshape(G * d, -1)  # (G*d, D+1) rows of k'
+    wq = mixed_query_weights(src, layout, split.mix).reshape(H, G * d, -1)  # (H, G*d, D+1)
+    first = torch.tensor([j * d + i for j, i in split.kept], dtype=torch.long)
+    rope = torch.cat((first, first + half))  # (p,) k' dims of k_pe, rotate_half layout
+    if split.uniform(layout):
+        nope = split_nope_per_group(layout, split)  # (G, n)
+        group = torch.arange(H) // layout.group_size
+    else:
+        keep = torch.ones(G * d, dtype=torch.bool)
+        keep[rope] = False
+        nope, group = keep.nonzero()[:, 0][None], torch.zeros(H, dtype=torch.long)  # (1, n)
+    return dict(kr=wk[rope], q_rope=wq[:, rope], q_nope=wq[torch.arange(H)[:, None], nope[group]],
+                k_nope=wk[nope], nope_group=group, freq_idx=torch.tensor([i for _, i in split.kept]))
 
 
-def stack_nope_kv(parts: dict, src: SourceAttention) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Y = [K_nope; V] as one linear map: weight (G*(n + d), D), bias (G*(n + d),) or None."""
-    w = torch.cat((parts["w_k_nope"].flatten(0, 1), src.w_v))
-    if parts["b_k_nope"] is None and src.b_v is None:
-        return w, None
-    zeros = w.new_zeros
-    bk = parts["b_k_nope"].flatten() if parts["b_k_nope"] is not None else zeros(parts["w_k_nope"].shape[:2].numel())
-    bv = src.b_v if src.b_v is not None else zeros(src.w_v.shape[0])
-    return w, torch.cat((bk, bv))
+def split_nope_per_group(layout: SourceLayout, split: KeySplit) -> torch.Tensor:
+    """(G, n) k' dims (head offset included) that lose rotation, per KV group."""
+    d, half = layout.head_dim, layout.head_dim // 2
+    rows = []
+    for g in range(layout.num_kv_heads):
+        kept = {i for j, i in split.kept if j == g}
+        rows.append([g * d + c for c in range(d) if c % half not in kept])
+    return torch.tensor(rows, dtype=torch.long).view(layout.num_kv_heads, -1)
 
 
-def factorize_identity(w: torch.Tensor, b: torch.Tensor | None, rank: int):
-    """Lossless 'factorization' used by the exact embedding: latent = Y itself.
+def stack_nope_kv(parts: dict, src: SourceAttention) -> torch.Tensor:
+    """Y = [K_nope; V] as one augmented map (Gn*n + G*d, D+1)."""
+    return torch.cat((parts["k_nope"].flatten(0, 1), augment(src.w_v, src.b_v)))
 
-    w (m, D), b (m,) -> w_a (m, D), b_a (m,), w_b (m, m) = I.
+
+def low_rank(w: torch.Tensor, rank: int, stats=None, metric: torch.Tensor | None = None):
+    """min over rank-r B A of E|L (W - B A) x|^2, with E[x x^T] = stats.sigma and L^T L = metric.
+
+    w (m, D+1) -> A (r, D+1), B (m, r). SVD of L W sigma^1/2 gives the latent; then B is the
+    least-squares refit given A (it does not depend on L), against the source's inputs when
+    `stats.cross` is set. Latent dims come out with unit second moment when stats are given.
+    stats/metric None: identity (weight-only SVD).
     """
-    if rank != w.shape[0]:
-        raise ValueError(f"identity factorization needs rank == {w.shape[0]}, got {rank}")
-    return w.clone(), None if b is None else b.clone(), torch.eye(rank, dtype=w.dtype)
+    m, n = w.shape
+    s_half, s_inv_half = stats.roots if stats is not None else sqrt_and_inverse(None, n)
+    l_half, l_inv_half = sqrt_and_inverse(metric, m)
+    u, s, vh = torch.linalg.svd(l_half @ w @ s_half, full_matrices=False)
+    a = vh[:rank] @ s_inv_half  # (r, D+1)
+    b = l_inv_half @ u[:, :rank] * s[:rank]
+    if stats is not None:
+        b = refit(w, a, stats.sigma, stats.cross)
+    return a, b
 
 
-def factorize_svd(w: torch.Tensor, b: torch.Tensor | None, rank: int):
-    """Weight-only truncated SVD (MHA2MLA joint SVD), singular values split evenly between factors.
-
-    w (m, D), b (m,) -> w_a (r, D), b_a (r,), w_b (m, r). The bias is carried by the latent as the
-    least-squares b_a with w_b b_a ~= b, since kv_b_proj has no bias (as in DeepSeek-V3).
-    """
-    u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
-    root = s[:rank].sqrt()
-    w_a, w_b = root[:, None] * vh[:rank], u[:, :rank] * root[None, :]
-    b_a = None if b is None else torch.linalg.lstsq(w_b, b.double()[:, None]).solution[:, 0]
-    cast = lambda t: None if t is None else t.to(w.dtype)  # noqa: E731
-    return cast(w_a), cast(b_a), cast(w_b)
+def refit(w: torch.Tensor, a: torch.Tensor, sigma: torch.Tensor, cross: torch.Tensor | None = None) -> torch.Tensor:
+    """Least-squares up-projection: argmin_B E|W x_src - B A x|^2 = W C A^T (A sigma A^T)^-1,
+    with C = E[x_src x^T] (`cross`; = sigma when the inputs are the source's own)."""
+    c = sigma if cross is None else cross
+    gram = a @ sigma @ a.T
+    gram = gram + 1e-10 * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
+    return torch.linalg.solve(gram, (w @ c @ a.T).T).T
 
 
-def assemble(layout: SourceLayout, src: SourceAttention, parts: dict, w_a, b_a, w_b) -> dict:
-    """MLAAttention state dict from the rope split and the latent factors.
+def sqrt_and_inverse(mat: torch.Tensor | None, n: int):
+    """Symmetric square root and its (damped) inverse of a PSD matrix; identity for None."""
+    if mat is None:
+        eye = torch.eye(n, dtype=torch.float64)
+        return eye, eye
+    vals, vecs = torch.linalg.eigh(mat.double())
+    vals = vals.clamp(min=0) + 1e-8 * vals.clamp(min=0).max() + 1e-30
+    return (vecs * vals.sqrt()) @ vecs.T, (vecs / vals.sqrt()) @ vecs.T
 
-    kv_b_proj rows per head h: [W_uk of its KV group (n, r); W_uv of its group (d, r)].
+
+def assemble(layout: SourceLayout, src: SourceAttention, parts: dict, a: torch.Tensor, b: torch.Tensor) -> dict:
+    """MLAAttention state dict (fp32) from the key split and the latent factors A (r, D+1), B (m, r).
+
+    kv_b_proj rows per head h: [W_uk of its nope group (n, r); W_uv of its KV group (d, r)].
     """
     H, G, d = layout.num_heads, layout.num_kv_heads, layout.head_dim
-    n = parts["w_q_nope"].shape[1]
+    gn, n = parts["k_nope"].shape[:2]
+    r = b.shape[1]
     g_of_h = torch.arange(H) // layout.group_size
-    r = w_b.shape[1]
-    w_uk = w_b[: G * n].view(G, n, r)[g_of_h]  # (H, n, r)
-    w_uv = w_b[G * n:].view(G, d, r)[g_of_h]  # (H, d, r)
-    sd = {
-        "q_proj.weight": torch.cat((parts["w_q_nope"], parts["w_q_rope"]), 1).flatten(0, 1),
-        "kv_a_proj_with_mqa.weight": torch.cat((w_a, parts["w_kr"])),
-        "kv_b_proj.weight": torch.cat((w_uk, w_uv), 1).flatten(0, 1),
-        "o_proj.weight": src.w_o.clone(),
-        "rope_freq_idx": parts["freq_idx"].clone(),
-    }
+    w_uk = b[: gn * n].view(gn, n, r)[parts["nope_group"]]  # (H, n, r)
+    w_uv = b[gn * n:].view(G, d, r)[g_of_h]  # (H, d, r)
+    q = torch.cat((parts["q_nope"], parts["q_rope"]), 1).flatten(0, 1)  # (H*(n+p), D+1)
+    kv_a = torch.cat((a, parts["kr"]))  # (r+p, D+1)
+    sd = {"q_proj.weight": q[:, :-1], "kv_a_proj_with_mqa.weight": kv_a[:, :-1],
+          "kv_b_proj.weight": torch.cat((w_uk, w_uv), 1).flatten(0, 1), "o_proj.weight": src.w_o}
     if src.b_q is not None:
-        sd["q_proj.bias"] = torch.cat((parts["b_q_nope"], parts["b_q_rope"]), 1).flatten()
-    if b_a is not None or parts["b_kr"] is not None:
-        zeros = w_a.new_zeros
-        sd["kv_a_proj_with_mqa.bias"] = torch.cat((b_a if b_a is not None else zeros(w_a.shape[0]),
-                                                   parts["b_kr"] if parts["b_kr"] is not None else zeros(parts["w_kr"].shape[0])))
+        sd["q_proj.bias"] = q[:, -1]
+    if kv_a[:, -1].abs().max() > 0:
+        sd["kv_a_proj_with_mqa.bias"] = kv_a[:, -1]
     if src.b_o is not None:
-        sd["o_proj.bias"] = src.b_o.clone()
+        sd["o_proj.bias"] = src.b_o
+    sd = {k: v.float().clone() for k, v in sd.items()}
+    sd["rope_freq_idx"] = parts["freq_idx"].clone()
     return sd

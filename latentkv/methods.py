@@ -27,47 +27,112 @@ class ExactConfig:
         return full, full
 
 
+def _check_budget(config) -> None:
+    """Exactly one of: kv_budget, kv_values, or both explicit dims."""
+    explicit = (config.kv_lora_rank, config.qk_rope_head_dim)
+    given = [config.kv_budget is not None, config.kv_values is not None, explicit != (None, None)]
+    if sum(given) > 1:
+        raise LatentKVError("give one of --kv-budget, --kv-values, or --kv-lora-rank with --qk-rope-head-dim")
+    if config.kv_budget is not None and not 0.0 < config.kv_budget <= 1.0:
+        raise LatentKVError(f"--kv-budget must be in (0, 1], got {config.kv_budget}; e.g. 0.5 halves the cache")
+    if config.kv_values is not None and config.kv_values < 2:
+        raise LatentKVError(f"--kv-values must be at least 2 (one rotated pair or latent dim), got {config.kv_values}")
+    if given[2] and None in explicit:
+        raise LatentKVError("--kv-lora-rank and --qk-rope-head-dim go together; give both")
+    if not any(given):
+        raise LatentKVError("give --kv-budget F, --kv-values N, or both --kv-lora-rank R and --qk-rope-head-dim D")
+
+
+def budget_values(config, layout: SourceLayout) -> int | None:
+    """Cache values per token per layer the config asks for; None when dims are explicit."""
+    if config.kv_budget is not None:
+        return round(config.kv_budget * layout.kv_values_per_token)
+    if config.kv_values is not None:
+        if config.kv_values > layout.kv_values_per_token:
+            raise LatentKVError(f"--kv-values {config.kv_values} exceeds the source's {layout.kv_values_per_token} "
+                                "cache values per token per layer")
+        return config.kv_values
+    return None
+
+
+def max_rank(layout: SourceLayout, rope: int, shared_nope: bool) -> int:
+    """Rank of [K_nope; V]: rows of the stack, capped by the input width (hidden size + bias)."""
+    g, d = layout.num_kv_heads, layout.head_dim
+    nope_rows = g * d - rope if shared_nope else g * (d - rope // g)
+    return min(nope_rows + g * d, layout.hidden_size)
+
+
 @dataclass(frozen=True)
 class SVDConfig:
     """Weight-only baseline (MHA2MLA): keep RoPE on the highest frequencies of every KV head
     (S_high), joint SVD of the stacked non-rotated key and value weights for the latent.
 
-    Give either `kv_budget` (fraction of the source's cache values) or both explicit dims.
-    With a budget the rope side gets about a quarter of the values (MHA2MLA's split)."""
+    Give `kv_budget`, `kv_values`, or both explicit dims. With a budget the rope side gets about a
+    quarter of the values (MHA2MLA's split)."""
 
     version: ClassVar[int] = 1
     method: ClassVar[str] = "svd"
     kv_budget: float | None = None
     kv_lora_rank: int | None = None
     qk_rope_head_dim: int | None = None
+    kv_values: int | None = None
 
     def __post_init__(self):
-        explicit = (self.kv_lora_rank, self.qk_rope_head_dim)
-        if self.kv_budget is not None:
-            if explicit != (None, None):
-                raise LatentKVError("give either --kv-budget or --kv-lora-rank with --qk-rope-head-dim, not both")
-            if not 0.0 < self.kv_budget <= 1.0:
-                raise LatentKVError(f"--kv-budget must be in (0, 1], got {self.kv_budget}; e.g. 0.5 halves the cache")
-        elif None in explicit:
-            raise LatentKVError("give --kv-budget F, or both --kv-lora-rank R and --qk-rope-head-dim D")
+        _check_budget(self)
 
     def dims(self, layout: SourceLayout) -> tuple[int, int]:
-        g, d = layout.num_kv_heads, layout.head_dim
-        if self.kv_budget is None:
+        values = budget_values(self, layout)
+        if values is None:
             return self.kv_lora_rank, self.qk_rope_head_dim
-        values = round(self.kv_budget * layout.kv_values_per_token)
-        pairs_per_head = min(d // 2, max(1, round(values / 4 / (2 * g))))
-        rope = 2 * g * pairs_per_head
+        g, d = layout.num_kv_heads, layout.head_dim
+        rope = 2 * g * min(d // 2, max(1, round(values / 4 / (2 * g))))
         if values - rope < 1:
-            raise LatentKVError(f"--kv-budget {self.kv_budget} leaves {values} cache values per token, too few for "
-                                f"{rope} rope dims plus a latent; use a budget >= {(rope + 1) / layout.kv_values_per_token:.3f}")
+            raise LatentKVError(f"{values} cache values per token are too few for {rope} rope dims plus a latent; "
+                                f"use a budget >= {(rope + 1) / layout.kv_values_per_token:.3f}")
         # MHA sources can have more cache values than hidden dims: a latent wider than the rank of
-        # [K_nope; V] (at most the hidden size) would only store zeros, so the budget caps there.
-        most = min(g * (2 * d - rope // g), layout.hidden_size)
-        return min(values - rope, most), rope
+        # [K_nope; V] would only store zeros, so the budget caps there.
+        return min(values - rope, max_rank(layout, rope, shared_nope=False)), rope
 
 
-METHODS = {"exact": ExactConfig, "svd": SVDConfig}
+@dataclass(frozen=True)
+class LowRankConfig:
+    """Calibrated, training-free conversion (issue 3): a RoPE strategy picks the rotated dims
+    (`rope`: high | 2norm | rorope | rorope-export), a factorizer builds the latent (`factorizer`:
+    svd | pca | output), statistics come from `calib` text, layer by layer through the already
+    converted prefix when `sequential`. With a budget, the rope/latent split is searched on
+    held-out calibration windows."""
+
+    version: ClassVar[int] = 1
+    method: ClassVar[str] = "lowrank"
+    kv_budget: float | None = None
+    kv_lora_rank: int | None = None
+    qk_rope_head_dim: int | None = None
+    kv_values: int | None = None
+    rope: str = "rorope"
+    factorizer: str = "output"
+    sequential: bool = True
+    calib: str = "wikitext2-valid"
+    calib_samples: int = 32
+    calib_seq_len: int = 512
+
+    def __post_init__(self):
+        _check_budget(self)
+        from .factorizers import FACTORIZERS
+        from .rope import ROPE_STRATEGIES
+
+        if self.rope not in ROPE_STRATEGIES:
+            raise LatentKVError(f"unknown --rope {self.rope!r}; choose one of: {', '.join(ROPE_STRATEGIES)}")
+        if self.factorizer not in FACTORIZERS:
+            raise LatentKVError(f"unknown --factorizer {self.factorizer!r}; choose one of: {', '.join(FACTORIZERS)}")
+        if self.calib_samples < 1 or self.calib_seq_len < 16:
+            raise LatentKVError("--calib-samples must be >= 1 and --calib-seq-len >= 16")
+
+    def dims(self, layout: SourceLayout) -> tuple[int, int] | None:
+        """Explicit dims, or None: the split is searched at conversion time."""
+        return None if budget_values(self, layout) is not None else (self.kv_lora_rank, self.qk_rope_head_dim)
+
+
+METHODS = {"exact": ExactConfig, "svd": SVDConfig, "lowrank": LowRankConfig}
 
 
 def config_to_dict(config) -> dict:

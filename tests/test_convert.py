@@ -61,7 +61,7 @@ def test_record_describes_conversion():
     model = make_tiny("llama-gqa")
     conv = convert(model, SVDConfig(kv_budget=0.5), progress=False)
     rec = record_of(conv)
-    assert rec["conversion"] == {"method": "svd", "version": 1, "kv_budget": 0.5, "kv_lora_rank": None,
+    assert rec["conversion"] == {"method": "svd", "version": 1, "kv_budget": 0.5, "kv_lora_rank": None, "kv_values": None,
                                  "qk_rope_head_dim": None}
     assert rec["source"]["num_kv_heads"] == 2 and len(rec["layers"]) == 2
     attn = conv.model.layers[0].self_attn
@@ -81,7 +81,8 @@ def test_svd_error_falls_with_rank():
 
 @pytest.mark.parametrize("kw, match", [
     (dict(kv_budget=0.0), "must be in"), (dict(kv_budget=1.5), "must be in"),
-    (dict(kv_budget=0.5, kv_lora_rank=4), "not both"), (dict(kv_lora_rank=4), "both"),
+    (dict(kv_budget=0.5, kv_lora_rank=4), "give one of"), (dict(kv_lora_rank=4), "go together"),
+    (dict(kv_budget=0.5, kv_values=10), "give one of"), (dict(kv_values=1), "at least 2"), (dict(), "give --kv-budget"),
 ])
 def test_bad_budget_configs(kw, match):
     with pytest.raises(LatentKVError, match=match):

@@ -1,0 +1,112 @@
+"""Calibration statistics: per-layer second moment of the attention input, from hooks.
+
+Everything the factorizers need is a linear function of the attention input x (after the
+layer's input norm): queries q = W_q x, keys, values. So one `(D+1, D+1)` fp64 matrix per layer,
+`E[[x; 1][x; 1]^T]` (the 1 carries biases), is enough, and memory does not grow with samples.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .errors import LatentKVError
+
+DEFAULT_CALIB = "wikitext2-valid"
+
+
+@dataclass
+class Moments:
+    """Running `sum [x;1][y;1]^T` over tokens (y = x unless given); `second()` is the mean."""
+
+    total: torch.Tensor  # (D+1, D+1) fp64
+    tokens: int = 0
+
+    @classmethod
+    def empty(cls, dim: int) -> Moments:
+        return cls(torch.zeros(dim + 1, dim + 1, dtype=torch.float64))
+
+    def add(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
+        """x, y (..., D): every row is a token (padding must already be dropped)."""
+        ax = _augment(x)  # (N, D+1)
+        self.total += ax.T @ (ax if y is None else _augment(y))
+        self.tokens += ax.shape[0]
+
+    def second(self) -> torch.Tensor:
+        if self.tokens == 0:
+            raise LatentKVError("calibration saw no tokens; pass a longer --calib text")
+        return self.total / self.tokens
+
+
+def _augment(x: torch.Tensor) -> torch.Tensor:
+    x = x.reshape(-1, x.shape[-1]).double()
+    return torch.cat((x, x.new_ones(x.shape[0], 1)), 1)
+
+
+@dataclass
+class InputStats:
+    """What one layer's conversion may use: sigma = E[x x^T] of its (augmented) attention input,
+    and cross = E[x_src x^T] when x comes from an already-converted prefix (sequential mode)."""
+
+    sigma: torch.Tensor
+    cross: torch.Tensor | None = None
+
+    @cached_property
+    def roots(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """sigma^1/2 and its damped inverse, computed once per layer however often it is used."""
+        from .factorize import sqrt_and_inverse
+
+        return sqrt_and_inverse(self.sigma, self.sigma.shape[0])
+
+
+@contextlib.contextmanager
+def record_attention_inputs(attn_modules: list, moments: list[Moments]):
+    """Accumulate each attention module's `hidden_states` into `moments[i]` while inside."""
+    def hook(i):
+        def fn(module, args, kwargs):
+            x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            moments[i].add(x.detach())
+        return fn
+
+    handles = [m.register_forward_pre_hook(hook(i), with_kwargs=True) for i, m in enumerate(attn_modules)]
+    try:
+        yield moments
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def calibration_batches(tokenizer, text: str, samples: int, seq_len: int) -> torch.Tensor:
+    """`samples` evenly spaced windows of `seq_len` tokens from `text` -> (samples, seq_len)."""
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    if ids.numel() < seq_len:
+        raise LatentKVError(f"calibration text has {ids.numel()} tokens, fewer than --calib-seq-len {seq_len}")
+    starts = torch.linspace(0, ids.numel() - seq_len, samples).long()
+    return torch.stack([ids[s: s + seq_len] for s in starts])
+
+
+def check_not_test_split(source: str | Path) -> None:
+    """The WikiText-2 test file is for evaluation only; calibrating on it would leak."""
+    name = Path(str(source)).name
+    if str(source) in ("wikitext2", "ptb") or name in ("wiki.test.raw", "wiki.test.tokens", "ptb.test.txt"):
+        raise LatentKVError(f"{source} is an evaluation (test) split and must not be used for calibration; "
+                            "use wikitext2-valid (the default) or your own text")
+
+
+@torch.no_grad()
+def collect_stats(model, batches: torch.Tensor, progress: bool = True) -> list[InputStats]:
+    """One-shot statistics of the (source) model: run the calibration windows, hook every layer."""
+    from .families import attention_layers
+
+    attns = attention_layers(model)
+    hidden = model.config.hidden_size
+    moments = [Moments.empty(hidden) for _ in attns]
+    with record_attention_inputs(attns, moments):
+        for row in tqdm(batches, desc="calibrate", disable=not progress):
+            model(row[None], use_cache=False)
+    return [InputStats(m.second()) for m in moments]

@@ -1,0 +1,153 @@
+"""Calibrated conversion: statistics, the rope/latent split search, and sequential conversion.
+
+Sequential (GPTQ-style): calibration windows flow through the source and the converted prefix
+side by side; layer l is factorized on the statistics of *its converted inputs*, and its
+up-projections are refit to reproduce the *source's* outputs, so later layers absorb earlier
+layers' error. One-shot: every layer uses the source model's own statistics (from hooks).
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+
+import torch
+from tqdm.auto import tqdm
+
+from .calibrate import InputStats, Moments, calibration_batches, check_not_test_split, collect_stats
+from .errors import LatentKVError
+from .families import SourceLayout
+from .methods import LowRankConfig, budget_values, max_rank
+
+HELD_OUT = 4  # calibration windows kept aside to score candidate splits
+CHUNK = 4  # windows per forward in the sequential pass (bounds attention memory)
+
+
+def calibration_ids(tokenizer, config: LowRankConfig) -> torch.Tensor:
+    """(calib_samples + HELD_OUT, calib_seq_len) token windows from `config.calib`."""
+    from .text import load_text
+
+    if tokenizer is None:
+        raise LatentKVError(f"method {config.method} calibrates on text: pass tokenizer= (or calib_ids=) to convert()")
+    check_not_test_split(config.calib)
+    return calibration_batches(tokenizer, load_text(config.calib), config.calib_samples + HELD_OUT,
+                               config.calib_seq_len)
+
+
+def split_ids(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (fit windows, held-out windows), the held-out ones spread over the text."""
+    if ids.shape[0] <= HELD_OUT:
+        return ids, ids[:0]
+    held = torch.linspace(0, ids.shape[0] - 1, HELD_OUT).round().long()
+    keep = torch.ones(ids.shape[0], dtype=torch.bool)
+    keep[held] = False
+    return ids[keep], ids[held]
+
+
+def convert_calibrated(model, layout: SourceLayout, config: LowRankConfig, tokenizer, calib_ids, progress: bool):
+    """-> (converted model, split-search record or None)."""
+    from .conversion import check_dims
+
+    ids = calib_ids if calib_ids is not None else calibration_ids(tokenizer, config)
+    fit, held = split_ids(ids)
+    oneshot = collect_stats(model, fit, progress)
+    choice = None
+    dims = config.dims(layout)
+    if dims is None:
+        choice = search_split(model, layout, config, oneshot, held, progress)
+        dims = (choice["kv_lora_rank"], choice["qk_rope_head_dim"])
+    check_dims(layout, *dims, rope=config.rope)
+    if config.sequential:
+        return convert_sequential(model, layout, config, dims, fit, progress), choice
+    return convert_oneshot(model, layout, config, dims, oneshot, progress), choice
+
+
+def convert_oneshot(model, layout, config, dims, stats: list[InputStats], progress: bool = False):
+    from .conversion import convert_layer
+
+    new = copy.deepcopy(model)
+    for i in tqdm(range(layout.num_layers), desc="convert (one-shot)", disable=not progress):
+        convert_layer(model, new, i, layout, config, dims, stats[i])
+    return new
+
+
+def candidate_splits(layout: SourceLayout, config: LowRankConfig, values: int) -> list[tuple[int, int]]:
+    """(kv_lora_rank, qk_rope_head_dim) pairs worth trying for `values` cache values."""
+    g, d = layout.num_kv_heads, layout.head_dim
+    step = 2 * g if config.rope == "high" else 2
+    most_rope = d if config.rope == "rorope-export" else g * d
+    out = []
+    for frac in (1 / 8, 1 / 4, 3 / 8, 1 / 2):
+        p = min(most_rope, max(step, step * round(values * frac / step)))
+        r = min(values - p, max_rank(layout, p, shared_nope=config.rope != "high"))
+        if r >= 1 and (r, p) not in out:
+            out.append((r, p))
+    if not out:
+        raise LatentKVError(f"{values} cache values per token cannot hold a rotated pair and a latent; raise the budget")
+    return out
+
+
+@torch.no_grad()
+def search_split(model, layout, config, stats, held: torch.Tensor, progress: bool) -> dict:
+    """Try each candidate split one-shot and keep the lowest NLL on held-out calibration windows."""
+    values = budget_values(config, layout)
+    scores = []
+    for r, p in tqdm(candidate_splits(layout, config, values), desc="search split", disable=not progress):
+        conv = convert_oneshot(model, layout, config, (r, p), stats)
+        scores.append({"kv_lora_rank": r, "qk_rope_head_dim": p, "heldout_nll": held_out_nll(conv, held)})
+    best = min(scores, key=lambda s: s["heldout_nll"])
+    why = ", ".join(f"rope {s['qk_rope_head_dim']}+latent {s['kv_lora_rank']}: nll {s['heldout_nll']:.4f}"
+                    for s in scores)
+    if progress:
+        print(f"split for {values} values/token: rope {best['qk_rope_head_dim']} + latent {best['kv_lora_rank']} "
+              f"(lowest held-out calibration NLL; tried {why})", file=sys.stderr, flush=True)
+    return {**best, "values": values, "candidates": scores}
+
+
+def held_out_nll(model, held: torch.Tensor) -> float:
+    total = 0.0
+    for row in held:
+        logits = model(row[None], use_cache=False).logits[0, :-1].float()
+        total += torch.nn.functional.cross_entropy(logits, row[1:], reduction="sum").item()
+    return total / max(1, held.shape[0] * (held.shape[1] - 1))
+
+
+@torch.no_grad()
+def convert_sequential(model, layout, config, dims, batches: torch.Tensor, progress: bool):
+    """Layer by layer through source and converted prefix; see the module docstring."""
+    from .conversion import convert_layer
+
+    new = copy.deepcopy(model)
+    h_src = model.model.embed_tokens(batches)  # (N, T, D)
+    h_new = h_src.clone()
+    pos = torch.arange(batches.shape[1])[None]
+    rope = model.model.rotary_emb(h_src[:1], pos)
+    for i in tqdm(range(layout.num_layers), desc="convert (sequential)", disable=not progress):
+        src_layer, new_layer = model.model.layers[i], new.model.layers[i]
+        sigma, cross = Moments.empty(layout.hidden_size), Moments.empty(layout.hidden_size)
+        for c in range(0, batches.shape[0], CHUNK):
+            x_src = src_layer.input_layernorm(h_src[c: c + CHUNK])
+            x_new = new_layer.input_layernorm(h_new[c: c + CHUNK])
+            sigma.add(x_new)
+            cross.add(x_src, x_new)
+        stats = InputStats(sigma.second(), cross.second())
+        convert_layer(model, new, i, layout, config, dims, stats)
+        mask = causal_mask(batches.shape[1], getattr(src_layer.self_attn, "sliding_window", None))
+        h_src = _run(src_layer, h_src, rope, pos, mask)
+        h_new = _run(new.model.layers[i], h_new, rope, pos, mask)
+    return new
+
+
+def causal_mask(t: int, window: int | None) -> torch.Tensor:
+    """(1, 1, t, t) bool, True = may attend; with a sliding window as the source layer has."""
+    i = torch.arange(t)
+    allowed = i[:, None] >= i[None, :]
+    if window:
+        allowed &= (i[:, None] - i[None, :]) < window
+    return allowed[None, None]
+
+
+def _run(layer, h: torch.Tensor, rope, pos, mask) -> torch.Tensor:
+    out = [layer(h[c: c + CHUNK], attention_mask=mask, position_ids=pos, position_embeddings=rope)
+           for c in range(0, h.shape[0], CHUNK)]
+    return torch.cat([o[0] if isinstance(o, tuple) else o for o in out])

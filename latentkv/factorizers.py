@@ -1,0 +1,99 @@
+"""The latent side: how to weigh the error of the rank-r approximation of Y = [K_nope; V].
+
+Each factorizer returns (stats, metric) for `factorize.low_rank`: the input statistics it trusts
+(None = weights only) and metric, the (m, m) PSD weight on the rows of Y (None = identity).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .families import SourceAttention, SourceLayout
+
+
+@dataclass(frozen=True)
+class WeightSVD:
+    """MHA2MLA's joint SVD of the weights: ignores the inputs."""
+
+    name = "svd"
+
+    def weights(self, parts: dict, src: SourceAttention, layout: SourceLayout, stats):
+        return None, None
+
+
+@dataclass(frozen=True)
+class ActivationPCA:
+    """PCA of the calibration outputs Y (activation-aware), with keys and values balanced to equal
+    mean energy first (TransMLA's BKV) so the larger side does not take the whole latent."""
+
+    name = "pca"
+    balance: bool = True
+
+    def weights(self, parts: dict, src: SourceAttention, layout: SourceLayout, stats):
+        k_rows = parts["k_nope"].flatten(0, 1)  # (Gn*n, D+1)
+        if not self.balance or k_rows.shape[0] == 0:
+            return stats, None
+        sigma = stats.sigma
+        v_rows = _augmented_values(src)
+        ratio = _energy(v_rows, sigma) / _energy(k_rows, sigma).clamp(min=1e-30)
+        diag = torch.cat((torch.full((k_rows.shape[0],), float(ratio)), torch.ones(v_rows.shape[0])))
+        return stats, torch.diag(diag.double())
+
+
+@dataclass(frozen=True)
+class OutputAware:
+    """Error weighted where it lands: a key error by the second moment of the queries that read it
+    (times the spread of those heads' outputs, which turns a score error into an output error),
+    a value error through each head's slice of `o_proj`. `key_weight` scales the key side."""
+
+    name = "output"
+    key_weight: float = 1.0
+
+    def weights(self, parts: dict, src: SourceAttention, layout: SourceLayout, stats):
+        sigma = stats.sigma
+        w_o = src.w_o.double().view(src.w_o.shape[0], layout.num_heads, layout.head_dim)  # (D, H, d)
+        spread = _output_spread(src, layout, sigma, w_o)  # (H,)
+        q = parts["q_nope"]  # (H, n, D+1)
+        gn, n = parts["k_nope"].shape[:2]
+        blocks = [torch.zeros(n, n, dtype=torch.float64) for _ in range(gn)]
+        for h, g in enumerate(parts["nope_group"].tolist()):
+            blocks[g] += spread[h] * q[h] @ sigma @ q[h].T
+        scale2 = src.softmax_scale ** 2 * self.key_weight
+        v_blocks = [sum(w_o[:, h].T @ w_o[:, h] for h in _heads_of(g, layout)) for g in range(layout.num_kv_heads)]
+        return stats, torch.block_diag(*[scale2 * b for b in blocks], *v_blocks)
+
+
+def _heads_of(g: int, layout: SourceLayout) -> range:
+    return range(g * layout.group_size, (g + 1) * layout.group_size)
+
+
+def _augmented_values(src: SourceAttention) -> torch.Tensor:
+    from .rope import augment
+
+    return augment(src.w_v, src.b_v)
+
+
+def _energy(rows: torch.Tensor, sigma) -> torch.Tensor:
+    """Mean over rows of E[(w x)^2]."""
+    if sigma is None:
+        return (rows ** 2).sum(1).mean()
+    return torch.einsum("mD,DE,mE->m", rows, sigma, rows).mean()
+
+
+def _output_spread(src: SourceAttention, layout: SourceLayout, sigma, w_o) -> torch.Tensor:
+    """(H,): E|W_o^h (v - E v)|^2, how far a head's output moves when its attention shifts."""
+    v = _augmented_values(src).view(layout.num_kv_heads, layout.head_dim, -1)
+    mean = sigma[:-1, -1]
+    cov = sigma.clone()
+    cov[:-1, :-1] -= torch.outer(mean, mean)
+    cov[-1, :], cov[:, -1] = 0, 0  # centred: the constant input carries no spread
+    out = []
+    for h in range(layout.num_heads):
+        m = w_o[:, h] @ v[h // layout.group_size]  # (D, D+1)
+        out.append(torch.einsum("iD,DE,iE->", m, cov, m))
+    return torch.stack(out)
+
+
+FACTORIZERS = {"svd": WeightSVD(), "pca": ActivationPCA(), "output": OutputAware()}

@@ -1,0 +1,41 @@
+"""Per-layer conversion functions, one per method: pure tensors in, MLAAttention state dict out.
+
+Signature: (src: SourceAttention, layout, config, dims: (kv_lora_rank, qk_rope_head_dim),
+stats: InputStats | None) -> state dict. Weights arrive in fp32 at least.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .factorize import assemble, low_rank, split_keys, stack_nope_kv
+from .factorizers import FACTORIZERS
+from .families import SourceAttention, SourceLayout
+from .methods import ExactConfig, LowRankConfig, SVDConfig
+from .rope import ROPE_STRATEGIES, HighFrequencies
+
+
+def exact_layer(src: SourceAttention, layout: SourceLayout, config: ExactConfig, dims, stats=None) -> dict:
+    """Every key dim rotated, so Y = V and the latent is V itself: A = W_v, B = I (notes §1)."""
+    split = HighFrequencies().split(src, layout, layout.num_kv_heads * layout.head_dim // 2)
+    parts = split_keys(src, layout, split)
+    y = stack_nope_kv(parts, src)
+    return assemble(layout, src, parts, y, torch.eye(y.shape[0], dtype=torch.float64))
+
+
+def svd_layer(src: SourceAttention, layout: SourceLayout, config: SVDConfig, dims, stats=None) -> dict:
+    rank, rope = dims
+    parts = split_keys(src, layout, HighFrequencies().split(src, layout, rope // 2))
+    return assemble(layout, src, parts, *low_rank(stack_nope_kv(parts, src), rank))
+
+
+def lowrank_layer(src: SourceAttention, layout: SourceLayout, config: LowRankConfig, dims, stats) -> dict:
+    rank, rope = dims
+    split = ROPE_STRATEGIES[config.rope].split(src, layout, rope // 2, stats.sigma)
+    parts = split_keys(src, layout, split)
+    use_stats, metric = FACTORIZERS[config.factorizer].weights(parts, src, layout, stats)
+    return assemble(layout, src, parts, *low_rank(stack_nope_kv(parts, src), rank, use_stats, metric))
+
+
+# config type -> per-layer function
+CONVERTERS = {ExactConfig: exact_layer, SVDConfig: svd_layer, LowRankConfig: lowrank_layer}
