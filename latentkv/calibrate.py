@@ -34,7 +34,8 @@ class Moments:
     def add(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
         """x, y (..., D): every row is a token (padding must already be dropped)."""
         ax = _augment(x)  # (N, D+1)
-        self.total += ax.T @ (ax if y is None else _augment(y))
+        # fp32 product per batch (fast BLAS), fp64 running sum (no drift over many batches)
+        self.total += (ax.T @ (ax if y is None else _augment(y))).double()
         self.tokens += ax.shape[0]
 
     def second(self) -> torch.Tensor:
@@ -44,7 +45,7 @@ class Moments:
 
 
 def _augment(x: torch.Tensor) -> torch.Tensor:
-    x = x.reshape(-1, x.shape[-1]).double()
+    x = x.reshape(-1, x.shape[-1]).float()
     return torch.cat((x, x.new_ones(x.shape[0], 1)), 1)
 
 
@@ -108,5 +109,5 @@ def collect_stats(model, batches: torch.Tensor, progress: bool = True) -> list[I
     moments = [Moments.empty(hidden) for _ in attns]
     with record_attention_inputs(attns, moments):
         for row in tqdm(batches, desc="calibrate", disable=not progress):
-            model(row[None], use_cache=False)
+            model.model(row[None], use_cache=False)  # the base model: the lm_head is not needed here
     return [InputStats(m.second()) for m in moments]

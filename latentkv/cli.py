@@ -16,11 +16,13 @@ def _convert(a) -> dict:
     from .methods import make_config
     from .report import cache_report
 
-    config = make_config(a.kv_budget, a.kv_lora_rank, a.qk_rope_head_dim, a.method)
+    config = make_config(a.kv_budget, a.kv_lora_rank, a.qk_rope_head_dim, a.method, a.kv_values, rope=a.rope,
+                         factorizer=a.factorizer, sequential=False if a.one_shot else None, calib=a.calib,
+                         calib_samples=a.calib_samples, calib_seq_len=a.calib_seq_len)
     check_output_dir(a.out, a.overwrite)
     t0 = time.perf_counter()
     model, tok = load_model(a.source, trust_remote_code=a.trust_remote_code)
-    converted = convert(model, config)
+    converted = convert(model, config, tokenizer=tok)
     save(converted, tok, a.out, overwrite=a.overwrite)
     rep = cache_report(converted)
     first = rep["record"]["layers"][0]
@@ -29,6 +31,7 @@ def _convert(a) -> dict:
             "cache_values_per_token_per_layer": rep["model"]["values_per_token_per_layer"][0],
             "source_values_per_token_per_layer": rep["source"]["values_per_token_per_layer"],
             "ratio": rep["ratio"], "convert_seconds": rep["record"]["convert_seconds"],
+            "split_search": rep["record"]["split_search"],
             "total_seconds": round(time.perf_counter() - t0, 2)}
 
 
@@ -100,7 +103,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--kv-budget", type=float, help="fraction of the source's cache values to keep, in (0, 1]")
     c.add_argument("--kv-lora-rank", type=int, help="latent width r (with --qk-rope-head-dim)")
     c.add_argument("--qk-rope-head-dim", type=int, help="shared rotated key width (multiple of 2*num_key_value_heads)")
-    c.add_argument("--method", choices=["exact", "svd"], help="default: exact at full budget, svd below")
+    c.add_argument("--kv-values", type=int, help="absolute cache values per token per layer")
+    c.add_argument("--method", choices=["exact", "svd", "lowrank"],
+                   help="default: exact at full budget, lowrank (calibrated) below; svd is the weight-only baseline")
+    c.add_argument("--rope", choices=["high", "2norm", "rorope", "rorope-export"],
+                   help="lowrank: which key dims keep RoPE (default rorope)")
+    c.add_argument("--factorizer", choices=["svd", "pca", "output"], help="lowrank: latent factorizer (default output)")
+    c.add_argument("--one-shot", action="store_true", help="lowrank: source statistics for every layer, not sequential")
+    c.add_argument("--calib", help="lowrank: calibration text file or name (default wikitext2-valid)")
+    c.add_argument("--calib-samples", type=int, help="lowrank: calibration windows (default 32)")
+    c.add_argument("--calib-seq-len", type=int, help="lowrank: tokens per calibration window (default 512)")
     c.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
     e = add("eval", _eval, "perplexity of MODEL_OR_DIR on a text file (or wikitext2 / ptb)")

@@ -31,7 +31,7 @@ def run_demo(kv_budget: float = 0.5, out: str | None = None, overwrite: bool = F
     except LatentKVError as e:
         corpus, why = None, str(e)
     variants = [("source", source), ("MLA exact (100%)", convert(source, ExactConfig())),
-                (f"MLA svd ({kv_budget:.0%})", convert(source, make_config(kv_budget=kv_budget)))]
+                (f"MLA svd ({kv_budget:.0%})", convert(source, make_config(kv_budget=kv_budget, method="svd")))]
     rows = []
     for name, m in variants:
         rep = cache_report(m)

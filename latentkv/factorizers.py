@@ -77,22 +77,24 @@ def _augmented_values(src: SourceAttention) -> torch.Tensor:
 
 def _energy(rows: torch.Tensor, sigma) -> torch.Tensor:
     """Mean over rows of E[(w x)^2]."""
-    if sigma is None:
-        return (rows ** 2).sum(1).mean()
-    return torch.einsum("mD,DE,mE->m", rows, sigma, rows).mean()
+    from .rope import row_energy
+
+    return row_energy(rows, sigma).mean()
 
 
 def _output_spread(src: SourceAttention, layout: SourceLayout, sigma, w_o) -> torch.Tensor:
-    """(H,): E|W_o^h (v - E v)|^2, how far a head's output moves when its attention shifts."""
-    v = _augmented_values(src).view(layout.num_kv_heads, layout.head_dim, -1)
+    """(H,): E|W_o^h (v - E v)|^2 = tr(W_o^hT W_o^h Cov(v_g)), how far a head's output moves when its
+    attention shifts."""
+    v = _augmented_values(src)  # (G*d, D+1)
     mean = sigma[:-1, -1]
     cov = sigma.clone()
     cov[:-1, :-1] -= torch.outer(mean, mean)
     cov[-1, :], cov[:, -1] = 0, 0  # centred: the constant input carries no spread
+    d = layout.head_dim
     out = []
     for h in range(layout.num_heads):
-        m = w_o[:, h] @ v[h // layout.group_size]  # (D, D+1)
-        out.append(torch.einsum("iD,DE,iE->", m, cov, m))
+        vg = v[(h // layout.group_size) * d:][:d]  # (d, D+1)
+        out.append(((w_o[:, h].T @ w_o[:, h]) * (vg @ cov @ vg.T)).sum())
     return torch.stack(out)
 
 

@@ -152,13 +152,19 @@ def config_from_dict(data: dict):
 
 
 def make_config(kv_budget: float | None = None, kv_lora_rank: int | None = None,
-                qk_rope_head_dim: int | None = None, method: str | None = None):
-    """CLI flags -> config. No budget, or budget 1, without a method means the exact embedding."""
+                qk_rope_head_dim: int | None = None, method: str | None = None, kv_values: int | None = None,
+                **lowrank):
+    """CLI flags -> config. No budget (or budget 1) and no method: the exact embedding; a smaller
+    budget: the calibrated `lowrank` method unless `method` says otherwise. `lowrank` takes the
+    LowRankConfig fields (rope, factorizer, sequential, calib, calib_samples, calib_seq_len)."""
     if method not in (None, *METHODS):
         raise LatentKVError(f"unknown --method {method!r}; choose one of: {', '.join(METHODS)}")
-    if method == "exact" or (method is None and kv_lora_rank is None and qk_rope_head_dim is None
-                             and kv_budget in (None, 1.0)):
-        if kv_lora_rank is not None or qk_rope_head_dim is not None or kv_budget not in (None, 1.0):
-            raise LatentKVError("--method exact keeps the full cache; drop --kv-budget/--kv-lora-rank/--qk-rope-head-dim")
+    sized = dict(kv_budget=kv_budget, kv_values=kv_values, kv_lora_rank=kv_lora_rank, qk_rope_head_dim=qk_rope_head_dim)
+    full = kv_lora_rank is None and qk_rope_head_dim is None and kv_values is None and kv_budget in (None, 1.0)
+    if method == "exact" or (method is None and full):
+        if not full:
+            raise LatentKVError("--method exact keeps the full cache; drop --kv-budget/--kv-values/--kv-lora-rank")
         return ExactConfig()
-    return SVDConfig(kv_budget=kv_budget, kv_lora_rank=kv_lora_rank, qk_rope_head_dim=qk_rope_head_dim)
+    if method == "svd":
+        return SVDConfig(**sized)
+    return LowRankConfig(**sized, **{k: v for k, v in lowrank.items() if v is not None})

@@ -37,15 +37,22 @@ class KeySplit:
 def pair_energy(src: SourceAttention, layout: SourceLayout, sigma: torch.Tensor | None, mix=None) -> torch.Tensor:
     """(G, d/2): E|k'_(j,i)|^2 * sum over heads E|q'_(h,j,i)|^2, the pair's score contribution (MHA2MLA's 2-norm
     criterion, squared), in the mixed basis. sigma: (D+1, D+1) input second moment, None -> identity."""
-    wq, wk = mixed_query_weights(src, layout, mix), mixed_key_weights(src, layout, mix)  # (H, G, d, D+1), (G, d, D+1)
-    s = sigma if sigma is not None else torch.eye(wk.shape[-1], dtype=torch.float64)
-    half = layout.head_dim // 2
+    H, G, d = layout.num_heads, layout.num_kv_heads, layout.head_dim
+    half = d // 2
+    k_energy = row_energy(mixed_key_weights(src, layout, mix).reshape(G * d, -1), sigma).view(G, d)
+    q_energy = row_energy(augment(src.w_q, src.b_q), sigma).view(H, d)
+    # q'_(h,j,c) = U_c[j, g(h)] q_(h,c), so its energy is U^2 times the source query's.
+    u2 = _full_mix(mix, layout)[:, torch.arange(H) // layout.group_size] ** 2  # (G, H, d)
+    q_mixed = (u2 * q_energy[None]).sum(1)  # (G, d)
+    pairs = lambda e: e[..., :half] + e[..., half:]  # noqa: E731
+    return pairs(k_energy) * pairs(q_mixed)
 
-    def energy(w):  # (..., d, D+1) -> (..., d/2): pair energy
-        e = torch.einsum("...cD,DE,...cE->...c", w, s, w)
-        return e[..., :half] + e[..., half:]
 
-    return energy(wk) * energy(wq).sum(0)
+def row_energy(w: torch.Tensor, sigma: torch.Tensor | None) -> torch.Tensor:
+    """(m,): E[(w_m x)^2] for augmented rows w (m, D+1)."""
+    if sigma is None:
+        return (w ** 2).sum(-1)
+    return ((w @ sigma) * w).sum(-1)
 
 
 def augment(w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -126,10 +133,10 @@ class RoRoPE:
     @staticmethod
     def rotation(src, layout: SourceLayout, sigma=None) -> torch.Tensor:
         """(G, G, d/2): rows of U_i = eigenvectors of the frequency-i key second moment, largest first."""
-        wk = mixed_key_weights(src, layout, None)  # (G, d, D+1)
-        s = sigma if sigma is not None else torch.eye(wk.shape[-1], dtype=torch.float64)
+        wk = mixed_key_weights(src, layout, None).transpose(0, 1)  # (d, G, D+1)
+        ws = wk @ sigma if sigma is not None else wk
         half = layout.head_dim // 2
-        cov = torch.einsum("gcD,DE,hcE->cgh", wk, s, wk)  # (d, G, G)
+        cov = ws @ wk.transpose(1, 2)  # (d, G, G)
         cov = cov[:half] + cov[half:]  # both components of a pair rotate together
         _, vecs = torch.linalg.eigh(cov)  # ascending
         return vecs.flip(-1).transpose(-1, -2).permute(1, 2, 0).contiguous()  # (G, G, d/2)
