@@ -124,6 +124,9 @@ class LowRankConfig:
             raise LatentKVError(f"unknown --rope {self.rope!r}; choose one of: {', '.join(ROPE_STRATEGIES)}")
         if self.factorizer not in FACTORIZERS:
             raise LatentKVError(f"unknown --factorizer {self.factorizer!r}; choose one of: {', '.join(FACTORIZERS)}")
+        from .calibrate import check_not_test_split
+
+        check_not_test_split(self.calib)
         if self.calib_samples < 1 or self.calib_seq_len < 16:
             raise LatentKVError("--calib-samples must be >= 1 and --calib-seq-len >= 16")
 

@@ -1,0 +1,134 @@
+"""The calibrated method over every RoPE strategy x factorizer on tiny models."""
+
+import itertools
+
+import pytest
+import torch
+
+from conftest import make_tiny
+from latentkv import LatentCache, convert, record_of
+from latentkv.calibrate import InputStats, Moments, check_not_test_split, collect_stats, record_attention_inputs
+from latentkv.errors import LatentKVError
+from latentkv.families import attention_layers, source_layout
+from latentkv.methods import LowRankConfig
+from latentkv.rope import ROPE_STRATEGIES, RoRoPE
+
+METHODS = list(itertools.product(["high", "2norm", "rorope", "rorope-export"], ["svd", "pca", "output"]))
+
+
+@pytest.fixture(scope="module")
+def calib_ids():
+    torch.manual_seed(3)
+    return torch.randint(0, 320, (10, 32))  # 6 fit + 4 held-out windows
+
+
+def _x():
+    torch.manual_seed(4)
+    return torch.randint(0, 320, (2, 24))
+
+
+@pytest.mark.parametrize("rope, factorizer", METHODS)
+def test_full_budget_is_exact(rope, factorizer, calib_ids):
+    """Every key dim rotated and a full-rank latent: each combination must reproduce the source.
+    The export-compatible RoRoPE keeps one component per frequency, so it can only keep every
+    rotation with a single KV head (MQA)."""
+    model = make_tiny("llama-mqa" if rope == "rorope-export" else "qwen2-bias")
+    lay = source_layout(model.config)
+    p = r = lay.num_kv_heads * lay.head_dim
+    conv = convert(model, LowRankConfig(kv_lora_rank=r, qk_rope_head_dim=p, rope=rope, factorizer=factorizer),
+                   calib_ids=calib_ids, progress=False)
+    with torch.no_grad():
+        assert (conv(_x()).logits - model(_x()).logits).abs().max().item() < 1e-5
+
+
+def test_rorope_rotation_alone_is_exact(calib_ids):
+    """Mixing KV heads per frequency commutes with RoPE: with every pair kept, nothing changes."""
+    model = make_tiny("llama-gqa")
+    lay = source_layout(model.config)
+    full = lay.num_kv_heads * lay.head_dim
+    stats = collect_stats(model, calib_ids, progress=False)
+    from latentkv.families import read_attention
+
+    src = read_attention(attention_layers(model)[0])
+    u = RoRoPE.rotation(src, lay, stats[0].sigma)  # (G, G, d/2)
+    eye = torch.eye(lay.num_kv_heads, dtype=u.dtype)
+    assert torch.allclose(torch.einsum("jgc,kgc->cjk", u, u), eye.expand(lay.head_dim // 2, -1, -1), atol=1e-10)
+    conv = convert(model, LowRankConfig(kv_lora_rank=full, qk_rope_head_dim=full, rope="rorope", factorizer="pca"),
+                   calib_ids=calib_ids, progress=False)
+    assert conv.model.layers[0].self_attn.dims.qk_nope_head_dim == 0
+    with torch.no_grad():
+        assert (conv(_x()).logits - model(_x()).logits).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("rope, factorizer", METHODS)
+def test_cache_equals_budget_and_error_falls_with_budget(rope, factorizer, calib_ids):
+    model = make_tiny("llama-mha")
+    src_values = source_layout(model.config).kv_values_per_token
+    errs = []
+    with torch.no_grad():
+        ref = model(_x()).logits
+        for budget in (0.125, 0.25, 0.5):
+            conv = convert(model, LowRankConfig(kv_budget=budget, rope=rope, factorizer=factorizer),
+                           calib_ids=calib_ids, progress=False)
+            cache = LatentCache(conv)
+            conv(_x(), cache=cache, use_cache=True)
+            assert cache.bytes_per_token() == round(budget * src_values) * 4 * 2  # fp32, 2 layers
+            errs.append((conv(_x()).logits - ref).pow(2).mean().item())
+    assert errs[0] >= errs[1] >= errs[2], errs
+
+
+def test_split_search_is_recorded(calib_ids):
+    conv = convert(make_tiny("llama-gqa"), LowRankConfig(kv_values=24), calib_ids=calib_ids, progress=False)
+    search = record_of(conv)["split_search"]
+    assert search["values"] == 24 and len(search["candidates"]) >= 2
+    best = min(search["candidates"], key=lambda c: c["heldout_nll"])
+    dims = conv.model.layers[0].self_attn.dims
+    assert (dims.kv_lora_rank, dims.qk_rope_head_dim) == (best["kv_lora_rank"], best["qk_rope_head_dim"])
+
+
+def test_sequential_and_one_shot_differ_but_both_work(calib_ids):
+    model = make_tiny("llama-gqa", layers=3)
+    outs = []
+    for seq in (True, False):
+        conv = convert(model, LowRankConfig(kv_budget=0.25, sequential=seq), calib_ids=calib_ids, progress=False)
+        with torch.no_grad():
+            outs.append(conv(_x()).logits)
+    assert torch.isfinite(outs[0]).all() and not torch.equal(outs[0], outs[1])
+
+
+def test_moments_do_not_depend_on_batching():
+    torch.manual_seed(0)
+    x = torch.randn(6, 10, 8)
+    whole, parts = Moments.empty(8), Moments.empty(8)
+    whole.add(x)
+    for chunk in x.split(1):
+        parts.add(chunk)
+    assert whole.tokens == parts.tokens == 60
+    assert torch.allclose(whole.second(), parts.second(), atol=1e-6)
+    assert torch.allclose(whole.second()[:8, :8], (x.reshape(-1, 8).T @ x.reshape(-1, 8)).double() / 60, atol=1e-5)
+
+
+def test_hooks_are_removed():
+    model = make_tiny("llama-gqa")
+    attns = attention_layers(model)
+    with record_attention_inputs(attns, [Moments.empty(64) for _ in attns]):
+        assert all(a._forward_pre_hooks for a in attns)
+    assert not any(a._forward_pre_hooks for a in attns)
+
+
+@pytest.mark.parametrize("name", ["wikitext2", "ptb", "../shared/data/wikitext-2-raw/wiki.test.raw", "x/ptb.test.txt"])
+def test_test_split_is_never_calibration(name):
+    with pytest.raises(LatentKVError, match="must not be used for calibration"):
+        check_not_test_split(name)
+    with pytest.raises(LatentKVError, match="must not be used for calibration"):
+        LowRankConfig(kv_budget=0.5, calib=name)
+
+
+def test_export_flags():
+    model = make_tiny("llama-gqa")
+    from latentkv.families import read_attention
+
+    src, lay = read_attention(attention_layers(model)[0]), source_layout(model.config)
+    assert ROPE_STRATEGIES["rorope-export"].split(src, lay, 4).exportable()
+    assert not ROPE_STRATEGIES["high"].split(src, lay, 4).exportable()  # each frequency twice (2 KV heads)
+    assert InputStats(torch.eye(3, dtype=torch.float64)).roots[0].shape == (3, 3)
