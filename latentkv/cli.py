@@ -36,18 +36,40 @@ def _convert(a) -> dict:
 
 
 def _eval(a) -> dict:
-    from .evaluate import perplexity
+    from .errors import LatentKVError
     from .loading import load_model
-    from .text import load_text
 
-    text = load_text(a.ppl)
+    if not a.ppl and not a.passkey:
+        raise LatentKVError("eval needs --ppl FILE and/or --passkey")
+    text = None
+    if a.ppl:
+        from .text import load_text
+
+        text = load_text(a.ppl)
     model, tok = load_model(a.model, trust_remote_code=a.trust_remote_code)
     if tok is None:
-        from .errors import LatentKVError
-
         raise LatentKVError(f"{a.model} has no tokenizer files; re-run `latentkv convert` from a source with one")
-    result = perplexity(model, tok, text, seq_len=a.seq_len, stride=a.stride, max_windows=a.max_windows)
-    return {"model": a.model, "text": a.ppl, **result.to_dict()}
+    out = {"model": a.model}
+    if text is not None:
+        from .evaluate import perplexity
+
+        result = perplexity(model, tok, text, seq_len=a.seq_len, stride=a.stride, max_windows=a.max_windows)
+        out.update(text=a.ppl, **result.to_dict())
+    if a.passkey:
+        from .passkey import passkey
+
+        out["passkey"] = passkey(model, tok, contexts=_numbers(a.context, int), depths=_numbers(a.depths, float),
+                                 trials=a.trials)
+    return out
+
+
+def _numbers(csv: str, kind):
+    from .errors import LatentKVError
+
+    try:
+        return tuple(kind(v) for v in csv.split(","))
+    except ValueError:
+        raise LatentKVError(f"expected comma-separated numbers, got {csv!r}") from None
 
 
 def _info(a) -> dict:
@@ -83,6 +105,11 @@ def _print_human(cmd: str, result: dict) -> None:
                   f"in {result['record']['convert_seconds']}s from {result['record']['source']['name_or_path']}")
         return
     for k, v in result.items():
+        if k == "passkey":
+            print(f"passkey accuracy: {v['accuracy']:.1%}")
+            for row in v["rows"]:
+                print(f"  context {row['context']:>6}  depth {row['depth']:.2f}  {row['correct']}/{row['trials']}")
+            continue
         print(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
 
 
@@ -115,12 +142,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calib-seq-len", type=int, help="lowrank: tokens per calibration window (default 512)")
     c.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
-    e = add("eval", _eval, "perplexity of MODEL_OR_DIR on a text file (or wikitext2 / ptb)")
+    e = add("eval", _eval, "perplexity and/or passkey retrieval of MODEL_OR_DIR")
     e.add_argument("model")
-    e.add_argument("--ppl", required=True, help="UTF-8 text file, or wikitext2 / wikitext2-valid / ptb")
+    e.add_argument("--ppl", help="perplexity on a UTF-8 text file, or wikitext2 / wikitext2-valid / ptb")
     e.add_argument("--seq-len", type=int, default=2048, help="window length in tokens")
     e.add_argument("--stride", type=int, help="slide windows by this many tokens (default: non-overlapping)")
     e.add_argument("--max-windows", type=int, help="evaluate only the first N windows")
+    e.add_argument("--passkey", action="store_true", help="synthetic passkey retrieval accuracy")
+    e.add_argument("--context", default="1024,2048,4096", help="passkey prompt lengths in tokens")
+    e.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="passkey needle depths in [0, 1]")
+    e.add_argument("--trials", type=int, default=3, help="passkey trials per context and depth")
 
     i = add("info", _info, "architecture and cache values/bytes per token of a model vs its source")
     i.add_argument("model")

@@ -80,3 +80,21 @@ def test_console_script_offline_hub_id(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: could not load model 'some-org/not-a-model'")
     assert "Traceback" not in proc.stderr
+
+
+def test_passkey_on_tiny_model(capsys, source_dir):
+    code, stdout, err = run(capsys, "eval", source_dir, "--passkey", "--context", "300,400", "--depths", "0,1",
+                          "--trials", 2, "--json")
+    assert code == 0, err
+    res = json.loads(stdout)["passkey"]
+    assert code == 0 and len(res["rows"]) == 4 and all(r["trials"] == 2 for r in res["rows"])
+    assert 0.0 <= res["accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize("argv, match", [(["--passkey", "--context", "10"], "too short"),
+                                         (["--passkey", "--context", "1e9x"], "comma-separated"),
+                                         (["--passkey", "--context", "300", "--depths", "2"], "[0, 1]"),
+                                         (["--passkey", "--context", "4096"], "exceeds"), ([], "--ppl FILE and/or")])
+def test_passkey_bad_input(capsys, source_dir, argv, match):
+    code, _, err = run(capsys, "eval", source_dir, *argv)
+    assert code == 2 and match in err
