@@ -14,12 +14,13 @@ from .families import SourceAttention, SourceLayout
 from .rope import KeySplit, augment, mixed_key_weights, mixed_query_weights
 
 
-def split_keys(src: SourceAttention, layout: SourceLayout, split: KeySplit) -> dict:
+def split_keys(src: SourceAttention, layout: SourceLayout, split: KeySplit, horizon: int = 0) -> dict:
     """Rotated vs non-rotated rows of the (mixed) keys and queries (notes §2, identically on both).
 
     Returns augmented weights: kr (p, D+1), q_rope (H, p, D+1), q_nope (H, n, D+1),
     k_nope (Gn, n, D+1) for Gn nope groups, nope_group (H,) the group each head reads, freq_idx (p/2,).
     Nope dims stay per KV group when the split is uniform with R = I (compact), else one shared group.
+    With `horizon` > 1 the non-rotated query rows carry the pair's mean rotation (`expected_rotation`).
     """
     H, G, d = layout.num_heads, layout.num_kv_heads, layout.head_dim
     half = d // 2
@@ -34,8 +35,23 @@ def split_keys(src: SourceAttention, layout: SourceLayout, split: KeySplit) -> d
         keep = torch.ones(G * d, dtype=torch.bool)
         keep[rope] = False
         nope, group = keep.nonzero()[:, 0][None], torch.zeros(H, dtype=torch.long)  # (1, n)
-    return dict(kr=wk[rope], q_rope=wq[:, rope], q_nope=wq[torch.arange(H)[:, None], nope[group]],
+    wq_nope = mean_rotated(wq, layout, horizon)
+    return dict(kr=wk[rope], q_rope=wq[:, rope], q_nope=wq_nope[torch.arange(H)[:, None], nope[group]],
                 k_nope=wk[nope], nope_group=group, freq_idx=torch.tensor([i for _, i in split.kept]))
+
+
+def mean_rotated(wq: torch.Tensor, layout: SourceLayout, horizon: int) -> torch.Tensor:
+    """Query rows (H, G*d, D+1) multiplied by the mean relative rotation M_i = [[C, S], [-S, C]] of
+    their pair: score q^T R(-theta t) k ~= (M^T q)^T k for a key that no longer rotates."""
+    if horizon <= 1:
+        return wq
+    from .rope import expected_rotation
+
+    c, s = (t[:, None] for t in expected_rotation(layout, horizon))  # (d/2, 1)
+    H, G, d = layout.num_heads, layout.num_kv_heads, layout.head_dim
+    q = wq.view(H, G, 2, d // 2, -1)
+    qa, qb = q[:, :, 0], q[:, :, 1]
+    return torch.stack((c * qa - s * qb, s * qa + c * qb), 2).view_as(wq)
 
 
 def split_nope_per_group(layout: SourceLayout, split: KeySplit) -> torch.Tensor:

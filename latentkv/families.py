@@ -38,6 +38,7 @@ class SourceLayout:
     head_dim: int  # d
     num_layers: int
     rms_norm_eps: float
+    inv_freq: tuple[float, ...]  # (d/2,) RoPE frequency of each pair, scaling included
 
     @property
     def kv_values_per_token(self) -> int:
@@ -77,7 +78,21 @@ def source_layout(config) -> SourceLayout:
         head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
         num_layers=config.num_hidden_layers,
         rms_norm_eps=getattr(config, "rms_norm_eps", 1e-6),
+        inv_freq=tuple(rope_frequencies(config).tolist()),
     )
+
+
+def rope_frequencies(config) -> torch.Tensor:
+    """(d/2,) inverse frequencies exactly as the source model rotates (llama3 scaling applied)."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    rope = _rope_type(config)
+    if rope != "default":
+        return ROPE_INIT_FUNCTIONS[rope](config, "cpu")[0].double()
+    params = getattr(config, "rope_parameters", None) or {}
+    base = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+    d = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 1.0 / base ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
 
 
 @dataclass(frozen=True)

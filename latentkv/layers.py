@@ -31,8 +31,8 @@ def svd_layer(src: SourceAttention, layout: SourceLayout, config: SVDConfig, dim
 
 def lowrank_layer(src: SourceAttention, layout: SourceLayout, config: LowRankConfig, dims, stats) -> dict:
     rank, rope = dims
-    split = ROPE_STRATEGIES[config.rope].split(src, layout, rope // 2, stats.sigma)
-    parts = split_keys(src, layout, split)
+    split = ROPE_STRATEGIES[config.rope].split(src, layout, rope // 2, stats.sigma, config.rope_horizon)
+    parts = split_keys(src, layout, split, config.rope_horizon)
     use_stats, metric = FACTORIZERS[config.factorizer].weights(parts, src, layout, stats)
     return assemble(layout, src, parts, *low_rank(stack_nope_kv(parts, src), rank, use_stats, metric))
 

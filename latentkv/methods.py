@@ -110,6 +110,7 @@ class LowRankConfig:
     kv_values: int | None = None
     rope: str = "rorope"
     factorizer: str = "output"
+    rope_horizon: int = 2048  # distances over which dropped pairs are averaged; 0: drop as MHA2MLA does
     sequential: bool = True
     calib: str = "wikitext2-valid"
     calib_samples: int = 32

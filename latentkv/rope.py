@@ -34,6 +34,24 @@ class KeySplit:
         return freqs == list(range(len(freqs)))
 
 
+def expected_rotation(layout: SourceLayout, horizon: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(C, S), each (d/2,): E[cos(theta_i t)], E[sin(theta_i t)] over query-key distances t uniform in
+    [0, horizon). A pair that loses its rotation is best replaced (least squares over t) by this
+    mean rotation, not by the identity: slow pairs keep C ~ 1, fast ones fade to ~0."""
+    theta = torch.tensor(layout.inv_freq, dtype=torch.float64)
+    if horizon <= 1:
+        return torch.ones_like(theta), torch.zeros_like(theta)
+    angle = theta[:, None] * torch.arange(horizon, dtype=torch.float64)[None]  # (d/2, horizon)
+    return angle.cos().mean(1), angle.sin().mean(1)
+
+
+def drop_cost(layout: SourceLayout, horizon: int) -> torch.Tensor:
+    """(d/2,): E|R(theta t) - E R|^2 / 2 = 1 - C^2 - S^2, the part of a pair's score lost when it stops
+    rotating; 1 for every pair when horizon <= 1 (no frequency awareness, as in MHA2MLA)."""
+    c, s = expected_rotation(layout, horizon)
+    return (1 - c ** 2 - s ** 2) if horizon > 1 else torch.ones_like(c)
+
+
 def pair_energy(src: SourceAttention, layout: SourceLayout, sigma: torch.Tensor | None, mix=None) -> torch.Tensor:
     """(G, d/2): E|k'_(j,i)|^2 * sum over heads E|q'_(h,j,i)|^2, the pair's score contribution (MHA2MLA's 2-norm
     criterion, squared), in the mixed basis. sigma: (D+1, D+1) input second moment, None -> identity."""
@@ -91,7 +109,7 @@ class HighFrequencies:
 
     name = "high"
 
-    def split(self, src, layout: SourceLayout, pairs: int, sigma=None) -> KeySplit:
+    def split(self, src, layout: SourceLayout, pairs: int, sigma=None, horizon: int = 0) -> KeySplit:
         G = layout.num_kv_heads
         if pairs % G:
             raise ValueError(f"S_high keeps pairs uniformly: {pairs} pairs is not a multiple of {G} KV heads")
@@ -101,12 +119,13 @@ class HighFrequencies:
 @dataclass(frozen=True)
 class TwoNorm:
     """MHA2MLA's S_2-norm: keep the pairs with the largest E|q| E|k| on calibration data (weights
-    alone without it). Not exportable in general."""
+    alone without it), times the score share a pair loses when it stops rotating (`horizon`).
+    Not exportable in general."""
 
     name = "2norm"
 
-    def split(self, src, layout: SourceLayout, pairs: int, sigma=None) -> KeySplit:
-        e = pair_energy(src, layout, sigma)  # (G, d/2)
+    def split(self, src, layout: SourceLayout, pairs: int, sigma=None, horizon: int = 0) -> KeySplit:
+        e = pair_energy(src, layout, sigma) * drop_cost(layout, horizon)  # (G, d/2)
         top = e.flatten().topk(pairs).indices.sort().values
         half = layout.head_dim // 2
         return KeySplit(tuple((int(t) // half, int(t) % half) for t in top))
@@ -115,17 +134,18 @@ class TwoNorm:
 @dataclass(frozen=True)
 class RoRoPE:
     """TransMLA's RoRoPE: per frequency, PCA of the keys across KV heads (U_i commutes with RoPE),
-    then keep the mixed pairs with the largest score contribution. With `exportable=True` it keeps
+    then keep the mixed pairs with the largest score contribution (times the share lost without
+    rotation over `horizon` tokens, see `drop_cost`). With `exportable=True` it keeps
     component 0 of the `pairs` fastest frequencies, which DeepSeek-V3 can express."""
 
     name = "rorope"
     exportable: bool = False
 
-    def split(self, src, layout: SourceLayout, pairs: int, sigma=None) -> KeySplit:
+    def split(self, src, layout: SourceLayout, pairs: int, sigma=None, horizon: int = 0) -> KeySplit:
         mix = self.rotation(src, layout, sigma)
         if self.exportable:
             return KeySplit(tuple((0, i) for i in range(pairs)), mix)
-        e = pair_energy(src, layout, sigma, mix)  # (G, d/2)
+        e = pair_energy(src, layout, sigma, mix) * drop_cost(layout, horizon)  # (G, d/2)
         top = e.flatten().topk(pairs).indices.sort().values
         half = layout.head_dim // 2
         return KeySplit(tuple((int(t) // half, int(t) % half) for t in top), mix)

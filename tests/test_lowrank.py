@@ -132,3 +132,25 @@ def test_export_flags():
     assert ROPE_STRATEGIES["rorope-export"].split(src, lay, 4).exportable()
     assert not ROPE_STRATEGIES["high"].split(src, lay, 4).exportable()  # each frequency twice (2 KV heads)
     assert InputStats(torch.eye(3, dtype=torch.float64)).roots[0].shape == (3, 3)
+
+
+def test_mean_rotation_matches_average_rotated_score():
+    """(M^T q) . k must equal the mean over distances t < horizon of the true RoPE score q_t . k_0."""
+    from latentkv.factorize import mean_rotated
+    from latentkv.mla import rotate_half
+
+    model = make_tiny("llama-mqa")
+    lay = source_layout(model.config)
+    d, horizon = lay.head_dim, 50
+    torch.manual_seed(0)
+    q, k = torch.randn(d, dtype=torch.float64), torch.randn(d, dtype=torch.float64)
+    theta = torch.tensor(lay.inv_freq, dtype=torch.float64)
+    scores = []
+    for t in range(horizon):
+        ang = torch.cat((theta, theta)) * t
+        q_t = q * ang.cos() + rotate_half(q) * ang.sin()  # query at position t, key at position 0
+        scores.append(q_t @ k)
+    wq = torch.zeros(lay.num_heads, d, 2, dtype=torch.float64)
+    wq[0, :, 0] = q  # head 0's query as a weight column (augmented layout: last column = bias)
+    q_mean = mean_rotated(wq, lay, horizon)[0, :, 0]
+    assert torch.allclose(q_mean @ k, torch.stack(scores).mean(), atol=1e-10)
