@@ -44,13 +44,18 @@ def split_ids(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return ids[keep], ids[held]
 
 
-def convert_calibrated(model, layout: SourceLayout, config: LowRankConfig, tokenizer, calib_ids, progress: bool):
+def convert_calibrated(model, layout: SourceLayout, config: LowRankConfig, tokenizer, calib_ids, progress: bool,
+                       cache: dict | None = None):
     """-> (converted model, split-search record or None)."""
     from .conversion import check_dims
 
     ids = calib_ids if calib_ids is not None else calibration_ids(tokenizer, config)
     fit, held = split_ids(ids)
-    oneshot = collect_stats(model, fit, progress)
+    cache = {} if cache is None else cache
+    key = (tuple(ids.shape), int(ids.sum()))
+    if key not in cache:
+        cache[key] = collect_stats(model, fit, progress)
+    oneshot = cache[key]
     choice = None
     dims = config.dims(layout)
     if dims is None:

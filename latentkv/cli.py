@@ -87,7 +87,27 @@ def _demo(a) -> dict:
                     max_windows=a.max_windows, text=a.text)
 
 
+def _sweep(a) -> dict:
+    from .loading import load_model
+    from .sweep import run_sweep, write_sweep
+
+    from .atomic import check_output_dir
+
+    check_output_dir(a.out, a.overwrite)
+    model, tok = load_model(a.source, trust_remote_code=a.trust_remote_code)
+    result = run_sweep(model, tok, _numbers(a.budgets, float), a.methods.split(","), a.ppl, seq_len=a.seq_len,
+                       max_windows=a.max_windows, passkey_contexts=_numbers(a.passkey, int) if a.passkey else ())
+    write_sweep(result, a.out, "latentkv " + " ".join(sys.argv[1:]), overwrite=a.overwrite)
+    return {**result, "out": a.out}
+
+
 def _print_human(cmd: str, result: dict) -> None:
+    if cmd == "sweep":
+        from .sweep import markdown
+
+        print(markdown(result, "latentkv " + " ".join(sys.argv[1:])))
+        print(f"written to {result['out']} (sweep.json, sweep.md, ppl_vs_cache.png)")
+        return
     if cmd == "demo":
         from .demo import print_demo
 
@@ -155,6 +175,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = add("info", _info, "architecture and cache values/bytes per token of a model vs its source")
     i.add_argument("model")
+
+    w = add("sweep", _sweep, "convert SOURCE with every method at every budget and evaluate each the same way")
+    w.add_argument("source")
+    w.add_argument("--out", required=True, help="directory for sweep.json, sweep.md and ppl_vs_cache.png")
+    w.add_argument("--budgets", default="1,0.5,0.25,0.125", help="comma-separated KV budgets in (0, 1]")
+    w.add_argument("--methods", default="lowrank,svd", help="comma-separated methods: lowrank, svd")
+    w.add_argument("--ppl", default="wikitext2", help="evaluation text (file or wikitext2 / ptb)")
+    w.add_argument("--seq-len", type=int, default=2048)
+    w.add_argument("--max-windows", type=int, help="evaluate only the first N windows")
+    w.add_argument("--passkey", help="also passkey accuracy at these contexts, e.g. 1024,2048")
+    w.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
     d = add("demo", _demo, "the main job: convert the bundled SmolLM2, compare cache size and perplexity")
     d.add_argument("--kv-budget", type=float, default=0.5, help="budget of the compressed variant")

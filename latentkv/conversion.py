@@ -70,10 +70,13 @@ def convert_layer(model, new, i: int, layout: SourceLayout, config, dims, stats)
     return install_layer(new, i, layer_dims(layout, sd, src), sd)
 
 
-def convert(model, config, *, tokenizer=None, calib_ids: torch.Tensor | None = None, progress: bool = True):
+def convert(model, config, *, tokenizer=None, calib_ids: torch.Tensor | None = None, calib_cache: dict | None = None,
+            progress: bool = True):
     """Return a converted copy of `model` (the source is untouched); the record is in `config.latentkv`.
 
     Calibrated methods need `tokenizer` (to read `config.calib`) or ready `calib_ids` (N, T).
+    `calib_cache`: a dict shared by calls on the same model and calib_ids, so one-shot statistics
+    are collected once (sweeps).
     """
     if type(config) not in CONVERTERS:
         raise LatentKVError(f"unknown conversion config {type(config).__name__}; known: "
@@ -83,7 +86,7 @@ def convert(model, config, *, tokenizer=None, calib_ids: torch.Tensor | None = N
     if isinstance(config, LowRankConfig):
         from .calibrated import convert_calibrated
 
-        new, choice = convert_calibrated(model, layout, config, tokenizer, calib_ids, progress)
+        new, choice = convert_calibrated(model, layout, config, tokenizer, calib_ids, progress, calib_cache)
     else:
         dims = config.dims(layout)
         if config.method != "exact":  # the exact embedding fits any model by construction

@@ -98,3 +98,15 @@ def test_passkey_on_tiny_model(capsys, source_dir):
 def test_passkey_bad_input(capsys, source_dir, argv, match):
     code, _, err = run(capsys, "eval", source_dir, *argv)
     assert code == 2 and match in err
+
+
+def test_sweep_writes_table_json_and_plot(capsys, source_dir, tmp_path):
+    out = tmp_path / "sweep"
+    code, stdout, err = run(capsys, "sweep", source_dir, "--out", out, "--budgets", "1,0.5", "--methods", "lowrank,svd",
+                            "--ppl", source_dir.parent / "sample.txt", "--seq-len", 32, "--json")
+    assert code == 0, err
+    res = json.loads(stdout)
+    assert [(r["method"], r["budget"]) for r in res["rows"]] == [("exact", 1.0), ("lowrank", 0.5), ("svd", 0.5)]
+    assert res["rows"][0]["ppl"] == pytest.approx(res["source"]["ppl"], rel=1e-5)
+    assert {p.name for p in out.iterdir()} == {"sweep.json", "sweep.md", "ppl_vs_cache.png"}
+    assert (out / "ppl_vs_cache.png").read_bytes()[:4] == b"\x89PNG"

@@ -1,0 +1,108 @@
+"""`latentkv sweep`: every method at every budget, evaluated the same way, as JSON, Markdown and a plot.
+
+Calibration windows and one-shot statistics are computed once and shared by every run.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from .errors import LatentKVError
+
+
+def run_sweep(model, tokenizer, budgets, methods, text: str, seq_len: int = 2048, max_windows: int | None = None,
+              passkey_contexts=(), progress: bool = True, **lowrank) -> dict:
+    """-> {"source": row, "rows": [row per (method, budget)]}; row keys: method, budget, kv_lora_rank,
+    qk_rope_head_dim, cache_values_per_token_per_layer, cache_bytes_per_token, ppl, ppl_ratio, tokens,
+    windows, convert_seconds (+ passkey_accuracy)."""
+    from .calibrated import calibration_ids
+    from .conversion import convert
+    from .methods import LowRankConfig, make_config
+    from .text import load_text
+
+    corpus = load_text(text)
+    source = _evaluate(model, tokenizer, corpus, seq_len, max_windows, passkey_contexts, progress)
+    source.update(method="source", budget=1.0, convert_seconds=None)
+    ids, cache, rows = None, {}, []
+    for method in methods:
+        for budget in budgets:
+            config = make_config(kv_budget=budget, method=None if budget == 1 else method, **lowrank)
+            if isinstance(config, LowRankConfig) and ids is None:
+                ids = calibration_ids(tokenizer, config)
+            if any(r["method"] == config.method and r["budget"] == budget for r in rows):
+                continue  # budget 1 is the exact embedding whatever the method
+            start = time.perf_counter()
+            conv = convert(model, config, tokenizer=tokenizer, calib_ids=ids, calib_cache=cache, progress=progress)
+            row = _evaluate(conv, tokenizer, corpus, seq_len, max_windows, passkey_contexts, progress)
+            row.update(method=config.method, budget=budget, convert_seconds=round(time.perf_counter() - start, 1))
+            row["ppl_ratio"] = row["ppl"] / source["ppl"]
+            rows.append(row)
+    return {"source": source, "rows": rows, "text": text, "seq_len": seq_len, "max_windows": max_windows}
+
+
+def _evaluate(model, tokenizer, corpus, seq_len, max_windows, passkey_contexts, progress) -> dict:
+    from .evaluate import perplexity
+    from .report import cache_report
+
+    rep = cache_report(model)
+    ppl = perplexity(model, tokenizer, corpus, seq_len=seq_len, max_windows=max_windows, progress=progress)
+    first = (rep["record"] or {}).get("layers", [{}])[0]
+    row = {"kv_lora_rank": first.get("kv_lora_rank"), "qk_rope_head_dim": first.get("qk_rope_head_dim"),
+           "cache_values_per_token_per_layer": rep["model"]["values_per_token_per_layer"][0],
+           "cache_bytes_per_token": rep["model"]["bytes_per_token"], "ppl": ppl.ppl, "tokens": ppl.tokens,
+           "windows": ppl.windows, "ppl_ratio": 1.0}
+    if passkey_contexts:
+        from .passkey import passkey
+
+        row["passkey_accuracy"] = passkey(model, tokenizer, contexts=passkey_contexts, progress=progress)["accuracy"]
+    return row
+
+
+def markdown(result: dict, command: str) -> str:
+    head = ("| method | budget | rope + latent | cache values/token/layer | cache bytes/token | ppl | ratio | "
+            "windows | convert s |")
+    lines = [f"Command: `{command}`  ", f"Text {result['text']}, seq_len {result['seq_len']}, "
+             f"{result['source']['windows']} windows ({result['source']['tokens']:,} tokens).", "", head,
+             "|" + "---|" * 9]
+    for r in [result["source"], *result["rows"]]:
+        split = f"{r['qk_rope_head_dim']} + {r['kv_lora_rank']}" if r["kv_lora_rank"] else "-"
+        lines.append(f"| {r['method']} | {r['budget']:g} | {split} | {r['cache_values_per_token_per_layer']} | "
+                     f"{r['cache_bytes_per_token']:,} | {r['ppl']:.3f} | {r['ppl_ratio']:.3f} | {r['windows']} | "
+                     f"{r['convert_seconds'] if r['convert_seconds'] is not None else '-'} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    """Perplexity vs cache bytes per token, one line per method, the source as a reference point."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in dict.fromkeys(r["method"] for r in result["rows"]):
+        pts = sorted((r["cache_bytes_per_token"], r["ppl"]) for r in result["rows"] if r["method"] == method)
+        ax.plot(*zip(*pts), marker="o", label=method)
+    src = result["source"]
+    ax.scatter([src["cache_bytes_per_token"]], [src["ppl"]], marker="*", s=150, color="k", label="source", zorder=3)
+    ax.set(xlabel="KV cache bytes per token (all layers)", ylabel=f"perplexity ({result['text']})", yscale="log",
+           title="perplexity vs KV cache")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_sweep(result: dict, out: str | Path, command: str, overwrite: bool = False) -> Path:
+    from .atomic import atomic_output_dir
+
+    if not result["rows"]:
+        raise LatentKVError("the sweep produced no rows; give --budgets and --methods")
+    with atomic_output_dir(out, overwrite) as tmp:
+        (tmp / "sweep.json").write_text(json.dumps(result, indent=2))
+        (tmp / "sweep.md").write_text(markdown(result, command))
+        plot(result, tmp / "ppl_vs_cache.png")
+    return Path(out)
