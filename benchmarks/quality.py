@@ -1,9 +1,10 @@
-"""Perplexity and cache size of a source model and its conversions, written to BENCHMARKS.md.
+"""Perplexity, cache size (and passkey retrieval) of a source model and its conversions -> BENCHMARKS.md.
 
     python benchmarks/quality.py --variants source,exact,svd:0.5 --text wikitext2 --seq-len 2048
 
-Each variant is `source`, `exact`, or `svd:BUDGET`. Results go to a JSON file and to a
-section of BENCHMARKS.md (replaced on re-run) that names the command that made them.
+Variants: `source`, `exact`, `svd:BUDGET`, `lowrank:BUDGET` (the calibrated default method).
+Calibration statistics are shared by all variants. Results go to a JSON file and to a section
+of BENCHMARKS.md (replaced on re-run) that names the command that made them.
 """
 
 from __future__ import annotations
@@ -18,33 +19,32 @@ from pathlib import Path
 
 import torch
 
-from latentkv import ExactConfig, SVDConfig, cache_report, convert, load_model, load_text
-from latentkv.evaluate import perplexity
+from latentkv import convert, load_model, load_text
+from latentkv.methods import make_config
+from latentkv.sweep import evaluate_row
 
 
-def make_variant(source, spec: str):
+def make_variant(source, tok, spec: str, cache: dict):
     """-> (model, convert seconds or None)."""
     if spec == "source":
         return source, None
-    config = ExactConfig() if spec == "exact" else SVDConfig(kv_budget=float(spec.split(":")[1]))
+    method, _, budget = spec.partition(":")
+    config = make_config(kv_budget=float(budget) if budget else None, method=method)
     t0 = time.perf_counter()
-    model = convert(source, config)
+    model = convert(source, config, tokenizer=tok, calib_cache=cache)
     return model, time.perf_counter() - t0
 
 
 def run(args) -> list[dict]:
     source, tok = load_model(args.model)
     text = load_text(args.text)
-    rows = []
+    contexts = tuple(int(c) for c in args.passkey.split(",")) if args.passkey else ()
+    rows, cache = [], {}
     for spec in args.variants.split(","):
-        model, conv_s = make_variant(source, spec)
-        rep = cache_report(model)
-        ppl = perplexity(model, tok, text, seq_len=args.seq_len, max_windows=args.max_windows)
-        rows.append({"variant": spec, "ppl": ppl.ppl, "nll": ppl.nll, "tokens": ppl.tokens, "windows": ppl.windows,
-                     "eval_seconds": round(ppl.seconds, 1), "convert_seconds": conv_s and round(conv_s, 2),
-                     "cache_values_per_token_per_layer": rep["model"]["values_per_token_per_layer"][0],
-                     "cache_bytes_per_token_fp32": rep["model"]["bytes_per_token"],
-                     "cache_bytes_per_token_bf16": rep["model"]["bytes_per_token"] // 2})
+        model, conv_s = make_variant(source, tok, spec, cache)
+        row = evaluate_row(model, tok, text, args.seq_len, args.max_windows, contexts)
+        rows.append({"variant": spec, **row, "convert_seconds": conv_s and round(conv_s, 1),
+                     "ppl_ratio": row["ppl"] / rows[0]["ppl"] if rows else 1.0})
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
         del model
     return rows
@@ -52,16 +52,19 @@ def run(args) -> list[dict]:
 
 def markdown(args, rows: list[dict]) -> str:
     cmd = "python benchmarks/quality.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    lines = [f"<!-- quality:{args.section} -->", f"### Perplexity and cache size: {args.model}, {args.text}",
-             "", f"Command: `{cmd}`  ", f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, "
+    passkey = "passkey_accuracy" in rows[0]
+    lines = [f"<!-- quality:{args.section} -->", f"### {args.model} on {args.text}: perplexity and cache size", "",
+             f"Command: `{cmd}`  ", f"Machine: {platform.machine()} CPU, {torch.get_num_threads()} threads, "
              f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}. Protocol: `latentkv.evaluate` "
-             f"(seq_len {args.seq_len}, non-overlapping, token-weighted).", "",
-             "| variant | cache values/token/layer | cache bytes/token (fp32, all layers) | ppl | tokens | "
-             "windows | convert s | eval s |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             f"(seq_len {args.seq_len}, non-overlapping, token-weighted); ratio = ppl / source ppl.", "",
+             "| variant | rope + latent | cache values/token/layer | cache bytes/token (fp32) | ppl | ratio | tokens "
+             f"| windows | convert s |{' passkey |' if passkey else ''}", "|---|---|" + "---:|" * (7 + passkey)]
     for r in rows:
-        lines.append(f"| {r['variant']} | {r['cache_values_per_token_per_layer']} | "
-                     f"{r['cache_bytes_per_token_fp32']:,} | {r['ppl']:.4f} | {r['tokens']:,} | {r['windows']} | "
-                     f"{r['convert_seconds'] if r['convert_seconds'] is not None else '-'} | {r['eval_seconds']} |")
+        split = f"{r['qk_rope_head_dim']} + {r['kv_lora_rank']}" if r["kv_lora_rank"] else "-"
+        lines.append(f"| {r['variant']} | {split} | {r['cache_values_per_token_per_layer']} | "
+                     f"{r['cache_bytes_per_token']:,} | {r['ppl']:.4f} | {r['ppl_ratio']:.3f} | {r['tokens']:,} | "
+                     f"{r['windows']} | {r['convert_seconds'] if r['convert_seconds'] is not None else '-'} |"
+                     + (f" {r['passkey_accuracy']:.0%} |" if passkey else ""))
     lines.append(f"<!-- /quality:{args.section} -->")
     return "\n".join(lines) + "\n"
 
@@ -82,10 +85,11 @@ def write_section(path: Path, section: str, body: str) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--variants", default="source,exact,svd:0.5")
+    p.add_argument("--variants", default="source,exact,svd:0.5,lowrank:0.5,lowrank:0.25,lowrank:0.125")
     p.add_argument("--text", default="wikitext2")
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--max-windows", type=int)
+    p.add_argument("--passkey", help="also passkey accuracy at these contexts, e.g. 1024,2048,4096")
     p.add_argument("--section", default="wikitext2-full", help="BENCHMARKS.md section name to replace")
     p.add_argument("--json-out", default="runs/quality.json")
     p.add_argument("--md", default="BENCHMARKS.md")

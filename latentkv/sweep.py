@@ -23,7 +23,7 @@ def run_sweep(model, tokenizer, budgets, methods, text: str, seq_len: int = 2048
     from .text import load_text
 
     corpus = load_text(text)
-    source = _evaluate(model, tokenizer, corpus, seq_len, max_windows, passkey_contexts, progress)
+    source = evaluate_row(model, tokenizer, corpus, seq_len, max_windows, passkey_contexts, progress)
     source.update(method="source", budget=1.0, convert_seconds=None)
     ids, cache, rows = None, {}, []
     for method in methods:
@@ -35,14 +35,15 @@ def run_sweep(model, tokenizer, budgets, methods, text: str, seq_len: int = 2048
                 continue  # budget 1 is the exact embedding whatever the method
             start = time.perf_counter()
             conv = convert(model, config, tokenizer=tokenizer, calib_ids=ids, calib_cache=cache, progress=progress)
-            row = _evaluate(conv, tokenizer, corpus, seq_len, max_windows, passkey_contexts, progress)
+            row = evaluate_row(conv, tokenizer, corpus, seq_len, max_windows, passkey_contexts, progress)
             row.update(method=config.method, budget=budget, convert_seconds=round(time.perf_counter() - start, 1))
             row["ppl_ratio"] = row["ppl"] / source["ppl"]
             rows.append(row)
     return {"source": source, "rows": rows, "text": text, "seq_len": seq_len, "max_windows": max_windows}
 
 
-def _evaluate(model, tokenizer, corpus, seq_len, max_windows, passkey_contexts, progress) -> dict:
+def evaluate_row(model, tokenizer, corpus: str, seq_len: int, max_windows, passkey_contexts=(), progress=True) -> dict:
+    """Cache size, perplexity (and passkey accuracy) of one model, as one table row."""
     from .evaluate import perplexity
     from .report import cache_report
 
