@@ -17,7 +17,7 @@ def _convert(a) -> dict:
     from .report import cache_report
 
     config = make_config(a.kv_budget, a.kv_lora_rank, a.qk_rope_head_dim, a.method, a.kv_values, rope=a.rope,
-                         factorizer=a.factorizer, sequential=False if a.one_shot else None, calib=a.calib,
+                         factorizer=a.factorizer, sequential=True if a.sequential else None, calib=a.calib,
                          calib_samples=a.calib_samples, calib_seq_len=a.calib_seq_len)
     check_output_dir(a.out, a.overwrite)
     t0 = time.perf_counter()
@@ -156,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--rope", choices=["high", "2norm", "rorope", "rorope-export"],
                    help="lowrank: which key dims keep RoPE (default rorope)")
     c.add_argument("--factorizer", choices=["svd", "pca", "output"], help="lowrank: latent factorizer (default output)")
-    c.add_argument("--one-shot", action="store_true", help="lowrank: source statistics for every layer, not sequential")
+    c.add_argument("--sequential", action="store_true",
+                   help="lowrank: statistics from the converted prefix, refit to the source's outputs (default one-shot)")
     c.add_argument("--calib", help="lowrank: calibration text file or name (default wikitext2-valid)")
     c.add_argument("--calib-samples", type=int, help="lowrank: calibration windows (default 32)")
     c.add_argument("--calib-seq-len", type=int, help="lowrank: tokens per calibration window (default 512)")

@@ -46,10 +46,11 @@ class ActivationPCA:
 class OutputAware:
     """Error weighted where it lands: a key error by the second moment of the queries that read it
     (times the spread of those heads' outputs, which turns a score error into an output error),
-    a value error through each head's slice of `o_proj`. `key_weight` scales the key side."""
+    a value error through each head's slice of `o_proj`. `key_weight` scales the key side (0.3 gave
+    the lowest held-out perplexity on SmolLM2 among 0.1, 0.3, 1, 3, 10)."""
 
     name = "output"
-    key_weight: float = 1.0
+    key_weight: float = 0.3
 
     def weights(self, parts: dict, src: SourceAttention, layout: SourceLayout, stats):
         sigma = stats.sigma

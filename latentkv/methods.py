@@ -98,8 +98,8 @@ class SVDConfig:
 class LowRankConfig:
     """Calibrated, training-free conversion (issue 3): a RoPE strategy picks the rotated dims
     (`rope`: high | 2norm | rorope | rorope-export), a factorizer builds the latent (`factorizer`:
-    svd | pca | output), statistics come from `calib` text, layer by layer through the already
-    converted prefix when `sequential`. With a budget, the rope/latent split is searched on
+    svd | pca | output), statistics come from `calib` text (layer by layer through the already
+    converted prefix when `sequential`). With a budget, the rope/latent split is searched on
     held-out calibration windows."""
 
     version: ClassVar[int] = 1
@@ -110,8 +110,8 @@ class LowRankConfig:
     kv_values: int | None = None
     rope: str = "rorope"
     factorizer: str = "output"
-    rope_horizon: int = 2048  # distances over which dropped pairs are averaged; 0: drop as MHA2MLA does
-    sequential: bool = True
+    rope_horizon: int = 512  # distances over which dropped pairs are averaged; 0: drop as MHA2MLA does
+    sequential: bool = False  # measured worse than one-shot on SmolLM2 (see the issue notes); kept to compare
     calib: str = "wikitext2-valid"
     calib_samples: int = 32
     calib_seq_len: int = 512
