@@ -35,17 +35,42 @@ def make_variant(source, tok, spec: str, cache: dict):
     return model, time.perf_counter() - t0
 
 
+def settings(args) -> dict:
+    return {k: getattr(args, k) for k in ("model", "text", "seq_len", "max_windows", "passkey")}
+
+
+def load_checkpoint(args) -> list[dict]:
+    """Rows already measured with the same settings (`--resume`), so a killed run goes on where it stopped."""
+    path = Path(args.json_out)
+    if not (args.resume and path.is_file()):
+        return []
+    saved = json.loads(path.read_text())
+    return saved["rows"] if saved.get("settings") == settings(args) else []
+
+
+def save_checkpoint(args, rows: list[dict]) -> None:
+    path = Path(args.json_out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"settings": settings(args), "rows": rows}, indent=2))
+    tmp.replace(path)
+
+
 def run(args) -> list[dict]:
     source, tok = load_model(args.model)
     text = load_text(args.text)
     contexts = tuple(int(c) for c in args.passkey.split(",")) if args.passkey else ()
-    rows, cache = [], {}
+    rows, cache = load_checkpoint(args), {}
+    done = {r["variant"] for r in rows}
     for spec in args.variants.split(","):
+        if spec in done:
+            continue
         model, conv_s = make_variant(source, tok, spec, cache)
         row = evaluate_row(model, tok, text, args.seq_len, args.max_windows, contexts)
         rows.append({"variant": spec, **row, "convert_seconds": conv_s and round(conv_s, 1),
                      "ppl_ratio": row["ppl"] / rows[0]["ppl"] if rows else 1.0})
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+        save_checkpoint(args, rows)
         del model
     return rows
 
@@ -93,10 +118,9 @@ def main() -> None:
     p.add_argument("--section", default="wikitext2-full", help="BENCHMARKS.md section name to replace")
     p.add_argument("--json-out", default="runs/quality.json")
     p.add_argument("--md", default="BENCHMARKS.md")
+    p.add_argument("--resume", action="store_true", help="skip variants already in --json-out with the same settings")
     args = p.parse_args()
     rows = run(args)
-    Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json_out).write_text(json.dumps(rows, indent=2))
     write_section(Path(args.md), args.section, markdown(args, rows))
 
 
