@@ -12,6 +12,7 @@ _EXPORTS = {
     "record_of": "latentkv.conversion",
     "ExactConfig": "latentkv.methods",
     "SVDConfig": "latentkv.methods",
+    "LowRankConfig": "latentkv.methods",
     "LatentCache": "latentkv.cache",
     "MLAAttention": "latentkv.mla",
     "MLADims": "latentkv.mla",
