@@ -83,13 +83,15 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for method in dict.fromkeys(r["method"] for r in result["rows"]):
-        pts = sorted((r["cache_bytes_per_token"], r["ppl"]) for r in result["rows"] if r["method"] == method)
+    exact = [(r["cache_bytes_per_token"], r["ppl"]) for r in result["rows"] if r["method"] == "exact"]
+    for method in dict.fromkeys(r["method"] for r in result["rows"] if r["method"] != "exact"):
+        # every method reaches the exact embedding at full budget, so its line ends there
+        pts = sorted(exact + [(r["cache_bytes_per_token"], r["ppl"]) for r in result["rows"] if r["method"] == method])
         ax.plot(*zip(*pts), marker="o", label=method)
     src = result["source"]
     ax.scatter([src["cache_bytes_per_token"]], [src["ppl"]], marker="*", s=150, color="k", label="source", zorder=3)
-    ax.set(xlabel="KV cache bytes per token (all layers)", ylabel=f"perplexity ({result['text']})", yscale="log",
-           title="perplexity vs KV cache")
+    ax.set(xlabel="KV cache bytes per token (all layers)", ylabel=f"perplexity ({Path(result['text']).name})",
+           yscale="log", title="perplexity vs KV cache")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
