@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from .calibrate import InputStats, Moments, calibration_batches, check_not_test_split, collect_stats
 from .errors import LatentKVError
 from .families import SourceLayout
-from .methods import LowRankConfig, budget_values, max_rank
+from .methods import LowRankConfig, budget_values, max_rank, rope_grid
 
 HELD_OUT = 4  # calibration windows kept aside to score candidate splits
 CHUNK = 4  # windows per forward in the sequential pass (bounds attention memory)
@@ -78,9 +78,7 @@ def convert_oneshot(model, layout, config, dims, stats: list[InputStats], progre
 
 def candidate_splits(layout: SourceLayout, config: LowRankConfig, values: int) -> list[tuple[int, int]]:
     """(kv_lora_rank, qk_rope_head_dim) pairs worth trying for `values` cache values."""
-    g, d = layout.num_kv_heads, layout.head_dim
-    step = 2 * g if config.rope == "high" else 2
-    most_rope = d if config.rope == "rorope-export" else g * d
+    step, most_rope = rope_grid(layout, config.rope)
     out = []
     for frac in (1 / 8, 1 / 4, 3 / 8, 1 / 2):
         p = min(most_rope, max(step, step * round(values * frac / step)))
@@ -110,10 +108,9 @@ def search_split(model, layout, config, stats, held: torch.Tensor, progress: boo
 
 
 def held_out_nll(model, held: torch.Tensor) -> float:
-    total = 0.0
-    for row in held:
-        logits = model(row[None], use_cache=False).logits[0, :-1].float()
-        total += torch.nn.functional.cross_entropy(logits, row[1:], reduction="sum").item()
+    from .evaluate import window_nll
+
+    total = sum(window_nll(model, row, 1) for row in held)
     return total / max(1, held.shape[0] * (held.shape[1] - 1))
 
 

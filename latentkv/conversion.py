@@ -13,7 +13,7 @@ from . import __version__
 from .errors import LatentKVError
 from .families import SourceAttention, SourceLayout, attention_layers, read_attention, source_layout
 from .layers import CONVERTERS
-from .methods import LowRankConfig, config_to_dict, max_rank
+from .methods import LowRankConfig, config_to_dict, max_rank, rope_grid
 from .mla import MLAAttention, MLADims
 
 FORMAT_VERSION = 1
@@ -21,9 +21,8 @@ FORMAT_VERSION = 1
 
 def check_dims(layout: SourceLayout, kv_lora_rank: int, qk_rope_head_dim: int, rope: str = "high") -> None:
     """One-line errors for ranks that cannot fit this model under the given RoPE strategy."""
-    g, d = layout.num_kv_heads, layout.head_dim
     p, r = qk_rope_head_dim, kv_lora_rank
-    step, most_rope = {"high": (2 * g, g * d), "rorope-export": (2, d)}.get(rope, (2, g * d))
+    step, most_rope = rope_grid(layout, rope)
     if p < 0 or p % step or p > most_rope:
         what = "2*num_key_value_heads" if step > 2 else "2"
         raise LatentKVError(f"--qk-rope-head-dim {p} does not fit: with --rope {rope} it must be a multiple of {what} "

@@ -49,6 +49,13 @@ def windows(n_tokens: int, seq_len: int, stride: int | None) -> list[tuple[int, 
 
 
 @torch.no_grad()
+def window_nll(model, ids: torch.Tensor, first: int) -> float:
+    """Summed NLL of tokens ids[first:] of one window (T,), each given the tokens before it."""
+    logits = model(ids[None], use_cache=False).logits[0, first - 1: -1].float()  # (T - first, V)
+    return torch.nn.functional.cross_entropy(logits, ids[first:], reduction="sum").item()
+
+
+@torch.no_grad()
 def perplexity(model, tokenizer, text: str, seq_len: int = 2048, stride: int | None = None,
                max_windows: int | None = None, progress: bool = True) -> Perplexity:
     """Token-weighted perplexity of `model` on `text` (see module docstring for the protocol)."""
@@ -63,10 +70,7 @@ def perplexity(model, tokenizer, text: str, seq_len: int = 2048, stride: int | N
     device = next(model.parameters()).device
     total, count, start = 0.0, 0, time.perf_counter()
     for begin, end, first in tqdm(spans, desc="perplexity", disable=not progress):
-        x = ids[begin:end].unsqueeze(0).to(device)  # (1, T)
-        logits = model(x, use_cache=False).logits[0, first - begin - 1: -1].float()  # (scored, V)
-        target = ids[first:end].to(device)
-        total += torch.nn.functional.cross_entropy(logits, target, reduction="sum").item()
+        total += window_nll(model, ids[begin:end].to(device), first - begin)
         count += end - first
     nll = total / count
     return Perplexity(math.exp(nll), nll, count, len(spans), seq_len, stride, time.perf_counter() - start)

@@ -62,6 +62,13 @@ def max_rank(layout: SourceLayout, rope: int, shared_nope: bool) -> int:
     return min(nope_rows + g * d, layout.hidden_size)
 
 
+def rope_grid(layout: SourceLayout, rope: str) -> tuple[int, int]:
+    """(step, most) for qk_rope_head_dim under a RoPE strategy: S_high keeps pairs uniformly per KV head,
+    the export-compatible RoRoPE one component per frequency, the others any pair."""
+    g, d = layout.num_kv_heads, layout.head_dim
+    return {"high": (2 * g, g * d), "rorope-export": (2, d)}.get(rope, (2, g * d))
+
+
 @dataclass(frozen=True)
 class SVDConfig:
     """Weight-only baseline (MHA2MLA): keep RoPE on the highest frequencies of every KV head
