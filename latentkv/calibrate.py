@@ -52,10 +52,19 @@ def _augment(x: torch.Tensor) -> torch.Tensor:
 @dataclass
 class InputStats:
     """What one layer's conversion may use: sigma = E[x x^T] of its (augmented) attention input,
-    and cross = E[x_src x^T] when x comes from an already-converted prefix (sequential mode)."""
+    cross = E[x_src x^T] when x comes from an already-converted prefix (sequential mode), and
+    attn_sigma = E[xbar xbar^T] of the attention-weighted input averages xbar_t = sum_s p_ts x_s
+    (pooled over heads): what a value error is actually multiplied by on its way to the output."""
 
     sigma: torch.Tensor
     cross: torch.Tensor | None = None
+    attn_sigma: torch.Tensor | None = None
+
+    def blended(self, weight: float) -> InputStats:
+        """Stats whose sigma is (1 - weight) sigma + weight attn_sigma (self when there is none)."""
+        if weight == 0 or self.attn_sigma is None:
+            return self
+        return InputStats((1 - weight) * self.sigma + weight * self.attn_sigma, self.cross)
 
     @cached_property
     def roots(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,16 +74,34 @@ class InputStats:
         return sqrt_and_inverse(self.sigma, self.sigma.shape[0])
 
 
+ATTN_STRIDE = 4  # every 4th query position feeds attn_sigma: the P @ X product is the costly part
+
+
 @contextlib.contextmanager
-def record_attention_inputs(attn_modules: list, moments: list[Moments]):
-    """Accumulate each attention module's `hidden_states` into `moments[i]` while inside."""
-    def hook(i):
+def record_attention_inputs(attn_modules: list, moments: list[Moments], averaged: list[Moments] | None = None):
+    """Accumulate each attention module's `hidden_states` into `moments[i]` while inside, and, with
+    `averaged`, the attention-weighted averages of them (needs a kernel that returns weights: eager)."""
+    inputs = {}
+
+    def pre(i):
         def fn(module, args, kwargs):
             x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
             moments[i].add(x.detach())
+            inputs[i] = x.detach()
         return fn
 
-    handles = [m.register_forward_pre_hook(hook(i), with_kwargs=True) for i, m in enumerate(attn_modules)]
+    def post(i):
+        def fn(module, args, kwargs, out):
+            probs = out[1] if isinstance(out, tuple) and len(out) > 1 else None  # (B, H, T, T)
+            if probs is None:
+                raise LatentKVError("attention-averaged statistics need attention weights: run with eager attention")
+            # rows of p sum to 1, so the averaged [x; 1] is [xbar; 1] and Moments can augment xbar
+            averaged[i].add(probs[:, :, ::ATTN_STRIDE].float() @ inputs.pop(i).float()[:, None])
+        return fn
+
+    handles = [m.register_forward_pre_hook(pre(i), with_kwargs=True) for i, m in enumerate(attn_modules)]
+    if averaged is not None:
+        handles += [m.register_forward_hook(post(i), with_kwargs=True) for i, m in enumerate(attn_modules)]
     try:
         yield moments
     finally:
@@ -100,14 +127,24 @@ def check_not_test_split(source: str | Path) -> None:
 
 
 @torch.no_grad()
-def collect_stats(model, batches: torch.Tensor, progress: bool = True) -> list[InputStats]:
-    """One-shot statistics of the (source) model: run the calibration windows, hook every layer."""
+def collect_stats(model, batches: torch.Tensor, progress: bool = True, attention: bool = False) -> list[InputStats]:
+    """One-shot statistics of the (source) model: run the calibration windows, hook every layer.
+    With `attention`, also attn_sigma (the model runs with eager attention meanwhile)."""
     from .families import attention_layers
 
     attns = attention_layers(model)
     hidden = model.config.hidden_size
     moments = [Moments.empty(hidden) for _ in attns]
-    with record_attention_inputs(attns, moments):
-        for row in tqdm(batches, desc="calibrate", disable=not progress):
-            model.model(row[None], use_cache=False)  # the base model: the lm_head is not needed here
-    return [InputStats(m.second()) for m in moments]
+    averaged = [Moments.empty(hidden) for _ in attns] if attention else None
+    kernel = model.config._attn_implementation
+    if attention:
+        model.set_attn_implementation("eager")
+    try:
+        with record_attention_inputs(attns, moments, averaged):
+            for row in tqdm(batches, desc="calibrate", disable=not progress):
+                model.model(row[None], use_cache=False)  # the base model: the lm_head is not needed here
+    finally:
+        if attention:
+            model.set_attn_implementation(kernel)
+    return [InputStats(m.second(), attn_sigma=a.second() if averaged else None)
+            for m, a in zip(moments, averaged or moments)]

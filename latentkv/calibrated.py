@@ -51,28 +51,47 @@ def convert_calibrated(model, layout: SourceLayout, config: LowRankConfig, token
 
     ids = calib_ids if calib_ids is not None else calibration_ids(tokenizer, config)
     fit, held = split_ids(ids)
-    cache = {} if cache is None else cache
-    key = (tuple(ids.shape), int(ids.sum()))
-    if key not in cache:
-        cache[key] = collect_stats(model, fit, progress)
-    oneshot = cache[key]
+    oneshot = oneshot_stats(model, ids, cache, progress, attention=config.attn_moment > 0)
     choice = None
     dims = config.dims(layout)
     if dims is None:
         choice = search_split(model, layout, config, oneshot, held, progress)
         dims = (choice["kv_lora_rank"], choice["qk_rope_head_dim"])
     check_dims(layout, *dims, rope=config.rope)
+    if config.rank_allocation != "uniform":
+        from .allocate import allocate_search
+
+        alloc = allocate_search(model, layout, config, dims, oneshot, held, choice, progress)
+        choice = {**(choice or {}), "allocation": alloc}
+        dims = [tuple(d) for d in alloc["dims"]]
     if config.sequential:
         return convert_sequential(model, layout, config, dims, fit, progress), choice
     return convert_oneshot(model, layout, config, dims, oneshot, progress), choice
 
 
+def oneshot_stats(model, ids: torch.Tensor, cache: dict | None = None, progress: bool = False,
+                  attention: bool = True) -> list[InputStats]:
+    """The source's per-layer statistics on the fit part of `ids`, from `cache` when already collected
+    (stats with attention-averaged moments serve requests without them too)."""
+    cache = {} if cache is None else cache
+    key = (tuple(ids.shape), int(ids.sum()))
+    if key not in cache or (attention and cache[key][0].attn_sigma is None):
+        cache[key] = collect_stats(model, split_ids(ids)[0], progress, attention)
+    return cache[key]
+
+
+def per_layer(dims, layout: SourceLayout) -> list[tuple[int, int]]:
+    """(r, p) for every layer from one pair or a per-layer list."""
+    return list(dims) if isinstance(dims, list) else [tuple(dims)] * layout.num_layers
+
+
 def convert_oneshot(model, layout, config, dims, stats: list[InputStats], progress: bool = False):
+    """dims: (kv_lora_rank, qk_rope_head_dim) for all layers, or a list with one pair per layer."""
     from .conversion import convert_layer
 
     new = copy.deepcopy(model)
-    for i in tqdm(range(layout.num_layers), desc="convert (one-shot)", disable=not progress):
-        convert_layer(model, new, i, layout, config, dims, stats[i])
+    for i, d in enumerate(tqdm(per_layer(dims, layout), desc="convert (one-shot)", disable=not progress)):
+        convert_layer(model, new, i, layout, config, d, stats[i])
     return new
 
 
@@ -124,6 +143,7 @@ def convert_sequential(model, layout, config, dims, batches: torch.Tensor, progr
     h_new = h_src.clone()
     pos = torch.arange(batches.shape[1])[None]
     rope = model.model.rotary_emb(h_src[:1], pos)
+    dims = per_layer(dims, layout)
     for i in tqdm(range(layout.num_layers), desc="convert (sequential)", disable=not progress):
         src_layer, new_layer = model.model.layers[i], new.model.layers[i]
         sigma, cross = Moments.empty(layout.hidden_size), Moments.empty(layout.hidden_size)
@@ -133,7 +153,7 @@ def convert_sequential(model, layout, config, dims, batches: torch.Tensor, progr
             sigma.add(x_new)
             cross.add(x_src, x_new)
         stats = InputStats(sigma.second(), cross.second())
-        convert_layer(model, new, i, layout, config, dims, stats)
+        convert_layer(model, new, i, layout, config, dims[i], stats)
         mask = causal_mask(batches.shape[1], getattr(src_layer.self_attn, "sliding_window", None))
         h_src = _run(src_layer, h_src, rope, pos, mask)
         h_new = _run(new.model.layers[i], h_new, rope, pos, mask)

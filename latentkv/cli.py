@@ -18,7 +18,8 @@ def _convert(a) -> dict:
 
     config = make_config(a.kv_budget, a.kv_lora_rank, a.qk_rope_head_dim, a.method, a.kv_values, rope=a.rope,
                          factorizer=a.factorizer, sequential=True if a.sequential else None, calib=a.calib,
-                         calib_samples=a.calib_samples, calib_seq_len=a.calib_seq_len)
+                         calib_samples=a.calib_samples, calib_seq_len=a.calib_seq_len,
+                         rank_allocation=a.rank_allocation, attn_moment=a.attn_moment)
     check_output_dir(a.out, a.overwrite)
     t0 = time.perf_counter()
     model, tok = load_model(a.source, trust_remote_code=a.trust_remote_code)
@@ -144,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--trust-remote-code", action="store_true", help="allow hub models to run their own code")
         return s
 
+    from .factorizers import FACTORIZERS
+    from .methods import RANK_ALLOCATIONS
+    from .rope import ROPE_STRATEGIES
+
     c = add("convert", _convert, "convert SOURCE (hub id, HF dir, .gguf, smollm2-135m) to MLA and save it to --out")
     c.add_argument("source")
     c.add_argument("--out", required=True, help="output directory (written atomically)")
@@ -153,9 +158,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--kv-values", type=int, help="absolute cache values per token per layer")
     c.add_argument("--method", choices=["exact", "svd", "lowrank"],
                    help="default: exact at full budget, lowrank (calibrated) below; svd is the weight-only baseline")
-    c.add_argument("--rope", choices=["high", "2norm", "rorope", "rorope-export"],
-                   help="lowrank: which key dims keep RoPE (default rorope)")
-    c.add_argument("--factorizer", choices=["svd", "pca", "output"], help="lowrank: latent factorizer (default output)")
+    c.add_argument("--rope", choices=list(ROPE_STRATEGIES),
+                   help="lowrank: which key dims keep RoPE (default rorope; -fold2/-fold4 fold neighbouring "
+                        "frequencies, not exportable)")
+    c.add_argument("--factorizer", choices=list(FACTORIZERS), help="lowrank: latent factorizer (default output)")
+    c.add_argument("--attn-moment", type=float,
+                   help="lowrank: weight in [0, 1] of the attention-averaged input moment in the calibration "
+                        "statistics (default 0.5; 0: token moment only)")
+    c.add_argument("--rank-allocation", choices=list(RANK_ALLOCATIONS),
+                   help="lowrank: per-layer latent ranks from each layer's spectrum and measured held-out "
+                        "NLL cost, kept only if held-out NLL improves (native format only; default uniform)")
     c.add_argument("--sequential", action="store_true",
                    help="lowrank: statistics from the converted prefix, refit to the source's outputs (default one-shot)")
     c.add_argument("--calib", help="lowrank: calibration text file or name (default wikitext2-valid)")

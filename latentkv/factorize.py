@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .families import SourceAttention, SourceLayout
-from .rope import KeySplit, augment, mixed_key_weights, mixed_query_weights
+from .rope import KeySplit, augment, embedded_queries, mix_rows, mixed_key_weights
 
 
 def split_keys(src: SourceAttention, layout: SourceLayout, split: KeySplit, horizon: int = 0) -> dict:
@@ -25,7 +25,8 @@ def split_keys(src: SourceAttention, layout: SourceLayout, split: KeySplit, hori
     H, G, d = layout.num_heads, layout.num_kv_heads, layout.head_dim
     half = d // 2
     wk = mixed_key_weights(src, layout, split.mix).reshape(G * d, -1)  # (G*d, D+1) rows of k'
-    wq = mixed_query_weights(src, layout, split.mix).reshape(H, G * d, -1)  # (H, G*d, D+1)
+    q0 = embedded_queries(src, layout)  # (H, G, d, D+1), source basis
+    wq = mix_rows(split.mix, q0, layout).reshape(H, G * d, -1)  # (H, G*d, D+1)
     first = torch.tensor([j * d + i for j, i in split.kept], dtype=torch.long)
     rope = torch.cat((first, first + half))  # (p,) k' dims of k_pe, rotate_half layout
     if split.uniform(layout):
@@ -35,7 +36,8 @@ def split_keys(src: SourceAttention, layout: SourceLayout, split: KeySplit, hori
         keep = torch.ones(G * d, dtype=torch.bool)
         keep[rope] = False
         nope, group = keep.nonzero()[:, 0][None], torch.zeros(H, dtype=torch.long)  # (1, n)
-    wq_nope = mean_rotated(wq, layout, horizon)
+    # the mean rotation belongs to each source pair's own frequency, so it goes before the mix
+    wq_nope = mix_rows(split.mix, mean_rotated(q0.flatten(1, 2), layout, horizon).view_as(q0), layout).flatten(1, 2)
     return dict(kr=wk[rope], q_rope=wq[:, rope], q_nope=wq_nope[torch.arange(H)[:, None], nope[group]],
                 k_nope=wk[nope], nope_group=group, freq_idx=torch.tensor([i for _, i in split.kept]))
 
@@ -77,15 +79,26 @@ def low_rank(w: torch.Tensor, rank: int, stats=None, metric: torch.Tensor | None
     `stats.cross` is set. Latent dims come out with unit second moment when stats are given.
     stats/metric None: identity (weight-only SVD).
     """
-    m, n = w.shape
-    s_half, s_inv_half = stats.roots if stats is not None else sqrt_and_inverse(None, n)
-    l_half, l_inv_half = sqrt_and_inverse(metric, m)
-    u, s, vh = torch.linalg.svd(l_half @ w @ s_half, full_matrices=False)
+    (u, s, vh), (s_inv_half, l_inv_half) = _weighted_svd(w, stats, metric)
     a = vh[:rank] @ s_inv_half  # (r, D+1)
     b = l_inv_half @ u[:, :rank] * s[:rank]
     if stats is not None:
         b = refit(w, a, stats.sigma, stats.cross)
     return a, b
+
+
+def spectrum(w: torch.Tensor, stats=None, metric: torch.Tensor | None = None) -> torch.Tensor:
+    """(min(m, D+1),) descending singular values of L W sigma^1/2: keeping rank r leaves error
+    sum_{k >= r} s_k^2 in the metric's units, so s^2 is the marginal error of each latent dim."""
+    return _weighted_svd(w, stats, metric)[0][1]
+
+
+def _weighted_svd(w: torch.Tensor, stats, metric):
+    """-> ((U, S, Vh) of L W sigma^1/2, (sigma^-1/2, L^-1))."""
+    m, n = w.shape
+    s_half, s_inv_half = stats.roots if stats is not None else sqrt_and_inverse(None, n)
+    l_half, l_inv_half = sqrt_and_inverse(metric, m)
+    return torch.linalg.svd(l_half @ w @ s_half, full_matrices=False), (s_inv_half, l_inv_half)
 
 
 def refit(w: torch.Tensor, a: torch.Tensor, sigma: torch.Tensor, cross: torch.Tensor | None = None) -> torch.Tensor:

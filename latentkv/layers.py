@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .factorize import assemble, low_rank, split_keys, stack_nope_kv
+from .factorize import assemble, low_rank, spectrum, split_keys, stack_nope_kv
 from .factorizers import FACTORIZERS
 from .families import SourceAttention, SourceLayout
 from .methods import ExactConfig, LowRankConfig, SVDConfig
@@ -29,12 +29,25 @@ def svd_layer(src: SourceAttention, layout: SourceLayout, config: SVDConfig, dim
     return assemble(layout, src, parts, *low_rank(stack_nope_kv(parts, src), rank))
 
 
-def lowrank_layer(src: SourceAttention, layout: SourceLayout, config: LowRankConfig, dims, stats) -> dict:
-    rank, rope = dims
+def lowrank_problem(src: SourceAttention, layout: SourceLayout, config: LowRankConfig, rope: int, stats):
+    """-> (key split parts, Y = [K_nope; V] (m, D+1), input stats, row metric) for `rope` rotated dims."""
+    stats = stats.blended(config.attn_moment)
     split = ROPE_STRATEGIES[config.rope].split(src, layout, rope // 2, stats.sigma, config.rope_horizon)
     parts = split_keys(src, layout, split, config.rope_horizon)
     use_stats, metric = FACTORIZERS[config.factorizer].weights(parts, src, layout, stats)
-    return assemble(layout, src, parts, *low_rank(stack_nope_kv(parts, src), rank, use_stats, metric))
+    return parts, stack_nope_kv(parts, src), use_stats, metric
+
+
+def lowrank_layer(src: SourceAttention, layout: SourceLayout, config: LowRankConfig, dims, stats) -> dict:
+    rank, rope = dims
+    parts, y, use_stats, metric = lowrank_problem(src, layout, config, rope, stats)
+    return assemble(layout, src, parts, *low_rank(y, rank, use_stats, metric))
+
+
+def lowrank_spectrum(src: SourceAttention, layout: SourceLayout, config: LowRankConfig, rope: int, stats):
+    """Singular values of the layer's weighted latent problem (see `factorize.spectrum`)."""
+    _, y, use_stats, metric = lowrank_problem(src, layout, config, rope, stats)
+    return spectrum(y, use_stats, metric)
 
 
 # config type -> per-layer function

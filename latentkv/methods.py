@@ -119,6 +119,8 @@ class LowRankConfig:
     factorizer: str = "output"
     rope_horizon: int = 512  # distances over which dropped pairs are averaged; 0: drop as MHA2MLA does
     sequential: bool = False  # measured worse than one-shot on SmolLM2 (see the issue notes); kept to compare
+    attn_moment: float = 0.5  # weight of the attention-averaged input moment in the statistics (calibrate.py)
+    rank_allocation: str = "uniform"  # uniform | sensitivity: per-layer ranks (allocate.py), native format only
     calib: str = "wikitext2-valid"
     calib_samples: int = 32
     calib_seq_len: int = 512
@@ -132,6 +134,11 @@ class LowRankConfig:
             raise LatentKVError(f"unknown --rope {self.rope!r}; choose one of: {', '.join(ROPE_STRATEGIES)}")
         if self.factorizer not in FACTORIZERS:
             raise LatentKVError(f"unknown --factorizer {self.factorizer!r}; choose one of: {', '.join(FACTORIZERS)}")
+        if not 0.0 <= self.attn_moment <= 1.0:
+            raise LatentKVError(f"--attn-moment must be in [0, 1], got {self.attn_moment}")
+        if self.rank_allocation not in RANK_ALLOCATIONS:
+            raise LatentKVError(f"unknown --rank-allocation {self.rank_allocation!r}; choose one of: "
+                                + ", ".join(RANK_ALLOCATIONS))
         from .calibrate import check_not_test_split
 
         check_not_test_split(self.calib)
@@ -143,6 +150,7 @@ class LowRankConfig:
         return None if budget_values(self, layout) is not None else (self.kv_lora_rank, self.qk_rope_head_dim)
 
 
+RANK_ALLOCATIONS = ("uniform", "sensitivity")
 METHODS = {"exact": ExactConfig, "svd": SVDConfig, "lowrank": LowRankConfig}
 
 
@@ -167,7 +175,8 @@ def make_config(kv_budget: float | None = None, kv_lora_rank: int | None = None,
                 **lowrank):
     """CLI flags -> config. No budget (or budget 1) and no method: the exact embedding; a smaller
     budget: the calibrated `lowrank` method unless `method` says otherwise. `lowrank` takes the
-    LowRankConfig fields (rope, factorizer, sequential, calib, calib_samples, calib_seq_len)."""
+    LowRankConfig fields (rope, factorizer, sequential, attn_moment, rank_allocation, calib,
+    calib_samples, calib_seq_len)."""
     if method not in (None, *METHODS):
         raise LatentKVError(f"unknown --method {method!r}; choose one of: {', '.join(METHODS)}")
     sized = dict(kv_budget=kv_budget, kv_values=kv_values, kv_lora_rank=kv_lora_rank, qk_rope_head_dim=qk_rope_head_dim)

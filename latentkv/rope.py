@@ -1,10 +1,13 @@
 """The RoPE side: which key dims keep their rotation, as strategies returning a `KeySplit`.
 
-Keys are first mixed by an orthogonal `R` that commutes with RoPE (per frequency i, one G x G
-matrix U_i applied to the i-th pair of every KV head, identically on both pair components), so
-k' = R k. Pair (j, i) of k' is component j at frequency i. Kept pairs form the shared rotated
-key `k_pe`; every other dim of k' is non-rotated ("nope") on queries and keys alike (notes §2).
-Head h's query in k' space is R E_g(h)^T q_h, so scores are unchanged when nothing is dropped.
+Keys are first mixed by an orthogonal `P` that (nearly) commutes with RoPE. P acts on pair
+channels c = g * d/2 + i (KV head g, frequency i), identically on both components of a pair:
+k'_c = sum_c' P[c, c'] k_c'. Mixing only channels of one frequency across KV heads commutes with
+RoPE exactly (TransMLA's RoRoPE); frequency folding also mixes neighbouring frequencies and then
+rotates each mixed channel at one of them (an approximation). Channel (j, i) of k' is slot j at
+frequency i; kept channels form the shared rotated key `k_pe`; every other dim of k' is
+non-rotated ("nope") on queries and keys alike (notes §2). Queries are mixed by the same P, so
+scores are unchanged when nothing is dropped and nothing is folded.
 """
 
 from __future__ import annotations
@@ -18,13 +21,13 @@ from .families import SourceAttention, SourceLayout
 
 @dataclass(frozen=True)
 class KeySplit:
-    """kept: (j, i) pairs in k_pe order; mix: (G, G, d/2) per-frequency U_i, or None for R = I."""
+    """kept: (j, i) channels in k_pe order; mix: (C, C) pair-channel mix P, or None for P = I."""
 
     kept: tuple[tuple[int, int], ...]
     mix: torch.Tensor | None = None
 
     def uniform(self, layout: SourceLayout) -> bool:
-        """Every KV head keeps the same number of pairs and R = I: nope dims can stay per group."""
+        """Every KV head keeps the same number of pairs and P = I: nope dims can stay per group."""
         counts = [sum(1 for j, _ in self.kept if j == g) for g in range(layout.num_kv_heads)]
         return self.mix is None and len(set(counts)) == 1
 
@@ -53,17 +56,19 @@ def drop_cost(layout: SourceLayout, horizon: int) -> torch.Tensor:
 
 
 def pair_energy(src: SourceAttention, layout: SourceLayout, sigma: torch.Tensor | None, mix=None) -> torch.Tensor:
-    """(G, d/2): E|k'_(j,i)|^2 * sum over heads E|q'_(h,j,i)|^2, the pair's score contribution (MHA2MLA's 2-norm
-    criterion, squared), in the mixed basis. sigma: (D+1, D+1) input second moment, None -> identity."""
+    """(G, d/2): E|k'_(j,i)|^2 * sum over heads E|q'_(h,j,i)|^2, the channel's score contribution
+    (MHA2MLA's 2-norm criterion, squared), in the mixed basis. sigma: (D+1, D+1) input second
+    moment, None -> identity."""
     H, G, d = layout.num_heads, layout.num_kv_heads, layout.head_dim
-    half = d // 2
-    k_energy = row_energy(mixed_key_weights(src, layout, mix).reshape(G * d, -1), sigma).view(G, d)
-    q_energy = row_energy(augment(src.w_q, src.b_q), sigma).view(H, d)
-    # q'_(h,j,c) = U_c[j, g(h)] q_(h,c), so its energy is U^2 times the source query's.
-    u2 = _full_mix(mix, layout)[:, torch.arange(H) // layout.group_size] ** 2  # (G, H, d)
-    q_mixed = (u2 * q_energy[None]).sum(1)  # (G, d)
-    pairs = lambda e: e[..., :half] + e[..., half:]  # noqa: E731
-    return pairs(k_energy) * pairs(q_mixed)
+    half, C = d // 2, G * d // 2
+    k_energy = row_energy(mixed_key_weights(src, layout, mix).reshape(G * d, -1), sigma).view(G, 2, half).sum(1)
+    wq = augment(src.w_q, src.b_q).view(H, d, -1)
+    gram = (wq @ sigma if sigma is not None else wq) @ wq.transpose(1, 2)  # (H, d, d)
+    p = torch.eye(C, dtype=torch.float64) if mix is None else mix.double()
+    m = p.view(C, G, half)[:, torch.arange(H) // layout.group_size].transpose(0, 1)  # (H, C, half) reads q_h
+    q_energy = sum(torch.einsum("hci,hij,hcj->c", m, gram[:, a * half:(a + 1) * half, a * half:(a + 1) * half], m)
+                   for a in (0, 1))
+    return k_energy * q_energy.view(G, half)
 
 
 def row_energy(w: torch.Tensor, sigma: torch.Tensor | None) -> torch.Tensor:
@@ -79,27 +84,30 @@ def augment(w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     return torch.cat((w, b[:, None]), 1).double()
 
 
-def _full_mix(mix: torch.Tensor | None, layout: SourceLayout) -> torch.Tensor:
-    """(G, G, d): U_i repeated on both components of each pair."""
-    G = layout.num_kv_heads
+def mix_rows(mix: torch.Tensor | None, w: torch.Tensor, layout: SourceLayout) -> torch.Tensor:
+    """Apply P (C, C) to rows laid out per KV head, w (..., G, d, n) -> (..., G, d, n)."""
     if mix is None:
-        return torch.eye(G, dtype=torch.float64)[:, :, None].expand(G, G, layout.head_dim)
-    return torch.cat((mix, mix), -1).double()
+        return w
+    G, d = layout.num_kv_heads, layout.head_dim
+    lead, n = w.shape[:-3], w.shape[-1]
+    x = w.reshape(*lead, G, 2, d // 2, n).transpose(-4, -3).reshape(*lead, 2, G * d // 2, n)
+    x = torch.einsum("ck,...akn->...acn", mix.to(w.dtype), x)
+    return x.reshape(*lead, 2, G, d // 2, n).transpose(-4, -3).reshape(*lead, G, d, n)
 
 
 def mixed_key_weights(src: SourceAttention, layout: SourceLayout, mix) -> torch.Tensor:
     """Augmented key weights in k' space: (G, d, D+1)."""
     G, d = layout.num_kv_heads, layout.head_dim
-    wk = augment(src.w_k, src.b_k).view(G, d, -1)
-    return torch.einsum("jgc,gcD->jcD", _full_mix(mix, layout), wk)
+    return mix_rows(mix, augment(src.w_k, src.b_k).view(G, d, -1), layout)
 
 
-def mixed_query_weights(src: SourceAttention, layout: SourceLayout, mix) -> torch.Tensor:
-    """Augmented query weights of every head in k' space: (H, G, d, D+1); zero outside its group if R = I."""
-    H, d = layout.num_heads, layout.head_dim
+def embedded_queries(src: SourceAttention, layout: SourceLayout) -> torch.Tensor:
+    """Augmented query weights of every head placed at its KV group: (H, G, d, D+1), zero elsewhere."""
+    H, G, d = layout.num_heads, layout.num_kv_heads, layout.head_dim
     wq = augment(src.w_q, src.b_q).view(H, d, -1)
-    u = _full_mix(mix, layout)[:, torch.arange(H) // layout.group_size]  # (G, H, d): column g(h) of each U_i
-    return u.permute(1, 0, 2)[..., None] * wq[:, None]
+    out = wq.new_zeros(H, G, d, wq.shape[-1])
+    out[torch.arange(H), torch.arange(H) // layout.group_size] = wq
+    return out
 
 
 @dataclass(frozen=True)
@@ -133,16 +141,21 @@ class TwoNorm:
 
 @dataclass(frozen=True)
 class RoRoPE:
-    """TransMLA's RoRoPE: per frequency, PCA of the keys across KV heads (U_i commutes with RoPE),
-    then keep the mixed pairs with the largest score contribution (times the share lost without
-    rotation over `horizon` tokens, see `drop_cost`). With `exportable=True` it keeps
-    component 0 of the `pairs` fastest frequencies, which DeepSeek-V3 can express."""
+    """TransMLA's RoRoPE: per frequency, PCA of the keys across KV heads (it commutes with RoPE),
+    then keep the mixed channels with the largest score contribution (times the share lost without
+    rotation over `horizon` tokens, see `drop_cost`). With `fold` > 1 (frequency folding) the PCA
+    runs over `fold` neighbouring frequencies at once, so fewer channels carry more energy; each
+    component then rotates at the member frequency holding most of its weight, which is exact only
+    for fold 1. With `exportable=True` it keeps slot 0 of the `pairs` fastest frequencies, which
+    DeepSeek-V3 can express."""
 
     name = "rorope"
     exportable: bool = False
+    fold: int = 1
 
     def split(self, src, layout: SourceLayout, pairs: int, sigma=None, horizon: int = 0) -> KeySplit:
-        mix = self.rotation(src, layout, sigma)
+        every = pairs >= layout.num_kv_heads * layout.head_dim // 2
+        mix = self.rotation(src, layout, sigma, 1 if every else self.fold)  # nothing dropped: no need to fold
         if self.exportable:
             return KeySplit(tuple((0, i) for i in range(pairs)), mix)
         e = pair_energy(src, layout, sigma, mix) * drop_cost(layout, horizon)  # (G, d/2)
@@ -151,16 +164,29 @@ class RoRoPE:
         return KeySplit(tuple((int(t) // half, int(t) % half) for t in top), mix)
 
     @staticmethod
-    def rotation(src, layout: SourceLayout, sigma=None) -> torch.Tensor:
-        """(G, G, d/2): rows of U_i = eigenvectors of the frequency-i key second moment, largest first."""
-        wk = mixed_key_weights(src, layout, None).transpose(0, 1)  # (d, G, D+1)
-        ws = wk @ sigma if sigma is not None else wk
-        half = layout.head_dim // 2
-        cov = ws @ wk.transpose(1, 2)  # (d, G, G)
-        cov = cov[:half] + cov[half:]  # both components of a pair rotate together
-        _, vecs = torch.linalg.eigh(cov)  # ascending
-        return vecs.flip(-1).transpose(-1, -2).permute(1, 2, 0).contiguous()  # (G, G, d/2)
+    def rotation(src, layout: SourceLayout, sigma=None, fold: int = 1) -> torch.Tensor:
+        """(C, C) orthogonal P: per band of `fold` frequencies, the eigenvectors of the keys' channel
+        second moment (both pair components together), largest first, each placed at a slot of
+        the frequency where it has most weight."""
+        G, half = layout.num_kv_heads, layout.head_dim // 2
+        wk = augment(src.w_k, src.b_k).view(G, 2, half, -1).transpose(0, 1).reshape(2, G * half, -1)
+        cov = sum((w @ sigma if sigma is not None else w) @ w.T for w in wk)  # (C, C)
+        mix = torch.zeros_like(cov)
+        for start in range(0, half, fold):
+            freqs = list(range(start, min(start + fold, half)))
+            chans = torch.tensor([g * half + i for g in range(G) for i in freqs])
+            _, vecs = torch.linalg.eigh(cov[chans][:, chans])
+            vecs = vecs.flip(-1)  # (G*f, G*f) columns largest first
+            weight = (vecs ** 2).view(G, len(freqs), -1).sum(0)  # (f, G*f): a component's weight per frequency
+            used = dict.fromkeys(freqs, 0)
+            for t in range(vecs.shape[1]):
+                free = [k for k, i in enumerate(freqs) if used[i] < G]
+                i = freqs[max(free, key=lambda k: float(weight[k, t]))]
+                mix[used[i] * half + i, chans] = vecs[:, t]
+                used[i] += 1
+        return mix
 
 
 ROPE_STRATEGIES = {"high": HighFrequencies(), "2norm": TwoNorm(), "rorope": RoRoPE(),
-                   "rorope-export": RoRoPE(exportable=True)}
+                   "rorope-export": RoRoPE(exportable=True), "rorope-fold2": RoRoPE(fold=2),
+                   "rorope-fold4": RoRoPE(fold=4)}

@@ -16,7 +16,8 @@ def run_sweep(model, tokenizer, budgets, methods, text: str, seq_len: int = 2048
               passkey_contexts=(), progress: bool = True, **lowrank) -> dict:
     """-> {"source": row, "rows": [row per (method, budget)]}; row keys: method, budget, kv_lora_rank,
     qk_rope_head_dim, cache_values_per_token_per_layer, cache_bytes_per_token, ppl, ppl_ratio, tokens,
-    windows, convert_seconds (+ passkey_accuracy)."""
+    windows, convert_seconds (+ passkey_accuracy; + latent_energy, latent_error_share per layer for
+    calibrated rows)."""
     from .calibrated import calibration_ids
     from .conversion import convert
     from .methods import LowRankConfig, make_config
@@ -38,8 +39,25 @@ def run_sweep(model, tokenizer, budgets, methods, text: str, seq_len: int = 2048
             row = evaluate_row(conv, tokenizer, corpus, seq_len, max_windows, passkey_contexts, progress)
             row.update(method=config.method, budget=budget, convert_seconds=round(time.perf_counter() - start, 1))
             row["ppl_ratio"] = row["ppl"] / source["ppl"]
+            if isinstance(config, LowRankConfig):
+                row.update(latent_spectra(model, conv, config, ids, cache))
             rows.append(row)
     return {"source": source, "rows": rows, "text": text, "seq_len": seq_len, "max_windows": max_windows}
+
+
+def latent_spectra(model, conv, config, ids, cache: dict) -> dict:
+    """Per layer of a calibrated conversion: the weighted latent problem's energy per latent dim
+    (s_k^2 / sum s^2, `factorize.spectrum`) and the share its rank leaves out."""
+    from .allocate import layer_spectra, tail_share
+    from .calibrated import oneshot_stats
+    from .families import source_layout
+
+    dims = [layer.self_attn.dims for layer in conv.model.layers]
+    spectra = layer_spectra(model, source_layout(model.config), config, dims[0].qk_rope_head_dim,
+                            oneshot_stats(model, ids, cache, attention=config.attn_moment > 0))
+    energy = [(s.double() ** 2 / (s.double() ** 2).sum()) for s in spectra]
+    return {"latent_energy": [[round(float(v), 6) for v in e] for e in energy],
+            "latent_error_share": [round(tail_share(s, d.kv_lora_rank), 6) for s, d in zip(spectra, dims)]}
 
 
 def evaluate_row(model, tokenizer, corpus: str, seq_len: int, max_windows, passkey_contexts=(), progress=True) -> dict:
@@ -99,6 +117,39 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_spectra(result: dict, path: Path) -> bool:
+    """Left: share of each layer's weighted latent energy kept vs rank (one curve per layer, the
+    best-split rope dims of the largest compressed budget). Right: share left out per layer, one
+    line per budget. False when the sweep has no calibrated rows."""
+    rows = [r for r in result["rows"] if "latent_energy" in r]
+    if not rows:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    top = max(rows, key=lambda r: r["budget"])
+    layers = top["latent_energy"]
+    for i, e in enumerate(layers):
+        left.plot(np.arange(1, len(e) + 1), np.cumsum(e), color=plt.cm.viridis(i / max(1, len(layers) - 1)), lw=1)
+    for r in rows:
+        left.axvline(r["kv_lora_rank"], color="grey", ls=":", lw=1)
+        right.plot(r["latent_error_share"], marker=".", label=f"budget {r['budget']:g} (r={r['kv_lora_rank']})")
+    left.set(xlabel="latent rank", ylabel="weighted energy kept", xscale="log",
+             title=f"per-layer spectra, rope {top['qk_rope_head_dim']} (dark: first layer)")
+    right.set(xlabel="layer", ylabel="weighted error share left out", yscale="log", title="reconstruction error")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def write_sweep(result: dict, out: str | Path, command: str, overwrite: bool = False) -> Path:
     from .atomic import atomic_output_dir
 
@@ -108,4 +159,5 @@ def write_sweep(result: dict, out: str | Path, command: str, overwrite: bool = F
         (tmp / "sweep.json").write_text(json.dumps(result, indent=2))
         (tmp / "sweep.md").write_text(markdown(result, command))
         plot(result, tmp / "ppl_vs_cache.png")
+        plot_spectra(result, tmp / "latent_spectra.png")
     return Path(out)

@@ -108,5 +108,10 @@ def test_sweep_writes_table_json_and_plot(capsys, source_dir, tmp_path):
     res = json.loads(stdout)
     assert [(r["method"], r["budget"]) for r in res["rows"]] == [("exact", 1.0), ("lowrank", 0.5), ("svd", 0.5)]
     assert res["rows"][0]["ppl"] == pytest.approx(res["source"]["ppl"], rel=1e-5)
-    assert {p.name for p in out.iterdir()} == {"sweep.json", "sweep.md", "ppl_vs_cache.png"}
-    assert (out / "ppl_vs_cache.png").read_bytes()[:4] == b"\x89PNG"
+    assert {p.name for p in out.iterdir()} == {"sweep.json", "sweep.md", "ppl_vs_cache.png", "latent_spectra.png"}
+    assert all((out / f).read_bytes()[:4] == b"\x89PNG" for f in ("ppl_vs_cache.png", "latent_spectra.png"))
+    low = res["rows"][1]
+    # the share left out at the chosen rank is the tail of the per-layer energy spectrum
+    for energy, share in zip(low["latent_energy"], low["latent_error_share"]):
+        assert sum(energy) == pytest.approx(1, abs=1e-4)
+        assert sum(energy[low["kv_lora_rank"]:]) == pytest.approx(share, abs=1e-4)

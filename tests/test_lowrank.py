@@ -13,7 +13,7 @@ from latentkv.families import attention_layers, source_layout
 from latentkv.methods import LowRankConfig
 from latentkv.rope import ROPE_STRATEGIES, RoRoPE
 
-METHODS = list(itertools.product(["high", "2norm", "rorope", "rorope-export"], ["svd", "pca", "output"]))
+METHODS = list(itertools.product(list(ROPE_STRATEGIES), ["svd", "pca", "output"]))
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +50,13 @@ def test_rorope_rotation_alone_is_exact(calib_ids):
     from latentkv.families import read_attention
 
     src = read_attention(attention_layers(model)[0])
-    u = RoRoPE.rotation(src, lay, stats[0].sigma)  # (G, G, d/2)
-    eye = torch.eye(lay.num_kv_heads, dtype=u.dtype)
-    assert torch.allclose(torch.einsum("jgc,kgc->cjk", u, u), eye.expand(lay.head_dim // 2, -1, -1), atol=1e-10)
+    for fold in (1, 2, 4):
+        p = RoRoPE.rotation(src, lay, stats[0].sigma, fold)  # (C, C)
+        assert torch.allclose(p @ p.T, torch.eye(p.shape[0], dtype=p.dtype), atol=1e-10)
+        # fold 1 mixes only channels of one frequency (it commutes with RoPE)
+        half = lay.head_dim // 2
+        freq = torch.arange(p.shape[0]) % half
+        assert (p.abs() > 1e-12).logical_and(freq[:, None] != freq[None]).any() == (fold > 1)
     conv = convert(model, LowRankConfig(kv_lora_rank=full, qk_rope_head_dim=full, rope="rorope", factorizer="pca"),
                    calib_ids=calib_ids, progress=False)
     assert conv.model.layers[0].self_attn.dims.qk_nope_head_dim == 0
