@@ -2,7 +2,8 @@
 
     python benchmarks/quality.py --variants source,exact,svd:0.5 --text wikitext2 --seq-len 2048
 
-Variants: `source`, `exact`, `svd:BUDGET`, `lowrank:BUDGET` (the calibrated default method).
+Variants: `source`, `exact`, `svd:BUDGET`, `lowrank:BUDGET` (the calibrated default method), and
+`lowrank:BUDGET:KEY=VALUE+KEY=VALUE` for LowRankConfig overrides (e.g. `rope=rorope-fold2`).
 Calibration statistics are shared by all variants. Results go to a JSON file and to a section
 of BENCHMARKS.md (replaced on re-run) that names the command that made them.
 """
@@ -28,11 +29,24 @@ def make_variant(source, tok, spec: str, cache: dict):
     """-> (model, convert seconds or None)."""
     if spec == "source":
         return source, None
-    method, _, budget = spec.partition(":")
-    config = make_config(kv_budget=float(budget) if budget else None, method=method)
+    method, _, rest = spec.partition(":")
+    budget, _, options = rest.partition(":")
+    config = make_config(kv_budget=float(budget) if budget else None, method=method, **parse_options(options))
     t0 = time.perf_counter()
     model = convert(source, config, tokenizer=tok, calib_cache=cache)
     return model, time.perf_counter() - t0
+
+
+def parse_options(options: str) -> dict:
+    """"rope=rorope-fold2+rank_allocation=sensitivity" -> LowRankConfig overrides (numbers parsed)."""
+    out = {}
+    for item in filter(None, options.split("+")):
+        key, _, value = item.partition("=")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
 
 
 def settings(args) -> dict:

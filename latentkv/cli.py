@@ -164,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--factorizer", choices=list(FACTORIZERS), help="lowrank: latent factorizer (default output)")
     c.add_argument("--attn-moment", type=float,
                    help="lowrank: weight in [0, 1] of the attention-averaged input moment in the calibration "
-                        "statistics (default 0.5; 0: token moment only)")
+                        "statistics (default 0.3; 0: token moment only)")
     c.add_argument("--rank-allocation", choices=list(RANK_ALLOCATIONS),
                    help="lowrank: per-layer latent ranks from each layer's spectrum and measured held-out "
                         "NLL cost, kept only if held-out NLL improves (native format only; default uniform)")

@@ -119,7 +119,7 @@ class LowRankConfig:
     factorizer: str = "output"
     rope_horizon: int = 512  # distances over which dropped pairs are averaged; 0: drop as MHA2MLA does
     sequential: bool = False  # measured worse than one-shot on SmolLM2 (see the issue notes); kept to compare
-    attn_moment: float = 0.5  # weight of the attention-averaged input moment in the statistics (calibrate.py)
+    attn_moment: float = 0.3  # weight of the attention-averaged input moment in the statistics (calibrate.py)
     rank_allocation: str = "uniform"  # uniform | sensitivity: per-layer ranks (allocate.py), native format only
     calib: str = "wikitext2-valid"
     calib_samples: int = 32

@@ -146,12 +146,17 @@ class MLAAttention(nn.Module):
         cos, sin = select_rope(*position_embeddings, self.rope_freq_idx)
         q_pe = q_pe * cos + rotate_half(q_pe) * sin  # (B, h, t, p)
         k_pe = k_pe * cos + rotate_half(k_pe) * sin  # (B, 1, t, p)
+        joint = None
         if cache is not None:
             c_kv, k_pe = cache.update(c_kv, k_pe, self.layer_idx)  # (B, 1, s, r), (B, 1, s, p)
+            joint = cache.joint(self.layer_idx) if hasattr(cache, "joint") else None
         if path == "auto":
             path = "absorbed" if q_pe.shape[2] == 1 and c_kv.shape[2] > 1 else "expanded"
-        attend = self._absorbed if path == "absorbed" else self._expanded
-        out, weights = attend(q_nope, q_pe, c_kv, k_pe, attention_mask, **kwargs)
+        if path == "absorbed" and q_pe.shape[2] == 1 and not kwargs.get("output_attentions"):
+            out, weights = self._decode(q_nope, q_pe, c_kv, k_pe, joint, attention_mask)
+        else:
+            attend = self._absorbed if path == "absorbed" else self._expanded
+            out, weights = attend(q_nope, q_pe, c_kv, k_pe, attention_mask, **kwargs)
         b, t = hidden_states.shape[:2]
         return self.o_proj(out.reshape(b, t, -1)), weights
 
@@ -178,3 +183,24 @@ class MLAAttention(nn.Module):
         view = _KernelView(d.num_heads)
         o_lat, weights = self._kernel()(view, query, key, c_kv, mask, scaling=d.softmax_scale, **kwargs)
         return torch.einsum("bthr,hvr->bthv", o_lat, w_uv), weights  # o_lat (B, t, h, r)
+
+    def _decode(self, q_nope, q_pe, c_kv, k_pe, joint, mask):
+        """One new token per sequence, absorbed: the heads fold into the query axis, so a step is two
+        batched matmuls over the latent cache, read as one (T, r + p) matrix per sequence with no
+        per-head copy (an MQA-shaped read) -> (B, 1, h, v).
+
+        q_nope (B, h, 1, n), q_pe (B, h, 1, p), c_kv (B, 1, T, r), k_pe (B, 1, T, p); joint: the cache's
+        own [c_kv, k_pe] buffer (B, 1, T, r + p) or None (then it is concatenated here).
+        """
+        d = self.dims
+        w_uk, w_uv = self.absorbed_weights()
+        q_lat = torch.einsum("bhn,hnr->bhr", q_nope[:, :, 0], w_uk)
+        query = torch.cat((q_lat, q_pe[:, :, 0]), -1)  # (B, h, r + p)
+        key = (joint if joint is not None else torch.cat((c_kv, k_pe), -1))[:, 0]  # (B, T, r + p)
+        scores = torch.bmm(query, key.transpose(1, 2)).float() * d.softmax_scale  # (B, h, T)
+        if mask is not None:
+            mask = mask[:, 0, -1:, : key.shape[1]]  # (B, 1, T): the new token's row
+            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+        probs = torch.softmax(scores, -1).to(key.dtype)
+        o_lat = torch.bmm(probs, key[..., : d.kv_lora_rank])  # (B, h, r)
+        return torch.einsum("bhr,hvr->bhv", o_lat, w_uv)[:, None], None
