@@ -20,6 +20,7 @@ _EXPORTS = {
     "load": "latentkv.checkpoint",
     "cache_report": "latentkv.report",
     "LatentKVError": "latentkv.errors",
+    "generate": "latentkv.generation",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -102,7 +102,69 @@ def _sweep(a) -> dict:
     return {**result, "out": a.out}
 
 
+def _generate(a) -> dict:
+    from .errors import LatentKVError
+    from .generation import generate
+    from .loading import load_model
+
+    prompts = [a.prompt] if a.prompt is not None else []
+    if a.batch_file:
+        from pathlib import Path
+
+        path = Path(a.batch_file)
+        if not path.is_file():
+            raise LatentKVError(f"batch file {path} not found; give a text file with one prompt per line")
+        prompts += [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not prompts:
+            raise LatentKVError(f"batch file {path} has no prompts; put one prompt per line")
+    if not prompts:
+        raise LatentKVError('give a prompt (latentkv generate MODEL "text") or --batch-file FILE')
+    model, tok = load_model(a.model, trust_remote_code=a.trust_remote_code)
+    if tok is None:
+        raise LatentKVError(f"{a.model} has no tokenizer files; re-run `latentkv convert` from a source with one")
+    live = not a.json and len(prompts) == 1
+    stream = (lambda i, text: print(text, end="", flush=True)) if live else None
+    out = generate(model, tok, prompts, a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
+                   stop=tuple(a.stop or ()), seed=a.seed, stream=stream)
+    if live:
+        print()
+    return {"prompts": prompts, **out.to_dict(), "streamed": live}
+
+
+def _bench(a) -> dict:
+    from .atomic import check_output_dir
+    from .bench import bench, write_bench
+    from .loading import load_model
+
+    contexts, batches = _numbers(a.context, int), _numbers(a.batch, int)
+    check_output_dir(a.out, a.overwrite)
+    model, _ = load_model(a.model, trust_remote_code=a.trust_remote_code)
+    against = load_model(a.against, trust_remote_code=a.trust_remote_code)[0] if a.against else None
+    result = bench(model, against, contexts, batches, a.new_tokens)
+    write_bench(result, a.out, overwrite=a.overwrite)
+    return {**result, "out": a.out}
+
+
 def _print_human(cmd: str, result: dict) -> None:
+    if cmd == "generate":
+        if not result["streamed"]:
+            for prompt, text in zip(result["prompts"], result["texts"]):
+                print(f"{prompt}{text}")
+        print(f"[{result['decode_tokens_per_s']:.1f} tokens/s decode, prefill {result['prefill_s']:.2f}s, "
+              f"cache {result['cache_bytes']:,} bytes]", file=sys.stderr)
+        return
+    if cmd == "bench":
+        print(f"memory bandwidth {result['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s, {result['threads']} threads")
+        for r in result["rows"]:
+            head = f"{r['variant']:>16} ctx {r['context']:>6} batch {r['batch']:>3}"
+            if "skipped" in r:
+                print(f"{head}  skipped: {r['skipped']}")
+                continue
+            print(f"{head}  prefill {r['prefill_s']:7.2f}s  decode {r['decode_tokens_per_s']:8.1f} tok/s  cache "
+                  f"{r['cache_bytes'] / 2 ** 20:9.1f} MiB  peak RSS {r['peak_rss_bytes'] / 2 ** 30:5.2f} GiB  "
+                  f"floor {r['floor_fraction']:.0%}")
+        print(f"written to {result['out']} (bench.json, bench.png)")
+        return
     if cmd == "sweep":
         from .sweep import markdown
 
@@ -199,6 +261,25 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--max-windows", type=int, help="evaluate only the first N windows")
     w.add_argument("--passkey", help="also passkey accuracy at these contexts, e.g. 1024,2048")
     w.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+    g = add("generate", _generate, "generate text with MODEL_OR_DIR (absorbed latent decode for converted models)")
+    g.add_argument("model")
+    g.add_argument("prompt", nargs="?", help="the prompt (or --batch-file)")
+    g.add_argument("--batch-file", help="text file, one prompt per line, generated as one left-padded batch")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sampling")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("--seed", type=int, default=0)
+
+    b = add("bench", _bench, "prefill time, decode tokens/s, memory and cache bytes: source vs converted")
+    b.add_argument("model")
+    b.add_argument("--against", help="the source model to compare with")
+    b.add_argument("--context", default="1024,4096,8192,16384", help="context lengths in tokens")
+    b.add_argument("--batch", default="1,4,16", help="batch sizes")
+    b.add_argument("--new-tokens", type=int, default=64, help="decode steps timed per row")
+    b.add_argument("--out", default="bench-out", help="directory for bench.json and bench.png (written atomically)")
+    b.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
     d = add("demo", _demo, "the main job: convert the bundled SmolLM2, compare cache size and perplexity")
     d.add_argument("--kv-budget", type=float, default=0.5, help="budget of the compressed variant")

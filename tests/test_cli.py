@@ -115,3 +115,54 @@ def test_sweep_writes_table_json_and_plot(capsys, source_dir, tmp_path):
     for energy, share in zip(low["latent_energy"], low["latent_error_share"]):
         assert sum(energy) == pytest.approx(1, abs=1e-4)
         assert sum(energy[low["kv_lora_rank"]:]) == pytest.approx(share, abs=1e-4)
+
+
+@pytest.fixture(scope="module")
+def converted_dir(source_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("conv") / "mla"
+    assert main(["convert", str(source_dir), "--out", str(out), "--kv-budget", "0.25", "--method", "svd"]) == 0
+    return out
+
+
+def test_generate_cli(capsys, converted_dir, tmp_path):
+    code, stdout, err = run(capsys, "generate", converted_dir, "The quick brown", "--max-new-tokens", 5, "--json")
+    assert code == 0, err
+    res = json.loads(stdout)
+    assert len(res["tokens"][0]) <= 5 and res["finish"][0] in ("eos", "length") and res["cache_bytes"] > 0
+    batch = tmp_path / "prompts.txt"
+    batch.write_text("The quick brown\n\nA latent cache\n")
+    code, stdout, err = run(capsys, "generate", converted_dir, "--batch-file", batch, "--max-new-tokens", 3)
+    assert code == 0, err
+    assert stdout.splitlines()[0].startswith("The quick brown") and len(stdout.splitlines()) == 2
+
+
+@pytest.mark.parametrize("argv, match", [(["--batch-file", "nope.txt"], "not found"), ([], "give a prompt"),
+                                         (["fox " * 400], "exceeds the model's context")])
+def test_generate_bad_input(capsys, converted_dir, tmp_path, argv, match):
+    code, _, err = run(capsys, "generate", converted_dir, *argv)
+    assert code == 2 and match in err and "Traceback" not in err
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n \n")
+    code, _, err = run(capsys, "generate", converted_dir, "--batch-file", empty)
+    assert code == 2 and "has no prompts" in err
+
+
+def test_bench_end_to_end(capsys, converted_dir, source_dir, tmp_path):
+    out = tmp_path / "bench"
+    code, stdout, err = run(capsys, "bench", converted_dir, "--against", source_dir, "--context", "16,600",
+                            "--batch", "1,2", "--new-tokens", 3, "--out", out, "--json")
+    assert code == 0, err
+    res = json.loads(stdout)
+    done = [r for r in res["rows"] if "skipped" not in r]
+    assert {r["variant"] for r in done} == {"source", "latent-expanded", "latent-absorbed"}
+    for r in done:
+        assert {"variant", "context", "batch", "decode_tokens_per_s", "prefill_s", "cache_bytes",
+                "peak_rss_bytes"} <= set(r)
+        assert r["cache_bytes"] == r["cache_bytes_formula"] and r["decode_tokens_per_s"] > 0
+    latent = {r["cache_bytes"] for r in done if r["variant"] != "source" and r["batch"] == 2 and r["context"] == 16}
+    source = [r["cache_bytes"] for r in done if r["variant"] == "source" and r["batch"] == 2 and r["context"] == 16]
+    assert len(latent) == 1 and latent.pop() * 4 == source[0]  # 25 % budget
+    assert all("exceeds the model's 512 positions" in r["skipped"] for r in res["rows"] if r["context"] == 600)
+    assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG" and (out / "bench.json").is_file()
+    code, _, err = run(capsys, "bench", converted_dir, "--context", "600", "--batch", "1", "--out", tmp_path / "b2")
+    assert code == 2 and "no row of the grid fits" in err

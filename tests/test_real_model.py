@@ -72,3 +72,17 @@ def test_reduced_budget_cache_and_paths(smollm2):
     assert torch.equal(cached, conv.generate(prompt, use_cache=False, **kw))
     assert cache.bytes_per_token() == 30 * 192 * 4  # 50% of 2*3*64 values, 30 layers, fp32
     assert cache.nbytes() == cache.bytes_per_token() * (cached.shape[1] - 1)
+
+
+def test_absorbed_generation_matches_transformers(smollm2):
+    """Greedy tokens of our loop (absorbed decode over a preallocated latent cache) == transformers'
+    generate of the same converted model, and the cache holds exactly bytes_per_token x tokens."""
+    from latentkv import generate
+
+    model, tok = smollm2
+    conv = convert(model, SVDConfig(kv_budget=0.5), progress=False)
+    ids = tok(PARAGRAPH, return_tensors="pt").input_ids
+    ours = generate(conv, tok, PARAGRAPH, 16, use_eos=False)
+    theirs = conv.generate(ids, max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert ours.tokens[0] == theirs[0, ids.shape[1]:].tolist()
+    assert ours.cache_bytes == LatentCache(conv).bytes_per_token() * (ids.shape[1] + 16)

@@ -1,0 +1,225 @@
+"""`latentkv bench`: prefill time, decode speed, memory and cache bytes of a source model and its
+MLA conversion, side by side, with the bandwidth floor each decode step could reach.
+
+Per (variant, context): one batch-1 prefill is timed (chunked, so attention memory stays bounded),
+then its cache is repeated to each batch size and `new_tokens` decode steps are timed; the
+median step gives decode tokens/s. Variants: `source` (transformers' DynamicCache, its own
+attention kernel), `latent-expanded` (latent cache, keys/values decompressed every step) and
+`latent-absorbed` (latent cache, absorbed decode). A step must at least read the weights once
+and the whole cache once: `floor_s = step_bytes / bandwidth`, with the bandwidth measured by a
+streaming read at the start of the run.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from .errors import LatentKVError
+
+PREFILL_CHUNK = 1024  # tokens per prefill forward: bounds the (chunk x context) attention scores
+HEADROOM = 0.8  # share of MemAvailable a row may plan to use
+
+
+def measure_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
+    """Bytes/s of a streaming read (a sum over a buffer larger than any cache), median of repeats."""
+    buf = torch.ones(megabytes * 2 ** 20 // 4)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        buf.sum()
+        times.append(time.perf_counter() - t)
+    return buf.numel() * 4 / statistics.median(times)
+
+
+def mem_available() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    raise LatentKVError("cannot read MemAvailable from /proc/meminfo (Linux only)")
+
+
+def reset_peak_rss() -> None:
+    """Start a new peak-RSS window (Linux: writing 5 to clear_refs resets VmHWM)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def weight_bytes(model) -> int:
+    """Bytes a decode step reads from the weights: every parameter once (tied ones once); the
+    embedding table counts once, as the tied or separate lm_head reads all of it."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
+    return total
+
+
+def cache_bytes_per_token(model) -> int:
+    """Cache bytes one token of one sequence occupies: latent for converted models, K/V otherwise."""
+    from .report import cache_report
+
+    return cache_report(model)["model"]["bytes_per_token"]
+
+
+def plan(model, context: int, batch: int, new_tokens: int, dynamic: bool) -> str | None:
+    """Why this row cannot run here, or None."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit and context + new_tokens > limit:
+        return f"context {context} + {new_tokens} new tokens exceeds the model's {limit} positions"
+    cache = cache_bytes_per_token(model) * batch * (context + new_tokens) * (2 if dynamic else 1)  # cat copies
+    heads = model.config.num_attention_heads
+    scores = 4 * heads * PREFILL_CHUNK * (context + new_tokens) * 3  # fp32 scores, softmax, grads-free temps
+    need = cache + scores  # the weights are already resident
+    if need > HEADROOM * mem_available():
+        return f"needs ~{need / 2 ** 30:.1f} GiB, more than {HEADROOM:.0%} of the {mem_available() / 2 ** 30:.1f} GiB free"
+    return None
+
+
+def variants(model, against=None) -> list[tuple[str, object]]:
+    from .conversion import record_of
+
+    if record_of(model) is None:
+        if against is not None:
+            raise LatentKVError("bench MODEL --against SOURCE: MODEL must be a latentkv conversion")
+        return [("source", model)]
+    return ([("source", against)] if against is not None else []) + [("latent-expanded", model),
+                                                                     ("latent-absorbed", model)]
+
+
+def _set_path(model, variant: str) -> None:
+    from .mla import MLAAttention
+
+    for m in model.modules():
+        if isinstance(m, MLAAttention):
+            m.path = "expanded" if variant == "latent-expanded" else "auto"
+
+
+@torch.no_grad()
+def prefill(model, ids: torch.Tensor, cache) -> float:
+    """Chunked prefill of ids (B, T) into `cache` -> seconds."""
+    start = time.perf_counter()
+    for c in range(0, ids.shape[1], PREFILL_CHUNK):
+        chunk = ids[:, c: c + PREFILL_CHUNK]
+        pos = torch.arange(c, c + chunk.shape[1])[None].expand(ids.shape[0], -1)
+        model(input_ids=chunk, position_ids=pos, cache=cache, use_cache=True, logits_to_keep=1)
+    return time.perf_counter() - start
+
+
+@torch.no_grad()
+def decode(model, cache, batch: int, context: int, steps: int, vocab: int) -> list[float]:
+    """`steps` one-token forwards after `context` cached tokens -> seconds per step."""
+    gen = torch.Generator().manual_seed(1)
+    times = []
+    for i in range(steps):
+        tok = torch.randint(0, vocab, (batch, 1), generator=gen)
+        pos = torch.full((batch, 1), context + i)
+        t = time.perf_counter()
+        model(input_ids=tok, position_ids=pos, cache=cache, use_cache=True, logits_to_keep=1)
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def measure(model, variant: str, context: int, batches, new_tokens: int, bandwidth: float, seed: int = 0) -> list[dict]:
+    """Rows for one variant at one context: a batch-1 prefill, then decode at each batch size."""
+    import copy
+
+    from .generation import cache_tensor_bytes, new_cache
+
+    _set_path(model, variant)
+    rows, base = [], {"variant": variant, "context": context, "new_tokens": new_tokens}
+    reasons = {b: plan(model, context, b, new_tokens, variant == "source") for b in batches}
+    if all(reasons.values()):
+        return [{**base, "batch": b, "skipped": reasons[b]} for b in batches]
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (1, context), generator=torch.Generator().manual_seed(seed))
+    first = new_cache(model, context + new_tokens)
+    prefill_s = prefill(model, ids, first)
+    per_token = cache_bytes_per_token(model)
+    for b in batches:
+        if reasons[b]:
+            rows.append({**base, "batch": b, "skipped": reasons[b]})
+            continue
+        cache = copy.deepcopy(first)
+        if b > 1:
+            cache.batch_repeat_interleave(b)
+        reset_peak_rss()
+        times = decode(model, cache, b, context, new_tokens, vocab)
+        step = statistics.median(times)
+        held = cache.nbytes() if hasattr(cache, "nbytes") else cache_tensor_bytes(cache)
+        step_bytes = weight_bytes(model) + per_token * b * context
+        rows.append({**base, "batch": b, "prefill_s": round(prefill_s, 4), "prefill_batch": 1,
+                     "decode_step_s": step, "decode_tokens_per_s": b / step, "cache_bytes": held,
+                     "cache_bytes_formula": per_token * b * (context + new_tokens),
+                     "cache_bytes_per_token": per_token, "peak_rss_bytes": peak_rss(), "step_bytes": step_bytes,
+                     "floor_s": step_bytes / bandwidth, "floor_fraction": step_bytes / bandwidth / step})
+        del cache
+    _set_path(model, "latent-absorbed")
+    return rows
+
+
+def bench(model, against=None, contexts=(1024, 4096, 8192, 16384), batches=(1, 4, 16), new_tokens: int = 64,
+          progress: bool = True) -> dict:
+    """-> {"bandwidth_bytes_per_s", "threads", "rows": [...]}, rows as in `measure` (or `skipped`)."""
+    from tqdm.auto import tqdm
+
+    if not contexts or not batches or min(contexts) < 1 or min(batches) < 1 or new_tokens < 1:
+        raise LatentKVError("bench needs positive --context, --batch and --new-tokens values, e.g. --context 1024,4096 "
+                            "--batch 1,4 --new-tokens 64")
+    todo = [(name, m, c) for name, m in variants(model, against) for c in contexts]
+    bandwidth = measure_bandwidth()
+    rows = []
+    for name, m, context in tqdm(todo, desc="bench", disable=not progress):
+        rows += measure(m, name, context, batches, new_tokens, bandwidth)
+    if all("skipped" in r for r in rows):
+        raise LatentKVError(f"no row of the grid fits this machine ({rows[0]['skipped']}); lower --context or --batch")
+    return {"bandwidth_bytes_per_s": bandwidth, "threads": torch.get_num_threads(), "rows": rows}
+
+
+def plot(result: dict, path: Path) -> None:
+    """Decode tokens/s and cache GiB vs context, one line per variant and batch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (speed, mem) = plt.subplots(1, 2, figsize=(11, 4))
+    done = [r for r in result["rows"] if "skipped" not in r]
+    for key in dict.fromkeys((r["variant"], r["batch"]) for r in done):
+        pts = sorted((r["context"], r["decode_tokens_per_s"], r["cache_bytes"] / 2 ** 30) for r in done
+                     if (r["variant"], r["batch"]) == key)
+        label = f"{key[0]} b={key[1]}"
+        speed.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        mem.plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=label)
+    speed.set(xlabel="context (tokens)", ylabel="decode tokens/s", xscale="log", yscale="log", title="decode speed")
+    mem.set(xlabel="context (tokens)", ylabel="KV cache GiB held", xscale="log", yscale="log", title="cache memory")
+    for ax in (speed, mem):
+        ax.grid(alpha=0.3)
+    speed.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_bench(result: dict, out, overwrite: bool = False) -> Path:
+    import json
+
+    from .atomic import atomic_output_dir
+
+    with atomic_output_dir(out, overwrite) as tmp:
+        (tmp / "bench.json").write_text(json.dumps(result, indent=2))
+        plot(result, tmp / "bench.png")
+    return Path(out)

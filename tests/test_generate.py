@@ -1,0 +1,107 @@
+"""Decode paths agree, generation matches transformers, the capacity cache is exact, bench runs."""
+
+import copy
+
+import pytest
+import torch
+
+from conftest import TINY, make_tiny
+from latentkv import LatentCache, SVDConfig, convert, generate
+from latentkv.errors import LatentKVError
+from latentkv.mla import MLAAttention
+
+
+def _set_path(model, path):
+    for m in model.modules():
+        if isinstance(m, MLAAttention):
+            m.path = path
+
+
+@pytest.fixture(scope="module")
+def conv():
+    return convert(make_tiny("llama-gqa", layers=3), SVDConfig(kv_budget=0.25), progress=False)
+
+
+@pytest.mark.parametrize("family", sorted(TINY))
+def test_absorbed_expanded_and_uncached_decode_agree(family):
+    """Step logits of absorbed decode (capacity cache), expanded decode and a full uncached forward."""
+    conv = convert(make_tiny(family), SVDConfig(kv_budget=0.5), progress=False)
+    torch.manual_seed(0)
+    seq = torch.randint(0, 320, (2, 20))
+    with torch.no_grad():
+        full = conv(seq).logits[:, 12:]  # (B, 8, V): what each decode step must predict
+        steps = {}
+        for path in ("absorbed", "expanded"):
+            _set_path(conv, "auto" if path == "absorbed" else "expanded")
+            cache = LatentCache(conv, capacity=20)
+            conv(seq[:, :12], cache=cache, use_cache=True)
+            steps[path] = torch.cat([conv(seq[:, t:t + 1], cache=cache, use_cache=True).logits
+                                     for t in range(12, 20)], 1)
+            assert cache.nbytes() == cache.bytes_per_token() * 2 * 20
+    tol = 1e-4 * full.abs().max().item()
+    assert (steps["absorbed"] - full).abs().max().item() < tol
+    assert (steps["expanded"] - full).abs().max().item() < tol
+
+
+def test_greedy_generate_matches_transformers(conv, tiny_tokenizer):
+    prompt = "The quick brown fox jumps"
+    ids = tiny_tokenizer(prompt, return_tensors="pt").input_ids
+    ours = generate(conv, tiny_tokenizer, prompt, 12, use_eos=False)
+    theirs = conv.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None)
+    uncached = conv.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None,
+                             use_cache=False)
+    assert ours.tokens[0] == theirs[0, ids.shape[1]:].tolist() == uncached[0, ids.shape[1]:].tolist()
+    assert ours.cache_bytes == LatentCache(conv).bytes_per_token() * (ids.shape[1] + 12)  # exactly the tokens seen
+    src = make_tiny("llama-gqa", layers=3)  # a source model goes through the same loop with a DynamicCache
+    assert generate(src, tiny_tokenizer, prompt, 6, use_eos=False).tokens[0] == \
+        src.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)[0, ids.shape[1]:].tolist()
+
+
+def test_left_padded_batch_equals_single_runs(conv, tiny_tokenizer):
+    prompts = ["The quick brown fox jumps over the lazy dog.", "A latent", "Attention reads every cached token"]
+    batch = generate(conv, tiny_tokenizer, prompts, 10, use_eos=False)
+    for i, p in enumerate(prompts):
+        assert batch.tokens[i] == generate(conv, tiny_tokenizer, p, 10, use_eos=False).tokens[0]
+    assert batch.prompt_tokens == [len(tiny_tokenizer(p).input_ids) for p in prompts]
+
+
+def test_sampling_is_seeded_and_top_p_zero_is_greedy(conv, tiny_tokenizer):
+    kw = dict(use_eos=False, temperature=1.5)
+    a = generate(conv, tiny_tokenizer, "A latent", 10, seed=1, **kw).tokens
+    assert a == generate(conv, tiny_tokenizer, "A latent", 10, seed=1, **kw).tokens
+    assert a != generate(conv, tiny_tokenizer, "A latent", 10, seed=2, **kw).tokens
+    greedy = generate(conv, tiny_tokenizer, "A latent", 10, use_eos=False).tokens
+    assert generate(conv, tiny_tokenizer, "A latent", 10, top_p=1e-9, **kw).tokens == greedy
+
+
+def test_stop_strings_eos_and_streaming(conv, tiny_tokenizer):
+    full = generate(conv, tiny_tokenizer, "A latent", 16, use_eos=False)
+    assert full.finish == ["length"] and len(full.tokens[0]) == 16
+    stop = full.texts[0][3:6]
+    pieces = []
+    cut = generate(conv, tiny_tokenizer, "A latent", 16, use_eos=False, stop=(stop,),
+                   stream=lambda i, t: pieces.append(t))
+    assert cut.finish == ["stop"] and cut.texts[0] == full.texts[0][: full.texts[0].find(stop)]
+    assert "".join(pieces) == cut.texts[0]  # what streamed is exactly the final text
+    eos = full.tokens[0][2]
+    conv2 = copy.deepcopy(conv)
+    conv2.generation_config.eos_token_id = eos
+    ended = generate(conv2, tiny_tokenizer, "A latent", 16)
+    assert ended.finish == ["eos"] and ended.tokens[0] == full.tokens[0][:2]
+
+
+def test_bad_generation_input(conv, tiny_tokenizer):
+    with pytest.raises(LatentKVError, match="exceeds the model's context of 512"):
+        generate(conv, tiny_tokenizer, "fox " * 300, 64)
+    with pytest.raises(LatentKVError, match="no prompts"):
+        generate(conv, tiny_tokenizer, [], 4)
+    with pytest.raises(LatentKVError, match="max-new-tokens"):
+        generate(conv, tiny_tokenizer, "A", 0)
+
+
+def test_capacity_cache_refuses_overflow(conv):
+    cache = LatentCache(conv, capacity=5)
+    with torch.no_grad():
+        conv(torch.arange(5)[None], cache=cache, use_cache=True)
+        with pytest.raises(LatentKVError, match="latent cache full"):
+            conv(torch.arange(1)[None], cache=cache, use_cache=True)
