@@ -22,6 +22,7 @@ import torch
 
 from latentkv import convert, load_model, load_text
 from latentkv.methods import make_config
+from latentkv.report import write_section
 from latentkv.sweep import evaluate_row
 
 
@@ -106,19 +107,6 @@ def markdown(args, rows: list[dict]) -> str:
                      + (f" {r['passkey_accuracy']:.0%} |" if passkey else ""))
     lines.append(f"<!-- /quality:{args.section} -->")
     return "\n".join(lines) + "\n"
-
-
-def write_section(path: Path, section: str, body: str) -> None:
-    """Replace this section of BENCHMARKS.md (or append it), writing the file atomically."""
-    old = path.read_text() if path.exists() else "# Benchmarks\n\nEvery table names the command that made it.\n"
-    start, end = f"<!-- quality:{section} -->", f"<!-- /quality:{section} -->\n"
-    if start in old and end in old:
-        new = old[: old.index(start)] + body + old[old.index(end) + len(end):]
-    else:
-        new = old.rstrip("\n") + "\n\n" + body
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(new)
-    tmp.replace(path)
 
 
 def main() -> None:

@@ -1,9 +1,9 @@
 """`latentkv bench`: prefill time, decode speed, memory and cache bytes of a source model and its
 MLA conversion, side by side, with the bandwidth floor each decode step could reach.
 
-Per (variant, context): one batch-1 prefill is timed (chunked, so attention memory stays bounded),
-then its cache is repeated to each batch size and `new_tokens` decode steps are timed; the
-median step gives decode tokens/s. Variants: `source` (transformers' DynamicCache, its own
+Per model and context: one batch-1 prefill is timed (chunked, so attention memory stays bounded),
+then its cache is repeated to each batch size and `new_tokens` decode steps are timed for each
+variant; the median step gives decode tokens/s. Variants: `source` (transformers' DynamicCache, its own
 attention kernel), `latent-expanded` (latent cache, keys/values decompressed every step) and
 `latent-absorbed` (latent cache, absorbed decode). A step must at least read the weights once
 and the whole cache once: `floor_s = step_bytes / bandwidth`, with the bandwidth measured by a
@@ -133,42 +133,51 @@ def decode(model, cache, batch: int, context: int, steps: int, vocab: int) -> li
     return times
 
 
-def measure(model, variant: str, context: int, batches, new_tokens: int, bandwidth: float, seed: int = 0) -> list[dict]:
-    """Rows for one variant at one context: a batch-1 prefill, then decode at each batch size."""
+def measure(model, names: list[str], context: int, batches, new_tokens: int, bandwidth: float, seed: int = 0) -> list[dict]:
+    """Rows for one model at one context: one batch-1 prefill (always the expanded path), then decode
+    at each batch size for each variant name (`source`, `latent-expanded`, `latent-absorbed`)."""
     import copy
 
-    from .generation import cache_tensor_bytes, new_cache
+    from .generation import new_cache
 
-    _set_path(model, variant)
-    rows, base = [], {"variant": variant, "context": context, "new_tokens": new_tokens}
-    reasons = {b: plan(model, context, b, new_tokens, variant == "source") for b in batches}
+    rows, dynamic = [], names == ["source"]
+    reasons = {b: plan(model, context, b, new_tokens, dynamic) for b in batches}
     if all(reasons.values()):
-        return [{**base, "batch": b, "skipped": reasons[b]} for b in batches]
+        return [{"variant": n, "context": context, "batch": b, "skipped": reasons[b]} for n in names for b in batches]
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (1, context), generator=torch.Generator().manual_seed(seed))
     first = new_cache(model, context + new_tokens)
     prefill_s = prefill(model, ids, first)
-    per_token = cache_bytes_per_token(model)
-    for b in batches:
-        if reasons[b]:
-            rows.append({**base, "batch": b, "skipped": reasons[b]})
-            continue
-        cache = copy.deepcopy(first)
-        if b > 1:
-            cache.batch_repeat_interleave(b)
-        reset_peak_rss()
-        times = decode(model, cache, b, context, new_tokens, vocab)
-        step = statistics.median(times)
-        held = cache.nbytes() if hasattr(cache, "nbytes") else cache_tensor_bytes(cache)
-        step_bytes = weight_bytes(model) + per_token * b * context
-        rows.append({**base, "batch": b, "prefill_s": round(prefill_s, 4), "prefill_batch": 1,
-                     "decode_step_s": step, "decode_tokens_per_s": b / step, "cache_bytes": held,
-                     "cache_bytes_formula": per_token * b * (context + new_tokens),
-                     "cache_bytes_per_token": per_token, "peak_rss_bytes": peak_rss(), "step_bytes": step_bytes,
-                     "floor_s": step_bytes / bandwidth, "floor_fraction": step_bytes / bandwidth / step})
-        del cache
+    for name in names:
+        _set_path(model, name)
+        for b in batches:
+            if reasons[b]:
+                rows.append({"variant": name, "context": context, "batch": b, "skipped": reasons[b]})
+                continue
+            cache = copy.deepcopy(first)
+            if b > 1:
+                cache.batch_repeat_interleave(b)
+            reset_peak_rss()
+            times = decode(model, cache, b, context, new_tokens, vocab)
+            rows.append(_row(model, name, context, b, new_tokens, prefill_s, times, cache, bandwidth))
+            del cache
     _set_path(model, "latent-absorbed")
     return rows
+
+
+def _row(model, name, context, batch, new_tokens, prefill_s, times, cache, bandwidth) -> dict:
+    from .generation import cache_tensor_bytes
+
+    step = statistics.median(times)
+    per_token = cache_bytes_per_token(model)
+    held = cache.nbytes() if hasattr(cache, "nbytes") else cache_tensor_bytes(cache)
+    step_bytes = weight_bytes(model) + per_token * batch * context
+    return {"variant": name, "context": context, "batch": batch, "new_tokens": new_tokens,
+            "prefill_s": round(prefill_s, 4), "prefill_batch": 1, "decode_step_s": step,
+            "decode_tokens_per_s": batch / step, "cache_bytes": held,
+            "cache_bytes_formula": per_token * batch * (context + new_tokens), "cache_bytes_per_token": per_token,
+            "peak_rss_bytes": peak_rss(), "step_bytes": step_bytes, "floor_s": step_bytes / bandwidth,
+            "floor_fraction": step_bytes / bandwidth / step}
 
 
 def bench(model, against=None, contexts=(1024, 4096, 8192, 16384), batches=(1, 4, 16), new_tokens: int = 64,
@@ -179,11 +188,14 @@ def bench(model, against=None, contexts=(1024, 4096, 8192, 16384), batches=(1, 4
     if not contexts or not batches or min(contexts) < 1 or min(batches) < 1 or new_tokens < 1:
         raise LatentKVError("bench needs positive --context, --batch and --new-tokens values, e.g. --context 1024,4096 "
                             "--batch 1,4 --new-tokens 64")
-    todo = [(name, m, c) for name, m in variants(model, against) for c in contexts]
+    groups = {}
+    for name, m in variants(model, against):
+        groups.setdefault(id(m), (m, []))[1].append(name)
+    todo = [(m, names, c) for m, names in groups.values() for c in contexts]
     bandwidth = measure_bandwidth()
     rows = []
-    for name, m, context in tqdm(todo, desc="bench", disable=not progress):
-        rows += measure(m, name, context, batches, new_tokens, bandwidth)
+    for m, names, context in tqdm(todo, desc="bench", disable=not progress):
+        rows += measure(m, names, context, batches, new_tokens, bandwidth)
     if all("skipped" in r for r in rows):
         raise LatentKVError(f"no row of the grid fits this machine ({rows[0]['skipped']}); lower --context or --batch")
     return {"bandwidth_bytes_per_s": bandwidth, "threads": torch.get_num_threads(), "rows": rows}
@@ -198,10 +210,11 @@ def plot(result: dict, path: Path) -> None:
 
     fig, (speed, mem) = plt.subplots(1, 2, figsize=(11, 4))
     done = [r for r in result["rows"] if "skipped" not in r]
-    for key in dict.fromkeys((r["variant"], r["batch"]) for r in done):
+    key_of = lambda r: (r["variant"], r["batch"], r.get("budget"))  # noqa: E731 - budget: several conversions
+    for key in dict.fromkeys(key_of(r) for r in done):
         pts = sorted((r["context"], r["decode_tokens_per_s"], r["cache_bytes"] / 2 ** 30) for r in done
-                     if (r["variant"], r["batch"]) == key)
-        label = f"{key[0]} b={key[1]}"
+                     if key_of(r) == key)
+        label = f"{key[0]} b={key[1]}" + (f" @{key[2]:g}" if key[2] is not None and key[0] != "source" else "")
         speed.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
         mem.plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=label)
     speed.set(xlabel="context (tokens)", ylabel="decode tokens/s", xscale="log", yscale="log", title="decode speed")

@@ -36,3 +36,20 @@ def cache_report(model) -> dict:
         "ratio": sum(layers) / (src_values * n),
         "record": record,
     }
+
+
+def write_section(path, section: str, body: str) -> None:
+    """Replace the `<!-- quality:section -->` block of a Markdown file (or append it), atomically.
+    `body` must carry its own start and end markers."""
+    from pathlib import Path
+
+    path = Path(path)
+    old = path.read_text() if path.exists() else "# Benchmarks\n\nEvery table names the command that made it.\n"
+    start, end = f"<!-- quality:{section} -->", f"<!-- /quality:{section} -->\n"
+    if start in old and end in old:
+        new = old[: old.index(start)] + body + old[old.index(end) + len(end):]
+    else:
+        new = old.rstrip("\n") + "\n\n" + body
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(new)
+    tmp.replace(path)

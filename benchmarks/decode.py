@@ -1,0 +1,115 @@
+"""Decode speed, cache memory and bandwidth floor: SmolLM2 vs its MLA conversions -> BENCHMARKS.md.
+
+    python benchmarks/decode.py --budgets 0.5,0.125 --context 512,1024,4096,8192 --batch 1,4
+
+Each budget is converted (calibrated `lowrank` by default), then `latentkv.bench.bench` measures
+the source (first budget only) and both latent decode paths side by side in one process. Rows go
+to a JSON file (kept per budget, so `--resume` skips budgets already measured) and to a section
+of BENCHMARKS.md with the command that made them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from latentkv import convert, load_model
+from latentkv.bench import bench, mem_available, plot
+from latentkv.methods import make_config
+from latentkv.report import write_section
+
+
+def run(args) -> dict:
+    source, tok = load_model(args.model)
+    path = Path(args.json_out)
+    saved = json.loads(path.read_text()) if args.resume and path.is_file() else {"rows": [], "budgets": []}
+    ctx, batch = [int(c) for c in args.context.split(",")], [int(b) for b in args.batch.split(",")]
+    for i, budget in enumerate(float(b) for b in args.budgets.split(",")):
+        if budget in saved["budgets"]:
+            continue
+        conv = convert(source, make_config(kv_budget=budget, method=args.method), tokenizer=tok)
+        against = source if not any(r["variant"] == "source" for r in saved["rows"]) else None
+        result = bench(conv, against, ctx, batch, args.new_tokens)
+        dims = conv.model.layers[0].self_attn.dims
+        for r in result["rows"]:
+            r.update(budget=1.0 if r["variant"] == "source" else budget,
+                     split=None if r["variant"] == "source" else f"{dims.qk_rope_head_dim}+{dims.kv_lora_rank}")
+        saved["rows"] += result["rows"]
+        saved["budgets"].append(budget)
+        saved["bandwidth_bytes_per_s"] = result["bandwidth_bytes_per_s"]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.with_suffix(".tmp").write_text(json.dumps(saved, indent=2))
+        path.with_suffix(".tmp").replace(path)
+        del conv
+    return saved
+
+
+def markdown(args, result: dict) -> str:
+    cmd = "python benchmarks/decode.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    rows = result["rows"]
+    src = {(r["context"], r["batch"]): r for r in rows if r["variant"] == "source" and "skipped" not in r}
+    lines = [f"<!-- quality:{args.section} -->", f"### Decode speed and cache memory: {args.model}", "",
+             f"Command: `{cmd}`  ", f"Machine: {platform.machine()} CPU, {torch.get_num_threads()} threads, "
+             f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}; streaming-read bandwidth "
+             f"{result['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s. fp32. Prefill is timed at batch 1 (chunks of 1024); "
+             f"decode = median of {args.new_tokens} steps; speed-up = decode tokens/s over the source's at the same "
+             "context and batch; floor = (weights + cache bytes a step reads) / bandwidth.", "",
+             "| budget (rope+latent) | variant | context | batch | prefill s | decode tok/s | speed-up | cache MiB "
+             "| peak RSS GiB | floor ms | step ms | of floor |", "|---|---|" + "---:|" * 10]
+    for r in rows:
+        head = f"| {r['budget']:g} ({r.get('split') or 'source'}) | {r['variant']} | {r['context']} | {r['batch']} |"
+        if "skipped" in r:
+            lines.append(f"{head} skipped: {r['skipped']} |" + " |" * 7)
+            continue
+        base = src.get((r["context"], r["batch"]))
+        speed = f"{r['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}x" if base else "-"
+        lines.append(f"{head} {r['prefill_s']:.2f} | {r['decode_tokens_per_s']:.1f} | {speed} | "
+                     f"{r['cache_bytes'] / 2 ** 20:.1f} | {r['peak_rss_bytes'] / 2 ** 30:.2f} | {r['floor_s'] * 1e3:.1f} "
+                     f"| {r['decode_step_s'] * 1e3:.1f} | {r['floor_fraction']:.0%} |")
+    lines += ["", capacity(rows), f"<!-- /quality:{args.section} -->"]
+    return "\n".join(lines) + "\n"
+
+
+def capacity(rows: list[dict]) -> str:
+    """How many cached tokens (batch x context) fit in this machine's free memory, per variant."""
+    free = mem_available()
+    per = {}
+    for r in rows:
+        if "skipped" not in r:
+            per.setdefault(f"{r['budget']:g} {r['variant'] if r['variant'] == 'source' else 'latent'}",
+                           r["cache_bytes_per_token"])
+    src = per.get("1 source")
+    parts = [f"{k}: {free // v:,} tokens ({v:,} B/token)" + (f", {src / v:.1f}x the source" if src else "")
+             for k, v in per.items()]
+    return f"Cache capacity in the {free / 2 ** 30:.1f} GiB now free: " + "; ".join(parts) + "."
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--budgets", default="0.5,0.125")
+    p.add_argument("--method", default=None, help="conversion method (default: calibrated lowrank)")
+    p.add_argument("--context", default="512,1024,4096,8192")
+    p.add_argument("--batch", default="1,4")
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--section", default="decode")
+    p.add_argument("--json-out", default="runs/decode.json")
+    p.add_argument("--plot", default="docs/decode.png")
+    p.add_argument("--md", default="BENCHMARKS.md")
+    p.add_argument("--resume", action="store_true", help="skip budgets already in --json-out")
+    args = p.parse_args()
+    result = run(args)
+    write_section(Path(args.md), args.section, markdown(args, result))
+    Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
+    plot(result, Path(args.plot))
+
+
+if __name__ == "__main__":
+    main()
