@@ -68,6 +68,19 @@ def weight_bytes(model) -> int:
     return total
 
 
+def step_weight_bytes(model, variant: str) -> int:
+    """Weight bytes a decode step of `variant` reads: everything, except that the absorbed path reads
+    each MLA layer's pre-folded decode weights instead of its projections (`decode_weight_bytes`)."""
+    from .mla import MLAAttention
+
+    total = weight_bytes(model)
+    if variant == "latent-absorbed":
+        for m in model.modules():
+            if isinstance(m, MLAAttention):
+                total += m.decode_weight_bytes() - sum(p.numel() * p.element_size() for p in m.parameters())
+    return total
+
+
 def cache_bytes_per_token(model) -> int:
     """Cache bytes one token of one sequence occupies: latent for converted models, K/V otherwise."""
     from .report import cache_report
@@ -171,7 +184,7 @@ def _row(model, name, context, batch, new_tokens, prefill_s, times, cache, bandw
     step = statistics.median(times)
     per_token = cache_bytes_per_token(model)
     held = cache.nbytes() if hasattr(cache, "nbytes") else cache_tensor_bytes(cache)
-    step_bytes = weight_bytes(model) + per_token * batch * context
+    step_bytes = step_weight_bytes(model, name) + per_token * batch * context
     return {"variant": name, "context": context, "batch": batch, "new_tokens": new_tokens,
             "prefill_s": round(prefill_s, 4), "prefill_batch": 1, "decode_step_s": step,
             "decode_tokens_per_s": batch / step, "cache_bytes": held,

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -141,23 +142,22 @@ class MLAAttention(nn.Module):
         """hidden_states (B, t, D) -> (B, t, D), attention weights or None."""
         d = self.dims
         path = kwargs.pop("mla_path", None) or self.path
-        q_nope, q_pe = self._query(hidden_states).split([d.qk_nope_head_dim, d.qk_rope_head_dim], -1)
         c_kv, k_pe = self._latent(hidden_states)
         cos, sin = select_rope(*position_embeddings, self.rope_freq_idx)
-        q_pe = q_pe * cos + rotate_half(q_pe) * sin  # (B, h, t, p)
         k_pe = k_pe * cos + rotate_half(k_pe) * sin  # (B, 1, t, p)
         joint = None
         if cache is not None:
             c_kv, k_pe = cache.update(c_kv, k_pe, self.layer_idx)  # (B, 1, s, r), (B, 1, s, p)
             joint = cache.joint(self.layer_idx) if hasattr(cache, "joint") else None
-        if path == "auto":
-            path = "absorbed" if q_pe.shape[2] == 1 and c_kv.shape[2] > 1 else "expanded"
-        if path == "absorbed" and q_pe.shape[2] == 1 and not kwargs.get("output_attentions"):
-            out, weights = self._decode(q_nope, q_pe, c_kv, k_pe, joint, attention_mask)
-        else:
-            attend = self._absorbed if path == "absorbed" else self._expanded
-            out, weights = attend(q_nope, q_pe, c_kv, k_pe, attention_mask, **kwargs)
         b, t = hidden_states.shape[:2]
+        if path == "auto":
+            path = "absorbed" if t == 1 and c_kv.shape[2] > 1 else "expanded"
+        if path == "absorbed" and t == 1 and not kwargs.get("output_attentions"):
+            return self._decode(hidden_states, cos, sin, c_kv, k_pe, joint, attention_mask), None
+        q_nope, q_pe = self._query(hidden_states).split([d.qk_nope_head_dim, d.qk_rope_head_dim], -1)
+        q_pe = q_pe * cos + rotate_half(q_pe) * sin  # (B, h, t, p)
+        attend = self._absorbed if path == "absorbed" else self._expanded
+        out, weights = attend(q_nope, q_pe, c_kv, k_pe, attention_mask, **kwargs)
         return self.o_proj(out.reshape(b, t, -1)), weights
 
     def _kernel(self) -> Callable:
@@ -184,23 +184,80 @@ class MLAAttention(nn.Module):
         o_lat, weights = self._kernel()(view, query, key, c_kv, mask, scaling=d.softmax_scale, **kwargs)
         return torch.einsum("bthr,hvr->bthv", o_lat, w_uv), weights  # o_lat (B, t, h, r)
 
-    def _decode(self, q_nope, q_pe, c_kv, k_pe, joint, mask):
-        """One new token per sequence, absorbed: the heads fold into the query axis, so a step is two
-        batched matmuls over the latent cache, read as one (T, r + p) matrix per sequence with no
-        per-head copy (an MQA-shaped read) -> (B, 1, h, v).
+    def _decode(self, x, cos, sin, c_kv, k_pe, joint, mask) -> torch.Tensor:
+        """One new token per sequence, absorbed -> (B, 1, D). The heads fold into the query axis, so a
+        step is two batched matmuls over the latent cache, read as one (T, r + p) matrix per sequence
+        with no per-head copy (an MQA-shaped read); W_uk/W_uv come pre-folded into the query and
+        output projections where that reads fewer weight bytes (`decode_folds`).
 
-        q_nope (B, h, 1, n), q_pe (B, h, 1, p), c_kv (B, 1, T, r), k_pe (B, 1, T, p); joint: the cache's
-        own [c_kv, k_pe] buffer (B, 1, T, r + p) or None (then it is concatenated here).
+        x (B, 1, D); cos/sin (B, 1, 1, p); c_kv (B, 1, T, r), k_pe (B, 1, T, p); joint: the cache's own
+        [c_kv, k_pe] buffer (B, 1, T, r + p) or None (then it is concatenated here).
         """
-        d = self.dims
-        w_uk, w_uv = self.absorbed_weights()
-        q_lat = torch.einsum("bhn,hnr->bhr", q_nope[:, :, 0], w_uk)
-        query = torch.cat((q_lat, q_pe[:, :, 0]), -1)  # (B, h, r + p)
+        d, b = self.dims, x.shape[0]
+        folds = self.decode_folds()
+        if folds["q"] is not None:
+            q_lat, q_pe = F.linear(self._q_input(x), folds["q"], folds["q_bias"]).view(
+                b, d.num_heads, -1).split([d.kv_lora_rank, d.qk_rope_head_dim], -1)
+        else:
+            q_nope, q_pe = self._query(x)[:, :, 0].split([d.qk_nope_head_dim, d.qk_rope_head_dim], -1)
+            q_lat = torch.einsum("bhn,hnr->bhr", q_nope, self.absorbed_weights()[0])
+        q_pe = q_pe * cos[:, 0] + rotate_half(q_pe) * sin[:, 0]  # (B, h, p)
+        query = torch.cat((q_lat, q_pe), -1)  # (B, h, r + p)
         key = (joint if joint is not None else torch.cat((c_kv, k_pe), -1))[:, 0]  # (B, T, r + p)
         scores = torch.bmm(query, key.transpose(1, 2)).float() * d.softmax_scale  # (B, h, T)
         if mask is not None:
             mask = mask[:, 0, -1:, : key.shape[1]]  # (B, 1, T): the new token's row
             scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-        probs = torch.softmax(scores, -1).to(key.dtype)
-        o_lat = torch.bmm(probs, key[..., : d.kv_lora_rank])  # (B, h, r)
-        return torch.einsum("bhr,hvr->bhv", o_lat, w_uv)[:, None], None
+        o_lat = torch.bmm(torch.softmax(scores, -1).to(key.dtype), key[..., : d.kv_lora_rank])  # (B, h, r)
+        if folds["o"] is not None:
+            return F.linear(o_lat.reshape(b, 1, -1), folds["o"], self.o_proj.bias)
+        out = torch.einsum("bhr,hvr->bhv", o_lat, self.absorbed_weights()[1])
+        return self.o_proj(out.reshape(b, 1, -1))
+
+    def _q_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.dims.q_lora_rank is None else self.q_a_layernorm(self.q_a_proj(x))
+
+    def decode_folds(self) -> dict:
+        """Absorbed decode weights, computed once and reused until a weight changes (its version or
+        storage): q (h*(r + p), D_q) = [W_uk^T W_q_nope; W_q_rope] per head, o (D, h*r) = W_o W_uv.
+        Each is None where folding would read more bytes than the views (or while autograd is on,
+        so training sees the real parameters)."""
+        d, h = self.dims, self.dims.num_heads
+        lin = self.q_proj if d.q_lora_rank is None else self.q_b_proj
+        params = (lin.weight, lin.bias, self.kv_b_proj.weight, self.o_proj.weight)
+        key = tuple((p.data_ptr(), p._version, p.dtype) for p in params if p is not None)
+        if torch.is_grad_enabled():
+            return {"q": None, "q_bias": None, "o": None}
+        if getattr(self, "_folds_key", None) != key:
+            self._folds, self._folds_key = self._compute_folds(lin), key
+        return self._folds
+
+    def _compute_folds(self, lin: nn.Linear) -> dict:
+        d, h, n, r = self.dims, self.dims.num_heads, self.dims.qk_nope_head_dim, self.dims.kv_lora_rank
+        w_uk, w_uv = self.absorbed_weights()
+        d_in, v = lin.weight.shape[1], d.v_head_dim
+        out = {"q": None, "q_bias": None, "o": None}
+        if r * d_in < n * d_in + n * r:  # folded query rows are fewer bytes than W_q_nope + W_uk
+            wq = lin.weight.view(h, n + d.qk_rope_head_dim, d_in)
+            out["q"] = torch.cat((torch.einsum("hnr,hnD->hrD", w_uk, wq[:, :n]), wq[:, n:]), 1).reshape(-1, d_in)
+            if lin.bias is not None:
+                bq = lin.bias.view(h, -1)
+                out["q_bias"] = torch.cat((torch.einsum("hnr,hn->hr", w_uk, bq[:, :n]), bq[:, n:]), 1).reshape(-1)
+        if d.hidden_size * r < d.hidden_size * v + v * r:  # W_o W_uv is smaller than W_o + W_uv
+            wo = self.o_proj.weight.view(d.hidden_size, h, v)
+            out["o"] = torch.einsum("Dhv,hvr->Dhr", wo, w_uv).reshape(d.hidden_size, -1)
+        return out
+
+    def decode_weight_bytes(self) -> int:
+        """Weight bytes one absorbed decode step reads in this layer."""
+        with torch.no_grad():
+            folds = self.decode_folds()
+        d = self.dims
+        lin = self.q_proj if d.q_lora_rank is None else self.q_b_proj
+        size = lambda t: 0 if t is None else t.numel() * t.element_size()  # noqa: E731
+        q = size(folds["q"]) + size(folds["q_bias"]) if folds["q"] is not None else (
+            size(lin.weight) + size(lin.bias) + size(self.absorbed_weights()[0]))
+        o = size(folds["o"]) if folds["o"] is not None else size(self.o_proj.weight) + size(self.absorbed_weights()[1])
+        rest = sum(size(p) for name, p in self.named_parameters()
+                   if not name.startswith(("q_proj", "q_b_proj", "kv_b_proj", "o_proj.weight")))
+        return q + o + rest

@@ -22,10 +22,17 @@ def conv():
     return convert(make_tiny("llama-gqa", layers=3), SVDConfig(kv_budget=0.25), progress=False)
 
 
-@pytest.mark.parametrize("family", sorted(TINY))
-def test_absorbed_expanded_and_uncached_decode_agree(family):
+@pytest.mark.parametrize("family, config", [(f, SVDConfig(kv_budget=0.5)) for f in sorted(TINY)] + [
+    ("llama-mha", SVDConfig(kv_lora_rank=8, qk_rope_head_dim=8)),  # small r: W_uk/W_uv pre-folded
+    ("qwen2-bias", SVDConfig(kv_lora_rank=4, qk_rope_head_dim=4))])
+def test_absorbed_expanded_and_uncached_decode_agree(family, config):
     """Step logits of absorbed decode (capacity cache), expanded decode and a full uncached forward."""
-    conv = convert(make_tiny(family), SVDConfig(kv_budget=0.5), progress=False)
+    conv = convert(make_tiny(family), config, progress=False)
+    attn = conv.model.layers[0].self_attn
+    if config.kv_lora_rank is not None:  # the explicit small ranks must exercise both folds
+        with torch.no_grad():
+            assert attn.decode_folds()["q"] is not None and attn.decode_folds()["o"] is not None
+        assert attn.decode_weight_bytes() < sum(p.numel() * 4 for p in attn.parameters())
     torch.manual_seed(0)
     seq = torch.randint(0, 320, (2, 20))
     with torch.no_grad():
