@@ -151,7 +151,7 @@ class MLAAttention(nn.Module):
             joint = cache.joint(self.layer_idx) if hasattr(cache, "joint") else None
         b, t = hidden_states.shape[:2]
         if path == "auto":
-            path = "absorbed" if t == 1 and c_kv.shape[2] > 1 else "expanded"
+            path = "absorbed" if (t == 1 and c_kv.shape[2] > 1) or self.absorbed_is_cheaper() else "expanded"
         if path == "absorbed" and t == 1 and not kwargs.get("output_attentions"):
             return self._decode(hidden_states, cos, sin, c_kv, k_pe, joint, attention_mask), None
         q_nope, q_pe = self._query(hidden_states).split([d.qk_nope_head_dim, d.qk_rope_head_dim], -1)
@@ -159,6 +159,12 @@ class MLAAttention(nn.Module):
         attend = self._absorbed if path == "absorbed" else self._expanded
         out, weights = attend(q_nope, q_pe, c_kv, k_pe, attention_mask, **kwargs)
         return self.o_proj(out.reshape(b, t, -1)), weights
+
+    def absorbed_is_cheaper(self) -> bool:
+        """Multi-token attention over the latents costs (r + p) + r per query-key pair and head, the
+        expanded one (n + p) + v: at small ranks the absorbed path is cheaper for prefill too."""
+        d = self.dims
+        return 2 * d.kv_lora_rank + d.qk_rope_head_dim < d.qk_nope_head_dim + d.qk_rope_head_dim + d.v_head_dim
 
     def _kernel(self) -> Callable:
         return ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention)

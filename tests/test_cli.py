@@ -166,3 +166,14 @@ def test_bench_end_to_end(capsys, converted_dir, source_dir, tmp_path):
     assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG" and (out / "bench.json").is_file()
     code, _, err = run(capsys, "bench", converted_dir, "--context", "600", "--batch", "1", "--out", tmp_path / "b2")
     assert code == 2 and "no row of the grid fits" in err
+
+
+def test_generate_ctrl_c_is_one_line(capsys, converted_dir, monkeypatch):
+    import latentkv.generation
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(latentkv.generation, "generate", interrupted)
+    code, _, err = run(capsys, "generate", converted_dir, "The quick")
+    assert code == 130 and "interrupted" in err and "Traceback" not in err

@@ -112,3 +112,14 @@ def test_capacity_cache_refuses_overflow(conv):
         conv(torch.arange(5)[None], cache=cache, use_cache=True)
         with pytest.raises(LatentKVError, match="latent cache full"):
             conv(torch.arange(1)[None], cache=cache, use_cache=True)
+
+
+def test_interrupt_leaves_the_model_usable(conv, tiny_tokenizer):
+    before = generate(conv, tiny_tokenizer, "A latent", 8, use_eos=False).tokens
+
+    def ctrl_c(i, text):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        generate(conv, tiny_tokenizer, "A latent", 8, use_eos=False, stream=ctrl_c)
+    assert generate(conv, tiny_tokenizer, "A latent", 8, use_eos=False).tokens == before
