@@ -67,9 +67,11 @@ def evaluate_row(model, tokenizer, corpus: str, seq_len: int, max_windows, passk
 
     rep = cache_report(model)
     ppl = perplexity(model, tokenizer, corpus, seq_len=seq_len, max_windows=max_windows, progress=progress)
-    first = (rep["record"] or {}).get("layers", [{}])[0]
-    row = {"kv_lora_rank": first.get("kv_lora_rank"), "qk_rope_head_dim": first.get("qk_rope_head_dim"),
-           "cache_values_per_token_per_layer": rep["model"]["values_per_token_per_layer"][0],
+    layers = (rep["record"] or {}).get("layers", [{}])
+    values = rep["model"]["values_per_token_per_layer"]
+    row = {"kv_lora_rank": _mean(d.get("kv_lora_rank") for d in layers),
+           "qk_rope_head_dim": _mean(d.get("qk_rope_head_dim") for d in layers),
+           "cache_values_per_token_per_layer": _mean(values),
            "cache_bytes_per_token": rep["model"]["bytes_per_token"], "ppl": ppl.ppl, "tokens": ppl.tokens,
            "windows": ppl.windows, "ppl_ratio": 1.0}
     if passkey_contexts:
@@ -77,6 +79,14 @@ def evaluate_row(model, tokenizer, corpus: str, seq_len: int, max_windows, passk
 
         row["passkey_accuracy"] = passkey(model, tokenizer, contexts=passkey_contexts, progress=progress)["accuracy"]
     return row
+
+
+def _mean(values):
+    """One number for per-layer dims: the common value, or the mean when layers differ (rank allocation)."""
+    values = list(values)
+    if None in values:
+        return None
+    return values[0] if len(set(values)) == 1 else round(sum(values) / len(values), 1)
 
 
 def markdown(result: dict, command: str) -> str:
