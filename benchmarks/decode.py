@@ -1,6 +1,6 @@
 """Decode speed, cache memory and bandwidth floor: SmolLM2 vs its MLA conversions -> BENCHMARKS.md.
 
-    python benchmarks/decode.py --budgets 0.5,0.125 --context 512,1024,4096,8192 --batch 1,4
+    python benchmarks/decode.py --budgets 0.5,0.125 --context 512,1024,4096,8160 --batch 1,4
 
 Each budget is converted (calibrated `lowrank` by default), then `latentkv.bench.bench` measures
 the source (first budget only) and both latent decode paths side by side in one process. Rows go
@@ -96,7 +96,7 @@ def main() -> None:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--budgets", default="0.5,0.125")
     p.add_argument("--method", default=None, help="conversion method (default: calibrated lowrank)")
-    p.add_argument("--context", default="512,1024,4096,8192")
+    p.add_argument("--context", default="512,1024,4096,8160", help="SmolLM2 has 8192 positions: 8160 + 32 new fit")
     p.add_argument("--batch", default="1,4")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--section", default="decode")
