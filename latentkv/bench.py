@@ -147,7 +147,7 @@ def decode(model, cache, batch: int, context: int, steps: int, vocab: int) -> li
 
 
 def measure(model, names: list[str], context: int, batches, new_tokens: int, bandwidth: float, seed: int = 0) -> list[dict]:
-    """Rows for one model at one context: one batch-1 prefill (always the expanded path), then decode
+    """Rows for one model at one context: one batch-1 prefill (the model's own path choice), then decode
     at each batch size for each variant name (`source`, `latent-expanded`, `latent-absorbed`)."""
     import copy
 
@@ -183,7 +183,7 @@ def _row(model, name, context, batch, new_tokens, prefill_s, times, cache, bandw
 
     step = statistics.median(times)
     per_token = cache_bytes_per_token(model)
-    held = cache.nbytes() if hasattr(cache, "nbytes") else cache_tensor_bytes(cache)
+    held = cache_tensor_bytes(cache)
     step_bytes = step_weight_bytes(model, name) + per_token * batch * context
     return {"variant": name, "context": context, "batch": batch, "new_tokens": new_tokens,
             "prefill_s": round(prefill_s, 4), "prefill_batch": 1, "decode_step_s": step,

@@ -132,7 +132,7 @@ def generate(model, tokenizer, prompts: str | list[str], max_new_tokens: int = 6
                        use_cache=True).logits[:, -1]
         out.timings.append(time.perf_counter() - t)
     out.decode_s, out.decode_steps = sum(out.timings), len(out.timings)
-    out.cache_bytes = cache.nbytes() if hasattr(cache, "nbytes") else cache_tensor_bytes(cache)
+    out.cache_bytes = cache_tensor_bytes(cache)
     return out
 
 
@@ -164,6 +164,9 @@ def _stream(out: Generation, stream, streamed: list[int], stop) -> None:
 
 
 def cache_tensor_bytes(cache) -> int:
-    """Bytes held by a transformers cache's key/value tensors."""
+    """Bytes held by a cache's tensors: a LatentCache reports its own, a transformers cache is summed
+    over its layers' key/value tensors."""
+    if hasattr(cache, "nbytes"):
+        return cache.nbytes()
     return sum(t.numel() * t.element_size() for layer in getattr(cache, "layers", [])
                for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if t is not None and t.numel())

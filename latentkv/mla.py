@@ -228,12 +228,11 @@ class MLAAttention(nn.Module):
         storage): q (h*(r + p), D_q) = [W_uk^T W_q_nope; W_q_rope] per head, o (D, h*r) = W_o W_uv.
         Each is None where folding would read more bytes than the views (or while autograd is on,
         so training sees the real parameters)."""
-        d, h = self.dims, self.dims.num_heads
-        lin = self.q_proj if d.q_lora_rank is None else self.q_b_proj
-        params = (lin.weight, lin.bias, self.kv_b_proj.weight, self.o_proj.weight)
-        key = tuple((p.data_ptr(), p._version, p.dtype) for p in params if p is not None)
         if torch.is_grad_enabled():
             return {"q": None, "q_bias": None, "o": None}
+        lin = self.q_proj if self.dims.q_lora_rank is None else self.q_b_proj
+        params = (lin.weight, lin.bias, self.kv_b_proj.weight, self.o_proj.weight)
+        key = tuple((p.data_ptr(), p._version, p.dtype) for p in params if p is not None)
         if getattr(self, "_folds_key", None) != key:
             self._folds, self._folds_key = self._compute_folds(lin), key
         return self._folds
