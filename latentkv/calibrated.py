@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from .calibrate import InputStats, Moments, calibration_batches, check_not_test_split, collect_stats
 from .errors import LatentKVError
-from .families import SourceLayout
+from .families import SourceLayout, sliding_window
 from .methods import LowRankConfig, budget_values, max_rank, rope_grid
 
 HELD_OUT = 4  # calibration windows kept aside to score candidate splits
@@ -65,8 +65,14 @@ def convert_calibrated(model, layout: SourceLayout, config: LowRankConfig, token
         choice = {**(choice or {}), "allocation": alloc}
         dims = [tuple(d) for d in alloc["dims"]]
     if config.sequential:
-        return convert_sequential(model, layout, config, dims, fit, progress), choice
-    return convert_oneshot(model, layout, config, dims, oneshot, progress), choice
+        new = convert_sequential(model, layout, config, dims, fit, progress)
+    else:
+        new = convert_oneshot(model, layout, config, dims, oneshot, progress)
+    if config.latent_norm:
+        from .latent_norm import add_latent_norm
+
+        choice = {**(choice or {}), "latent_norm": add_latent_norm(new, fit, progress)}
+    return new, choice
 
 
 def oneshot_stats(model, ids: torch.Tensor, cache: dict | None = None, progress: bool = False,
@@ -154,7 +160,7 @@ def convert_sequential(model, layout, config, dims, batches: torch.Tensor, progr
             cross.add(x_src, x_new)
         stats = InputStats(sigma.second(), cross.second())
         convert_layer(model, new, i, layout, config, dims[i], stats)
-        mask = causal_mask(batches.shape[1], getattr(src_layer.self_attn, "sliding_window", None))
+        mask = causal_mask(batches.shape[1], sliding_window(model.config, src_layer.self_attn, i))
         h_src = _run(src_layer, h_src, rope, pos, mask)
         h_new = _run(new.model.layers[i], h_new, rope, pos, mask)
     return new

@@ -19,11 +19,18 @@ def _convert(a) -> dict:
     config = make_config(a.kv_budget, a.kv_lora_rank, a.qk_rope_head_dim, a.method, a.kv_values, rope=a.rope,
                          factorizer=a.factorizer, sequential=True if a.sequential else None, calib=a.calib,
                          calib_samples=a.calib_samples, calib_seq_len=a.calib_seq_len,
-                         rank_allocation=a.rank_allocation, attn_moment=a.attn_moment)
+                         rank_allocation=a.rank_allocation, attn_moment=a.attn_moment,
+                         latent_norm=True if a.latent_norm else None, target=a.target)
     check_output_dir(a.out, a.overwrite)
     t0 = time.perf_counter()
     model, tok = load_model(a.source, trust_remote_code=a.trust_remote_code)
     converted = convert(model, config, tokenizer=tok)
+    if a.target:
+        from .export import exportable_dims, kernel_warning
+
+        warning = kernel_warning(exportable_dims(converted))
+        if warning:
+            print(warning, file=sys.stderr)
     save(converted, tok, a.out, overwrite=a.overwrite)
     rep = cache_report(converted)
     first = rep["record"]["layers"][0]
@@ -145,6 +152,40 @@ def _bench(a) -> dict:
     return {**result, "out": a.out}
 
 
+def _export(a) -> dict:
+    from .export import export
+
+    export(a.model, a.out, fmt=a.format, overwrite=a.overwrite, max_shard_size=a.max_shard_size)
+    return {"out": a.out, "format": a.format}
+
+
+def _verify_export(a) -> dict:
+    from .verify import verify_export
+
+    text = None
+    if a.text:
+        from .text import load_text
+
+        text = load_text(a.text)
+    result = verify_export(a.out, a.against, text=text, tokens=a.tokens, atol=a.atol)
+    if not result["passed"]:
+        a.exit_code = 1
+    return result
+
+
+def _load(a) -> dict:
+    from .loading import load_model
+    from .report import cache_report
+
+    model, _ = load_model(a.model)
+    if a.out:
+        from .checkpoint import save
+
+        save(model, _, a.out, overwrite=a.overwrite)
+    rep = cache_report(model)
+    return {**rep, "out": a.out}
+
+
 def _print_human(cmd: str, result: dict) -> None:
     if cmd == "generate":
         if not result["streamed"]:
@@ -175,7 +216,14 @@ def _print_human(cmd: str, result: dict) -> None:
         from .demo import print_demo
 
         return print_demo(result)
-    if cmd == "info":
+    if cmd == "verify-export":
+        verdict = "PASSED" if result["passed"] else "FAILED"
+        print(f"{verdict}: max |logit diff| {result['max_abs_diff']:.2e} (atol {result['atol']:g}) over "
+              f"{result['tokens']} tokens, greedy agreement {result['greedy_agreement']:.1%}, greedy generation "
+              f"{'identical' if result['generation_match'] else 'DIFFERS'}, stock cache "
+              f"{result['cache_bytes_per_token']:,} bytes/token (latent: {result['expected_cache_bytes_per_token']:,})")
+        return
+    if cmd in ("info", "load"):
         src, mod = result["source"], result["model"]
         print(f"architecture: {result['architecture']}  dtype: {result['dtype']}  layers: {result['num_layers']}")
         vals = mod["values_per_token_per_layer"]
@@ -208,7 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
         return s
 
     from .factorizers import FACTORIZERS
-    from .methods import RANK_ALLOCATIONS
+    from .export import FORMATS
+    from .methods import RANK_ALLOCATIONS, TARGETS
     from .rope import ROPE_STRATEGIES
 
     c = add("convert", _convert, "convert SOURCE (hub id, HF dir, .gguf, smollm2-135m) to MLA and save it to --out")
@@ -235,7 +284,31 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calib", help="lowrank: calibration text file or name (default wikitext2-valid)")
     c.add_argument("--calib-samples", type=int, help="lowrank: calibration windows (default 32)")
     c.add_argument("--calib-seq-len", type=int, help="lowrank: tokens per calibration window (default 512)")
+    c.add_argument("--latent-norm", action="store_true",
+                   help="lowrank: fit the latent RMSNorm (kv_a_layernorm) stock DeepSeek-V3 engines apply")
+    c.add_argument("--target", choices=list(TARGETS),
+                   help="make every choice the export to this format can express (deepseek_v3: rope rorope-export, "
+                        "latent norm, uniform ranks, no latent bias)")
     c.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+    x = add("export", _export, "write a converted DIR as a stock DeepSeek-V3 checkpoint (transformers, vLLM, SGLang)")
+    x.add_argument("model", help="a latentkv convert output")
+    x.add_argument("--out", required=True, help="output directory (written atomically)")
+    x.add_argument("--format", default="deepseek_v3", choices=list(FORMATS))
+    x.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB or 500MB")
+    x.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+    v = add("verify-export", _verify_export, "load an export with stock transformers and compare it with our runtime")
+    v.add_argument("out", help="a `latentkv export` output")
+    v.add_argument("--against", required=True, help="the latentkv convert output it was exported from")
+    v.add_argument("--text", help="sample text file or name (default: a built-in paragraph)")
+    v.add_argument("--tokens", type=int, default=128, help="sample tokens compared")
+    v.add_argument("--atol", type=float, default=1e-3, help="largest logit difference that passes (fp32)")
+
+    lo = add("load", _load, "read a DeepSeek-V3 checkpoint (an export or anyone's) into the latentkv runtime")
+    lo.add_argument("model")
+    lo.add_argument("--out", help="also save it in latentkv's native format here")
+    lo.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
     e = add("eval", _eval, "perplexity and/or passkey retrieval of MODEL_OR_DIR")
     e.add_argument("model")
@@ -307,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result, default=str))
     else:
         _print_human(args.cmd, result)
-    return 0
+    return getattr(args, "exit_code", 0)
 
 
 if __name__ == "__main__":

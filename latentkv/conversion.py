@@ -11,7 +11,8 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .errors import LatentKVError
-from .families import SourceAttention, SourceLayout, attention_layers, read_attention, source_layout
+from .families import (SourceAttention, SourceLayout, attention_layers, read_attention, sliding_window,
+                       source_layout)
 from .layers import CONVERTERS
 from .methods import LowRankConfig, config_to_dict, max_rank, rope_grid
 from .mla import MLAAttention, MLADims
@@ -49,7 +50,8 @@ def install_layer(model, i: int, dims: MLADims, state: dict | None = None) -> ML
     """Swap layer i's `self_attn` for an MLAAttention (in place); load `state` if given."""
     layer = model.model.layers[i]
     ref = next(layer.self_attn.parameters())
-    attn = MLAAttention(dims, model.config, i).to(device=ref.device, dtype=ref.dtype)
+    window = sliding_window(model.config, layer.self_attn, i)
+    attn = MLAAttention(dims, model.config, i, window).to(device=ref.device, dtype=ref.dtype)
     if state is not None:
         attn.load_state_dict(state)
     layer.self_attn = attn

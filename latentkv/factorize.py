@@ -71,14 +71,22 @@ def stack_nope_kv(parts: dict, src: SourceAttention) -> torch.Tensor:
     return torch.cat((parts["k_nope"].flatten(0, 1), augment(src.w_v, src.b_v)))
 
 
-def low_rank(w: torch.Tensor, rank: int, stats=None, metric: torch.Tensor | None = None):
+def low_rank(w: torch.Tensor, rank: int, stats=None, metric: torch.Tensor | None = None, bias_free: bool = False):
     """min over rank-r B A of E|L (W - B A) x|^2, with E[x x^T] = stats.sigma and L^T L = metric.
 
     w (m, D+1) -> A (r, D+1), B (m, r). SVD of L W sigma^1/2 gives the latent; then B is the
     least-squares refit given A (it does not depend on L), against the source's inputs when
     `stats.cross` is set. Latent dims come out with unit second moment when stats are given.
-    stats/metric None: identity (weight-only SVD).
+    stats/metric None: identity (weight-only SVD). `bias_free`: A's constant column stays 0 (the
+    latent gets no bias, as DeepSeek-V3 engines require); needs w without biases.
     """
+    if bias_free:
+        from .calibrate import InputStats
+
+        inner = None if stats is None else InputStats(
+            stats.sigma[:-1, :-1], None if stats.cross is None else stats.cross[:-1, :-1])
+        a, b = low_rank(w[:, :-1], rank, inner, metric)
+        return torch.cat((a, a.new_zeros(a.shape[0], 1)), 1), b
     (u, s, vh), (s_inv_half, l_inv_half) = _weighted_svd(w, stats, metric)
     a = vh[:rank] @ s_inv_half  # (r, D+1)
     b = l_inv_half @ u[:, :rank] * s[:rank]

@@ -127,3 +127,14 @@ def read_attention(attn) -> SourceAttention:
         attn.o_proj.weight.detach(), b(attn.q_proj), b(attn.k_proj), b(attn.v_proj), b(attn.o_proj),
         float(attn.scaling),
     )
+
+
+def sliding_window(config, attn, i: int) -> int | None:
+    """Layer i's attention window (None: global). Qwen2 keeps it on the module, Mistral on the config,
+    Gemma-style models in `layer_types`."""
+    if hasattr(attn, "sliding_window"):
+        return attn.sliding_window
+    types = getattr(config, "layer_types", None)
+    if types:
+        return getattr(config, "sliding_window", None) if types[i] == "sliding_attention" else None
+    return getattr(config, "sliding_window", None)

@@ -50,7 +50,8 @@ def bundled_gguf(name: str) -> Path:
 
 def load_model(source: str | os.PathLike, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
                progress: bool = True):
-    """-> (model in eval mode, tokenizer). Converted dirs (with `latentkv.json`) load our MLA runtime."""
+    """-> (model in eval mode, tokenizer). Converted dirs (with `latentkv.json`) and DeepSeek-V3
+    checkpoints (our exports or anyone's) load into our MLA runtime."""
     src = str(source)
     if src in BUNDLED:
         model, tok = _load_gguf(bundled_gguf(src), dtype, progress)
@@ -66,6 +67,10 @@ def load_model(source: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
             from .checkpoint import load
 
             return load(path, dtype=dtype)
+        from .engine_import import is_engine_checkpoint, load_engine_checkpoint
+
+        if is_engine_checkpoint(path):
+            return load_engine_checkpoint(path, dtype=dtype)
         if not (path / "config.json").is_file():
             raise LatentKVError(f"{src} is a directory but holds no config.json or latentkv.json; "
                                 "point to a Hugging Face model directory or a latentkv output")

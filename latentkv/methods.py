@@ -121,6 +121,7 @@ class LowRankConfig:
     sequential: bool = False  # measured worse than one-shot on SmolLM2 (see the issue notes); kept to compare
     attn_moment: float = 0.3  # weight of the attention-averaged input moment in the statistics (calibrate.py)
     rank_allocation: str = "uniform"  # uniform | sensitivity: per-layer ranks (allocate.py), native format only
+    latent_norm: bool = False  # fit the kv_a_layernorm stock DeepSeek-V3 engines apply (latent_norm.py)
     calib: str = "wikitext2-valid"
     calib_samples: int = 32
     calib_seq_len: int = 512
@@ -170,21 +171,42 @@ def config_from_dict(data: dict):
     return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
 
 
+TARGETS = {"deepseek_v3": {"rope": "rorope-export", "latent_norm": True, "rank_allocation": "uniform"}}
+
+
 def make_config(kv_budget: float | None = None, kv_lora_rank: int | None = None,
                 qk_rope_head_dim: int | None = None, method: str | None = None, kv_values: int | None = None,
-                **lowrank):
+                target: str | None = None, **lowrank):
     """CLI flags -> config. No budget (or budget 1) and no method: the exact embedding; a smaller
     budget: the calibrated `lowrank` method unless `method` says otherwise. `lowrank` takes the
     LowRankConfig fields (rope, factorizer, sequential, attn_moment, rank_allocation, calib,
-    calib_samples, calib_seq_len)."""
+    calib_samples, calib_seq_len, latent_norm). `target="deepseek_v3"` makes every choice the
+    DeepSeek-V3 export can express (rope rorope-export, a fitted latent norm, uniform ranks)."""
+    if target is not None:
+        lowrank = _for_target(target, method, lowrank)
+        method = "lowrank"
     if method not in (None, *METHODS):
         raise LatentKVError(f"unknown --method {method!r}; choose one of: {', '.join(METHODS)}")
     sized = dict(kv_budget=kv_budget, kv_values=kv_values, kv_lora_rank=kv_lora_rank, qk_rope_head_dim=qk_rope_head_dim)
     full = kv_lora_rank is None and qk_rope_head_dim is None and kv_values is None and kv_budget in (None, 1.0)
-    if method == "exact" or (method is None and full):
+    if method == "exact" or (method is None and full and target is None):
         if not full:
             raise LatentKVError("--method exact keeps the full cache; drop --kv-budget/--kv-values/--kv-lora-rank")
         return ExactConfig()
     if method == "svd":
         return SVDConfig(**sized)
     return LowRankConfig(**sized, **{k: v for k, v in lowrank.items() if v is not None})
+
+
+def _for_target(target: str, method: str | None, lowrank: dict) -> dict:
+    if target not in TARGETS:
+        raise LatentKVError(f"unknown --target {target!r}; choose one of: {', '.join(TARGETS)}")
+    if method not in (None, "lowrank"):
+        raise LatentKVError(f"--target {target} converts with the lowrank method; drop --method {method}")
+    out = dict(lowrank)
+    for key, value in TARGETS[target].items():
+        if out.get(key) not in (None, value):
+            flag = "--" + key.replace("_", "-")
+            raise LatentKVError(f"--target {target} needs {flag} {value} (got {out[key]}); drop {flag}")
+        out[key] = value
+    return out

@@ -99,10 +99,12 @@ class _KernelView:
 class MLAAttention(nn.Module):
     """One MLA layer with both paths. Plugs in where a Llama/Mistral/Qwen2 `self_attn` sat."""
 
-    def __init__(self, dims: MLADims, config, layer_idx: int):
+    def __init__(self, dims: MLADims, config, layer_idx: int, sliding_window: int | None = None):
         super().__init__()
         self.dims, self.config, self.layer_idx = dims, config, layer_idx
         self.path: Path = "auto"
+        # The source layer's window, if any: the model's mask applies it; calibration and export read it.
+        self.sliding_window = sliding_window
         d, h = dims, dims.num_heads
         qk_head = d.qk_nope_head_dim + d.qk_rope_head_dim
         if d.q_lora_rank is None:

@@ -177,3 +177,33 @@ def test_generate_ctrl_c_is_one_line(capsys, converted_dir, monkeypatch):
     monkeypatch.setattr(latentkv.generation, "generate", interrupted)
     code, _, err = run(capsys, "generate", converted_dir, "The quick")
     assert code == 130 and "interrupted" in err and "Traceback" not in err
+
+
+def test_convert_export_verify_load(capsys, source_dir, tmp_path):
+    """convert --target deepseek_v3 -> export -> verify-export (stock transformers) -> load back."""
+    conv, ds = tmp_path / "mla", tmp_path / "ds"
+    code, _, err = run(capsys, "convert", source_dir, "--out", conv, "--kv-budget", "0.5", "--target", "deepseek_v3",
+                       "--calib", source_dir.parent / "sample.txt", "--calib-samples", 4, "--calib-seq-len", 32)
+    assert code == 0, err
+    assert "fast MLA kernels" in err  # tiny ranks are not 512+64: warned, not refused
+    code, _, err = run(capsys, "export", conv, "--out", ds)
+    assert code == 0, err
+    code, stdout, err = run(capsys, "verify-export", ds, "--against", conv, "--json", "--tokens", 48)
+    res = json.loads(stdout)
+    assert code == 0 and res["passed"], res
+    assert res["max_abs_diff"] <= 1e-4 and res["greedy_agreement"] == 1.0 and res["generation_match"]
+    assert res["cache_bytes_per_token"] == res["expected_cache_bytes_per_token"]
+    code, stdout, err = run(capsys, "load", ds, "--json", "--out", tmp_path / "native")
+    assert code == 0, err
+    assert json.loads(stdout)["model"]["bytes_per_token"] == res["cache_bytes_per_token"]
+    code, stdout, _ = run(capsys, "generate", tmp_path / "native", "The quick", "--max-new-tokens", 3, "--json")
+    assert code == 0 and len(json.loads(stdout)["tokens"][0]) == 3
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["export", "{conv}", "--out", "{tmp}/ds"], "latent norm"),
+    (["verify-export", "{tmp}/nothing", "--against", "{conv}"], "cannot load"),
+])
+def test_export_bad_input_is_one_line(capsys, converted_dir, tmp_path, argv, match):
+    code, _, err = run(capsys, *[a.format(conv=converted_dir, tmp=tmp_path) for a in argv])
+    assert code == 2 and match in err and len(err.strip().splitlines()) == 1, err

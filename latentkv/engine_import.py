@@ -1,0 +1,87 @@
+"""Read a DeepSeek-V3 checkpoint (ours or anyone's) into the latentkv runtime.
+
+Stock transformers builds the model (MoE, norms, rotary); each `DeepseekV3Attention` is swapped
+for our `MLAAttention` with the same weights, so absorbed decode, the latent cache, `generate`
+and `bench` work on any MLA checkpoint. The inverse of export.py's row permutation: engine rope
+rows are interleaved pairs, ours half-split; the engine's softmax scale (yarn mscale included)
+is kept as ours, and its rotary already holds the right frequencies (rope_freq_idx = 0..m-1).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .errors import LatentKVError
+
+ENGINE_TYPES = ("deepseek_v3",)
+
+
+def is_engine_checkpoint(path: Path) -> bool:
+    try:
+        return json.loads((path / "config.json").read_text()).get("model_type") in ENGINE_TYPES
+    except (OSError, ValueError):
+        return False
+
+
+def load_engine_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32):
+    """-> (model with MLAAttention layers in eval mode, tokenizer or None). safetensors only, no remote code."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise LatentKVError(f"could not load DeepSeek-V3 checkpoint {path}: {str(e).splitlines()[0][:160]}; it needs "
+                            "config.json and *.safetensors weights") from None
+    if getattr(model.config, "attention_bias", False):
+        raise LatentKVError(f"{path} has attention biases (attention_bias: true); the latentkv runtime reads "
+                            "bias-free DeepSeek-V3 attention only")
+    dims = [swap_attention(model, i) for i in range(len(model.model.layers))]
+    model.config.latentkv = _record(model, path, dims)
+    tok = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None
+    return model.eval(), tok
+
+
+def swap_attention(model, i: int):
+    """Replace layer i's DeepseekV3Attention by an equivalent MLAAttention; -> its MLADims."""
+    from .conversion import install_layer
+    from .export import interleave_order
+    from .mla import MLADims
+
+    attn, cfg = model.model.layers[i].self_attn, model.config
+    n, p, h = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.num_attention_heads
+    dims = MLADims(hidden_size=cfg.hidden_size, num_heads=h, kv_lora_rank=cfg.kv_lora_rank, qk_rope_head_dim=p,
+                   qk_nope_head_dim=n, v_head_dim=cfg.v_head_dim, softmax_scale=float(attn.scaling),
+                   q_lora_rank=cfg.q_lora_rank, latent_norm=True,
+                   rms_norm_eps=float(attn.kv_a_layernorm.variance_epsilon))
+    back = torch.argsort(interleave_order(torch.arange(p // 2)))  # engine rope rows -> our half-split rows
+    state = {k: v for k, v in attn.state_dict().items()}
+    for name in ("q_proj.weight", "q_b_proj.weight"):
+        if name in state:
+            w = state[name].view(h, n + p, -1)
+            state[name] = torch.cat((w[:, :n], w[:, n:][:, back]), 1).reshape(h * (n + p), -1)
+    w = state["kv_a_proj_with_mqa.weight"]
+    state["kv_a_proj_with_mqa.weight"] = torch.cat((w[: dims.kv_lora_rank], w[dims.kv_lora_rank:][back]))
+    state["rope_freq_idx"] = torch.arange(p // 2)
+    return install_layer(model, i, dims, state)
+
+
+def _record(model, path: Path, dims: list) -> dict:
+    """Our export's own record (layers updated to the runtime's dims), or a minimal one for others'."""
+    from . import __version__
+    from .conversion import FORMAT_VERSION
+
+    record = getattr(model.config, "latentkv", None)
+    layers = [d.to_dict() for d in dims]
+    if isinstance(record, dict) and "source" in record:
+        return {**record, "layers": layers, "imported_from": str(path)}
+    cfg = model.config
+    mha_values = cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim)
+    return {"format_version": FORMAT_VERSION, "latentkv_version": __version__,
+            "conversion": {"method": "import", "format": cfg.model_type},
+            # the reference a cache saving is quoted against: the same heads with full K/V (MHA)
+            "source": {"name_or_path": str(path), "model_type": cfg.model_type, "kv_values_per_token_per_layer": mha_values},
+            "layers": layers, "split_search": None, "convert_seconds": 0.0, "imported_from": str(path)}

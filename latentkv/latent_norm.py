@@ -1,0 +1,84 @@
+"""The latent RMSNorm (`kv_a_layernorm`) that stock DeepSeek-V3 engines always apply.
+
+A conversion's latent c = W_a x is not normalised, but transformers, vLLM and SGLang compute
+kv_b_proj(g * c / rms(c)). The per-token factor 1/rms(c) is not a linear map, so no weight choice
+makes it vanish; the best we can do without training is, per layer, on calibration activations:
+
+- rescale the latent rows of `kv_a_proj_with_mqa` so that E[ms(c)] = 1: RMSNorm ignores the
+  input scale except through eps, which then matters at the 1e-6 level in every engine (they
+  disagree on eps: transformers 1e-6, vLLM `rms_norm_eps`);
+- set g = 1 and refit `kv_b_proj` by least squares, W' = W E[c u^T] E[u u^T]^-1 with
+  u = c / rms(c): the closest linear read-out of the normed latent to the old one. Keys and
+  values are rows of W, and a row-wise least-squares solution does not depend on how the rows'
+  errors are weighted, so this also minimises the query- and o_proj-weighted errors.
+
+Layers are fitted in order on activations that flow through the already-normed prefix, so later
+layers see the inputs they will get (one pass over the calibration windows in total).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from tqdm.auto import tqdm
+
+from .errors import LatentKVError
+
+NORM_EPS = 1e-6  # DeepseekV3RMSNorm's default, which transformers uses for kv_a_layernorm
+
+
+@torch.no_grad()
+def add_latent_norm(model, ids: torch.Tensor, progress: bool = False) -> dict:
+    """Give every MLA layer of a converted `model` a fitted latent norm, in place.
+
+    ids: (N, T) calibration windows (never the test text). -> {"layers": per-layer fit report}.
+    """
+    from .calibrated import CHUNK, _run, causal_mask
+    from .conversion import install_layer
+    from .mla import MLAAttention
+
+    layers = model.model.layers
+    if not all(isinstance(layer.self_attn, MLAAttention) for layer in layers):
+        raise LatentKVError("add_latent_norm needs a model converted by latentkv (every layer MLA)")
+    ref = next(model.parameters())
+    h = model.model.embed_tokens(ids.to(ref.device))  # (N, T, D)
+    pos = torch.arange(ids.shape[1], device=ref.device)[None]
+    rope = model.model.rotary_emb(h[:1], pos)
+    report = []
+    for i in tqdm(range(len(layers)), desc="fit latent norm", disable=not progress):
+        attn = layers[i].self_attn
+        if not attn.dims.latent_norm:
+            x = torch.cat([layers[i].input_layernorm(h[c: c + CHUNK]) for c in range(0, h.shape[0], CHUNK)])
+            state, fit = fit_layer(attn, x.reshape(-1, x.shape[-1]))
+            dims = dataclasses.replace(attn.dims, latent_norm=True, rms_norm_eps=NORM_EPS)
+            install_layer(model, i, dims, state)
+            report.append(fit)
+        mask = causal_mask(ids.shape[1], getattr(layers[i].self_attn, "sliding_window", None)).to(ref.device)
+        h = _run(layers[i], h, rope, pos, mask)
+    return {"layers": report, "calib_windows": int(ids.shape[0]), "calib_seq_len": int(ids.shape[1])}
+
+
+def fit_layer(attn, x: torch.Tensor) -> tuple[dict, dict]:
+    """x (tokens, D) attention inputs -> (state dict of the layer with a norm, fit report)."""
+    r = attn.dims.kv_lora_rank
+    state = {k: v.clone() for k, v in attn.state_dict().items()}
+    c0 = attn.kv_a_proj_with_mqa(x)[:, :r].double()  # (N, r), before any norm
+    scale = c0.pow(2).mean(-1).mean().sqrt().clamp(min=1e-12)
+    c = c0 / scale  # what the rescaled kv_a rows will produce
+    u = c * torch.rsqrt(c.pow(2).mean(-1, keepdim=True) + NORM_EPS)  # what the norm will output (g = 1)
+    uu, cu = u.T @ u / len(u), c0.T @ u / len(u)  # (r, r)
+    damp = 1e-8 * uu.diagonal().mean() * torch.eye(r, dtype=uu.dtype)
+    w_b = state["kv_b_proj.weight"].double()  # (h*(n+v), r)
+    new_b = w_b @ torch.linalg.solve(uu + damp, cu.T).T  # W E[c u^T] E[u u^T]^-1
+    target = c0 @ w_b.T
+    err = (target - u @ new_b.T).pow(2).mean() / target.pow(2).mean().clamp(min=1e-30)
+    dtype = state["kv_b_proj.weight"].dtype
+    state["kv_b_proj.weight"] = new_b.to(dtype)
+    state["kv_a_proj_with_mqa.weight"][:r] /= scale.to(dtype)
+    if "kv_a_proj_with_mqa.bias" in state:
+        state["kv_a_proj_with_mqa.bias"][:r] /= scale.to(dtype)
+    state["kv_a_layernorm.weight"] = torch.ones(r, dtype=dtype)
+    rms = c.pow(2).mean(-1).sqrt()
+    return state, {"latent_rms_scale": float(scale), "rms_spread": float(rms.std() / rms.mean()),
+                   "kv_b_relative_error": float(err)}

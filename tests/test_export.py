@@ -1,0 +1,155 @@
+"""DeepSeek-V3 export: stock transformers == our runtime, import back, the latent norm, refusals."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from conftest import make_tiny
+from latentkv import LatentKVError, LowRankConfig, convert
+from latentkv.engine_import import load_engine_checkpoint
+from latentkv.export import export, interleave_order
+from latentkv.methods import make_config
+from latentkv.verify import load_stock
+
+EXPORTABLE = ["llama-gqa", "llama-mha", "llama-mqa", "llama3-rope", "mistral-gqa"]
+
+
+def calib():
+    torch.manual_seed(3)
+    return torch.randint(0, 320, (8, 64))
+
+
+def target_model(name: str, budget: float = 0.5, tie: bool = False):
+    """A tiny source with logits of a realistic size (lm_head scaled), converted for DeepSeek-V3."""
+    model = make_tiny(name)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40)
+    model.config.tie_word_embeddings = tie
+    if tie:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return convert(model, make_config(kv_budget=budget, target="deepseek_v3"), calib_ids=calib(), progress=False)
+
+
+@pytest.mark.parametrize("name", EXPORTABLE)
+def test_stock_transformers_matches_runtime(name, ids, tmp_path):
+    conv = target_model(name)
+    export(conv, tmp_path / "ds")
+    cfg = json.loads((tmp_path / "ds" / "config.json").read_text())
+    assert cfg["architectures"] == ["DeepseekV3ForCausalLM"] and "auto_map" not in cfg
+    assert cfg["first_k_dense_replace"] == cfg["num_hidden_layers"] and cfg["num_key_value_heads"] == 4
+    assert cfg["q_lora_rank"] is None and cfg["rope_interleave"] and cfg["latentkv"]["conversion"]["latent_norm"]
+    stock = load_stock(tmp_path / "ds")
+    with torch.no_grad():
+        ref = conv(ids).logits
+        got = stock(ids).logits
+    assert ref.abs().max() > 1  # logits of a real size, so 1e-4 is a real bound
+    assert (got - ref).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "llama3-rope"])
+def test_import_back_all_paths(name, ids, tmp_path):
+    """Export -> our loader: same logits on both paths, same cached greedy decode."""
+    conv = target_model(name, tie=True)
+    export(conv, tmp_path / "ds")
+    back, _ = load_engine_checkpoint(tmp_path / "ds")
+    assert back.config.latentkv["layers"][0]["latent_norm"]
+    with torch.no_grad():
+        ref = conv(ids).logits
+        for path in ("expanded", "absorbed"):
+            assert (back(ids, mla_path=path).logits - ref).abs().max().item() <= 1e-4, path
+    from latentkv import LatentCache
+
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(back.generate(ids[:1], cache=LatentCache(back), **kw), conv.generate(ids[:1], **kw))
+
+
+def test_interleave_order_sorts_pairs():
+    # pairs k = rows (k, k+m); frequencies (2, 0, 1) -> pair order 1, 2, 0
+    assert interleave_order(torch.tensor([2, 0, 1])).tolist() == [1, 4, 2, 5, 0, 3]
+
+
+def test_latent_norm_fit_beats_plain_norm(ids):
+    """The fitted norm stays close to the model without it, much closer than a norm dropped in."""
+    model = make_tiny("llama-gqa")
+    plain_cfg = LowRankConfig(kv_budget=0.5, rope="rorope-export")
+    conv = convert(model, plain_cfg, calib_ids=calib(), progress=False)
+    normed = convert(model, dataclasses.replace(plain_cfg, latent_norm=True), calib_ids=calib(), progress=False)
+    naive = convert(model, plain_cfg, calib_ids=calib(), progress=False)
+    from latentkv.conversion import install_layer
+
+    x = torch.randn(256, 64) * 0.08
+    for layer in naive.model.layers:  # the norm with weight = the mean latent rms, nothing refit
+        attn = layer.self_attn
+        dims = dataclasses.replace(attn.dims, latent_norm=True, rms_norm_eps=1e-6)
+        with torch.no_grad():
+            scale = attn.kv_a_proj_with_mqa(x)[:, : dims.kv_lora_rank].pow(2).mean().sqrt()
+        state = {**attn.state_dict(), "kv_a_layernorm.weight": scale * torch.ones(dims.kv_lora_rank)}
+        install_layer(naive, attn.layer_idx, dims, state)
+    with torch.no_grad():
+        ref, fit, bad = conv(ids).logits, normed(ids).logits, naive(ids).logits
+    err_fit, err_bad = (fit - ref).norm() / ref.norm(), (bad - ref).norm() / ref.norm()
+    assert err_fit < 0.5 * err_bad
+    for layer in normed.model.layers:
+        attn = layer.self_attn
+        assert attn.dims.latent_norm and torch.equal(attn.kv_a_layernorm.weight, torch.ones(attn.dims.kv_lora_rank))
+        assert attn.kv_a_proj_with_mqa.bias is None  # bias-free latent, as engines need
+
+
+def test_latent_norm_on_both_paths(ids):
+    conv = target_model("llama-gqa")
+    with torch.no_grad():
+        a, b = conv(ids, mla_path="expanded").logits, conv(ids, mla_path="absorbed").logits
+    assert (a - b).abs().max().item() <= 1e-4
+
+
+def test_sharded_export_loads(ids, tmp_path):
+    conv = target_model("llama-gqa")
+    export(conv, tmp_path / "ds", max_shard_size="100KB")
+    assert (tmp_path / "ds" / "model.safetensors.index.json").is_file()
+    with torch.no_grad():
+        assert (load_stock(tmp_path / "ds")(ids).logits - conv(ids).logits).abs().max().item() <= 1e-4
+
+
+def _per_layer_ranks(conv):
+    from latentkv.conversion import install_layer
+
+    attn = conv.model.layers[1].self_attn
+    dims = dataclasses.replace(attn.dims, kv_lora_rank=attn.dims.kv_lora_rank - 1)
+    sd = {k: v for k, v in attn.state_dict().items()}
+    r = dims.kv_lora_rank
+    sd["kv_a_proj_with_mqa.weight"] = torch.cat((sd["kv_a_proj_with_mqa.weight"][:r], sd["kv_a_proj_with_mqa.weight"][r + 1:]))
+    sd["kv_b_proj.weight"] = sd["kv_b_proj.weight"][:, :r]
+    sd["kv_a_layernorm.weight"] = sd["kv_a_layernorm.weight"][:r]
+    install_layer(conv, 1, dims, sd)
+    return conv
+
+
+REFUSALS = {
+    "no latent norm": (lambda: convert(make_tiny("llama-gqa"), LowRankConfig(kv_budget=0.5, rope="rorope-export"),
+                                       calib_ids=calib(), progress=False), "--latent-norm"),
+    "frequencies": (lambda: convert(make_tiny("llama-gqa"), LowRankConfig(kv_budget=0.5, latent_norm=True),
+                                    calib_ids=calib(), progress=False), "rorope-export"),
+    "biases": (lambda: convert(make_tiny("qwen2-bias"), make_config(kv_budget=0.5, target="deepseek_v3"),
+                               calib_ids=calib(), progress=False), "biases"),
+    "sliding": (lambda: target_model("mistral-sliding"), "sliding-window"),
+    "per-layer ranks": (lambda: _per_layer_ranks(target_model("llama-gqa")), "per-layer ranks"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSALS))
+def test_export_refuses_with_reason(case, tmp_path):
+    build, match = REFUSALS[case]
+    with pytest.raises(LatentKVError, match=match):
+        export(build(), tmp_path / "ds")
+    assert not (tmp_path / "ds").exists()
+
+
+def test_target_conflicts_are_one_line():
+    with pytest.raises(LatentKVError, match="--rope"):
+        make_config(kv_budget=0.5, target="deepseek_v3", rope="rorope")
+    with pytest.raises(LatentKVError, match="lowrank"):
+        make_config(kv_budget=0.5, target="deepseek_v3", method="svd")
+    cfg = make_config(kv_budget=0.5, target="deepseek_v3")
+    assert (cfg.rope, cfg.latent_norm, cfg.rank_allocation) == ("rorope-export", True, "uniform")
