@@ -54,7 +54,7 @@ def verify_export(out, against, text: str | None = None, tokens: int = 128, new_
     got = stock(ids, use_cache=True)
     diff = (got.logits - ref).abs().max().item()
     agree = (got.logits.argmax(-1) == ref.argmax(-1)).float().mean().item()
-    held = cache_tensor_bytes(got.past_key_values) // ids.shape[1]
+    held = cache_tensor_bytes(got.cache) // ids.shape[1]
     expected = cache_report(ours)["model"]["bytes_per_token"]
     prompt = tok.decode(ids[0, :32], skip_special_tokens=True)
     prompt_ids = tok(prompt, return_tensors="pt").input_ids

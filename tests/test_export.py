@@ -153,3 +153,18 @@ def test_target_conflicts_are_one_line():
         make_config(kv_budget=0.5, target="deepseek_v3", method="svd")
     cfg = make_config(kv_budget=0.5, target="deepseek_v3")
     assert (cfg.rope, cfg.latent_norm, cfg.rank_allocation) == ("rorope-export", True, "uniform")
+
+
+def test_vllm_check_skips_cleanly_without_gpu(capsys, monkeypatch):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the script runs for real there")
+    spec = importlib.util.spec_from_file_location("vllm_check", Path(__file__).parents[1] / "scripts" / "vllm_check.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    monkeypatch.setattr(sys, "argv", ["vllm_check.py", "out", "--against", "dir", "--json"])
+    assert mod.main() == 0
+    assert "no CUDA GPU" in json.loads(capsys.readouterr().out)["skipped"]

@@ -86,3 +86,32 @@ def test_absorbed_generation_matches_transformers(smollm2):
     theirs = conv.generate(ids, max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0)
     assert ours.tokens[0] == theirs[0, ids.shape[1]:].tolist()
     assert ours.cache_bytes == LatentCache(conv).bytes_per_token() * (ids.shape[1] + 16)
+
+
+def test_deepseek_v3_export_verifies(smollm2, tmp_path):
+    """SmolLM2 converted for DeepSeek-V3 (export rope, fitted latent norm), exported, and loaded by stock
+    transformers: same logits and greedy tokens as our runtime, a latent-only stock cache; and the
+    fitted norm costs little against the same conversion without it."""
+    import json
+
+    from latentkv import LowRankConfig, save
+    from latentkv.cli import main
+
+    model, tok = smollm2
+    config = LowRankConfig(kv_lora_rank=160, qk_rope_head_dim=32, rope="rorope-export", calib_samples=4,
+                           calib_seq_len=256)
+    plain = convert(model, config, tokenizer=tok, progress=False)
+    normed = convert(model, LowRankConfig(**{**config.__dict__, "latent_norm": True}), tokenizer=tok, progress=False)
+    ids = tok(PARAGRAPH * 2, return_tensors="pt").input_ids
+    with torch.no_grad():
+        nll = [torch.nn.functional.cross_entropy(m(ids).logits[0, :-1], ids[0, 1:]).item() for m in (plain, normed)]
+    assert nll[1] < nll[0] + 0.1, nll
+    save(normed, tok, tmp_path / "native")
+    assert main(["export", str(tmp_path / "native"), "--out", str(tmp_path / "ds")]) == 0
+    rep = json.loads((tmp_path / "ds" / "config.json").read_text())
+    assert rep["tie_word_embeddings"] and rep["rope_theta"] == pytest.approx(100000 ** (32 / 64))  # the 16 fastest frequencies
+    from latentkv.verify import verify_export
+
+    res = verify_export(tmp_path / "ds", tmp_path / "native")
+    assert res["passed"] and res["max_abs_diff"] < 1e-3, res
+    assert res["cache_bytes_per_token"] == 30 * (160 + 32) * 4
