@@ -106,14 +106,15 @@ def test_latent_norm_carrier_pins_the_rms():
                    progress=False)
     attn = conv.model.layers[0].self_attn
     torch.manual_seed(0)
-    x = torch.randn(4096, 64) * 0.5 + torch.randn(64)  # (tokens, D)
+    # (tokens, D): a shared mean plus token parts of very different sizes, so rms(latent) spreads widely
+    x = torch.randn(64) + torch.randn(4096, 64) * torch.empty(4096, 1).uniform_(0.1, 2)
     r = attn.dims.kv_lora_rank
     with torch.no_grad():
         c = attn.kv_a_proj_with_mqa(x)[:, :r]
         plain = c / c.pow(2).mean(-1, keepdim=True).sqrt() * c.pow(2).mean().sqrt()
         plain_err = ((plain - c) @ attn.kv_b_proj.weight.T).pow(2).mean() / (c @ attn.kv_b_proj.weight.T).pow(2).mean()
         state, fit = fit_layer(attn, x)
-    assert fit["carrier_slot"] is not None and fit["kv_b_relative_error"] < 0.05 * float(plain_err)
+    assert fit["carrier_slot"] is not None and fit["kv_b_relative_error"] < 0.5 * float(plain_err)
     assert state["kv_a_layernorm.weight"].eq(1).all()
 
 
