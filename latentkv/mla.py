@@ -203,7 +203,14 @@ class MLAAttention(nn.Module):
         """
         d, b = self.dims, x.shape[0]
         folds = self.decode_folds()
-        if folds["q"] is not None:
+        if folds["q_factor"] is not None:  # per head: (r + p, k) @ (k, D_q), k <= source head_dim
+            u_t, v = folds["q_factor"]
+            z = F.linear(self._q_input(x)[:, 0], v).view(b, d.num_heads, -1).transpose(0, 1)  # (h, B, k)
+            q = torch.bmm(z, u_t).transpose(0, 1)  # (B, h, r + p)
+            if folds["q_bias"] is not None:
+                q = q + folds["q_bias"].view(d.num_heads, -1)
+            q_lat, q_pe = q.split([d.kv_lora_rank, d.qk_rope_head_dim], -1)
+        elif folds["q"] is not None:
             q_lat, q_pe = F.linear(self._q_input(x), folds["q"], folds["q_bias"]).view(
                 b, d.num_heads, -1).split([d.kv_lora_rank, d.qk_rope_head_dim], -1)
         else:
@@ -231,7 +238,7 @@ class MLAAttention(nn.Module):
         Each is None where folding would read more bytes than the views (or while autograd is on,
         so training sees the real parameters)."""
         if torch.is_grad_enabled():
-            return {"q": None, "q_bias": None, "o": None}
+            return {"q": None, "q_factor": None, "q_bias": None, "o": None}
         lin = self.q_proj if self.dims.q_lora_rank is None else self.q_b_proj
         params = (lin.weight, lin.bias, self.kv_b_proj.weight, self.o_proj.weight)
         key = tuple((p.data_ptr(), p._version, p.dtype) for p in params if p is not None)
@@ -243,13 +250,21 @@ class MLAAttention(nn.Module):
         d, h, n, r = self.dims, self.dims.num_heads, self.dims.qk_nope_head_dim, self.dims.kv_lora_rank
         w_uk, w_uv = self.absorbed_weights()
         d_in, v = lin.weight.shape[1], d.v_head_dim
-        out = {"q": None, "q_bias": None, "o": None}
-        if r * d_in < n * d_in + n * r:  # folded query rows are fewer bytes than W_q_nope + W_uk
-            wq = lin.weight.view(h, n + d.qk_rope_head_dim, d_in)
-            out["q"] = torch.cat((torch.einsum("hnr,hnD->hrD", w_uk, wq[:, :n]), wq[:, n:]), 1).reshape(-1, d_in)
-            if lin.bias is not None:
-                bq = lin.bias.view(h, -1)
-                out["q_bias"] = torch.cat((torch.einsum("hnr,hn->hr", w_uk, bq[:, :n]), bq[:, n:]), 1).reshape(-1)
+        out = {"q": None, "q_factor": None, "q_bias": None, "o": None}
+        p = d.qk_rope_head_dim
+        wq = lin.weight.view(h, n + p, d_in)
+        fold = torch.cat((torch.einsum("hnr,hnD->hrD", w_uk, wq[:, :n]), wq[:, n:]), 1)  # (h, r + p, D_q)
+        fac_u, fac_v = _factor_heads(fold)
+        k = fac_u.shape[-1]
+        cost = {"views": (n + p) * d_in + n * r, "fold": (r + p) * d_in, "factor": k * d_in + (r + p) * k}  # per head
+        best = min(cost, key=cost.get)
+        if best == "fold":  # folded query rows are fewer bytes than W_q_nope + W_uk
+            out["q"] = fold.reshape(-1, d_in)
+        elif best == "factor":  # a query converted from GQA has rank <= the source's head_dim per head
+            out["q_factor"] = (fac_u.transpose(1, 2).contiguous(), fac_v)
+        if best != "views" and lin.bias is not None:
+            bq = lin.bias.view(h, -1)
+            out["q_bias"] = torch.cat((torch.einsum("hnr,hn->hr", w_uk, bq[:, :n]), bq[:, n:]), 1).reshape(-1)
         if d.hidden_size * r < d.hidden_size * v + v * r:  # W_o W_uv is smaller than W_o + W_uv
             wo = self.o_proj.weight.view(d.hidden_size, h, v)
             out["o"] = torch.einsum("Dhv,hvr->Dhr", wo, w_uv).reshape(d.hidden_size, -1)
@@ -262,9 +277,22 @@ class MLAAttention(nn.Module):
         d = self.dims
         lin = self.q_proj if d.q_lora_rank is None else self.q_b_proj
         size = lambda t: 0 if t is None else t.numel() * t.element_size()  # noqa: E731
-        q = size(folds["q"]) + size(folds["q_bias"]) if folds["q"] is not None else (
-            size(lin.weight) + size(lin.bias) + size(self.absorbed_weights()[0]))
+        if folds["q_factor"] is not None:
+            q = sum(size(t) for t in folds["q_factor"]) + size(folds["q_bias"])
+        elif folds["q"] is not None:
+            q = size(folds["q"]) + size(folds["q_bias"])
+        else:
+            q = size(lin.weight) + size(lin.bias) + size(self.absorbed_weights()[0])
         o = size(folds["o"]) if folds["o"] is not None else size(self.o_proj.weight) + size(self.absorbed_weights()[1])
         rest = sum(size(p) for name, p in self.named_parameters()
                    if not name.startswith(("q_proj", "q_b_proj", "kv_b_proj", "o_proj.weight")))
         return q + o + rest
+
+
+def _factor_heads(w: torch.Tensor, rtol: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """w (h, m, D) -> U (h, m, k), V (h*k, D) with w_h = U_h V_h up to `rtol` of the largest
+    singular value, k the largest numerical rank over heads."""
+    h, m, D = w.shape
+    u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)  # (h, m, j), (h, j), (h, j, D)
+    k = max(1, int((s > rtol * s[:, :1]).sum(-1).max()))
+    return (u[..., :k] * s[:, None, :k]).to(w.dtype), vh[:, :k].reshape(h * k, D).to(w.dtype)

@@ -31,7 +31,8 @@ def test_absorbed_expanded_and_uncached_decode_agree(family, config):
     attn = conv.model.layers[0].self_attn
     if config.kv_lora_rank is not None:  # the explicit small ranks must exercise both folds
         with torch.no_grad():
-            assert attn.decode_folds()["q"] is not None and attn.decode_folds()["o"] is not None
+            folds = attn.decode_folds()
+            assert (folds["q"] is not None or folds["q_factor"] is not None) and folds["o"] is not None
         assert attn.decode_weight_bytes() < sum(p.numel() * 4 for p in attn.parameters())
     torch.manual_seed(0)
     seq = torch.randint(0, 320, (2, 20))
@@ -48,6 +49,29 @@ def test_absorbed_expanded_and_uncached_decode_agree(family, config):
     tol = 1e-4 * full.abs().max().item()
     assert (steps["absorbed"] - full).abs().max().item() < tol
     assert (steps["expanded"] - full).abs().max().item() < tol
+
+
+@pytest.mark.parametrize("family", ["llama-gqa", "qwen2-bias"])
+def test_factored_query_decode(family):
+    """RoRoPE queries span every KV group (n + p = G*d per head) but keep the source's rank d per head:
+    decode reads them factored, fewer bytes than the full query, and gives the same steps."""
+    from latentkv import LowRankConfig
+
+    torch.manual_seed(2)
+    conv = convert(make_tiny(family), LowRankConfig(kv_budget=0.5), calib_ids=torch.randint(0, 320, (8, 32)),
+                   progress=False)
+    attn = conv.model.layers[0].self_attn
+    with torch.no_grad():
+        u_t, v = attn.decode_folds()["q_factor"]
+    assert v.shape[0] <= attn.dims.num_heads * 16  # rank <= source head_dim per head
+    assert attn.decode_weight_bytes() < sum(p.numel() * 4 for p in attn.parameters())
+    seq = torch.randint(0, 320, (2, 16))
+    with torch.no_grad():
+        full = conv(seq).logits[:, 10:]
+        cache = LatentCache(conv, capacity=16)
+        conv(seq[:, :10], cache=cache, use_cache=True)
+        steps = torch.cat([conv(seq[:, t:t + 1], cache=cache, use_cache=True).logits for t in range(10, 16)], 1)
+    assert (steps - full).abs().max().item() < 1e-4 * full.abs().max().item()
 
 
 def test_greedy_generate_matches_transformers(conv, tiny_tokenizer):
