@@ -189,3 +189,37 @@ def test_vllm_check_skips_cleanly_without_gpu(capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["vllm_check.py", "out", "--against", "dir", "--json"])
     assert mod.main() == 0
     assert "no CUDA GPU" in json.loads(capsys.readouterr().out)["skipped"]
+
+
+def test_import_foreign_deepseek_v3_with_moe_and_q_lora(ids, tmp_path, tiny_tokenizer):
+    """Anyone's DeepSeek-V3 checkpoint (MoE layers, q low-rank, its own rope_theta) runs in our runtime:
+    same logits as stock transformers on both paths, latent-only cache, absorbed greedy decode."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    from latentkv import LatentCache, generate, load_model
+
+    cfg = DeepseekV3Config(vocab_size=320, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4,
+                           num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=1,
+                           kv_lora_rank=24, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
+                           rope_parameters={"rope_type": "default", "rope_theta": 5000.0}, num_mtp_layers=0,
+                           max_position_embeddings=256)
+    torch.manual_seed(0)
+    stock = DeepseekV3ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in stock.parameters():
+            p.normal_(0, 0.2) if p.dim() > 1 else p.uniform_(0.5, 1.5)
+    stock.save_pretrained(tmp_path / "foreign")
+    tiny_tokenizer.save_pretrained(tmp_path / "foreign")
+    ours, tok = load_model(tmp_path / "foreign")
+    assert ours.config.latentkv["conversion"]["method"] == "import"
+    with torch.no_grad():
+        ref = stock(ids).logits
+        for path in ("expanded", "absorbed"):
+            assert (ours(ids, mla_path=path).logits - ref).abs().max().item() <= 1e-4 * ref.abs().max().item(), path
+    out = generate(ours, tok, "The quick brown fox", 6, use_eos=False)
+    prompt = tok("The quick brown fox", return_tensors="pt").input_ids
+    theirs = stock.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert out.tokens[0] == theirs[0, prompt.shape[1]:].tolist()
+    assert out.cache_bytes == LatentCache(ours).bytes_per_token() * (prompt.shape[1] + 6) == 2 * 32 * 4 * (
+        prompt.shape[1] + 6)
