@@ -44,6 +44,7 @@ def run(args) -> dict:
         saved["rows"] += result["rows"]
         saved["budgets"].append(budget)
         saved["bandwidth_bytes_per_s"] = result["bandwidth_bytes_per_s"]
+        saved["flops_per_s"] = result["flops_per_s"]
         path.parent.mkdir(parents=True, exist_ok=True)
         path.with_suffix(".tmp").write_text(json.dumps(saved, indent=2))
         path.with_suffix(".tmp").replace(path)
@@ -58,21 +59,25 @@ def markdown(args, result: dict) -> str:
     lines = [f"<!-- quality:{args.section} -->", f"### Decode speed and cache memory: {args.model}", "",
              f"Command: `{cmd}`  ", f"Machine: {platform.machine()} CPU, {torch.get_num_threads()} threads, "
              f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}; streaming-read bandwidth "
-             f"{result['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s. fp32. Prefill is timed at batch 1 (chunks of 1024); "
-             f"decode = median of {args.new_tokens} steps; speed-up = decode tokens/s over the source's at the same "
-             "context and batch; floor = (weights + cache bytes a step reads) / bandwidth.", "",
+             f"{result['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s, fp32 matmul {result.get('flops_per_s', 0) / 1e9:.0f} "
+             f"GFLOP/s. fp32. Prefill is timed at batch 1 (chunks of 1024); decode = median of {args.new_tokens} steps; "
+             "speed-up = decode tokens/s over the source's at the same context and batch; floor = (weights + cache "
+             "bytes a step reads) / bandwidth; compute floor = the step's FLOPs / matmul rate; roofline = the larger "
+             "floor / step time.", "",
              "| budget (rope+latent) | variant | context | batch | prefill s | decode tok/s | speed-up | cache MiB "
-             "| peak RSS GiB | floor ms | step ms | of floor |", "|---|---|" + "---:|" * 10]
+             "| peak RSS GiB | floor ms | compute floor ms | step ms | of floor | of roofline |",
+             "|---|---|" + "---:|" * 12]
     for r in rows:
         head = f"| {r['budget']:g} ({r.get('split') or 'source'}) | {r['variant']} | {r['context']} | {r['batch']} |"
         if "skipped" in r:
-            lines.append(f"{head} skipped: {r['skipped']} |" + " |" * 7)
+            lines.append(f"{head} skipped: {r['skipped']} |" + " |" * 9)
             continue
         base = src.get((r["context"], r["batch"]))
         speed = f"{r['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}x" if base else "-"
         lines.append(f"{head} {r['prefill_s']:.2f} | {r['decode_tokens_per_s']:.1f} | {speed} | "
                      f"{r['cache_bytes'] / 2 ** 20:.1f} | {r['peak_rss_bytes'] / 2 ** 30:.2f} | {r['floor_s'] * 1e3:.1f} "
-                     f"| {r['decode_step_s'] * 1e3:.1f} | {r['floor_fraction']:.0%} |")
+                     f"| {r.get('compute_floor_s', 0) * 1e3:.1f} | {r['decode_step_s'] * 1e3:.1f} | "
+                     f"{r['floor_fraction']:.0%} | {r.get('roofline_fraction', 0):.0%} |")
     lines += ["", capacity(rows), f"<!-- /quality:{args.section} -->"]
     return "\n".join(lines) + "\n"
 

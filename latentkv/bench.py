@@ -35,6 +35,41 @@ def measure_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
     return buf.numel() * 4 / statistics.median(times)
 
 
+def measure_flops(n: int = 1536, repeats: int = 3) -> float:
+    """fp32 FLOP/s of a square matmul on all threads (the compute roof), median of repeats."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm-up: thread pool, caches
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t)
+    return 2 * n ** 3 / statistics.median(times)
+
+
+def step_flops(model, variant: str, batch: int, context: int) -> int:
+    """Multiply-adds x 2 of one decode step: every weight once per sequence, plus attention over
+    `context` cached tokens (absorbed MLA attends in r + p dims and reads values in r, which is
+    why it costs more FLOPs per cached token than GQA while reading fewer bytes)."""
+    from .mla import MLAAttention
+
+    size = next(model.parameters()).element_size()
+    total = 2 * batch * step_weight_bytes(model, variant) // size
+    layers = [m for m in model.modules() if isinstance(m, MLAAttention)]
+    if not layers:
+        cfg = model.config
+        d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        return total + cfg.num_hidden_layers * 2 * batch * cfg.num_attention_heads * context * 2 * d
+    for m in layers:
+        d = m.dims
+        if variant == "latent-absorbed":
+            total += 2 * batch * d.num_heads * context * (2 * d.kv_lora_rank + d.qk_rope_head_dim)
+        else:  # decompress every cached latent, then attend per head
+            kv = d.num_heads * (d.qk_nope_head_dim + d.v_head_dim)
+            total += 2 * batch * context * (d.kv_lora_rank * kv + d.num_heads * (kv + d.qk_rope_head_dim))
+    return total
+
+
 def mem_available() -> int:
     for line in Path("/proc/meminfo").read_text().splitlines():
         if line.startswith("MemAvailable:"):
@@ -146,7 +181,8 @@ def decode(model, cache, batch: int, context: int, steps: int, vocab: int) -> li
     return times
 
 
-def measure(model, names: list[str], context: int, batches, new_tokens: int, bandwidth: float, seed: int = 0) -> list[dict]:
+def measure(model, names: list[str], context: int, batches, new_tokens: int, roofs: tuple[float, float],
+            seed: int = 0) -> list[dict]:
     """Rows for one model at one context: one batch-1 prefill (the model's own path choice), then decode
     at each batch size for each variant name (`source`, `latent-expanded`, `latent-absorbed`)."""
     import copy
@@ -172,15 +208,19 @@ def measure(model, names: list[str], context: int, batches, new_tokens: int, ban
                 cache.batch_repeat_interleave(b)
             reset_peak_rss()
             times = decode(model, cache, b, context, new_tokens, vocab)
-            rows.append(_row(model, name, context, b, new_tokens, prefill_s, times, cache, bandwidth))
+            rows.append(_row(model, name, context, b, new_tokens, prefill_s, times, cache, roofs))
             del cache
     _set_path(model, "latent-absorbed")
     return rows
 
 
-def _row(model, name, context, batch, new_tokens, prefill_s, times, cache, bandwidth) -> dict:
+def _row(model, name, context, batch, new_tokens, prefill_s, times, cache, roofs) -> dict:
+    """One decode row. floor_s: the bytes a step reads at the measured bandwidth (the issue's floor);
+    compute_floor_s: its FLOPs at the measured matmul rate; roofline_fraction: the larger of the two
+    over the step time."""
     from .generation import cache_tensor_bytes
 
+    bandwidth, flops = roofs
     step = statistics.median(times)
     per_token = cache_bytes_per_token(model)
     held = cache_tensor_bytes(cache)
@@ -190,7 +230,9 @@ def _row(model, name, context, batch, new_tokens, prefill_s, times, cache, bandw
             "decode_tokens_per_s": batch / step, "cache_bytes": held,
             "cache_bytes_formula": per_token * batch * (context + new_tokens), "cache_bytes_per_token": per_token,
             "peak_rss_bytes": peak_rss(), "step_bytes": step_bytes, "floor_s": step_bytes / bandwidth,
-            "floor_fraction": step_bytes / bandwidth / step}
+            "floor_fraction": step_bytes / bandwidth / step, "step_flops": step_flops(model, name, batch, context),
+            "compute_floor_s": step_flops(model, name, batch, context) / flops,
+            "roofline_fraction": max(step_bytes / bandwidth, step_flops(model, name, batch, context) / flops) / step}
 
 
 def bench(model, against=None, contexts=(1024, 4096, 8192, 16384), batches=(1, 4, 16), new_tokens: int = 64,
@@ -205,13 +247,14 @@ def bench(model, against=None, contexts=(1024, 4096, 8192, 16384), batches=(1, 4
     for name, m in variants(model, against):
         groups.setdefault(id(m), (m, []))[1].append(name)
     todo = [(m, names, c) for m, names in groups.values() for c in contexts]
-    bandwidth = measure_bandwidth()
+    roofs = measure_bandwidth(), measure_flops()
     rows = []
     for m, names, context in tqdm(todo, desc="bench", disable=not progress):
-        rows += measure(m, names, context, batches, new_tokens, bandwidth)
+        rows += measure(m, names, context, batches, new_tokens, roofs)
     if all("skipped" in r for r in rows):
         raise LatentKVError(f"no row of the grid fits this machine ({rows[0]['skipped']}); lower --context or --batch")
-    return {"bandwidth_bytes_per_s": bandwidth, "threads": torch.get_num_threads(), "rows": rows}
+    return {"bandwidth_bytes_per_s": roofs[0], "flops_per_s": roofs[1], "threads": torch.get_num_threads(),
+            "rows": rows}
 
 
 def plot(result: dict, path: Path) -> None:

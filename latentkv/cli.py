@@ -195,7 +195,8 @@ def _print_human(cmd: str, result: dict) -> None:
               f"cache {result['cache_bytes']:,} bytes]", file=sys.stderr)
         return
     if cmd == "bench":
-        print(f"memory bandwidth {result['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s, {result['threads']} threads")
+        print(f"memory bandwidth {result['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s, matmul "
+              f"{result['flops_per_s'] / 1e9:.0f} GFLOP/s, {result['threads']} threads")
         for r in result["rows"]:
             head = f"{r['variant']:>16} ctx {r['context']:>6} batch {r['batch']:>3}"
             if "skipped" in r:
@@ -203,7 +204,7 @@ def _print_human(cmd: str, result: dict) -> None:
                 continue
             print(f"{head}  prefill {r['prefill_s']:7.2f}s  decode {r['decode_tokens_per_s']:8.1f} tok/s  cache "
                   f"{r['cache_bytes'] / 2 ** 20:9.1f} MiB  peak RSS {r['peak_rss_bytes'] / 2 ** 30:5.2f} GiB  "
-                  f"floor {r['floor_fraction']:.0%}")
+                  f"floor {r['floor_fraction']:.0%} (roofline {r['roofline_fraction']:.0%})")
         print(f"written to {result['out']} (bench.json, bench.png)")
         return
     if cmd == "sweep":

@@ -159,6 +159,7 @@ def test_bench_end_to_end(capsys, converted_dir, source_dir, tmp_path):
         assert {"variant", "context", "batch", "decode_tokens_per_s", "prefill_s", "cache_bytes",
                 "peak_rss_bytes"} <= set(r)
         assert r["cache_bytes"] == r["cache_bytes_formula"] and r["decode_tokens_per_s"] > 0
+        assert r["compute_floor_s"] > 0 and r["roofline_fraction"] >= r["floor_fraction"] > 0
     latent = {r["cache_bytes"] for r in done if r["variant"] != "source" and r["batch"] == 2 and r["context"] == 16}
     source = [r["cache_bytes"] for r in done if r["variant"] == "source" and r["batch"] == 2 and r["context"] == 16]
     assert len(latent) == 1 and latent.pop() * 4 == source[0]  # 25 % budget

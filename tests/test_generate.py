@@ -147,3 +147,14 @@ def test_interrupt_leaves_the_model_usable(conv, tiny_tokenizer):
     with pytest.raises(KeyboardInterrupt):
         generate(conv, tiny_tokenizer, "A latent", 8, use_eos=False, stream=ctrl_c)
     assert generate(conv, tiny_tokenizer, "A latent", 8, use_eos=False).tokens == before
+
+
+def test_step_flops_count_attention_per_cached_token(conv):
+    """Each extra cached token costs 2*(2r + p) FLOPs per head absorbed, 2*2d per head for GQA."""
+    from latentkv.bench import step_flops
+
+    d, layers = conv.model.layers[0].self_attn.dims, len(conv.model.layers)
+    extra = step_flops(conv, "latent-absorbed", 2, 100) - step_flops(conv, "latent-absorbed", 2, 50)
+    assert extra == layers * 2 * 2 * d.num_heads * 50 * (2 * d.kv_lora_rank + d.qk_rope_head_dim)
+    src = make_tiny("llama-gqa", layers=3)
+    assert step_flops(src, "source", 1, 10) - step_flops(src, "source", 1, 0) == 3 * 2 * 4 * 10 * 2 * 16
