@@ -20,7 +20,7 @@ def _convert(a) -> dict:
                          factorizer=a.factorizer, sequential=True if a.sequential else None, calib=a.calib,
                          calib_samples=a.calib_samples, calib_seq_len=a.calib_seq_len,
                          rank_allocation=a.rank_allocation, attn_moment=a.attn_moment,
-                         latent_norm=True if a.latent_norm else None, target=a.target)
+                         latent_norm=True if a.latent_norm else None, target=a.target, rope_horizon=a.rope_horizon)
     check_output_dir(a.out, a.overwrite)
     t0 = time.perf_counter()
     model, tok = load_model(a.source, trust_remote_code=a.trust_remote_code)
@@ -285,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calib", help="lowrank: calibration text file or name (default wikitext2-valid)")
     c.add_argument("--calib-samples", type=int, help="lowrank: calibration windows (default 32)")
     c.add_argument("--calib-seq-len", type=int, help="lowrank: tokens per calibration window (default 512)")
+    c.add_argument("--rope-horizon", type=int,
+                   help="lowrank: query-key distances over which a pair that loses RoPE is averaged (default 512)")
     c.add_argument("--latent-norm", action="store_true",
                    help="lowrank: fit the latent RMSNorm (kv_a_layernorm) stock DeepSeek-V3 engines apply")
     c.add_argument("--target", choices=list(TARGETS),

@@ -143,6 +143,8 @@ class LowRankConfig:
         from .calibrate import check_not_test_split
 
         check_not_test_split(self.calib)
+        if self.rope_horizon < 0:
+            raise LatentKVError(f"--rope-horizon must be >= 0 tokens, got {self.rope_horizon}")
         if self.calib_samples < 1 or self.calib_seq_len < 16:
             raise LatentKVError("--calib-samples must be >= 1 and --calib-seq-len >= 16")
 
