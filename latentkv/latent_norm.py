@@ -58,7 +58,12 @@ def add_latent_norm(model, ids: torch.Tensor, progress: bool = False) -> dict:
             report.append(fit)
         mask = causal_mask(ids.shape[1], getattr(layers[i].self_attn, "sliding_window", None)).to(ref.device)
         h = _run(layers[i], h, rope, pos, mask)
-    return {"layers": report, "calib_windows": int(ids.shape[0]), "calib_seq_len": int(ids.shape[1])}
+    result = {"layers": report, "calib_windows": int(ids.shape[0]), "calib_seq_len": int(ids.shape[1])}
+    record = getattr(model.config, "latentkv", None)
+    if record is not None:  # keep the record true to the modules, so save/load rebuilds the norms
+        record["layers"] = [layer.self_attn.dims.to_dict() for layer in layers]
+        record["latent_norm"] = result
+    return result
 
 
 def fit_layer(attn, x: torch.Tensor) -> tuple[dict, dict]:

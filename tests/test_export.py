@@ -223,3 +223,18 @@ def test_import_foreign_deepseek_v3_with_moe_and_q_lora(ids, tmp_path, tiny_toke
     assert out.tokens[0] == theirs[0, prompt.shape[1]:].tolist()
     assert out.cache_bytes == LatentCache(ours).bytes_per_token() * (prompt.shape[1] + 6) == 2 * 32 * 4 * (
         prompt.shape[1] + 6)
+
+
+def test_latent_norm_added_after_conversion_saves_and_loads(ids, tmp_path):
+    from latentkv import load, save
+
+    conv = convert(make_tiny("llama-gqa"), LowRankConfig(kv_budget=0.5, rope="rorope-export"), calib_ids=calib(),
+                   progress=False)
+    from latentkv.latent_norm import add_latent_norm
+
+    add_latent_norm(conv, calib())
+    assert all(d["latent_norm"] for d in conv.config.latentkv["layers"])
+    save(conv, None, tmp_path / "native")
+    back, _ = load(tmp_path / "native")
+    with torch.no_grad():
+        assert torch.allclose(back(ids).logits, conv(ids).logits, atol=1e-6)
