@@ -41,8 +41,9 @@ def lowrank_problem(src: SourceAttention, layout: SourceLayout, config: LowRankC
 def lowrank_layer(src: SourceAttention, layout: SourceLayout, config: LowRankConfig, dims, stats) -> dict:
     rank, rope = dims
     parts, y, use_stats, metric = lowrank_problem(src, layout, config, rope, stats)
-    # a latent bias has no place in stock engines: keep the latent bias-free when exporting
-    bias_free = config.latent_norm and not y[:, -1].any() and not parts["kr"][:, -1].any()
+    # a latent bias has no place in stock engines: keep the latent bias-free for the export choices
+    exporting = config.latent_norm or config.rope == "rorope-export"
+    bias_free = exporting and not y[:, -1].any() and not parts["kr"][:, -1].any()
     return assemble(layout, src, parts, *low_rank(y, rank, use_stats, metric, bias_free))
 
 

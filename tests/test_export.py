@@ -238,3 +238,6 @@ def test_latent_norm_added_after_conversion_saves_and_loads(ids, tmp_path):
     back, _ = load(tmp_path / "native")
     with torch.no_grad():
         assert torch.allclose(back(ids).logits, conv(ids).logits, atol=1e-6)
+    export(conv, tmp_path / "ds")  # rorope-export alone keeps the latent bias-free, so a post-hoc norm exports
+    with torch.no_grad():
+        assert (load_stock(tmp_path / "ds")(ids).logits - conv(ids).logits).abs().max().item() <= 1e-4
