@@ -225,14 +225,14 @@ def _row(model, name, context, batch, new_tokens, prefill_s, times, cache, roofs
     per_token = cache_bytes_per_token(model)
     held = cache_tensor_bytes(cache)
     step_bytes = step_weight_bytes(model, name) + per_token * batch * context
+    flop = step_flops(model, name, batch, context)
     return {"variant": name, "context": context, "batch": batch, "new_tokens": new_tokens,
             "prefill_s": round(prefill_s, 4), "prefill_batch": 1, "decode_step_s": step,
             "decode_tokens_per_s": batch / step, "cache_bytes": held,
             "cache_bytes_formula": per_token * batch * (context + new_tokens), "cache_bytes_per_token": per_token,
             "peak_rss_bytes": peak_rss(), "step_bytes": step_bytes, "floor_s": step_bytes / bandwidth,
-            "floor_fraction": step_bytes / bandwidth / step, "step_flops": step_flops(model, name, batch, context),
-            "compute_floor_s": step_flops(model, name, batch, context) / flops,
-            "roofline_fraction": max(step_bytes / bandwidth, step_flops(model, name, batch, context) / flops) / step}
+            "floor_fraction": step_bytes / bandwidth / step, "step_flops": flop, "compute_floor_s": flop / flops,
+            "roofline_fraction": max(step_bytes / bandwidth, flop / flops) / step}
 
 
 def bench(model, against=None, contexts=(1024, 4096, 8192, 16384), batches=(1, 4, 16), new_tokens: int = 64,

@@ -48,23 +48,17 @@ def load_engine_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32)
 def swap_attention(model, i: int):
     """Replace layer i's DeepseekV3Attention by an equivalent MLAAttention; -> its MLADims."""
     from .conversion import install_layer
-    from .export import interleave_order
+    from .export import interleave_order, reorder_rope_rows
     from .mla import MLADims
 
     attn, cfg = model.model.layers[i].self_attn, model.config
-    n, p, h = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.num_attention_heads
-    dims = MLADims(hidden_size=cfg.hidden_size, num_heads=h, kv_lora_rank=cfg.kv_lora_rank, qk_rope_head_dim=p,
-                   qk_nope_head_dim=n, v_head_dim=cfg.v_head_dim, softmax_scale=float(attn.scaling),
+    p = cfg.qk_rope_head_dim
+    dims = MLADims(hidden_size=cfg.hidden_size, num_heads=cfg.num_attention_heads, kv_lora_rank=cfg.kv_lora_rank,
+                   qk_rope_head_dim=p, qk_nope_head_dim=cfg.qk_nope_head_dim, v_head_dim=cfg.v_head_dim, softmax_scale=float(attn.scaling),
                    q_lora_rank=cfg.q_lora_rank, latent_norm=True,
                    rms_norm_eps=float(attn.kv_a_layernorm.variance_epsilon))
     back = torch.argsort(interleave_order(torch.arange(p // 2)))  # engine rope rows -> our half-split rows
-    state = {k: v for k, v in attn.state_dict().items()}
-    for name in ("q_proj.weight", "q_b_proj.weight"):
-        if name in state:
-            w = state[name].view(h, n + p, -1)
-            state[name] = torch.cat((w[:, :n], w[:, n:][:, back]), 1).reshape(h * (n + p), -1)
-    w = state["kv_a_proj_with_mqa.weight"]
-    state["kv_a_proj_with_mqa.weight"] = torch.cat((w[: dims.kv_lora_rank], w[dims.kv_lora_rank:][back]))
+    state = {k: reorder_rope_rows(k, v, dims, back) for k, v in attn.state_dict().items()}
     state["rope_freq_idx"] = torch.arange(p // 2)
     return install_layer(model, i, dims, state)
 

@@ -100,6 +100,19 @@ def interleave_order(freq_idx: torch.Tensor) -> torch.Tensor:
     return torch.stack((order, order + m), 1).reshape(-1)
 
 
+def reorder_rope_rows(name: str, t: torch.Tensor, dims, order: torch.Tensor) -> torch.Tensor:
+    """A query (per head: n nope rows, then p rope rows) or kv_a (r latent rows, then p rope rows)
+    weight with its rope rows taken in `order`; any other tensor unchanged. Used both ways: to the
+    engine's interleaved layout on export, back to ours on import."""
+    n, p, h = dims.qk_nope_head_dim, dims.qk_rope_head_dim, dims.num_heads
+    if name.endswith(("q_proj.weight", "q_b_proj.weight")):
+        w = t.view(h, n + p, -1)
+        return torch.cat((w[:, :n], w[:, n:][:, order]), 1).reshape(h * (n + p), -1)
+    if name.endswith("kv_a_proj_with_mqa.weight"):
+        return torch.cat((t[: dims.kv_lora_rank], t[dims.kv_lora_rank:][order]))
+    return t
+
+
 def _engine_config(model, dims, rope: dict) -> dict:
     from transformers import DeepseekV3Config
 
@@ -129,20 +142,15 @@ def _engine_config(model, dims, rope: dict) -> dict:
 
 def engine_state(model, dims, freq_idx: torch.Tensor) -> dict[str, torch.Tensor]:
     """DeepSeek-V3 tensors: attention rows folded/permuted, everything else under its own name."""
-    n, p, h = dims.qk_nope_head_dim, dims.qk_rope_head_dim, dims.num_heads
     order = interleave_order(freq_idx)
-    alpha = dims.softmax_scale * math.sqrt(n + p)  # ours / engine's softmax scale
+    alpha = dims.softmax_scale * math.sqrt(dims.qk_nope_head_dim + dims.qk_rope_head_dim)  # ours / engine's scale
     out = {}
     for name, t in model.state_dict().items():
         if name.endswith(("rope_freq_idx", "rotary_emb.inv_freq")):
             continue
-        t = t.detach().clone().contiguous()
+        t = reorder_rope_rows(name, t.detach(), dims, order).clone().contiguous()
         if name.endswith(("self_attn.q_proj.weight", "self_attn.q_b_proj.weight")):
-            w = t.view(h, n + p, -1) * alpha
-            t = torch.cat((w[:, :n], w[:, n:][:, order]), 1).reshape(h * (n + p), -1)
-        elif name.endswith("self_attn.kv_a_proj_with_mqa.weight"):
-            r = dims.kv_lora_rank
-            t = torch.cat((t[:r], t[r:][order]))
+            t *= alpha
         out[name] = t
     if "lm_head.weight" not in out:  # tied: vLLM's DeepSeek loader reads lm_head.weight itself
         out["lm_head.weight"] = out["model.embed_tokens.weight"].clone()
