@@ -21,6 +21,9 @@ _EXPORTS = {
     "cache_report": "latentkv.report",
     "LatentKVError": "latentkv.errors",
     "generate": "latentkv.generation",
+    "heal": "latentkv.healing",
+    "HealConfig": "latentkv.healing",
+    "local_heal": "latentkv.layerwise",
 }
 
 __all__ = ["__version__", *_EXPORTS]

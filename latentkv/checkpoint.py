@@ -18,8 +18,9 @@ from .errors import LatentKVError
 WEIGHTS, META = "model.safetensors", "latentkv.json"
 
 
-def save(model, tokenizer, out: str | Path, overwrite: bool = False) -> Path:
-    """Write a converted model atomically; refuses to replace `out` unless `overwrite`."""
+def save(model, tokenizer, out: str | Path, overwrite: bool = False, extra=None) -> Path:
+    """Write a converted model atomically; refuses to replace `out` unless `overwrite`.
+    extra: optional callable(tmp_dir) that adds files inside the same atomic write."""
     from safetensors.torch import save_file
 
     from .atomic import atomic_output_dir
@@ -37,6 +38,8 @@ def save(model, tokenizer, out: str | Path, overwrite: bool = False) -> Path:
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         model.generation_config.save_pretrained(tmp)
+        if extra is not None:
+            extra(tmp)
     return Path(out)
 
 

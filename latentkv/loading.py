@@ -95,10 +95,14 @@ def _load_hf(src: str, dtype, trust_remote_code: bool, local_only: bool):
     try:
         # safetensors only: a pickle checkpoint can run code on load
         model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, use_safetensors=True, **kw)
-        tok = AutoTokenizer.from_pretrained(src, **kw)
     except OSError as e:
         raise LatentKVError(f"could not load weights of {src!r}: {str(e).splitlines()[0][:160]}; "
                             "it needs config.json, *.safetensors weights (pickle .bin is refused) and tokenizer files") from None
+    try:
+        tok = AutoTokenizer.from_pretrained(src, **kw)
+    except (OSError, ValueError) as e:
+        raise LatentKVError(f"could not load the tokenizer of {src!r} ({str(e).strip().splitlines()[0][:120]}); "
+                            "add its tokenizer files (tokenizer.json, tokenizer_config.json)") from None
     return model.eval(), tok
 
 

@@ -1,0 +1,177 @@
+"""Healing a converted SmolLM2 by distillation: quality per token and per CPU-minute -> BENCHMARKS.md.
+
+    python benchmarks/heal.py --model runs/smollm2-kv125 --tokens 131072 --local-steps 200 --resume
+
+Stages (each saved to --json-out when done; --resume skips finished ones, and an interrupted
+`heal` stage continues from its last checkpoint):
+  source, converted    perplexity on WikiText-2 test and PTB test (the evaluation texts only)
+  throughput           one distillation step vs one plain `transformers` training step (all
+                       parameters, CE, AdamW) of the source, same windows, side by side
+  local                layer-wise healing only (`heal --tokens 0 --local-steps N`)
+  local+distill        end-to-end KL distillation of --tokens tokens, starting from `local`
+  distill              (with --distill-alone) the same distillation from the converted model
+Training text: the Gutenberg corpus in ../shared/data/corpus (never the evaluation files).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from latentkv import load_model, load_text
+from latentkv.evaluate import perplexity
+from latentkv.healing import HealConfig, heal
+from latentkv.report import write_section
+
+TEXTS = ("wikitext2", "ptb")
+
+
+def evaluate(path, args) -> dict:
+    model, tok = load_model(path, progress=False)
+    out = {}
+    for name in TEXTS:
+        out[name] = perplexity(model, tok, load_text(name), seq_len=args.seq_len, max_windows=args.max_windows,
+                               progress=False).ppl
+    return out
+
+
+def heal_stage(student, out: Path, tokens: int, local: int, args) -> dict:
+    cfg = HealConfig(tokens=tokens, seq_len=args.train_seq_len, batch_size=args.batch_size, lr=args.lr,
+                     local_steps=local, save_every=args.save_every, seed=0)
+    resume = (Path(str(out) + ".heal") / "run.json").is_file()
+    t0 = time.perf_counter()
+    report = heal(student, args.teacher, args.data, out, cfg, resume=resume, overwrite=not resume and out.exists())
+    return {"heal": {k: v for k, v in report.items() if k != "local"}, "local": report.get("local"),
+            "wall_s": round(time.perf_counter() - t0, 1), "lr": args.lr}
+
+
+def throughput(args) -> dict:
+    """Median seconds of 3 steps each, alternating, on the same (batch, seq) windows."""
+    from latentkv.distill import kl_full
+    from latentkv.heal_loop import select_trainable
+
+    student, _ = load_model(args.model, progress=False)
+    teacher, _ = load_model(args.teacher, progress=False)
+    plain, _ = load_model(args.teacher, progress=False)
+    student = select_trainable(student, HealConfig()).train()
+    plain.train().requires_grad_(True)
+    teacher.requires_grad_(False)
+    opt_s = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-6)
+    opt_p = torch.optim.AdamW(plain.parameters(), lr=1e-6)
+    ids = torch.randint(0, plain.config.vocab_size, (1, args.train_seq_len), generator=torch.Generator().manual_seed(0))
+
+    def distill_step():
+        with torch.no_grad():
+            target = teacher(input_ids=ids).logits
+        kl_full(student(input_ids=ids).logits, target).backward()
+        opt_s.step()
+        opt_s.zero_grad()
+
+    def plain_step():
+        plain(input_ids=ids, labels=ids).loss.backward()
+        opt_p.step()
+        opt_p.zero_grad()
+
+    times = {"distill": [], "plain": []}
+    for _ in range(4):
+        for name, fn in (("distill", distill_step), ("plain", plain_step)):
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v[1:]) for k, v in times.items()}  # first call warms up
+    return {"distill_step_s": med["distill"], "plain_step_s": med["plain"], "ratio": med["distill"] / med["plain"],
+            "tokens_per_step": args.train_seq_len}
+
+
+def run(args) -> dict:
+    path = Path(args.json_out)
+    res = json.loads(path.read_text()) if args.resume and path.is_file() else {}
+
+    def stage(name, fn):
+        if name not in res:
+            res[name] = fn()
+            print(name, json.dumps(res[name])[:400], file=sys.stderr, flush=True)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(res, indent=2))
+        return res[name]
+
+    work = Path(args.work)
+    stage("source", lambda: evaluate(args.teacher, args))
+    stage("converted", lambda: evaluate(args.model, args))
+    stage("throughput", lambda: throughput(args))
+    stage("local", lambda: {**heal_stage(args.model, work / "local", 0, args.local_steps, args),
+                            **evaluate(work / "local", args)})
+    stage("local+distill", lambda: {**heal_stage(work / "local", work / "local-distill", args.tokens, 0, args),
+                                    **evaluate(work / "local-distill", args)})
+    if args.distill_alone:
+        stage("distill", lambda: {**heal_stage(args.model, work / "distill", args.tokens, 0, args),
+                                  **evaluate(work / "distill", args)})
+    return res
+
+
+def markdown(args, res: dict) -> str:
+    cmd = "python benchmarks/heal.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    src, conv = res["source"], res["converted"]
+    tp = res["throughput"]
+    lines = [f"<!-- quality:{args.section} -->", f"### Healing {args.model} by distillation from {args.teacher}", "",
+             f"Command: `{cmd}`  ",
+             f"Machine: {platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, fp32, "
+             f"{time.strftime('%Y-%m-%d')}. Training text: {args.data} (packed {args.train_seq_len}-token windows, "
+             f"{args.batch_size} per step, lr {args.lr}, attention weights only, KL(teacher||student)). Perplexity: "
+             f"seq_len {args.seq_len}, first {args.max_windows} windows. Gap closed = (converted - healed) / "
+             "(converted - source) in perplexity.", "",
+             f"Step time, side by side: distillation step {tp['distill_step_s']:.2f} s vs plain transformers "
+             f"training step {tp['plain_step_s']:.2f} s ({tp['ratio']:.2f}x) for {tp['tokens_per_step']} tokens.", "",
+             "| stage | training tokens | wall s | WikiText-2 ppl | gap closed | PTB ppl | gap closed |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+
+    def row(name, r, tokens, wall):
+        cells = []
+        for t in TEXTS:
+            closed = (conv[t] - r[t]) / (conv[t] - src[t]) if name not in ("source", "converted") else None
+            cells += [f"{r[t]:.3f}", f"{closed:.1%}" if closed is not None else "-"]
+        lines.append(f"| {name} | {tokens} | {wall} | " + " | ".join(cells) + " |")
+
+    row("source", src, "-", "-")
+    row("converted", conv, "-", "-")
+    for name in ("local", "local+distill", "distill"):
+        if name in res:
+            r = res[name]
+            row(name, r, f"{r['heal']['tokens']:,}", r["wall_s"])
+    lines.append(f"<!-- /quality:{args.section} -->")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="runs/smollm2-kv125", help="a latentkv convert output")
+    p.add_argument("--teacher", default="smollm2-135m")
+    p.add_argument("--data", default="../shared/data/corpus")
+    p.add_argument("--tokens", type=int, default=500_000)
+    p.add_argument("--local-steps", type=int, default=200)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--train-seq-len", type=int, default=512)
+    p.add_argument("--save-every", type=int, default=8)
+    p.add_argument("--distill-alone", action="store_true", help="also distil from the converted model directly")
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--max-windows", type=int, default=16)
+    p.add_argument("--work", default="runs/heal-bench")
+    p.add_argument("--section", default="heal")
+    p.add_argument("--json-out", default="runs/heal-bench.json")
+    p.add_argument("--md", default="BENCHMARKS.md")
+    p.add_argument("--resume", action="store_true", help="skip stages already in --json-out")
+    args = p.parse_args()
+    write_section(Path(args.md), args.section, markdown(args, run(args)))
+
+
+if __name__ == "__main__":
+    main()
