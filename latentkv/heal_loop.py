@@ -23,7 +23,12 @@ def select_trainable(model, config):
         for attn in attention:
             attn.requires_grad_(True)
         return model
-    from peft import LoraConfig, get_peft_model
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        from .errors import LatentKVError
+
+        raise LatentKVError("--train lora needs peft: pip install 'latentkv[heal]'") from None
 
     targets = sorted({name for attn in attention for name, m in attn.named_children() if isinstance(m, torch.nn.Linear)})
     lora = LoraConfig(r=config.lora_rank, lora_alpha=2 * config.lora_rank, lora_dropout=0.0, target_modules=targets)

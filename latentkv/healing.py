@@ -15,6 +15,7 @@ result does not depend on the number of processes (up to float summation order).
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,15 +100,19 @@ def heal(student, teacher, data, out, config: HealConfig = HealConfig(), *, over
 
     acc = Accelerator(cpu=not torch.cuda.is_available(),
                       mixed_precision="bf16" if config.precision == "bf16" else "no")
+    if config.precision == "bf16" and acc.device.type == "cpu" and acc.is_main_process:
+        print("warning: bf16 autocast on CPU can be far slower than fp32 (measured ~20x on an AVX-512 EPYC); "
+              "use it on GPUs", file=sys.stderr)
     out = Path(out)
     check_output_dir(out, overwrite)
     steps, accum = config.steps(), config.accumulation(acc.num_processes)
     if steps == 0 and config.local_steps <= 0:
         raise LatentKVError("--tokens 0 and no --local-steps: nothing to do; give --tokens N or --local-steps N")
-    model, tok, teacher_model = load_pair(student, teacher, acc.device)
+    t_dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32  # frozen: no fp32 master needed
+    model, tok, teacher_model = load_pair(student, teacher, acc.device, t_dtype)
     windows = pack(tok, read_documents(data), config.seq_len)
     run = {"config": dataclasses.asdict(config), "data": fingerprint(windows), "windows": int(windows.shape[0]),
-           "student": str(student), "teacher": str(teacher), "processes": acc.num_processes}
+           "student": _name(student), "teacher": _name(teacher), "processes": acc.num_processes}
     work = Path(work_dir) if work_dir else out.with_name(out.name + ".heal")
     ckpt = prepare_work_dir(work, run, resume, overwrite, True) if acc.is_main_process else None
     acc.wait_for_everyone()
@@ -118,14 +123,40 @@ def heal(student, teacher, data, out, config: HealConfig = HealConfig(), *, over
 
     report, model = train(acc, model, teacher_model, windows, config, steps, accum, work, ckpt, teacher_cache,
                           progress)
-    report.update(local=local, data=str(data), teacher=str(teacher), data_fingerprint=run["data"])
+    report.update(local=local, data=_name(data), teacher=_name(teacher), data_fingerprint=run["data"])
+    final = gathered_model(acc, model, student, config)
     if acc.is_main_process:
-        save_healed(acc.unwrap_model(model), tok, out, overwrite, report, work)
+        save_healed(final, tok, out, overwrite, report, work)
     acc.wait_for_everyone()
     return report
 
 
-def load_pair(student, teacher, device):
+def gathered_model(acc, model, student, config):
+    """The trained model, whole, on the main process. Under FSDP the parameters are shards: every
+    process joins the gather, and the main one loads the full state into a fresh copy."""
+    from accelerate.utils import DistributedType
+
+    if acc.distributed_type != DistributedType.FSDP:
+        return acc.unwrap_model(model)
+    state = acc.get_state_dict(model)
+    if not acc.is_main_process:
+        return None
+    from .heal_loop import select_trainable
+    from .loading import load_model
+
+    fresh = select_trainable(load_model(student, progress=False)[0], config)
+    fresh.load_state_dict(state)
+    return fresh
+
+
+def _name(x) -> str:
+    """A short, stable name for a path, a (model, tokenizer) pair or in-memory data."""
+    if isinstance(x, tuple):
+        return str(getattr(x[0].config, "_name_or_path", "") or type(x[0]).__name__)
+    return str(x) if isinstance(x, (str, Path)) else type(x).__name__
+
+
+def load_pair(student, teacher, device, teacher_dtype=torch.float32):
     """-> (student in train mode, tokenizer, frozen teacher); refuses vocabularies that differ."""
     from .conversion import record_of
     from .loading import load_model
@@ -135,7 +166,8 @@ def load_pair(student, teacher, device):
         raise LatentKVError(f"{student} is not a latentkv conversion; heal a `latentkv convert` output")
     if tok is None:
         raise LatentKVError(f"{student} has no tokenizer files; re-run `latentkv convert` from a source with one")
-    t_model, t_tok = teacher if isinstance(teacher, tuple) else load_model(teacher, progress=False)
+    t_model, t_tok = teacher if isinstance(teacher, tuple) else load_model(teacher, dtype=teacher_dtype,
+                                                                           progress=False)
     check_same_vocab(model, tok, t_model, t_tok)
     t_model.requires_grad_(False)
     return model.to(device), tok, t_model.to(device).eval()

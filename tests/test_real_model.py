@@ -115,3 +115,25 @@ def test_deepseek_v3_export_verifies(smollm2, tmp_path):
     res = verify_export(tmp_path / "ds", tmp_path / "native")
     assert res["passed"] and res["max_abs_diff"] < 1e-3, res
     assert res["cache_bytes_per_token"] == 30 * (160 + 32) * 4
+
+
+def test_heal_recovers_on_real_model(smollm2, tmp_path):
+    """SmolLM2 at 25 % (weight SVD, very lossy): a short local stage plus a few distillation steps on
+    Gutenberg-style prose bring the student closer to the source on an unseen paragraph."""
+    from latentkv import HealConfig, heal, load, save
+    from latentkv.distill import kl_full
+
+    model, tok = smollm2
+    conv = convert(model, SVDConfig(kv_budget=0.25), progress=False)
+    save(conv, tok, tmp_path / "conv")
+    text = [f"Chapter {i}. " + PARAGRAPH for i in range(12)]
+    cfg = HealConfig(tokens=4 * 2 * 128, seq_len=128, batch_size=2, lr=1e-4, local_steps=8, local_windows=4)
+    report = heal(tmp_path / "conv", (model, tok), text, tmp_path / "healed", cfg, progress=False)
+    assert report["steps"] == 4 and sum(r["after"] for r in report["local"]["layers"]) < sum(
+        r["before"] for r in report["local"]["layers"])
+    healed, _ = load(tmp_path / "healed")
+    ids = tok("The committee met again in the spring to review the survey results.", return_tensors="pt").input_ids
+    with torch.no_grad():
+        ref = model(ids).logits
+        kl = [float(kl_full(m(ids).logits, ref)) for m in (conv, healed)]
+    assert kl[1] < 0.8 * kl[0], kl
