@@ -387,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; no partial output was kept", file=sys.stderr)
         return 130
+    if getattr(args, "quiet", False):  # a non-zero rank of a distributed run
+        return 0
     if args.json:
         print(json.dumps(result, default=str))
     else:

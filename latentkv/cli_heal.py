@@ -8,6 +8,9 @@ import dataclasses
 def run_heal(a) -> dict:
     from .healing import HealConfig, heal
 
+    import os
+
+    a.quiet = int(os.environ.get("RANK", "0")) != 0  # under torchrun/accelerate only rank 0 prints
     fields = {f.name for f in dataclasses.fields(HealConfig)}
     config = HealConfig(**{k: v for k, v in vars(a).items() if k in fields and v is not None})
     return heal(a.model, a.teacher, a.data, a.out, config, overwrite=a.overwrite, resume=a.resume,

@@ -65,7 +65,7 @@ def train(acc, model, teacher, windows: torch.Tensor, config, steps: int, accum:
                                              "topk": config.teacher_topk, "temperature": config.temperature})
     order = WindowOrder(windows.shape[0], config.seed)
     bar = tqdm(total=steps, initial=start, unit="step", desc="heal", disable=not (progress and acc.is_main_process))
-    times, first = [], None
+    times, first, last = [], None, None
     for step in range(start, steps):
         t0 = time.perf_counter()
         idx = order.take(step * config.batch_size, config.batch_size)
@@ -83,7 +83,7 @@ def train(acc, model, teacher, windows: torch.Tensor, config, steps: int, accum:
         opt.zero_grad(set_to_none=True)
         loss, kl, ce = acc.reduce(parts, "mean").tolist()
         times.append(time.perf_counter() - t0)
-        first = loss if first is None else first
+        first, last = (loss if first is None else first), loss
         tps = config.tokens_per_step / times[-1]
         log.write({"step": step + 1, "tokens": (step + 1) * config.tokens_per_step, "loss": loss, "kl": kl,
                    "ce": ce, "lr": sched.get_last_lr()[0], "grad_norm": float(norm), "tokens_per_s": round(tps, 1),
@@ -96,7 +96,9 @@ def train(acc, model, teacher, windows: torch.Tensor, config, steps: int, accum:
     rows = log.rows()
     report = {"train": config.train, "steps": steps, "tokens": steps * config.tokens_per_step,
               "resumed_at_step": start, "processes": acc.num_processes,
-              "first_loss": rows[0]["loss"] if rows else first, "last_loss": rows[-1]["loss"] if rows else None,
+              # reduced over processes, so every process reports the same; a resumed run's first is the log's
+              "first_loss": rows[0]["loss"] if start and rows else first,
+              "last_loss": last if last is not None else (rows[-1]["loss"] if rows else None),
               "median_step_s": round(statistics.median(times), 4) if times else None,
               "tokens_per_s": round(config.tokens_per_step / statistics.median(times), 1) if times else None,
               "seconds": round(sum(r["time"] for r in rows), 2) if rows else round(sum(times), 2)}
