@@ -187,10 +187,10 @@ def _load(a) -> dict:
 
 
 def _print_human(cmd: str, result: dict) -> None:
-    if cmd == "heal":
-        from .cli_heal import print_heal
+    if cmd in ("heal", "doctor"):
+        from .cli_more import print_doctor, print_heal
 
-        return print_heal(result)
+        return (print_heal if cmd == "heal" else print_doctor)(result)
     if cmd == "generate":
         if not result["streamed"]:
             for prompt, text in zip(result["prompts"], result["texts"]):
@@ -361,9 +361,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default="bench-out", help="directory for bench.json and bench.png (written atomically)")
     b.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
-    from .cli_heal import add_heal_parser
+    from .cli_more import add_doctor_parser, add_heal_parser
 
     add_heal_parser(add)
+    add_doctor_parser(add)
 
     d = add("demo", _demo, "the main job: convert the bundled SmolLM2, compare cache size and perplexity")
     d.add_argument("--kv-budget", type=float, default=0.5, help="budget of the compressed variant")

@@ -208,3 +208,18 @@ def test_convert_export_verify_load(capsys, source_dir, tmp_path):
 def test_export_bad_input_is_one_line(capsys, converted_dir, tmp_path, argv, match):
     code, _, err = run(capsys, *[a.format(conv=converted_dir, tmp=tmp_path) for a in argv])
     assert code == 2 and match in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_doctor_reports_and_fails_on_full_disk(capsys, monkeypatch, tmp_path):
+    import shutil
+    from collections import namedtuple
+
+    code, stdout, _ = run(capsys, "doctor", tmp_path, "--json")
+    res = json.loads(stdout)
+    names = {c["name"]: c for c in res["checks"]}
+    assert code == 0 and res["ok"] and names["torch"]["status"] == "ok" and "transformers" in names
+    assert all(c["status"] in ("ok", "warn", "fail") for c in res["checks"])
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 * 2**30, 10 * 2**30 - 2**20, 2**20))
+    code, stdout, _ = run(capsys, "doctor", tmp_path)
+    assert code == 1 and "FAIL" in stdout and "free some space" in stdout and "not ready" in stdout

@@ -1,4 +1,4 @@
-"""`latentkv heal`: the command-line wiring of `latentkv.heal.heal`."""
+"""Command-line wiring of `heal` (latentkv.healing) and `doctor` (latentkv.doctor)."""
 
 from __future__ import annotations
 
@@ -70,3 +70,24 @@ def add_heal_parser(add) -> None:
     h.add_argument("--work-dir", help="checkpoints and log (default OUT.heal beside the output)")
     h.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the work dir")
     h.add_argument("--overwrite", action="store_true", help="replace --out and start the work dir over")
+
+
+def run_doctor(a) -> dict:
+    from .doctor import doctor
+
+    result = doctor(a.path)
+    a.exit_code = 0 if result["ok"] else 1
+    return result
+
+
+def print_doctor(r: dict) -> None:
+    marks = {"ok": "ok  ", "warn": "warn", "fail": "FAIL"}
+    for c in r["checks"]:
+        fix = f"  -> {c['fix']}" if c["fix"] else ""
+        print(f"[{marks[c['status']]}] {c['name']}: {c['detail']}{fix}")
+    print("ready" if r["ok"] else "not ready: fix the FAIL lines above")
+
+
+def add_doctor_parser(add) -> None:
+    d = add("doctor", run_doctor, "check the environment: torch build, accelerator, packages, memory, disk, engines")
+    d.add_argument("path", nargs="?", default=".", help="where outputs will be written (disk and write checks)")
