@@ -83,6 +83,7 @@ def convert(model, config, *, tokenizer=None, calib_ids: torch.Tensor | None = N
         raise LatentKVError(f"unknown conversion config {type(config).__name__}; known: "
                             + ", ".join(c.__name__ for c in CONVERTERS))
     layout = source_layout(model.config)
+    check_finite(model)
     start = time.perf_counter()
     if isinstance(config, LowRankConfig):
         from .calibrated import convert_calibrated
@@ -98,6 +99,15 @@ def convert(model, config, *, tokenizer=None, calib_ids: torch.Tensor | None = N
     layers = [layer.self_attn.dims for layer in new.model.layers]
     new.config.latentkv = conversion_record(model, layout, config, layers, time.perf_counter() - start, choice)
     return new
+
+
+def check_finite(model) -> None:
+    """A NaN/Inf in a source attention weight would spread through every factorization silently."""
+    for i, attn in enumerate(attention_layers(model)):
+        for name, p in attn.named_parameters():
+            if not torch.isfinite(p).all():
+                raise LatentKVError(f"source weights of layer {i} ({name}) are not finite (NaN/Inf): the "
+                                    "checkpoint is corrupt or was saved in a dtype that overflowed; re-download it")
 
 
 def _float32(src: SourceAttention) -> SourceAttention:
