@@ -26,6 +26,15 @@ SOURCE_TO_MLA = {
 
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
 
+# Families refused on purpose, with the reason (model_type -> why).
+_QK_NORM = ("applies a per-head RMSNorm to q and k between the projection and RoPE (QK-norm): the key "
+            "is then not a linear function of the hidden state, so no latent factorization reproduces it, "
+            "and MLA engines have no slot for that norm")
+REFUSED_FAMILIES = {
+    "qwen3": _QK_NORM, "qwen3_moe": _QK_NORM, "gemma3": _QK_NORM, "gemma3_text": _QK_NORM, "olmo2": _QK_NORM,
+    "gemma2": "soft-caps attention logits (tanh), which the MLA runtime and DeepSeek-V3 engines do not apply yet",
+}
+
 
 @dataclass(frozen=True)
 class SourceLayout:
@@ -58,6 +67,9 @@ def _rope_type(config) -> str:
 def check_supported(config) -> None:
     """Raise a one-line error for any architecture or feature we cannot convert exactly."""
     mt = getattr(config, "model_type", None)
+    if mt in REFUSED_FAMILIES:
+        raise LatentKVError(f"cannot convert model_type {mt!r}: it {REFUSED_FAMILIES[mt]}; supported: "
+                            f"{', '.join(SUPPORTED_FAMILIES.values())}")
     if mt not in SUPPORTED_FAMILIES:
         arch = (getattr(config, "architectures", None) or [mt])[0]
         names = ", ".join(SUPPORTED_FAMILIES.values())
