@@ -27,7 +27,7 @@ def local_heal(student, teacher, ids: torch.Tensor, steps: int = 200, lr: float 
     """
     import time
 
-    from .calibrated import CHUNK, _run, causal_mask
+    from .calibrated import _run, causal_mask
     from .families import sliding_window
     from .mla import MLAAttention
 
