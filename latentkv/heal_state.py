@@ -137,8 +137,9 @@ def plot_losses(rows: list[dict], out: Path, title: str) -> Path | None:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     tokens = [r["tokens"] for r in rows]
-    for key in ("loss", "kl", "ce"):
-        if any(key in r for r in rows):
+    for key in ("loss", "kl", "ce"):  # a part is drawn only when it is not the whole loss or zero
+        vals = [r.get(key) or 0.0 for r in rows]
+        if key == "loss" or (any(vals) and vals != [r["loss"] for r in rows]):
             ax.plot(tokens, [r.get(key) for r in rows], label=key, lw=1)
     ax.set(xlabel="training tokens", ylabel="loss", title=title)
     ax.grid(alpha=0.3)
