@@ -21,6 +21,21 @@ def check_output_dir(out: str | Path, overwrite: bool) -> Path:
     return out
 
 
+def write_file_atomic(path: str | Path, data: str | bytes) -> None:
+    """Replace one file whole (temp file beside it, fsync, rename): readers never see half of it.
+    The temp name carries the pid, so processes writing the same file do not collide."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -10,12 +10,12 @@ bound of the full one.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from .atomic import write_file_atomic
 from .errors import LatentKVError
 
 
@@ -66,7 +66,7 @@ class TeacherCache:
                 raise LatentKVError(f"teacher cache {self.path} was made for other settings ({', '.join(diff)} "
                                     "differ); use another --teacher-cache folder or delete it")
         else:
-            _atomic_write(meta, json.dumps(manifest, indent=2).encode())
+            write_file_atomic(meta, json.dumps(manifest, indent=2))
 
     def _file(self, window: int) -> Path:
         return self.path / f"w{window:09d}.safetensors"
@@ -83,13 +83,4 @@ class TeacherCache:
     def put(self, window: int, logp: torch.Tensor, idx: torch.Tensor) -> None:
         from safetensors.torch import save
 
-        _atomic_write(self._file(window), save({"logp": logp.contiguous(), "idx": idx.contiguous()}))
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+        write_file_atomic(self._file(window), save({"logp": logp.contiguous(), "idx": idx.contiguous()}))

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from .atomic import write_file_atomic
 from .errors import LatentKVError
 
 PREFIX, TMP = "ckpt-", ".ckpt-tmp"
@@ -27,8 +28,9 @@ def latest_checkpoint(work: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def prepare_work_dir(work: Path, run: dict, resume: bool, overwrite: bool, is_main: bool) -> Path | None:
-    """-> the checkpoint to resume from (or None). Refuses to mix runs or to drop work silently."""
+def prepare_work_dir(work: Path, run: dict, resume: bool, overwrite: bool) -> Path | None:
+    """-> the checkpoint to resume from (or None). Refuses to mix runs or to drop work silently.
+    Main process only: it may start the folder over."""
     meta = work / "run.json"
     ckpt = latest_checkpoint(work) if work.is_dir() else None
     if meta.is_file() and not resume and not overwrite:
@@ -42,11 +44,10 @@ def prepare_work_dir(work: Path, run: dict, resume: bool, overwrite: bool, is_ma
             raise LatentKVError(f"--resume: {work} was started with other settings ({', '.join(diff)} differ); "
                                 "rerun with the same arguments or pass --overwrite to start over")
         return ckpt
-    if is_main:
-        if work.exists():
-            shutil.rmtree(work)
-        work.mkdir(parents=True)
-        write_atomic(meta, json.dumps(run, indent=2, default=str))
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    write_file_atomic(meta, json.dumps(run, indent=2, default=str))
     return None
 
 
@@ -67,7 +68,7 @@ def save_checkpoint(acc, work: Path, progress: dict, keep: int = 1) -> Path:
     try:
         acc.save_state(str(tmp), safe_serialization=True)
         if acc.is_main_process:
-            write_atomic(tmp / "progress.json", json.dumps(progress))
+            write_file_atomic(tmp / "progress.json", json.dumps(progress))
     except OSError as e:
         error = e
     failed = acc.reduce(torch.tensor([float(error is not None)], device=acc.device), "sum").item()
@@ -89,15 +90,6 @@ def save_checkpoint(acc, work: Path, progress: dict, keep: int = 1) -> Path:
     return final
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -106,14 +98,21 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def read_log(path: Path) -> list[dict]:
+    """The rows of a step log (JSONL); [] when there is none yet."""
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 class StepLog:
     """Append-only JSONL, one record per optimizer step; on resume, lines past the checkpoint go."""
 
     def __init__(self, path: Path, resume_step: int, enabled: bool):
         self.path, self.enabled = path, enabled
         if enabled and path.is_file():
-            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-            write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows if r.get("step", 0) <= resume_step))
+            rows = read_log(path)
+            write_file_atomic(path, "".join(json.dumps(r) + "\n" for r in rows if r.get("step", 0) <= resume_step))
 
     def write(self, row: dict) -> None:
         if self.enabled:
@@ -121,9 +120,7 @@ class StepLog:
                 f.write(json.dumps(row) + "\n")
 
     def rows(self) -> list[dict]:
-        if not self.path.is_file():
-            return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        return read_log(self.path)
 
 
 def plot_losses(rows: list[dict], out: Path, title: str) -> Path | None:

@@ -114,7 +114,7 @@ def heal(student, teacher, data, out, config: HealConfig = HealConfig(), *, over
     run = {"config": dataclasses.asdict(config), "data": fingerprint(windows), "windows": int(windows.shape[0]),
            "student": _name(student), "teacher": _name(teacher), "processes": acc.num_processes}
     work = Path(work_dir) if work_dir else out.with_name(out.name + ".heal")
-    ckpt = prepare_work_dir(work, run, resume, overwrite, True) if acc.is_main_process else None
+    ckpt = prepare_work_dir(work, run, resume, overwrite) if acc.is_main_process else None
     acc.wait_for_everyone()
     if not acc.is_main_process and resume:
         ckpt = latest_checkpoint(work)
@@ -187,10 +187,10 @@ def run_local_stage(model, teacher, windows, config: HealConfig, work: Path, acc
     """The layer-wise stage, once per run: its result is kept in the work dir for a resume."""
     import json
 
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file, save
 
+    from .atomic import write_file_atomic
     from .heal_data import WindowOrder
-    from .heal_state import write_atomic
     from .layerwise import local_heal
 
     if config.local_steps <= 0:
@@ -204,10 +204,8 @@ def run_local_stage(model, teacher, windows, config: HealConfig, work: Path, acc
                         seed=config.seed, progress=progress and acc.is_main_process)
     if acc.is_main_process:
         state = {k: v.contiguous() for k, v in model.state_dict().items() if ".self_attn." in k}
-        tmp = work / ".local.safetensors.tmp"
-        save_file(state, str(tmp))
-        tmp.replace(saved)
-        write_atomic(meta, json.dumps(report))
+        write_file_atomic(saved, save(state))
+        write_file_atomic(meta, json.dumps(report))
     return report
 
 
@@ -216,7 +214,7 @@ def save_healed(model, tok, out: Path, overwrite: bool, report: dict, work: Path
     import shutil
 
     from .checkpoint import save
-    from .heal_state import StepLog, plot_losses
+    from .heal_state import plot_losses, read_log
 
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
@@ -229,7 +227,7 @@ def save_healed(model, tok, out: Path, overwrite: bool, report: dict, work: Path
     def add_log(tmp: Path) -> None:
         if log.is_file():
             shutil.copy(log, tmp / "heal_log.jsonl")
-            plot_losses(StepLog(log, 10**12, False).rows(), tmp / "heal_loss.png", f"healing {out.name}")
+            plot_losses(read_log(log), tmp / "heal_loss.png", f"healing {out.name}")
 
     save(model, tok, out, overwrite=overwrite, extra=add_log)
     shutil.rmtree(work, ignore_errors=True)  # the output is whole: checkpoints are no longer needed

@@ -61,11 +61,13 @@ def _chunked(fn, h: torch.Tensor) -> torch.Tensor:
 
 def relative_error(attn, x: torch.Tensor, y: torch.Tensor, rope, mask) -> float:
     """Full-batch ||attn(x) - y||^2 / ||y||^2 for x, y (N, T, D)."""
+    from .calibrated import CHUNK
+
     num = den = 0.0
-    for c in range(0, x.shape[0], 4):
-        out = attn(x[c: c + 4], position_embeddings=rope, attention_mask=mask)[0]
-        num += float((out - y[c: c + 4]).pow(2).sum())
-        den += float(y[c: c + 4].pow(2).sum())
+    for c in range(0, x.shape[0], CHUNK):
+        out = attn(x[c: c + CHUNK], position_embeddings=rope, attention_mask=mask)[0]
+        num += float((out - y[c: c + CHUNK]).pow(2).sum())
+        den += float(y[c: c + CHUNK].pow(2).sum())
     return num / max(den, 1e-30)
 
 
