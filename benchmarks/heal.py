@@ -1,6 +1,6 @@
 """Healing a converted SmolLM2 by distillation: quality per token and per CPU-minute -> BENCHMARKS.md.
 
-    python benchmarks/heal.py --model runs/smollm2-kv125 --tokens 131072 --local-steps 200 --resume
+    python benchmarks/heal.py --model runs/smollm2-kv125 --tokens 131072 500000 --local-steps 200 --resume
 
 Stages (each saved to --json-out when done; --resume skips finished ones, and an interrupted
 `heal` stage continues from its last checkpoint):
@@ -8,8 +8,8 @@ Stages (each saved to --json-out when done; --resume skips finished ones, and an
   throughput           one distillation step vs one plain `transformers` training step (all
                        parameters, CE, AdamW) of the source, same windows, side by side
   local                layer-wise healing only (`heal --tokens 0 --local-steps N`)
-  local+distill        end-to-end KL distillation of --tokens tokens, starting from `local`
-  distill              (with --distill-alone) the same distillation from the converted model
+  local+distill N      end-to-end KL distillation of N tokens (each of --tokens), starting from `local`
+  distill N            (with --distill-alone) the same distillation from the converted model
 Training text: the Gutenberg corpus in ../shared/data/corpus (never the evaluation files).
 """
 
@@ -109,11 +109,12 @@ def run(args) -> dict:
     stage("throughput", lambda: throughput(args))
     stage("local", lambda: {**heal_stage(args.model, work / "local", 0, args.local_steps, args),
                             **evaluate(work / "local", args)})
-    stage("local+distill", lambda: {**heal_stage(work / "local", work / "local-distill", args.tokens, 0, args),
-                                    **evaluate(work / "local-distill", args)})
-    if args.distill_alone:
-        stage("distill", lambda: {**heal_stage(args.model, work / "distill", args.tokens, 0, args),
-                                  **evaluate(work / "distill", args)})
+    for n in args.tokens:  # each budget is its own run (the cosine schedule depends on it)
+        stage(f"local+distill {n}", lambda: {**heal_stage(work / "local", work / f"local-distill-{n}", n, 0, args),
+                                             **evaluate(work / f"local-distill-{n}", args)})
+        if args.distill_alone:
+            stage(f"distill {n}", lambda: {**heal_stage(args.model, work / f"distill-{n}", n, 0, args),
+                                           **evaluate(work / f"distill-{n}", args)})
     return res
 
 
@@ -142,10 +143,10 @@ def markdown(args, res: dict) -> str:
 
     row("source", src, "-", "-")
     row("converted", conv, "-", "-")
-    for name in ("local", "local+distill", "distill"):
-        if name in res:
-            r = res[name]
-            row(name, r, f"{r['heal']['tokens']:,}", r["wall_s"])
+    healed = [k for k in res if k == "local" or k.split(" ")[0] in ("local+distill", "distill")]
+    for name in sorted(healed, key=lambda k: (res[k]["heal"]["tokens"], k)):
+        r = res[name]
+        row(name.split(" ")[0], r, f"{r['heal']['tokens']:,}", r["wall_s"])
     lines.append(f"<!-- /quality:{args.section} -->")
     return "\n".join(lines) + "\n"
 
@@ -155,7 +156,7 @@ def main() -> None:
     p.add_argument("--model", default="runs/smollm2-kv125", help="a latentkv convert output")
     p.add_argument("--teacher", default="smollm2-135m")
     p.add_argument("--data", default="../shared/data/corpus")
-    p.add_argument("--tokens", type=int, default=500_000)
+    p.add_argument("--tokens", type=int, nargs="+", default=[500_000], help="one distillation run per budget")
     p.add_argument("--local-steps", type=int, default=200)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--batch-size", type=int, default=4)

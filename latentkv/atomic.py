@@ -48,19 +48,25 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False):
     out = check_output_dir(out, overwrite).absolute()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; the finished output should look like any other dir
     try:
         yield tmp
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                f.chmod(0o666 & ~_umask())
-        if out.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            out.rename(trash / out.name)
-            tmp.rename(out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            tmp.rename(out)
+        publish_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def publish_dir(tmp: Path, out: Path) -> None:
+    """Make the finished `tmp` (a sibling of `out`) appear as `out` in one rename, replacing any old one.
+    Modes follow the umask (mkdtemp makes 0700; the output should look like any other dir)."""
+    tmp.chmod(0o777 & ~_umask())
+    for f in tmp.rglob("*"):
+        if f.is_file():
+            f.chmod(0o666 & ~_umask())
+    if out.exists():
+        trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        out.rename(trash / out.name)
+        tmp.rename(out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        tmp.rename(out)

@@ -35,7 +35,7 @@ class Moments:
         """x, y (..., D): every row is a token (padding must already be dropped)."""
         ax = _augment(x)  # (N, D+1)
         # fp32 product per batch (fast BLAS), fp64 running sum (no drift over many batches)
-        self.total += (ax.T @ (ax if y is None else _augment(y))).double()
+        self.total += (ax.T @ (ax if y is None else _augment(y))).to(self.total.device, torch.float64)
         self.tokens += ax.shape[0]
 
     def second(self) -> torch.Tensor:

@@ -103,16 +103,21 @@ def convert_oneshot(model, layout, config, dims, stats: list[InputStats], progre
 
 def candidate_splits(layout: SourceLayout, config: LowRankConfig, values: int) -> list[tuple[int, int]]:
     """(kv_lora_rank, qk_rope_head_dim) pairs worth trying for `values` cache values."""
-    step, most_rope = rope_grid(layout, config.rope)
     out = []
     for frac in (1 / 8, 1 / 4, 3 / 8, 1 / 2):
-        p = min(most_rope, max(step, step * round(values * frac / step)))
-        r = min(values - p, max_rank(layout, p, shared_nope=config.rope != "high"))
+        r, p = split_at(layout, config, values, frac)
         if r >= 1 and (r, p) not in out:
             out.append((r, p))
     if not out:
         raise LatentKVError(f"{values} cache values per token cannot hold a rotated pair and a latent; raise the budget")
     return out
+
+
+def split_at(layout: SourceLayout, config: LowRankConfig, values: int, frac: float) -> tuple[int, int]:
+    """(kv_lora_rank, qk_rope_head_dim) giving about `frac` of `values` to the rotated key."""
+    step, most_rope = rope_grid(layout, config.rope)
+    p = min(most_rope, max(step, step * round(values * frac / step)))
+    return min(values - p, max_rank(layout, p, shared_nope=config.rope != "high")), p
 
 
 @torch.no_grad()
@@ -175,7 +180,12 @@ def causal_mask(t: int, window: int | None) -> torch.Tensor:
     return allowed[None, None]
 
 
-def _run(layer, h: torch.Tensor, rope, pos, mask) -> torch.Tensor:
-    out = [layer(h[c: c + CHUNK], attention_mask=mask, position_ids=pos, position_embeddings=rope)
-           for c in range(0, h.shape[0], CHUNK)]
-    return torch.cat([o[0] if isinstance(o, tuple) else o for o in out])
+def _run(layer, h: torch.Tensor, rope, pos, mask, device=None) -> torch.Tensor:
+    """h (N, T, D) through one decoder layer, CHUNK windows at a time; with `device`, each chunk
+    visits it (layer, rope, pos and mask must already be there) and the result stays where h is."""
+    out = []
+    for c in range(0, h.shape[0], CHUNK):
+        o = layer(h[c: c + CHUNK].to(device or h.device), attention_mask=mask, position_ids=pos,
+                  position_embeddings=rope)
+        out.append((o[0] if isinstance(o, tuple) else o).to(h.device))
+    return torch.cat(out)

@@ -1,4 +1,5 @@
-"""Native checkpoint of a converted model: `model.safetensors` + `latentkv.json` + tokenizer.
+"""Native checkpoint of a converted model: `model.safetensors` (or, from a streaming conversion,
+shards listed in `model.safetensors.index.json`) + `latentkv.json` + tokenizer.
 
 There is deliberately no `config.json`: stock `from_pretrained` must not mistake an MLA
 checkpoint for its source architecture and fill k_proj/v_proj with random weights.
@@ -29,18 +30,23 @@ def save(model, tokenizer, out: str | Path, overwrite: bool = False, extra=None)
     record = record_of(model)
     if record is None:
         raise LatentKVError("save() expects a model converted by latentkv.convert; save source models with save_pretrained")
-    config = model.config.to_dict()
-    for key in ("latentkv", "quantization_config"):
-        config.pop(key, None)
     with atomic_output_dir(out, overwrite) as tmp:
         save_file(_unique_state(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
-        (tmp / META).write_text(json.dumps({"record": record, "source_config": config}, indent=2))
+        write_meta(tmp, record, model.config)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         model.generation_config.save_pretrained(tmp)
         if extra is not None:
             extra(tmp)
     return Path(out)
+
+
+def write_meta(path: Path, record: dict, source_config) -> None:
+    """`latentkv.json`: the conversion record and the source's HF config (minus our own fields)."""
+    config = source_config.to_dict()
+    for key in ("latentkv", "quantization_config"):
+        config.pop(key, None)
+    (Path(path) / META).write_text(json.dumps({"record": record, "source_config": config}, indent=2))
 
 
 def _unique_state(model) -> dict:
@@ -68,8 +74,6 @@ def read_meta(path: str | Path) -> dict:
 def load(path: str | Path, dtype: torch.dtype = torch.float32):
     """-> (converted model in eval mode, tokenizer or None). Weights load via safetensors only."""
     from accelerate import init_empty_weights
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     from .conversion import install_mla
@@ -80,11 +84,7 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32):
     src_cfg = dict(meta["source_config"])
     config = AutoConfig.for_model(src_cfg.pop("model_type"), **src_cfg)
     config.latentkv = meta["record"]
-    try:
-        state = load_file(str(path / WEIGHTS))
-    except (OSError, SafetensorError) as e:
-        raise LatentKVError(f"corrupted checkpoint {path}: cannot read {WEIGHTS} ({str(e)[:120]}); "
-                            "re-run `latentkv convert`") from None
+    state = _read_weights(path)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     install_mla(model, [MLADims(**d) for d in meta["record"]["layers"]])
@@ -94,6 +94,30 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32):
         model.generation_config = GenerationConfig.from_pretrained(path)
     tok = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None
     return model.eval(), tok
+
+
+def _read_weights(path: Path) -> dict:
+    """One `model.safetensors`, or the shards a streaming conversion wrote (listed in the index)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from .shards import INDEX
+
+    files = [WEIGHTS]
+    if not (path / WEIGHTS).is_file() and (path / INDEX).is_file():
+        try:
+            files = sorted(set(json.loads((path / INDEX).read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise LatentKVError(f"corrupted checkpoint {path}: unreadable {INDEX} ({type(e).__name__}); "
+                                "re-run `latentkv convert`") from None
+    state = {}
+    for name in files:
+        try:
+            state.update(load_file(str(path / name)))
+        except (OSError, SafetensorError) as e:
+            raise LatentKVError(f"corrupted checkpoint {path}: cannot read {name} ({str(e)[:120]}); "
+                                "re-run `latentkv convert`") from None
+    return state
 
 
 def _load_state(model, state: dict, path: Path) -> None:

@@ -11,10 +11,10 @@ import time
 def _convert(a) -> dict:
     from .atomic import check_output_dir
     from .checkpoint import save
-    from .conversion import convert
+    from .conversion import convert, record_of
     from .loading import load_model
     from .methods import make_config
-    from .report import cache_report
+    from .report import record_summary
 
     config = make_config(a.kv_budget, a.kv_lora_rank, a.qk_rope_head_dim, a.method, a.kv_values, rope=a.rope,
                          factorizer=a.factorizer, sequential=True if a.sequential else None, calib=a.calib,
@@ -23,6 +23,16 @@ def _convert(a) -> dict:
                          latent_norm=True if a.latent_norm else None, target=a.target, rope_horizon=a.rope_horizon)
     check_output_dir(a.out, a.overwrite)
     t0 = time.perf_counter()
+    if a.stream:
+        from .streaming import convert_streaming
+
+        record = convert_streaming(a.source, config, a.out, overwrite=a.overwrite, device=a.device)
+        return {"out": a.out, "method": config.method, **record_summary(record),
+                "streaming": {k: v for k, v in record["streaming"].items() if k != "layers"},
+                "total_seconds": round(time.perf_counter() - t0, 2)}
+    from .streaming import check_fits_in_memory
+
+    check_fits_in_memory(a.source)
     model, tok = load_model(a.source, trust_remote_code=a.trust_remote_code)
     converted = convert(model, config, tokenizer=tok)
     if a.target:
@@ -32,14 +42,7 @@ def _convert(a) -> dict:
         if warning:
             print(warning, file=sys.stderr)
     save(converted, tok, a.out, overwrite=a.overwrite)
-    rep = cache_report(converted)
-    first = rep["record"]["layers"][0]
-    return {"out": a.out, "method": config.method, "kv_lora_rank": first["kv_lora_rank"],
-            "qk_rope_head_dim": first["qk_rope_head_dim"], "qk_nope_head_dim": first["qk_nope_head_dim"],
-            "cache_values_per_token_per_layer": rep["model"]["values_per_token_per_layer"][0],
-            "source_values_per_token_per_layer": rep["source"]["values_per_token_per_layer"],
-            "ratio": rep["ratio"], "convert_seconds": rep["record"]["convert_seconds"],
-            "split_search": rep["record"]["split_search"],
+    return {"out": a.out, "method": config.method, **record_summary(record_of(converted)),
             "total_seconds": round(time.perf_counter() - t0, 2)}
 
 
@@ -296,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--target", choices=list(TARGETS),
                    help="make every choice the export to this format can express (deepseek_v3: rope rorope-export, "
                         "latent norm, uniform ranks, no latent bias)")
+    c.add_argument("--stream", action="store_true", help="convert a local sharded safetensors checkpoint layer by "
+                   "layer in bounded memory (resumes if interrupted)")
+    c.add_argument("--device", default="cpu", help="--stream: where the layers' calibration passes run (cpu, cuda)")
     c.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
     x = add("export", _export, "write a converted DIR as a stock DeepSeek-V3 checkpoint (transformers, vLLM, SGLang)")
@@ -388,6 +394,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; no partial output was kept", file=sys.stderr)
         return 130
+    except OSError as e:
+        from .errors import write_error
+
+        if write_error(e) is None:
+            raise
+        print(f"error: {write_error(e)}", file=sys.stderr)
+        return 2
     if getattr(args, "quiet", False):  # a non-zero rank of a distributed run
         return 0
     if args.json:

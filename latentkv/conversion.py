@@ -104,10 +104,14 @@ def convert(model, config, *, tokenizer=None, calib_ids: torch.Tensor | None = N
 def check_finite(model) -> None:
     """A NaN/Inf in a source attention weight would spread through every factorization silently."""
     for i, attn in enumerate(attention_layers(model)):
-        for name, p in attn.named_parameters():
-            if not torch.isfinite(p).all():
-                raise LatentKVError(f"source weights of layer {i} ({name}) are not finite (NaN/Inf): the "
-                                    "checkpoint is corrupt or was saved in a dtype that overflowed; re-download it")
+        check_finite_layer(i, attn)
+
+
+def check_finite_layer(i: int, attn) -> None:
+    for name, p in attn.named_parameters():
+        if not torch.isfinite(p).all():
+            raise LatentKVError(f"source weights of layer {i} ({name}) are not finite (NaN/Inf): the "
+                                "checkpoint is corrupt or was saved in a dtype that overflowed; re-download it")
 
 
 def _float32(src: SourceAttention) -> SourceAttention:

@@ -61,15 +61,23 @@ def check_packages() -> list[tuple]:
     return rows
 
 
+def available_memory() -> int | None:
+    """Bytes the kernel says can be allocated without swapping (Linux), else None."""
+    try:
+        return next(int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
+                    if line.startswith("MemAvailable"))
+    except (OSError, StopIteration):
+        return None
+
+
 def check_memory(path: Path) -> list[tuple]:
     rows = []
-    try:
-        avail = next(int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
-                     if line.startswith("MemAvailable"))
+    avail = available_memory()
+    if avail is not None:
         status = "ok" if avail >= 4 * GIB else "warn"
         rows.append(("memory available", status, f"{avail / GIB:.1f} GiB",
                      "" if status == "ok" else "under 4 GiB: even the 135M model's calibration may swap"))
-    except (OSError, StopIteration):
+    else:
         rows.append(("memory available", "warn", "unknown (no /proc/meminfo)", ""))
     for where in (path, _cache_dir()):
         target = where if where.exists() else where.parent

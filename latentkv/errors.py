@@ -3,3 +3,17 @@
 
 class LatentKVError(Exception):
     """Bad input or a broken file. The CLI prints `error: <message>` and exits with code 2."""
+
+
+WRITE_ERRORS = {"ENOSPC", "EDQUOT", "EACCES", "EPERM", "EROFS"}
+
+
+def write_error(e: OSError) -> str | None:
+    """A one-line message for a failed write (disk full, no permission, read-only), else None."""
+    import errno
+    import os
+
+    if errno.errorcode.get(e.errno) not in WRITE_ERRORS:
+        return None
+    return (f"cannot write {e.filename or 'the output'}: {os.strerror(e.errno)}; free disk space or choose a "
+            "writable --out, then rerun (outputs are never left half-written; a streaming conversion resumes)")

@@ -37,7 +37,6 @@ def add_latent_norm(model, ids: torch.Tensor, progress: bool = False) -> dict:
     ids: (N, T) calibration windows (never the test text). -> {"layers": per-layer fit report}.
     """
     from .calibrated import CHUNK, _run, causal_mask
-    from .conversion import install_layer
     from .mla import MLAAttention
 
     layers = model.model.layers
@@ -52,10 +51,7 @@ def add_latent_norm(model, ids: torch.Tensor, progress: bool = False) -> dict:
         attn = layers[i].self_attn
         if not attn.dims.latent_norm:
             x = torch.cat([layers[i].input_layernorm(h[c: c + CHUNK]) for c in range(0, h.shape[0], CHUNK)])
-            state, fit = fit_layer(attn, x.reshape(-1, x.shape[-1]))
-            dims = dataclasses.replace(attn.dims, latent_norm=True, rms_norm_eps=NORM_EPS)
-            install_layer(model, i, dims, state)
-            report.append(fit)
+            report.append(norm_layer(model, i, x.reshape(-1, x.shape[-1])))
         mask = causal_mask(ids.shape[1], getattr(layers[i].self_attn, "sliding_window", None)).to(ref.device)
         h = _run(layers[i], h, rope, pos, mask)
     result = {"layers": report, "calib_windows": int(ids.shape[0]), "calib_seq_len": int(ids.shape[1])}
@@ -64,6 +60,16 @@ def add_latent_norm(model, ids: torch.Tensor, progress: bool = False) -> dict:
         record["layers"] = [layer.self_attn.dims.to_dict() for layer in layers]
         record["latent_norm"] = result
     return result
+
+
+def norm_layer(model, i: int, x: torch.Tensor) -> dict:
+    """Fit layer i's latent norm on its attention inputs x (tokens, D) and install it -> fit report."""
+    from .conversion import install_layer
+
+    attn = model.model.layers[i].self_attn
+    state, fit = fit_layer(attn, x)
+    install_layer(model, i, dataclasses.replace(attn.dims, latent_norm=True, rms_norm_eps=NORM_EPS), state)
+    return fit
 
 
 def fit_layer(attn, x: torch.Tensor) -> tuple[dict, dict]:

@@ -38,6 +38,17 @@ def cache_report(model) -> dict:
     }
 
 
+def record_summary(record: dict) -> dict:
+    """The headline numbers of a conversion record: first layer's dims, cache values, ratio, time."""
+    first = record["layers"][0]
+    values = [d["kv_lora_rank"] + d["qk_rope_head_dim"] for d in record["layers"]]
+    src = record["source"]["kv_values_per_token_per_layer"]
+    return {"kv_lora_rank": first["kv_lora_rank"], "qk_rope_head_dim": first["qk_rope_head_dim"],
+            "qk_nope_head_dim": first["qk_nope_head_dim"], "cache_values_per_token_per_layer": values[0],
+            "source_values_per_token_per_layer": src, "ratio": sum(values) / (src * len(values)),
+            "convert_seconds": record["convert_seconds"], "split_search": record.get("split_search")}
+
+
 def write_section(path, section: str, body: str) -> None:
     """Replace the `<!-- quality:section -->` block of a Markdown file (or append it), atomically.
     `body` must carry its own start and end markers."""
