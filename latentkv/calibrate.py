@@ -67,11 +67,11 @@ class InputStats:
         return InputStats((1 - weight) * self.sigma + weight * self.attn_sigma, self.cross)
 
     @cached_property
-    def roots(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """sigma^1/2 and its damped inverse, computed once per layer however often it is used."""
-        from .factorize import sqrt_and_inverse
+    def factor(self) -> torch.Tensor:
+        """Lower-triangular R with R R^T = sigma (damped), computed once per layer however often used."""
+        from .factorize import psd_factor
 
-        return sqrt_and_inverse(self.sigma, self.sigma.shape[0])
+        return psd_factor(self.sigma)
 
 
 ATTN_STRIDE = 4  # every 4th query position feeds attn_sigma: the P @ X product is the costly part

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .families import SourceAttention, SourceLayout
-from .rope import KeySplit, augment, embedded_queries, mix_rows, mixed_key_weights
+from .rope import KeySplit, augment, mixed_key_weights
 
 
 def split_keys(src: SourceAttention, layout: SourceLayout, split: KeySplit, horizon: int = 0) -> dict:
@@ -25,8 +25,6 @@ def split_keys(src: SourceAttention, layout: SourceLayout, split: KeySplit, hori
     H, G, d = layout.num_heads, layout.num_kv_heads, layout.head_dim
     half = d // 2
     wk = mixed_key_weights(src, layout, split.mix).reshape(G * d, -1)  # (G*d, D+1) rows of k'
-    q0 = embedded_queries(src, layout)  # (H, G, d, D+1), source basis
-    wq = mix_rows(split.mix, q0, layout).reshape(H, G * d, -1)  # (H, G*d, D+1)
     first = torch.tensor([j * d + i for j, i in split.kept], dtype=torch.long)
     rope = torch.cat((first, first + half))  # (p,) k' dims of k_pe, rotate_half layout
     if split.uniform(layout):
@@ -36,24 +34,43 @@ def split_keys(src: SourceAttention, layout: SourceLayout, split: KeySplit, hori
         keep = torch.ones(G * d, dtype=torch.bool)
         keep[rope] = False
         nope, group = keep.nonzero()[:, 0][None], torch.zeros(H, dtype=torch.long)  # (1, n)
-    # the mean rotation belongs to each source pair's own frequency, so it goes before the mix
-    wq_nope = mix_rows(split.mix, mean_rotated(q0.flatten(1, 2), layout, horizon).view_as(q0), layout).flatten(1, 2)
-    return dict(kr=wk[rope], q_rope=wq[:, rope], q_nope=wq_nope[torch.arange(H)[:, None], nope[group]],
-                k_nope=wk[nope], nope_group=group, freq_idx=torch.tensor([i for _, i in split.kept]))
+    # One head at a time: a head's query lives in its own KV group's slot of k' space (zero elsewhere
+    # before the mix), and holding all H x G slots at once costs H*G*d*(D+1) fp64 (1 GiB at 8B).
+    wq_all = augment(src.w_q, src.b_q).view(H, d, -1)  # (H, d, D+1), source basis
+    q_rope, q_nope = [], []
+    for h in range(H):
+        g = h // layout.group_size
+        q_rope.append(head_query(wq_all[h], g, split.mix, layout)[rope])
+        # the mean rotation belongs to each source pair's own frequency, so it goes before the mix
+        q_nope.append(head_query(mean_rotated(wq_all[h], layout, horizon), g, split.mix, layout)[nope[group[h]]])
+    return dict(kr=wk[rope], q_rope=torch.stack(q_rope), q_nope=torch.stack(q_nope), k_nope=wk[nope],
+                nope_group=group, freq_idx=torch.tensor([i for _, i in split.kept]))
 
 
-def mean_rotated(wq: torch.Tensor, layout: SourceLayout, horizon: int) -> torch.Tensor:
-    """Query rows (H, G*d, D+1) multiplied by the mean relative rotation M_i = [[C, S], [-S, C]] of
-    their pair: score q^T R(-theta t) k ~= (M^T q)^T k for a key that no longer rotates."""
+def head_query(q: torch.Tensor, g: int, mix: torch.Tensor | None, layout: SourceLayout) -> torch.Tensor:
+    """One head's augmented query rows q (d, D+1), read against KV group g -> its rows in k' space
+    (G*d, D+1): only group g's columns of the mix touch it (what `mix_rows` does to a zero-padded slot)."""
+    G, d = layout.num_kv_heads, layout.head_dim
+    half, n = d // 2, q.shape[-1]
+    if mix is None:
+        out = q.new_zeros(G, d, n)
+        out[g] = q
+        return out.view(G * d, n)
+    x = q.view(2, half, n)
+    mixed = torch.einsum("ck,akn->acn", mix[:, g * half:(g + 1) * half].to(q.dtype), x)  # (2, G*half, n)
+    return mixed.view(2, G, half, n).transpose(0, 1).reshape(G * d, n)
+
+
+def mean_rotated(q: torch.Tensor, layout: SourceLayout, horizon: int) -> torch.Tensor:
+    """One head's query rows (d, D+1) multiplied by the mean relative rotation M_i = [[C, S], [-S, C]]
+    of their pair: score q^T R(-theta t) k ~= (M^T q)^T k for a key that no longer rotates."""
     if horizon <= 1:
-        return wq
+        return q
     from .rope import expected_rotation
 
     c, s = (t[:, None] for t in expected_rotation(layout, horizon))  # (d/2, 1)
-    H, G, d = layout.num_heads, layout.num_kv_heads, layout.head_dim
-    q = wq.view(H, G, 2, d // 2, -1)
-    qa, qb = q[:, :, 0], q[:, :, 1]
-    return torch.stack((c * qa - s * qb, s * qa + c * qb), 2).view_as(wq)
+    qa, qb = q.view(2, layout.head_dim // 2, -1)
+    return torch.cat((c * qa - s * qb, s * qa + c * qb))
 
 
 def split_nope_per_group(layout: SourceLayout, split: KeySplit) -> torch.Tensor:
@@ -87,26 +104,53 @@ def low_rank(w: torch.Tensor, rank: int, stats=None, metric: torch.Tensor | None
             stats.sigma[:-1, :-1], None if stats.cross is None else stats.cross[:-1, :-1])
         a, b = low_rank(w[:, :-1], rank, inner, metric)
         return torch.cat((a, a.new_zeros(a.shape[0], 1)), 1), b
-    (u, s, vh), (s_inv_half, l_inv_half) = _weighted_svd(w, stats, metric)
-    a = vh[:rank] @ s_inv_half  # (r, D+1)
-    b = l_inv_half @ u[:, :rank] * s[:rank]
+    (u, s, vh), (from_right, from_left) = _weighted_svd(w, stats, metric)
+    a = from_right(vh[:rank])  # (r, D+1)
+    b = from_left(u[:, :rank] * s[:rank])
     if stats is not None:
         b = refit(w, a, stats.sigma, stats.cross)
     return a, b
 
 
 def spectrum(w: torch.Tensor, stats=None, metric: torch.Tensor | None = None) -> torch.Tensor:
-    """(min(m, D+1),) descending singular values of L W sigma^1/2: keeping rank r leaves error
-    sum_{k >= r} s_k^2 in the metric's units, so s^2 is the marginal error of each latent dim."""
+    """(min(m, D+1),) descending singular values of L W R (L^T L = metric, R R^T = sigma): keeping
+    rank r leaves error sum_{k >= r} s_k^2 in the metric's units, the marginal error of each latent dim."""
     return _weighted_svd(w, stats, metric)[0][1]
 
 
 def _weighted_svd(w: torch.Tensor, stats, metric):
-    """-> ((U, S, Vh) of L W sigma^1/2, (sigma^-1/2, L^-1))."""
-    m, n = w.shape
-    s_half, s_inv_half = stats.roots if stats is not None else sqrt_and_inverse(None, n)
-    l_half, l_inv_half = sqrt_and_inverse(metric, m)
-    return torch.linalg.svd(l_half @ w @ s_half, full_matrices=False), (s_inv_half, l_inv_half)
+    """-> ((U, S, Vh) of L W R, (rows -> rows R^-1, cols -> L^-1 cols)).
+
+    min |L (W - B A) R|_F over rank r is reached by any square-root factors: L = C^T and R from
+    Cholesky factors of the metric and of sigma (a third of one (D+1)^3 product, where symmetric
+    square roots cost an eigendecomposition and two products: minutes per layer at D = 4096)."""
+    lw, from_left = w, (lambda cols: cols)
+    if metric is not None:
+        c = psd_factor(metric)  # (m, m) lower, C C^T = metric
+        lw = c.T @ w
+        from_left = lambda cols: torch.linalg.solve_triangular(c.T, cols, upper=True)  # noqa: E731
+    if stats is None:
+        return thin_svd(lw), (lambda rows: rows, from_left)
+    r = stats.factor  # (D+1, D+1) lower, R R^T = sigma
+    from_right = lambda rows: torch.linalg.solve_triangular(r, rows, upper=False, left=False)  # noqa: E731
+    return thin_svd(lw @ r), (from_right, from_left)
+
+
+GRAM_SVD_ELEMENTS = 2**22  # above this (7B/8B layers), a wide matrix's SVD goes through its Gram matrix
+
+
+def thin_svd(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(U, S, Vh) of an fp64 (a, b) matrix. A large wide one (a < b) is taken through eigh of the
+    (a, a) Gram matrix, several times faster than LAPACK's SVD at (1856, 4097); singular values
+    below ~1e-8 x the largest lose relative accuracy that way, which only the spectrum's tail shows."""
+    a, b = m.shape
+    if a * b < GRAM_SVD_ELEMENTS or a > b:
+        return torch.linalg.svd(m, full_matrices=False)
+    vals, u = torch.linalg.eigh(m @ m.T)
+    vals, u = vals.flip(0).clamp(min=0), u.flip(1)
+    s = vals.sqrt()
+    vh = (u.T @ m) / s.clamp(min=s[0] * 1e-150 + 1e-300)[:, None]
+    return u, s, vh
 
 
 def refit(w: torch.Tensor, a: torch.Tensor, sigma: torch.Tensor, cross: torch.Tensor | None = None) -> torch.Tensor:
@@ -118,14 +162,18 @@ def refit(w: torch.Tensor, a: torch.Tensor, sigma: torch.Tensor, cross: torch.Te
     return torch.linalg.solve(gram, (w @ c @ a.T).T).T
 
 
-def sqrt_and_inverse(mat: torch.Tensor | None, n: int):
-    """Symmetric square root and its (damped) inverse of a PSD matrix; identity for None."""
-    if mat is None:
-        eye = torch.eye(n, dtype=torch.float64)
-        return eye, eye
-    vals, vecs = torch.linalg.eigh(mat.double())
-    vals = vals.clamp(min=0) + 1e-8 * vals.clamp(min=0).max() + 1e-30
-    return (vecs * vals.sqrt()) @ vecs.T, (vecs / vals.sqrt()) @ vecs.T
+def psd_factor(mat: torch.Tensor) -> torch.Tensor:
+    """Lower-triangular R (fp64) with R R^T = mat + damping; the damping (1e-8 x the largest diagonal
+    entry, raised until Cholesky succeeds) keeps directions the calibration never saw finite."""
+    mat = mat.double()
+    eye = torch.eye(mat.shape[0], dtype=torch.float64)
+    damp = 1e-8 * float(mat.diagonal().abs().max()) + 1e-30
+    for _ in range(12):
+        r, info = torch.linalg.cholesky_ex(mat + damp * eye)
+        if int(info) == 0:
+            return r
+        damp *= 100
+    raise ValueError("second-moment matrix is not positive semi-definite (NaN in the statistics?)")
 
 
 def assemble(layout: SourceLayout, src: SourceAttention, parts: dict, a: torch.Tensor, b: torch.Tensor) -> dict:

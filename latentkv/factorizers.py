@@ -58,9 +58,10 @@ class OutputAware:
         spread = _output_spread(src, layout, sigma, w_o)  # (H,)
         q = parts["q_nope"]  # (H, n, D+1)
         gn, n = parts["k_nope"].shape[:2]
-        blocks = [torch.zeros(n, n, dtype=torch.float64) for _ in range(gn)]
-        for h, g in enumerate(parts["nope_group"].tolist()):
-            blocks[g] += spread[h] * q[h] @ sigma @ q[h].T
+        # one product for all heads, in fp32: the costly part (a weight, so fp32 rounding is harmless)
+        qs = (q.flatten(0, 1).float() @ sigma.float()).view(q.shape)
+        per_head = spread[:, None, None] * (qs @ q.float().transpose(1, 2)).double()  # (H, n, n)
+        blocks = [per_head[parts["nope_group"] == g].sum(0) for g in range(gn)]
         scale2 = src.softmax_scale ** 2 * self.key_weight
         v_blocks = [sum(w_o[:, h].T @ w_o[:, h] for h in _heads_of(g, layout)) for g in range(layout.num_kv_heads)]
         return stats, torch.block_diag(*[scale2 * b for b in blocks], *v_blocks)
@@ -92,11 +93,9 @@ def _output_spread(src: SourceAttention, layout: SourceLayout, sigma, w_o) -> to
     cov[:-1, :-1] -= torch.outer(mean, mean)
     cov[-1, :], cov[:, -1] = 0, 0  # centred: the constant input carries no spread
     d = layout.head_dim
-    out = []
-    for h in range(layout.num_heads):
-        vg = v[(h // layout.group_size) * d:][:d]  # (d, D+1)
-        out.append(((w_o[:, h].T @ w_o[:, h]) * (vg @ cov @ vg.T)).sum())
-    return torch.stack(out)
+    v_cov = [vg @ cov @ vg.T for vg in v.view(layout.num_kv_heads, d, -1)]  # (d, d) per KV group
+    return torch.stack([((w_o[:, h].T @ w_o[:, h]) * v_cov[h // layout.group_size]).sum()
+                        for h in range(layout.num_heads)])
 
 
 FACTORIZERS = {"svd": WeightSVD(), "pca": ActivationPCA(), "output": OutputAware()}

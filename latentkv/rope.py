@@ -101,15 +101,6 @@ def mixed_key_weights(src: SourceAttention, layout: SourceLayout, mix) -> torch.
     return mix_rows(mix, augment(src.w_k, src.b_k).view(G, d, -1), layout)
 
 
-def embedded_queries(src: SourceAttention, layout: SourceLayout) -> torch.Tensor:
-    """Augmented query weights of every head placed at its KV group: (H, G, d, D+1), zero elsewhere."""
-    H, G, d = layout.num_heads, layout.num_kv_heads, layout.head_dim
-    wq = augment(src.w_q, src.b_q).view(H, d, -1)
-    out = wq.new_zeros(H, G, d, wq.shape[-1])
-    out[torch.arange(H), torch.arange(H) // layout.group_size] = wq
-    return out
-
-
 @dataclass(frozen=True)
 class HighFrequencies:
     """MHA2MLA's S_high: keep the fastest-rotating pairs (i = 0 first) of every KV head. Exportable

@@ -27,29 +27,31 @@ class ShardedCheckpoint:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.weight_map = _weight_map(self.path)  # name -> file name inside path
-        self._handles: dict[str, object] = {}
+        self.dtypes: dict[str, torch.dtype] = {}
         for name in sorted(set(self.weight_map.values())):
             self._check_shard(name)
 
     def _check_shard(self, file: str) -> None:
-        keys = set(self._open(file).keys())
+        with self._open(file) as f:
+            keys = set(f.keys())
+            self.dtypes.update({k: _dtype(f.get_slice(k).get_dtype()) for k in keys})
         listed = [n for n, f in self.weight_map.items() if f == file and n not in keys]
         if listed:
             raise LatentKVError(f"shard {self.path / file} lacks {listed[0]} (and {len(listed) - 1} more) that "
                                 f"{INDEX} lists; the download is incomplete, fetch the checkpoint again")
 
     def _open(self, file: str):
+        """A fresh handle: the map is dropped with it, so pages read stay out of this process's
+        resident memory (holding maps open would count every shard read so far)."""
         from safetensors import SafetensorError, safe_open
 
-        if file not in self._handles:
-            path = self.path / file
-            if not path.is_file():
-                raise LatentKVError(f"shard {path} listed in {INDEX} is missing; fetch the checkpoint again")
-            try:
-                self._handles[file] = safe_open(str(path), framework="pt")
-            except (SafetensorError, OSError) as e:
-                raise LatentKVError(f"shard {path} is corrupt or truncated ({str(e)[:100]}); fetch it again") from None
-        return self._handles[file]
+        path = self.path / file
+        if not path.is_file():
+            raise LatentKVError(f"shard {path} listed in {INDEX} is missing; fetch the checkpoint again")
+        try:
+            return safe_open(str(path), framework="pt")
+        except (SafetensorError, OSError) as e:
+            raise LatentKVError(f"shard {path} is corrupt or truncated ({str(e)[:100]}); fetch it again") from None
 
     def names(self, prefix: str = "") -> list[str]:
         return [n for n in self.weight_map if n.startswith(prefix)]
@@ -59,15 +61,19 @@ class ShardedCheckpoint:
         if name not in self.weight_map:
             raise LatentKVError(f"checkpoint {self.path} has no tensor {name}; is it a complete "
                                 "Llama/Mistral/Qwen2 checkpoint?")
-        return self._open(self.weight_map[name]).get_tensor(name)
+        return self.get_many([name])[name]
+
+    def get_many(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """Several tensors, each shard opened once."""
+        out = {}
+        for file in dict.fromkeys(self.weight_map[n] for n in names):
+            with self._open(file) as f:
+                out.update({n: f.get_tensor(n) for n in names if self.weight_map[n] == file})
+        return {n: out[n] for n in names}
 
     def dtype(self) -> torch.dtype:
-        """The storage dtype of the first floating tensor (read from the header, not the data)."""
-        for name, file in self.weight_map.items():
-            dtype = _dtype(self._open(file).get_slice(name).get_dtype())
-            if dtype.is_floating_point:
-                return dtype
-        return torch.float32
+        """The storage dtype of the first floating tensor (from the headers)."""
+        return next((d for d in self.dtypes.values() if d.is_floating_point), torch.float32)
 
     def nbytes(self) -> int:
         return sum((self.path / f).stat().st_size for f in set(self.weight_map.values()))

@@ -129,7 +129,7 @@ class Stream:
     def load_layer(self, i: int):
         """Materialise layer i (fp32, CPU) from the shards; -> the decoder layer module."""
         prefix = f"{LAYERS}{i}."
-        state = {n[len(prefix):]: self.ckpt.get(n).float() for n in self.ckpt.names(prefix)}
+        state = {n[len(prefix):]: t.float() for n, t in self.ckpt.get_many(self.ckpt.names(prefix)).items()}
         layer = self.model.model.layers[i]
         layer.to_empty(device="cpu")  # buffers the shards do not carry
         missing, unexpected = layer.load_state_dict(state, strict=False, assign=True)  # fp32 whatever the config says

@@ -135,7 +135,9 @@ def test_export_flags():
     src, lay = read_attention(attention_layers(model)[0]), source_layout(model.config)
     assert ROPE_STRATEGIES["rorope-export"].split(src, lay, 4).exportable()
     assert not ROPE_STRATEGIES["high"].split(src, lay, 4).exportable()  # each frequency twice (2 KV heads)
-    assert InputStats(torch.eye(3, dtype=torch.float64)).roots[0].shape == (3, 3)
+    sigma = torch.diag(torch.tensor([4.0, 1.0, 0.0], dtype=torch.float64))  # an unseen direction: damped
+    r = InputStats(sigma).factor
+    assert torch.allclose(r @ r.T, sigma, atol=1e-6) and torch.equal(r, r.tril()) and r.diagonal().min() > 0
 
 
 def test_mean_rotation_matches_average_rotated_score():
@@ -154,7 +156,21 @@ def test_mean_rotation_matches_average_rotated_score():
         ang = torch.cat((theta, theta)) * t
         q_t = q * ang.cos() + rotate_half(q) * ang.sin()  # query at position t, key at position 0
         scores.append(q_t @ k)
-    wq = torch.zeros(lay.num_heads, d, 2, dtype=torch.float64)
-    wq[0, :, 0] = q  # head 0's query as a weight column (augmented layout: last column = bias)
-    q_mean = mean_rotated(wq, lay, horizon)[0, :, 0]
+    wq = torch.zeros(d, 2, dtype=torch.float64)
+    wq[:, 0] = q  # one head's query as a weight column (augmented layout: last column = bias)
+    q_mean = mean_rotated(wq, lay, horizon)[:, 0]
     assert torch.allclose(q_mean @ k, torch.stack(scores).mean(), atol=1e-10)
+
+
+def test_thin_svd_through_the_gram_matrix_matches_lapack(monkeypatch):
+    """The 7B/8B path (eigh of M M^T) gives LAPACK's singular values and rank-r approximations."""
+    from latentkv import factorize
+
+    torch.manual_seed(0)
+    m = torch.randn(40, 300, dtype=torch.float64) * torch.logspace(0, -4, 300, dtype=torch.float64)
+    u0, s0, vh0 = torch.linalg.svd(m, full_matrices=False)
+    monkeypatch.setattr(factorize, "GRAM_SVD_ELEMENTS", 1)
+    u, s, vh = factorize.thin_svd(m)
+    assert torch.allclose(s, s0, rtol=1e-9, atol=1e-12)
+    for r in (1, 7, 40):
+        assert torch.allclose(u[:, :r] * s[:r] @ vh[:r], u0[:, :r] * s0[:r] @ vh0[:r], atol=1e-10)

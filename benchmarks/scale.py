@@ -1,0 +1,190 @@
+"""Streaming conversion at 7B/8B scale without internet: random weights with the exact shapes -> BENCHMARKS.md.
+
+    python benchmarks/scale.py --shape llama3-8b --out /tmp/scale
+    python benchmarks/scale.py --shape llama2-7b --out /tmp/scale
+
+Writes a random-weight bf16 checkpoint with the exact shapes of the named model (config.json,
+~2 GB safetensors shards, index, and a 32k-entry BPE tokenizer trained on the calibration text),
+then runs `latentkv convert --stream` on it under `/usr/bin/time -v` (peak RSS of the converting
+process alone) and reports wall time, peak RSS and the per-layer split of time into reading,
+calibration passes, factorizing and writing. Random weights say nothing about quality; they say
+what memory and time a real checkpoint of that shape costs. `--layers N` truncates the depth
+(a quick look at the per-layer cost); `--device cuda` runs the calibration passes on a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from latentkv.report import write_section
+
+SHAPES = {
+    # Llama-2-7B: MHA (32 KV heads), no RoPE scaling
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                      rope_theta=10000.0),
+    # Llama-3(.1)-8B: GQA (8 KV heads), llama3 RoPE scaling, 128k vocabulary
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rms_norm_eps=1e-5,
+                      rope_theta=500000.0, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                         "high_freq_factor": 4.0,
+                                                         "original_max_position_embeddings": 8192}),
+    # a few-MB stand-in with the same structure, for trying the script
+    "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
+                 num_key_value_heads=2, vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-5),
+}
+SHARD_BYTES = 2 * 2**30
+
+
+def make_checkpoint(shape: str, path: Path, layers: int | None, calib_text: str) -> dict:
+    """Random bf16 weights, N(0, 0.02) (norms 1), written shard by shard: memory stays ~one shard."""
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig
+
+    cfg = dict(SHAPES[shape], num_hidden_layers=layers or SHAPES[shape]["num_hidden_layers"])
+    config = LlamaConfig(**cfg, tie_word_embeddings=False, dtype="bfloat16")
+    path.mkdir(parents=True)
+    config.save_pretrained(path)
+    gen = torch.Generator().manual_seed(0)
+    shard, shards, weight_map, total = {}, [], {}, 0
+
+    def flush():
+        name = f"model-{len(shards) + 1:05d}.safetensors"
+        save_file(shard, str(path / name), metadata={"format": "pt"})
+        shards.append(name)
+        weight_map.update({k: name for k in shard})
+        shard.clear()
+
+    for name, shape_ in tensor_shapes(config):
+        t = torch.ones(shape_) if "norm" in name else torch.randn(shape_, generator=gen) * 0.02
+        shard[name] = t.to(torch.bfloat16)
+        total += shard[name].numel() * 2
+        if sum(v.numel() * 2 for v in shard.values()) >= SHARD_BYTES:
+            flush()
+    if shard:
+        flush()
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                   "weight_map": weight_map}))
+    train_tokenizer(calib_text, min(32000, config.vocab_size)).save_pretrained(path)
+    return {"params": total // 2, "bytes": total, "shards": len(shards), "layers": config.num_hidden_layers}
+
+
+def tensor_shapes(config):
+    """(name, shape) of every tensor of a Llama checkpoint, in file order."""
+    d, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    kv = config.num_key_value_heads * (d // config.num_attention_heads)
+    yield "model.embed_tokens.weight", (v, d)
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        yield from ((p + "input_layernorm.weight", (d,)), (p + "self_attn.q_proj.weight", (d, d)),
+                    (p + "self_attn.k_proj.weight", (kv, d)), (p + "self_attn.v_proj.weight", (kv, d)),
+                    (p + "self_attn.o_proj.weight", (d, d)), (p + "post_attention_layernorm.weight", (d,)),
+                    (p + "mlp.gate_proj.weight", (f, d)), (p + "mlp.up_proj.weight", (f, d)),
+                    (p + "mlp.down_proj.weight", (d, f)))
+    yield "model.norm.weight", (d,)
+    yield "lm_head.weight", (v, d)
+
+
+def train_tokenizer(text: str, vocab: int):
+    """A byte-level BPE with `vocab` entries trained on the calibration text (ids fit any vocab >= it)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(text.splitlines(), trainers.BpeTrainer(
+        vocab_size=vocab, special_tokens=["</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>")
+
+
+def convert(src: Path, out: Path, args) -> dict:
+    """`latentkv convert --stream` in its own process under /usr/bin/time -v -> its numbers."""
+    cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "latentkv.cli", "convert", str(src), "--stream",
+           "--kv-budget", str(args.budget), "--calib-samples", str(args.calib_samples), "--calib-seq-len",
+           str(args.calib_seq_len), "--device", args.device, "--out", str(out), "--json"]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        sys.exit(f"conversion failed:\n{proc.stderr[-3000:]}")
+    rss_kib = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    record = json.loads((out / "latentkv.json").read_text())["record"]
+    return {"wall_s": round(wall, 1), "peak_rss_gib": round(rss_kib / 2**20, 2), "result": result,
+            "layers": record["streaming"]["layers"], "out_bytes": sum(f.stat().st_size for f in out.glob("*.safetensors"))}
+
+
+def markdown(args, made: dict, conv: dict) -> str:
+    cmd = "python benchmarks/scale.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    r, layers = conv["result"], conv["layers"]
+    med = {k: statistics.median(layer[k] for layer in layers) for k in ("read_s", "calibrate_s", "factorize_s",
+                                                                        "write_s")}
+    tot = {k: sum(layer[k] for layer in layers) for k in med}
+    gib = 2**30
+    lines = [f"<!-- quality:{args.section} -->", f"### Streaming conversion of a {args.shape}-shaped checkpoint "
+             f"({made['layers']} layers, random bf16 weights)", "", f"Command: `{cmd}`  ",
+             f"Machine: {platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+             f"device {args.device}, {time.strftime('%Y-%m-%d')}. Calibration: {args.calib_samples} windows x "
+             f"{args.calib_seq_len} tokens. Peak RSS: "
+             "`/usr/bin/time -v` of the converting process.", "",
+             "| params | source (bf16) | output | budget | rope + latent | cache values/token/layer | wall s | "
+             "peak RSS GiB |", "|---:|---:|---:|---:|---|---:|---:|---:|",
+             f"| {made['params'] / 1e9:.2f} B | {made['bytes'] / gib:.2f} GiB ({made['shards']} shards) | "
+             f"{conv['out_bytes'] / gib:.2f} GiB | {args.budget} | {r['qk_rope_head_dim']} + {r['kv_lora_rank']} | "
+             f"{r['cache_values_per_token_per_layer']} of {r['source_values_per_token_per_layer']} | "
+             f"{conv['wall_s']} | **{conv['peak_rss_gib']}** |", "",
+             "Per layer (seconds): | read | calibration passes | factorize | write |", "|---|---:|---:|---:|---:|",
+             "| median | " + " | ".join(f"{med[k]:.2f}" for k in med) + " |",
+             "| total | " + " | ".join(f"{tot[k]:.1f}" for k in tot) + " |",
+             f"<!-- /quality:{args.section} -->"]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", choices=list(SHAPES), required=True)
+    p.add_argument("--out", required=True, help="work directory (needs ~2x the checkpoint size free)")
+    p.add_argument("--budget", type=float, default=0.25)
+    p.add_argument("--layers", type=int, help="truncate the depth (quick per-layer look)")
+    p.add_argument("--calib-samples", type=int, default=12, help="calibration windows (4 are held out)")
+    p.add_argument("--calib-seq-len", type=int, default=256)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--keep", action="store_true", help="keep the generated source and the output")
+    p.add_argument("--section", help="BENCHMARKS.md section (default scale-SHAPE)")
+    p.add_argument("--md", default="BENCHMARKS.md")
+    args = p.parse_args()
+    args.section = args.section or f"scale-{args.shape}" + (f"-{args.layers}l" if args.layers else "")
+    work = Path(args.out)
+    src, out = work / f"{args.shape}-source", work / f"{args.shape}-mla"
+    for d in (src, out):
+        shutil.rmtree(d, ignore_errors=True)
+    from latentkv.text import load_text
+
+    t0 = time.perf_counter()
+    made = make_checkpoint(args.shape, src, args.layers, load_text("wikitext2-valid"))
+    print(f"wrote {made['bytes'] / 2**30:.2f} GiB in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    conv = convert(src, out, args)
+    body = markdown(args, made, conv)
+    print(body)
+    write_section(Path(args.md), args.section, body)
+    if not args.keep:
+        shutil.rmtree(src, ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
