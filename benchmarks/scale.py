@@ -1,7 +1,7 @@
 """Streaming conversion at 7B/8B scale without internet: random weights with the exact shapes -> BENCHMARKS.md.
 
     python benchmarks/scale.py --shape llama3-8b --out /tmp/scale
-    python benchmarks/scale.py --shape llama2-7b --out /tmp/scale
+    python benchmarks/scale.py --shape llama2-7b --out /tmp/scale --rope high
 
 Writes a random-weight bf16 checkpoint with the exact shapes of the named model (config.json,
 ~2 GB safetensors shards, index, and a 32k-entry BPE tokenizer trained on the calibration text),
@@ -116,6 +116,8 @@ def convert(src: Path, out: Path, args) -> dict:
     cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "latentkv.cli", "convert", str(src), "--stream",
            "--kv-budget", str(args.budget), "--calib-samples", str(args.calib_samples), "--calib-seq-len",
            str(args.calib_seq_len), "--device", args.device, "--out", str(out), "--json"]
+    if args.rope:
+        cmd[-4:-4] = ["--rope", args.rope]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -138,7 +140,7 @@ def markdown(args, made: dict, conv: dict) -> str:
     lines = [f"<!-- quality:{args.section} -->", f"### Streaming conversion of a {args.shape}-shaped checkpoint "
              f"({made['layers']} layers, random bf16 weights)", "", f"Command: `{cmd}`  ",
              f"Machine: {platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-             f"device {args.device}, {time.strftime('%Y-%m-%d')}. Calibration: {args.calib_samples} windows x "
+             f"device {args.device}, {time.strftime('%Y-%m-%d')}. RoPE strategy: {args.rope or 'rorope (default)'}. Calibration: {args.calib_samples} windows x "
              f"{args.calib_seq_len} tokens. Peak RSS: "
              "`/usr/bin/time -v` of the converting process.", "",
              "| params | source (bf16) | output | budget | rope + latent | cache values/token/layer | wall s | "
@@ -163,6 +165,7 @@ def main() -> None:
     p.add_argument("--calib-samples", type=int, default=12, help="calibration windows (4 are held out)")
     p.add_argument("--calib-seq-len", type=int, default=256)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--rope", help="latentkv convert --rope (default: convert's own)")
     p.add_argument("--keep", action="store_true", help="keep the generated source and the output")
     p.add_argument("--section", help="BENCHMARKS.md section (default scale-SHAPE)")
     p.add_argument("--md", default="BENCHMARKS.md")

@@ -140,12 +140,15 @@ GRAM_SVD_ELEMENTS = 2**22  # above this (7B/8B layers), a wide matrix's SVD goes
 
 
 def thin_svd(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(U, S, Vh) of an fp64 (a, b) matrix. A large wide one (a < b) is taken through eigh of the
-    (a, a) Gram matrix, several times faster than LAPACK's SVD at (1856, 4097); singular values
-    below ~1e-8 x the largest lose relative accuracy that way, which only the spectrum's tail shows."""
+    """(U, S, Vh) of an fp64 (a, b) matrix. A large one is taken through eigh of its smaller Gram
+    matrix, several times faster than LAPACK's SVD at (1856, 4097); singular values below ~1e-8 x
+    the largest lose relative accuracy that way, which only the spectrum's tail shows."""
     a, b = m.shape
-    if a * b < GRAM_SVD_ELEMENTS or a > b:
+    if a * b < GRAM_SVD_ELEMENTS:
         return torch.linalg.svd(m, full_matrices=False)
+    if a > b:  # tall: the SVD of the transpose, transposed back
+        v, s, uh = thin_svd(m.T)
+        return uh.T, s, v.T
     vals, u = torch.linalg.eigh(m @ m.T)
     vals, u = vals.flip(0).clamp(min=0), u.flip(1)
     s = vals.sqrt()
@@ -165,11 +168,11 @@ def refit(w: torch.Tensor, a: torch.Tensor, sigma: torch.Tensor, cross: torch.Te
 def psd_factor(mat: torch.Tensor) -> torch.Tensor:
     """Lower-triangular R (fp64) with R R^T = mat + damping; the damping (1e-8 x the largest diagonal
     entry, raised until Cholesky succeeds) keeps directions the calibration never saw finite."""
-    mat = mat.double()
-    eye = torch.eye(mat.shape[0], dtype=torch.float64)
     damp = 1e-8 * float(mat.diagonal().abs().max()) + 1e-30
     for _ in range(12):
-        r, info = torch.linalg.cholesky_ex(mat + damp * eye)
+        damped = mat.double().clone()
+        damped.diagonal().add_(damp)
+        r, info = torch.linalg.cholesky_ex(damped)
         if int(info) == 0:
             return r
         damp *= 100
@@ -197,6 +200,6 @@ def assemble(layout: SourceLayout, src: SourceAttention, parts: dict, a: torch.T
         sd["kv_a_proj_with_mqa.bias"] = kv_a[:, -1]
     if src.b_o is not None:
         sd["o_proj.bias"] = src.b_o
-    sd = {k: v.float().clone() for k, v in sd.items()}
+    sd = {k: v.to(torch.float32, copy=True) for k, v in sd.items()}  # one copy (q_proj is ~0.5 GB at 8B)
     sd["rope_freq_idx"] = parts["freq_idx"].clone()
     return sd

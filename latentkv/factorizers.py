@@ -58,9 +58,12 @@ class OutputAware:
         spread = _output_spread(src, layout, sigma, w_o)  # (H,)
         q = parts["q_nope"]  # (H, n, D+1)
         gn, n = parts["k_nope"].shape[:2]
-        # one product for all heads, in fp32: the costly part (a weight, so fp32 rounding is harmless)
-        qs = (q.flatten(0, 1).float() @ sigma.float()).view(q.shape)
-        per_head = spread[:, None, None] * (qs @ q.float().transpose(1, 2)).double()  # (H, n, n)
+        # the costly part, in fp32 (a weight: its rounding is harmless), 8 heads per product
+        sig32, per_head = sigma.float(), []
+        for c in range(0, q.shape[0], 8):
+            qc = q[c: c + 8].float()
+            per_head.append(((qc.flatten(0, 1) @ sig32).view(qc.shape) @ qc.transpose(1, 2)).double())
+        per_head = spread[:, None, None] * torch.cat(per_head)  # (H, n, n)
         blocks = [per_head[parts["nope_group"] == g].sum(0) for g in range(gn)]
         scale2 = src.softmax_scale ** 2 * self.key_weight
         v_blocks = [sum(w_o[:, h].T @ w_o[:, h] for h in _heads_of(g, layout)) for g in range(layout.num_kv_heads)]

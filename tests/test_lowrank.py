@@ -170,7 +170,8 @@ def test_thin_svd_through_the_gram_matrix_matches_lapack(monkeypatch):
     m = torch.randn(40, 300, dtype=torch.float64) * torch.logspace(0, -4, 300, dtype=torch.float64)
     u0, s0, vh0 = torch.linalg.svd(m, full_matrices=False)
     monkeypatch.setattr(factorize, "GRAM_SVD_ELEMENTS", 1)
-    u, s, vh = factorize.thin_svd(m)
-    assert torch.allclose(s, s0, rtol=1e-9, atol=1e-12)
-    for r in (1, 7, 40):
-        assert torch.allclose(u[:, :r] * s[:r] @ vh[:r], u0[:, :r] * s0[:r] @ vh0[:r], atol=1e-10)
+    for mat, (u0, s0, vh0) in ((m, (u0, s0, vh0)), (m.T, (vh0.T, s0, u0.T))):  # wide and tall
+        u, s, vh = factorize.thin_svd(mat)
+        assert torch.allclose(s, s0, rtol=1e-9, atol=1e-12)
+        for r in (1, 7, 40):
+            assert torch.allclose(u[:, :r] * s[:r] @ vh[:r], u0[:, :r] * s0[:r] @ vh0[:r], atol=1e-10)
