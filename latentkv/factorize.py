@@ -190,16 +190,20 @@ def assemble(layout: SourceLayout, src: SourceAttention, parts: dict, a: torch.T
     g_of_h = torch.arange(H) // layout.group_size
     w_uk = b[: gn * n].view(gn, n, r)[parts["nope_group"]]  # (H, n, r)
     w_uv = b[gn * n:].view(G, d, r)[g_of_h]  # (H, d, r)
-    q = torch.cat((parts["q_nope"], parts["q_rope"]), 1).flatten(0, 1)  # (H*(n+p), D+1)
+    # q_proj is written straight into fp32 (no fp64 concatenation: 1 GiB at 8B with RoRoPE)
+    q_nope, q_rope = parts["q_nope"], parts["q_rope"]  # (H, n, D+1), (H, p, D+1)
+    q = q_nope.new_empty(H, n + q_rope.shape[1], q_nope.shape[-1], dtype=torch.float32)
+    q[:, :n], q[:, n:] = q_nope, q_rope
+    q = q.flatten(0, 1)  # (H*(n+p), D+1)
     kv_a = torch.cat((a, parts["kr"]))  # (r+p, D+1)
     sd = {"q_proj.weight": q[:, :-1], "kv_a_proj_with_mqa.weight": kv_a[:, :-1],
           "kv_b_proj.weight": torch.cat((w_uk, w_uv), 1).flatten(0, 1), "o_proj.weight": src.w_o}
     if src.b_q is not None:
-        sd["q_proj.bias"] = q[:, -1]
+        sd["q_proj.bias"] = torch.cat((q_nope[..., -1], q_rope[..., -1]), 1).flatten()
     if kv_a[:, -1].abs().max() > 0:
         sd["kv_a_proj_with_mqa.bias"] = kv_a[:, -1]
     if src.b_o is not None:
         sd["o_proj.bias"] = src.b_o
-    sd = {k: v.to(torch.float32, copy=True) for k, v in sd.items()}  # one copy (q_proj is ~0.5 GB at 8B)
+    sd = {k: v.to(torch.float32, copy=True) for k, v in sd.items()}  # own memory, one copy each
     sd["rope_freq_idx"] = parts["freq_idx"].clone()
     return sd
