@@ -37,13 +37,14 @@ def split_keys(src: SourceAttention, layout: SourceLayout, split: KeySplit, hori
     # One head at a time: a head's query lives in its own KV group's slot of k' space (zero elsewhere
     # before the mix), and holding all H x G slots at once costs H*G*d*(D+1) fp64 (1 GiB at 8B).
     wq_all = augment(src.w_q, src.b_q).view(H, d, -1)  # (H, d, D+1), source basis
-    q_rope, q_nope = [], []
+    q_rope = wk.new_empty(H, len(rope), wk.shape[1])
+    q_nope = wk.new_empty(H, nope.shape[1], wk.shape[1])  # filled in place: a stacked copy is another 0.9 GB at 8B
     for h in range(H):
         g = h // layout.group_size
-        q_rope.append(head_query(wq_all[h], g, split.mix, layout)[rope])
+        q_rope[h] = head_query(wq_all[h], g, split.mix, layout)[rope]
         # the mean rotation belongs to each source pair's own frequency, so it goes before the mix
-        q_nope.append(head_query(mean_rotated(wq_all[h], layout, horizon), g, split.mix, layout)[nope[group[h]]])
-    return dict(kr=wk[rope], q_rope=torch.stack(q_rope), q_nope=torch.stack(q_nope), k_nope=wk[nope],
+        q_nope[h] = head_query(mean_rotated(wq_all[h], layout, horizon), g, split.mix, layout)[nope[group[h]]]
+    return dict(kr=wk[rope], q_rope=q_rope, q_nope=q_nope, k_nope=wk[nope],
                 nope_group=group, freq_idx=torch.tensor([i for _, i in split.kept]))
 
 
@@ -190,13 +191,13 @@ def assemble(layout: SourceLayout, src: SourceAttention, parts: dict, a: torch.T
     g_of_h = torch.arange(H) // layout.group_size
     w_uk = b[: gn * n].view(gn, n, r)[parts["nope_group"]]  # (H, n, r)
     w_uv = b[gn * n:].view(G, d, r)[g_of_h]  # (H, d, r)
-    # q_proj is written straight into fp32 (no fp64 concatenation: 1 GiB at 8B with RoRoPE)
+    # q_proj is written straight into its final fp32 tensor: at 8B with RoRoPE the fp64 query block is
+    # 0.9 GB and each extra copy of q_proj 0.5 GB, the largest transients of a streaming conversion
     q_nope, q_rope = parts["q_nope"], parts["q_rope"]  # (H, n, D+1), (H, p, D+1)
-    q = q_nope.new_empty(H, n + q_rope.shape[1], q_nope.shape[-1], dtype=torch.float32)
-    q[:, :n], q[:, n:] = q_nope, q_rope
-    q = q.flatten(0, 1)  # (H*(n+p), D+1)
+    q = q_nope.new_empty(H, n + q_rope.shape[1], q_nope.shape[-1] - 1, dtype=torch.float32)
+    q[:, :n], q[:, n:] = q_nope[..., :-1], q_rope[..., :-1]
     kv_a = torch.cat((a, parts["kr"]))  # (r+p, D+1)
-    sd = {"q_proj.weight": q[:, :-1], "kv_a_proj_with_mqa.weight": kv_a[:, :-1],
+    sd = {"kv_a_proj_with_mqa.weight": kv_a[:, :-1],
           "kv_b_proj.weight": torch.cat((w_uk, w_uv), 1).flatten(0, 1), "o_proj.weight": src.w_o}
     if src.b_q is not None:
         sd["q_proj.bias"] = torch.cat((q_nope[..., -1], q_rope[..., -1]), 1).flatten()
@@ -205,5 +206,6 @@ def assemble(layout: SourceLayout, src: SourceAttention, parts: dict, a: torch.T
     if src.b_o is not None:
         sd["o_proj.bias"] = src.b_o
     sd = {k: v.to(torch.float32, copy=True) for k, v in sd.items()}  # own memory, one copy each
+    sd["q_proj.weight"] = q.flatten(0, 1)  # (H*(n+p), D)
     sd["rope_freq_idx"] = parts["freq_idx"].clone()
     return sd
