@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -45,9 +47,12 @@ def _umask() -> int:
 @contextlib.contextmanager
 def atomic_output_dir(out: str | Path, overwrite: bool = False):
     """Yield a temp dir; on success it replaces `out` in one rename, on failure it is removed."""
-    out = check_output_dir(out, overwrite).absolute()
+    out = Path(out).absolute()
+    if out.parent.is_dir():
+        clear_stale_temps(out)  # first: it may put back an output a killed run was replacing
+    out = check_output_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     try:
         yield tmp
         publish_dir(tmp, out)
@@ -64,9 +69,38 @@ def publish_dir(tmp: Path, out: Path) -> None:
         if f.is_file():
             f.chmod(0o666 & ~_umask())
     if out.exists():
-        trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
         out.rename(trash / out.name)
         tmp.rename(out)
         shutil.rmtree(trash, ignore_errors=True)
     else:
         tmp.rename(out)
+
+
+def clear_stale_temps(out: Path) -> list[Path]:
+    """Tidy what a killed run left beside `out` (names carry the writer's pid; live writers are left
+    alone): `.OUT.tmp-PID-*` is removed; `.OUT.old-PID-*/OUT` (killed mid-swap) is put back if `out`
+    is missing, so an old output is never lost. -> the paths removed."""
+    removed = []
+    for kind in ("tmp", "old"):
+        for p in sorted(out.parent.glob(f".{glob.escape(out.name)}.{kind}-*")):
+            pid = p.name.rsplit(f".{kind}-", 1)[1].split("-")[0]
+            if not pid.isdigit() or _alive(int(pid)):
+                continue
+            if kind == "old" and not out.exists() and (p / out.name).is_dir():
+                (p / out.name).rename(out)
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    if removed:
+        print(f"removed {len(removed)} leftover temporary dir(s) of an interrupted run beside {out}", file=sys.stderr)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

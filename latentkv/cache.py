@@ -6,12 +6,16 @@ Per layer: `c_kv (B, 1, T, r)` and `k_pe (B, 1, T, p)`, nothing else. Two ways t
   `(B, 1, capacity, r + p)` per layer, written in place, so a decode step copies nothing and the
   absorbed path reads `[c_kv, k_pe]` as one tensor (`LatentLayer.joint`).
 Either way the bytes held are `bytes_per_token() * B * T` once T reaches the capacity.
+
+Sliding-window layers (Mistral, Qwen2 upper layers, Gemma-2's every other layer) keep only the
+last `window - 1` tokens, as transformers' own sliding layers do, when the cache is built from
+the model (`LatentCache(model)`): their bytes stop growing at the window.
 """
 
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
 from .errors import LatentKVError
 
@@ -86,6 +90,20 @@ class LatentLayer(DynamicLayer):
         return sum(t.numel() * t.element_size() for t in (self.keys, self.values))
 
 
+class LatentWindowLayer(DynamicSlidingWindowLayer):
+    """A sliding-window layer's latent cache: `c_kv (B, 1, <= window - 1, r)`, `k_pe (B, 1, <= window - 1, p)`;
+    a step sees those plus its own tokens, and the mask sizes follow (transformers' sliding layer)."""
+
+    c_kv = LatentLayer.c_kv
+    k_pe = LatentLayer.k_pe
+
+    def joint(self) -> None:
+        return None
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.values)) if self.is_initialized else 0
+
+
 class LatentCache(Cache):
     """Latent KV cache for models converted by latentkv; pass as `cache=` to `model(...)`/`generate`.
 
@@ -94,9 +112,14 @@ class LatentCache(Cache):
     """
 
     def __init__(self, model=None, capacity: int | None = None):
-        super().__init__(layer_class_to_replicate=LatentLayer)
-        self._widths = _latent_widths(model) if model is not None else None
         self.capacity = capacity
+        if model is None:  # layers appear as they are used; windows are then applied by the mask alone
+            super().__init__(layer_class_to_replicate=LatentLayer)
+            self._widths = None
+            return
+        self._widths = _latent_widths(model)
+        super().__init__(layers=[LatentWindowLayer(a.sliding_window) if a.sliding_window else LatentLayer(capacity)
+                                 for a in _mla_layers(model)])
 
     def update(self, c_kv, k_pe, layer_idx: int, *args, **kwargs):
         while len(self.layers) <= layer_idx:
@@ -124,11 +147,15 @@ class LatentCache(Cache):
                 for t in ((layer.buffer,) if layer.buffer is not None else (layer.keys, layer.values))]
 
 
-def _latent_widths(model) -> tuple[list[int], int]:
+def _mla_layers(model) -> list:
     from .mla import MLAAttention
 
     attns = [m for m in model.modules() if isinstance(m, MLAAttention)]
     if not attns:
         raise ValueError("LatentCache(model) needs a model converted by latentkv (no MLA layers found)")
+    return attns
+
+
+def _latent_widths(model) -> tuple[list[int], int]:
     size = next(model.parameters()).element_size()
-    return [a.dims.cache_values_per_token for a in attns], size
+    return [a.dims.cache_values_per_token for a in _mla_layers(model)], size

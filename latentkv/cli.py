@@ -177,9 +177,11 @@ def _verify_export(a) -> dict:
 
 
 def _load(a) -> dict:
+    from .engine_import import require_engine_checkpoint
     from .loading import load_model
     from .report import cache_report
 
+    require_engine_checkpoint(a.model)
     model, _ = load_model(a.model)
     if a.out:
         from .checkpoint import save

@@ -26,6 +26,20 @@ def is_engine_checkpoint(path: Path) -> bool:
         return False
 
 
+def require_engine_checkpoint(src: str | Path) -> None:
+    """One-line error unless `src` is a DeepSeek-V3 checkpoint directory (what `latentkv load` reads)."""
+    path = Path(src)
+    if not path.is_dir():
+        raise LatentKVError(f"checkpoint {src} not found; pass a DeepSeek-V3 checkpoint directory")
+    if not is_engine_checkpoint(path):
+        try:
+            kind = json.loads((path / "config.json").read_text()).get("model_type")
+        except (OSError, ValueError):
+            kind = None
+        raise LatentKVError(f"{src} is not a DeepSeek-V3 checkpoint (model_type {kind!r}); `latentkv load` reads "
+                            "DeepSeek-V3 checkpoints; to convert a source model use `latentkv convert`")
+
+
 def load_engine_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32):
     """-> (model with MLAAttention layers in eval mode, tokenizer or None). safetensors only, no remote code."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -32,11 +32,15 @@ FORMATS = ("deepseek_v3",)
 def exportable_dims(model):
     """The one MLADims every layer shares, or a one-line error naming what cannot be exported."""
     from .conversion import record_of
+    from .families import embedding_scale, logit_softcap
     from .mla import MLAAttention
 
     layers = [layer.self_attn for layer in model.model.layers]
     if record_of(model) is None or not all(isinstance(a, MLAAttention) for a in layers):
         raise LatentKVError("export needs a model converted by latentkv; run `latentkv convert` first")
+    if logit_softcap(model.config) is not None or embedding_scale(model) != 1.0:
+        raise LatentKVError(f"{model.config.model_type} layers soft-cap attention scores, scale embeddings and carry "
+                            "extra norms, none of which DeepSeek-V3 has; use the native latentkv checkpoint instead")
     dims = {a.dims for a in layers}
     if len(dims) > 1:
         raise LatentKVError("per-layer ranks (--rank-allocation) have no DeepSeek-V3 form; convert with uniform ranks")

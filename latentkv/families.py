@@ -9,7 +9,7 @@ import torch
 from .errors import LatentKVError
 
 # model_type -> human name. SmolLM/SmolLM2 are Llama checkpoints (model_type "llama").
-SUPPORTED_FAMILIES = {"llama": "Llama/SmolLM", "mistral": "Mistral", "qwen2": "Qwen2"}
+SUPPORTED_FAMILIES = {"llama": "Llama/SmolLM", "mistral": "Mistral", "qwen2": "Qwen2", "gemma2": "Gemma-2"}
 
 # The only place source names meet DeepSeek-V3 names.
 #   source attention weight / config field -> where it lands in the MLA layer
@@ -22,6 +22,8 @@ SOURCE_TO_MLA = {
     "num_key_value_heads": "(absorbed into kv_lora_rank / qk_rope_head_dim)",
     "head_dim": "v_head_dim; qk_nope_head_dim + rotated pairs per head",
     "attention_bias": "q_proj.bias, kv_a_proj_with_mqa.bias",
+    "query_pre_attn_scalar": "softmax_scale (Gemma-2: its ** -0.5, not head_dim ** -0.5)",
+    "attn_logit_softcapping": "attn_logit_softcapping (read from the model config by MLAAttention)",
 }
 
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
@@ -32,7 +34,6 @@ _QK_NORM = ("applies a per-head RMSNorm to q and k between the projection and Ro
             "and MLA engines have no slot for that norm")
 REFUSED_FAMILIES = {
     "qwen3": _QK_NORM, "qwen3_moe": _QK_NORM, "gemma3": _QK_NORM, "gemma3_text": _QK_NORM, "olmo2": _QK_NORM,
-    "gemma2": "soft-caps attention logits (tanh), which the MLA runtime and DeepSeek-V3 engines do not apply yet",
 }
 
 
@@ -139,6 +140,16 @@ def read_attention(attn) -> SourceAttention:
         attn.o_proj.weight.detach(), b(attn.q_proj), b(attn.k_proj), b(attn.v_proj), b(attn.o_proj),
         float(attn.scaling),
     )
+
+
+def logit_softcap(config) -> float | None:
+    """Gemma-2's tanh cap on attention scores (cap * tanh(s / cap)), applied after scaling; None elsewhere."""
+    return getattr(config, "attn_logit_softcapping", None)
+
+
+def embedding_scale(model) -> float:
+    """What the model multiplies looked-up embeddings by (Gemma: sqrt(hidden_size)); 1 elsewhere."""
+    return float(getattr(model.model.embed_tokens, "scalar_embed_scale", 1.0))
 
 
 def sliding_window(config, attn, i: int) -> int | None:

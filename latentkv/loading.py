@@ -88,6 +88,9 @@ def load_model(source: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
             raise LatentKVError(f"GGUF file {src} not found; check the path")
         return _load_gguf(path, dtype, progress)
     if path.is_dir():
+        from .shards import check_weights
+
+        check_weights(path)
         if (path / "latentkv.json").is_file():
             from .checkpoint import load
 

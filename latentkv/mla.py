@@ -68,12 +68,17 @@ def select_rope(cos: torch.Tensor, sin: torch.Tensor, freq_idx: torch.Tensor):
     return torch.cat((c, c), -1).unsqueeze(1), torch.cat((s, s), -1).unsqueeze(1)
 
 
-def eager_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+def soft_cap(scores: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """Gemma-2's logit soft-capping, cap * tanh(scores / cap); identity without a cap."""
+    return scores if cap is None else torch.tanh(scores / cap) * cap
+
+
+def eager_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, softcap=None, **kwargs):
     """Reference attention; `key`/`value` may have 1 head (broadcast) or as many as `query`.
 
     query (B, h, t, k), key (B, 1|h, s, k), value (B, 1|h, s, v) -> (B, t, h, v), weights.
     """
-    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling  # (B, h, t, s)
+    scores = soft_cap(torch.matmul(query, key.transpose(-1, -2)) * scaling, softcap)  # (B, h, t, s)
     if attention_mask is not None:
         if attention_mask.dtype == torch.bool:
             scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
@@ -168,7 +173,15 @@ class MLAAttention(nn.Module):
         d = self.dims
         return 2 * d.kv_lora_rank + d.qk_rope_head_dim < d.qk_nope_head_dim + d.qk_rope_head_dim + d.v_head_dim
 
+    @property
+    def softcap(self) -> float | None:
+        from .families import logit_softcap
+
+        return logit_softcap(self.config)
+
     def _kernel(self) -> Callable:
+        if self.softcap is not None and not (self.config._attn_implementation or "").startswith("flash"):
+            return eager_attention  # SDPA has no soft-capping and would silently skip it
         return ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention)
 
     def _expanded(self, q_nope, q_pe, c_kv, k_pe, mask, **kwargs):
@@ -179,7 +192,8 @@ class MLAAttention(nn.Module):
         k_nope, value = kv.split([d.qk_nope_head_dim, d.v_head_dim], -1)
         key = torch.cat((k_nope, k_pe.expand(b, d.num_heads, s, -1)), -1)  # (B, h, s, n + p)
         query = torch.cat((q_nope, q_pe), -1)  # (B, h, t, n + p)
-        return self._kernel()(_KernelView(1), query, key, value, mask, scaling=d.softmax_scale, **kwargs)
+        return self._kernel()(_KernelView(1), query, key, value, mask, scaling=d.softmax_scale,
+                              softcap=self.softcap, **kwargs)
 
     def _absorbed(self, q_nope, q_pe, c_kv, k_pe, mask, **kwargs):
         """Attend over latents: score = (W_uk^T q_nope)·c + q_pe·k_pe; out = W_uv (P c) -> (B, t, h, v)."""
@@ -189,7 +203,8 @@ class MLAAttention(nn.Module):
         query = torch.cat((q_lat, q_pe), -1)  # (B, h, t, r + p)
         key = torch.cat((c_kv, k_pe), -1)  # (B, 1, s, r + p)
         view = _KernelView(d.num_heads)
-        o_lat, weights = self._kernel()(view, query, key, c_kv, mask, scaling=d.softmax_scale, **kwargs)
+        o_lat, weights = self._kernel()(view, query, key, c_kv, mask, scaling=d.softmax_scale, softcap=self.softcap,
+                                        **kwargs)
         return torch.einsum("bthr,hvr->bthv", o_lat, w_uv), weights  # o_lat (B, t, h, r)
 
     def _decode(self, x, cos, sin, c_kv, k_pe, joint, mask) -> torch.Tensor:
@@ -219,7 +234,7 @@ class MLAAttention(nn.Module):
         q_pe = q_pe * cos[:, 0] + rotate_half(q_pe) * sin[:, 0]  # (B, h, p)
         query = torch.cat((q_lat, q_pe), -1)  # (B, h, r + p)
         key = (joint if joint is not None else torch.cat((c_kv, k_pe), -1))[:, 0]  # (B, T, r + p)
-        scores = torch.bmm(query, key.transpose(1, 2)).float() * d.softmax_scale  # (B, h, T)
+        scores = soft_cap(torch.bmm(query, key.transpose(1, 2)).float() * d.softmax_scale, self.softcap)  # (B, h, T)
         if mask is not None:
             mask = mask[:, 0, -1:, : key.shape[1]]  # (B, 1, T): the new token's row
             scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask

@@ -21,6 +21,14 @@ from .errors import LatentKVError
 SINGLE, INDEX = "model.safetensors", "model.safetensors.index.json"
 
 
+def check_weights(path: str | os.PathLike) -> None:
+    """One-line error if a checkpoint directory's safetensors files are missing, truncated or corrupt
+    (read before a loader that would fail deep inside with a traceback); no-op without any."""
+    path = Path(path)
+    if (path / INDEX).is_file() or (path / SINGLE).is_file():
+        ShardedCheckpoint(path)
+
+
 class ShardedCheckpoint:
     """Tensor name -> shard file of one checkpoint directory; `get` reads a tensor lazily."""
 

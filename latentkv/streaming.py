@@ -86,7 +86,7 @@ class Stream:
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        from .families import source_layout
+        from .families import logit_softcap, source_layout
 
         self.ckpt = ShardedCheckpoint(source)  # every shard's header checked here
         try:
@@ -98,7 +98,8 @@ class Stream:
         self.config, self.device, self.store_dtype = config, torch.device(device), self.ckpt.dtype()
         self.oneshot = isinstance(config, LowRankConfig) and not config.sequential
         self.attention = self.oneshot and config.attn_moment > 0
-        kernel = "eager" if self.attention else "sdpa"  # attention-averaged moments need the weights
+        # attention-averaged moments need the weights; SDPA cannot soft-cap (Gemma-2)
+        kernel = "eager" if self.attention or logit_softcap(hf) is not None else "sdpa"
         with init_empty_weights(include_buffers=False):
             self.model = AutoModelForCausalLM.from_config(hf, attn_implementation=kernel)
         self.model.config._name_or_path = str(source)
@@ -114,7 +115,9 @@ class Stream:
         if int(ids.max()) >= table.shape[0]:
             raise LatentKVError(f"the tokenizer produced id {int(ids.max())} but the model has {table.shape[0]} "
                                 "embeddings: the tokenizer does not belong to this checkpoint")
-        h = table[ids].float()
+        from .families import embedding_scale
+
+        h = table[ids].float() * embedding_scale(self.model)  # Gemma scales by sqrt(D) in the weights' dtype
         self.h_src = h if self.oneshot or self.sequential else None
         self.h_new = h.clone() if self.sequential or self.latent_norm else None
 

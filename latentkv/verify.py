@@ -8,6 +8,8 @@ the bytes per token the stock model's own cache holds (it must be latent-sized).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from .errors import LatentKVError
@@ -22,6 +24,11 @@ SAMPLE_TEXT = ("The history of the city begins with a small settlement on the ri
 def load_stock(out) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
+    from .shards import check_weights
+
+    if not Path(out).is_dir():
+        raise LatentKVError(f"export {out} not found; pass the directory `latentkv export` wrote")
+    check_weights(out)
     try:
         model, info = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, use_safetensors=True,
                                                            local_files_only=True, output_loading_info=True)

@@ -7,8 +7,8 @@ import os
 
 import pytest
 import torch
-from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast,
-                          Qwen2Config, Qwen2ForCausalLM)
+from transformers import (Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig,
+                          MistralForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM)
 
 VOCAB = 320
 SAMPLE = ("The quick brown fox jumps over the lazy dog. A latent cache keeps keys and values small. "
@@ -29,6 +29,11 @@ TINY = {
     "mistral-sliding": (MistralConfig, MistralForCausalLM, dict(num_key_value_heads=2, sliding_window=8)),
     "qwen2-sliding": (Qwen2Config, Qwen2ForCausalLM, dict(num_key_value_heads=2, use_sliding_window=True,
                                                           sliding_window=8, max_window_layers=1)),
+    # Gemma-2: a cap small enough to bend the random scores, a query scale that is not head_dim ** -0.5,
+    # alternating sliding (window 8) and global layers, sqrt(D)-scaled embeddings, four norms per layer.
+    "gemma2-softcap": (Gemma2Config, Gemma2ForCausalLM, dict(num_key_value_heads=2, attn_logit_softcapping=1.0,
+                                                             final_logit_softcapping=30.0, query_pre_attn_scalar=24,
+                                                             sliding_window=8, attn_implementation="eager")),
 }
 
 

@@ -155,6 +155,7 @@ REFUSALS = {
     "biases": (lambda: convert(make_tiny("qwen2-bias"), make_config(kv_budget=0.5, target="deepseek_v3"),
                                calib_ids=calib(), progress=False), "biases"),
     "sliding": (lambda: target_model("mistral-sliding"), "sliding-window"),
+    "gemma2": (lambda: target_model("gemma2-softcap"), "soft-cap attention scores"),
     "per-layer ranks": (lambda: _per_layer_ranks(target_model("llama-gqa")), "per-layer ranks"),
 }
 

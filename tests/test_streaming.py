@@ -11,6 +11,7 @@ from latentkv import convert
 from latentkv.checkpoint import load
 from latentkv.errors import LatentKVError
 from latentkv.methods import ExactConfig, LowRankConfig, SVDConfig
+from latentkv.families import sliding_window
 from latentkv.streaming import Stream, convert_streaming
 
 from conftest import SAMPLE, make_tiny
@@ -68,7 +69,7 @@ def test_streaming_equals_in_memory(tmp_path, tiny_tokenizer, calib, ids, case):
         assert (logits_of(model, ids) - b).abs().max() < 1e-4 * a.abs().max()
 
 
-@pytest.mark.parametrize("family", ["qwen2-bias", "mistral-sliding", "llama3-rope", "llama-mha"])
+@pytest.mark.parametrize("family", ["qwen2-bias", "mistral-sliding", "llama3-rope", "llama-mha", "gemma2-softcap"])
 def test_streaming_families(tmp_path, tiny_tokenizer, calib, ids, family):
     model, src = sharded(tmp_path, family, layers=2, tokenizer=tiny_tokenizer)
     config = lowrank(calib)
@@ -77,8 +78,10 @@ def test_streaming_families(tmp_path, tiny_tokenizer, calib, ids, family):
     got, _ = load(tmp_path / "out")
     a, b = logits_of(ref, ids), logits_of(got, ids)
     assert (a - b).abs().max() < 2e-4 * a.abs().max()
-    assert got.model.layers[0].self_attn.sliding_window == model.model.layers[0].self_attn.__dict__.get(
-        "sliding_window", model.config.__dict__.get("sliding_window") if family == "mistral-sliding" else None)
+    for i, layer in enumerate(model.model.layers):  # each layer keeps its own window (Gemma-2 alternates)
+        assert got.model.layers[i].self_attn.sliding_window == sliding_window(model.config, layer.self_attn, i)
+    if family == "gemma2-softcap":
+        assert [a.self_attn.sliding_window for a in got.model.layers] == [8, None]
 
 
 def test_bf16_source_stays_bf16(tmp_path, tiny_tokenizer, calib):
