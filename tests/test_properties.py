@@ -6,7 +6,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig,
+                          MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
 from conftest import reference_tolerance
 from latentkv import ExactConfig, LatentCache, SVDConfig, convert, record_of
@@ -14,18 +15,30 @@ from latentkv import ExactConfig, LatentCache, SVDConfig, convert, record_of
 SETTINGS = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
+FAMILIES = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+            "mistral": (MistralConfig, MistralForCausalLM), "gemma2": (Gemma2Config, Gemma2ForCausalLM)}
+
+
 @st.composite
 def configs(draw):
-    """A random Llama or Qwen2 (biases) attention shape: heads, KV heads dividing them, head_dim."""
+    """A random attention shape (heads, KV heads dividing them, head_dim) of a random family:
+    Llama, Qwen2 (biases), Mistral (a window or none), Gemma-2 (soft-cap, query scale, windows)."""
     kv = draw(st.sampled_from([1, 2, 4]))
     heads = kv * draw(st.sampled_from([1, 2, 3]))
     head_dim = draw(st.sampled_from([8, 16]))
-    family = draw(st.sampled_from(["llama", "qwen2"]))
-    cfg_cls, model_cls = (LlamaConfig, LlamaForCausalLM) if family == "llama" else (Qwen2Config, Qwen2ForCausalLM)
+    family = draw(st.sampled_from(sorted(FAMILIES)))
+    extra = {}
+    if family in ("mistral", "gemma2"):
+        extra["sliding_window"] = draw(st.sampled_from([4, 16] + ([None] if family == "mistral" else [])))
+    if family == "gemma2":
+        extra.update(attn_logit_softcapping=draw(st.sampled_from([0.5, 2.0, 50.0])),
+                     query_pre_attn_scalar=draw(st.sampled_from([head_dim, 2 * head_dim])),
+                     attn_implementation="eager")
+    cfg_cls, model_cls = FAMILIES[family]
     config = cfg_cls(vocab_size=97, hidden_size=heads * head_dim, intermediate_size=64, num_hidden_layers=2,
                      num_attention_heads=heads, num_key_value_heads=kv, head_dim=head_dim,
                      max_position_embeddings=256, tie_word_embeddings=draw(st.booleans()),
-                     rope_theta=draw(st.sampled_from([10000.0, 500000.0])))
+                     rope_theta=draw(st.sampled_from([10000.0, 500000.0])), **extra)
     torch.manual_seed(draw(st.integers(0, 2**16)))
     model = model_cls(config).eval()
     with torch.no_grad():
@@ -71,7 +84,9 @@ def test_reduced_budget_invariants(model, budget):
         step = conv(ids[:, -1:], cache=cache).logits[:, -1]
     assert (step - a[:, -1]).abs().max().item() <= 1e-4 * max(1.0, a.abs().max().item())
     assert cache.bytes_per_token() == 2 * values * 4  # 2 layers, fp32
-    assert cache.nbytes() == cache.bytes_per_token() * ids.shape[0] * ids.shape[1]
+    # a sliding-window layer holds only its last window - 1 latents
+    kept = [min(ids.shape[1], (layer.self_attn.sliding_window or 10 ** 9) - 1) for layer in conv.model.layers]
+    assert cache.nbytes() == sum(values * 4 * ids.shape[0] * k for k in kept)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
