@@ -37,13 +37,13 @@ TINY = {
 }
 
 
-def make_tiny(name: str, layers: int = 2, seed: int = 0, dtype=torch.float32):
+def make_tiny(name: str, layers: int = 2, seed: int = 0, dtype=torch.float32, **overrides):
     """A random tiny model; biases (Qwen2) are randomised too, since zeros would hide bias bugs."""
     cfg_cls, model_cls, extra = TINY[name]
     torch.manual_seed(seed)
-    config = cfg_cls(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                     num_attention_heads=4, head_dim=16, max_position_embeddings=512, tie_word_embeddings=False,
-                     **extra)
+    kw = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+              num_attention_heads=4, head_dim=16, max_position_embeddings=512, tie_word_embeddings=False)
+    config = cfg_cls(**{**kw, **extra, **overrides})
     model = model_cls(config).to(dtype).eval()
     with torch.no_grad():
         for p in model.parameters():

@@ -12,14 +12,15 @@ from latentkv.checkpoint import load
 from latentkv.errors import LatentKVError
 from latentkv.methods import ExactConfig, LowRankConfig, SVDConfig
 from latentkv.families import sliding_window
+from latentkv.shards import ShardedCheckpoint
 from latentkv.streaming import Stream, convert_streaming
 
 from conftest import SAMPLE, make_tiny
 
 
-def sharded(tmp_path, name="llama-gqa", layers=3, tokenizer=None, dtype=torch.float32):
+def sharded(tmp_path, name="llama-gqa", layers=3, tokenizer=None, dtype=torch.float32, **overrides):
     """A tiny source saved as several safetensors shards (+ index), like a hub checkpoint."""
-    model = make_tiny(name, layers=layers, dtype=dtype)
+    model = make_tiny(name, layers=layers, dtype=dtype, **overrides)
     src = tmp_path / f"src-{name}"
     model.save_pretrained(src, max_shard_size="60KB")
     assert len(list(src.glob("*.safetensors"))) > 2 and (src / "model.safetensors.index.json").is_file()
@@ -82,6 +83,19 @@ def test_streaming_families(tmp_path, tiny_tokenizer, calib, ids, family):
         assert got.model.layers[i].self_attn.sliding_window == sliding_window(model.config, layer.self_attn, i)
     if family == "gemma2-softcap":
         assert [a.self_attn.sliding_window for a in got.model.layers] == [8, None]
+
+
+def test_tied_embeddings(tmp_path, tiny_tokenizer, calib, ids):
+    """Llama-3.2 / SmolLM style: no lm_head tensor in the shards, the head reads the embeddings."""
+    model, src = sharded(tmp_path, "llama3-rope", layers=2, tokenizer=tiny_tokenizer, tie_word_embeddings=True)
+    assert not any("lm_head" in n for n in ShardedCheckpoint(src).names())
+    config = lowrank(calib)
+    ref = convert(model, config, tokenizer=tiny_tokenizer, progress=False)
+    convert_streaming(src, config, tmp_path / "out", progress=False)
+    got, _ = load(tmp_path / "out")
+    assert got.lm_head.weight.data_ptr() == got.model.embed_tokens.weight.data_ptr()
+    a, b = logits_of(ref, ids), logits_of(got, ids)
+    assert (a - b).abs().max() < 2e-4 * a.abs().max()
 
 
 def test_bf16_source_stays_bf16(tmp_path, tiny_tokenizer, calib):
