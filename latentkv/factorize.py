@@ -17,8 +17,13 @@ from .rope import KeySplit, augment, mixed_key_weights
 def split_keys(src: SourceAttention, layout: SourceLayout, split: KeySplit, horizon: int = 0) -> dict:
     """Rotated vs non-rotated rows of the (mixed) keys and queries (notes §2, identically on both).
 
-    Returns augmented weights: kr (p, D+1), q_rope (H, p, D+1), q_nope (H, n, D+1),
-    k_nope (Gn, n, D+1) for Gn nope groups, nope_group (H,) the group each head reads, freq_idx (p/2,).
+    Returns augmented weights: kr (p, D+1), q_rope (H, p, D+1), k_nope (Gn, n, D+1) for Gn nope
+    groups, nope_group (H,) the group each head reads, freq_idx (p/2,), and the non-rotated queries
+    factored as q_map (H, n, k) @ q_nope (H, k, D+1) (`nope_queries`). When n > d (one shared group:
+    RoRoPE mixes every KV head's dims, so each query head reads all G*d - p of them) q_nope keeps the
+    head's own d source rows and q_map the linear map to k' space, so the MLA query needs only d
+    non-rotated dims per head (the map moves into W_uk): at Llama-3-8B, q_proj is 2.5x the source's
+    instead of 8x. Otherwise q_map is None and q_nope is already in k' space (k = n).
     Nope dims stay per KV group when the split is uniform with R = I (compact), else one shared group.
     With `horizon` > 1 the non-rotated query rows carry the pair's mean rotation (`expected_rotation`).
     """
@@ -37,15 +42,26 @@ def split_keys(src: SourceAttention, layout: SourceLayout, split: KeySplit, hori
     # One head at a time: a head's query lives in its own KV group's slot of k' space (zero elsewhere
     # before the mix), and holding all H x G slots at once costs H*G*d*(D+1) fp64 (1 GiB at 8B).
     wq_all = augment(src.w_q, src.b_q).view(H, d, -1)  # (H, d, D+1), source basis
+    eye = torch.eye(d, dtype=wk.dtype)
     q_rope = wk.new_empty(H, len(rope), wk.shape[1])
-    q_nope = wk.new_empty(H, nope.shape[1], wk.shape[1])  # filled in place: a stacked copy is another 0.9 GB at 8B
+    q_map = wk.new_empty(H, nope.shape[1], d)
     for h in range(H):
         g = h // layout.group_size
         q_rope[h] = head_query(wq_all[h], g, split.mix, layout)[rope]
         # the mean rotation belongs to each source pair's own frequency, so it goes before the mix
-        q_nope[h] = head_query(mean_rotated(wq_all[h], layout, horizon), g, split.mix, layout)[nope[group[h]]]
-    return dict(kr=wk[rope], q_rope=q_rope, q_nope=q_nope, k_nope=wk[nope],
-                nope_group=group, freq_idx=torch.tensor([i for _, i in split.kept]))
+        q_map[h] = head_query(mean_rotated(eye, layout, horizon), g, split.mix, layout)[nope[group[h]]]
+    parts = dict(kr=wk[rope], q_rope=q_rope, k_nope=wk[nope], nope_group=group,
+                 freq_idx=torch.tensor([i for _, i in split.kept]))
+    if nope.shape[1] > d:  # a shared nope group (RoRoPE): keep the head's d source rows and the map
+        parts.update(q_nope=wq_all, q_map=q_map)
+    else:
+        parts.update(q_nope=q_map @ wq_all, q_map=None)
+    return parts
+
+
+def nope_queries(parts: dict) -> torch.Tensor:
+    """The non-rotated query rows each head reads, in k' space: (H, n, D+1) (memory: H*n*(D+1))."""
+    return parts["q_nope"] if parts["q_map"] is None else parts["q_map"] @ parts["q_nope"]
 
 
 def head_query(q: torch.Tensor, g: int, mix: torch.Tensor | None, layout: SourceLayout) -> torch.Tensor:
@@ -191,8 +207,11 @@ def assemble(layout: SourceLayout, src: SourceAttention, parts: dict, a: torch.T
     g_of_h = torch.arange(H) // layout.group_size
     w_uk = b[: gn * n].view(gn, n, r)[parts["nope_group"]]  # (H, n, r)
     w_uv = b[gn * n:].view(G, d, r)[g_of_h]  # (H, d, r)
-    # q_proj is written straight into its final fp32 tensor: at 8B with RoRoPE the fp64 query block is
-    # 0.9 GB and each extra copy of q_proj 0.5 GB, the largest transients of a streaming conversion
+    if parts["q_map"] is not None:  # (M q_src) . (W_uk c) = q_src . (M^T W_uk c): d nope dims per head
+        w_uk = parts["q_map"].transpose(1, 2) @ w_uk  # (H, d, r)
+        n = d
+    # q_proj is written straight into its final fp32 tensor: a copy of it is the largest transient
+    # of a streaming conversion at 7B/8B
     q_nope, q_rope = parts["q_nope"], parts["q_rope"]  # (H, n, D+1), (H, p, D+1)
     q = q_nope.new_empty(H, n + q_rope.shape[1], q_nope.shape[-1] - 1, dtype=torch.float32)
     q[:, :n], q[:, n:] = q_nope[..., :-1], q_rope[..., :-1]

@@ -56,14 +56,17 @@ class OutputAware:
         sigma = stats.sigma
         w_o = src.w_o.double().view(src.w_o.shape[0], layout.num_heads, layout.head_dim)  # (D, H, d)
         spread = _output_spread(src, layout, sigma, w_o)  # (H,)
-        q = parts["q_nope"]  # (H, n, D+1)
+        q = parts["q_nope"]  # (H, k, D+1), k' space = q_map @ q (when there is a map)
         gn, n = parts["k_nope"].shape[:2]
         # the costly part, in fp32 (a weight: its rounding is harmless), 8 heads per product
         sig32, per_head = sigma.float(), []
         for c in range(0, q.shape[0], 8):
             qc = q[c: c + 8].float()
             per_head.append(((qc.flatten(0, 1) @ sig32).view(qc.shape) @ qc.transpose(1, 2)).double())
-        per_head = spread[:, None, None] * torch.cat(per_head)  # (H, n, n)
+        per_head = torch.cat(per_head)  # (H, k, k)
+        if parts["q_map"] is not None:
+            per_head = parts["q_map"] @ per_head @ parts["q_map"].transpose(1, 2)  # (H, n, n)
+        per_head = spread[:, None, None] * per_head
         blocks = [per_head[parts["nope_group"] == g].sum(0) for g in range(gn)]
         scale2 = src.softmax_scale ** 2 * self.key_weight
         v_blocks = [sum(w_o[:, h].T @ w_o[:, h] for h in _heads_of(g, layout)) for g in range(layout.num_kv_heads)]

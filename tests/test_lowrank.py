@@ -175,3 +175,33 @@ def test_thin_svd_through_the_gram_matrix_matches_lapack(monkeypatch):
         assert torch.allclose(s, s0, rtol=1e-9, atol=1e-12)
         for r in (1, 7, 40):
             assert torch.allclose(u[:, :r] * s[:r] @ vh[:r], u0[:, :r] * s0[:r] @ vh0[:r], atol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "qwen2-bias", "llama-mha"])
+def test_shared_nope_group_keeps_d_query_dims_and_the_same_scores(name, calib_ids):
+    """RoRoPE leaves one shared nope group of n = G*d - p dims. The MLA query keeps only the head's
+    d source rows and W_uk absorbs the map, so q_proj stays small; every score q_nope . k_nope is the
+    one the k'-space queries (`nope_queries`) give, biases included."""
+    from latentkv.factorize import assemble, low_rank, nope_queries, split_keys, stack_nope_kv
+    from latentkv.families import read_attention
+
+    model = make_tiny(name)
+    lay = source_layout(model.config)
+    stats = collect_stats(model, calib_ids, progress=False)[0]
+    src = read_attention(attention_layers(model)[0])
+    split = ROPE_STRATEGIES["rorope"].split(src, lay, 4, stats.sigma, 512)
+    parts = split_keys(src, lay, split, 512)
+    n = parts["k_nope"].shape[1]
+    assert n == lay.num_kv_heads * lay.head_dim - 8 > lay.head_dim and parts["q_map"] is not None
+    a, b = low_rank(stack_nope_kv(parts, src).double(), 12, stats)
+    sd = assemble(lay, src, parts, a, b)
+    H, d, r = lay.num_heads, lay.head_dim, 12
+    q = torch.cat((sd["q_proj.weight"], sd.get("q_proj.bias", torch.zeros(len(sd["q_proj.weight"])))[:, None]), 1)
+    q_nope = q.view(H, d + 8, -1)[:, :d].double()  # (H, d, D+1)
+    w_uk = sd["kv_b_proj.weight"].view(H, d + d, r)[:, :d].double()  # (H, d, r)
+    ref_q = nope_queries(parts)  # (H, n, D+1) in k' space
+    ref_uk = b[: n].view(1, n, r).expand(H, n, r) if parts["k_nope"].shape[0] == 1 else None
+    got = q_nope.transpose(1, 2) @ w_uk  # (H, D+1, r): the bilinear form between input and latent
+    want = ref_q.transpose(1, 2) @ ref_uk
+    assert (got - want).abs().max() < 1e-5 * want.abs().max()
+    assert sd["q_proj.weight"].shape[0] == H * (d + 8)  # d nope + p rope rows per head, not n + p
