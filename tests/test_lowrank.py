@@ -205,3 +205,15 @@ def test_shared_nope_group_keeps_d_query_dims_and_the_same_scores(name, calib_id
     want = ref_q.transpose(1, 2) @ ref_uk
     assert (got - want).abs().max() < 1e-5 * want.abs().max()
     assert sd["q_proj.weight"].shape[0] == H * (d + 8)  # d nope + p rope rows per head, not n + p
+
+
+def test_group_sum_of_mapped_query_moments():
+    from latentkv.factorizers import _group_sum
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(6, 3, 3, generator=g, dtype=torch.float64)
+    m = torch.randn(6, 5, 3, generator=g, dtype=torch.float64)
+    heads = torch.tensor([True, False, True, True, False, False])
+    want = sum(m[h] @ a[h] @ m[h].T for h in (0, 2, 3))
+    assert torch.allclose(_group_sum(a, m, heads), want, atol=1e-12)
+    assert torch.allclose(_group_sum(a, None, heads), a[[0, 2, 3]].sum(0))
