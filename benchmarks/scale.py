@@ -1,7 +1,7 @@
 """Streaming conversion at 7B/8B scale without internet: random weights with the exact shapes -> BENCHMARKS.md.
 
     python benchmarks/scale.py --shape llama3-8b --out /tmp/scale
-    python benchmarks/scale.py --shape llama2-7b --out /tmp/scale --rope high
+    python benchmarks/scale.py --shape llama2-7b --out /tmp/scale
 
 Writes a random-weight bf16 checkpoint with the exact shapes of the named model (config.json,
 ~2 GB safetensors shards, index, and a 32k-entry BPE tokenizer trained on the calibration text),
@@ -140,7 +140,8 @@ def markdown(args, made: dict, conv: dict) -> str:
     lines = [f"<!-- quality:{args.section} -->", f"### Streaming conversion of a {args.shape}-shaped checkpoint "
              f"({made['layers']} layers, random bf16 weights)", "", f"Command: `{cmd}`  ",
              f"Machine: {platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-             f"device {args.device}, {time.strftime('%Y-%m-%d')}. RoPE strategy: {args.rope or 'rorope (default)'}. Calibration: {args.calib_samples} windows x "
+             f"device {args.device}, {time.strftime('%Y-%m-%d')}. RoPE strategy: {args.rope or 'rorope (default)'}. "
+             f"Calibration: {args.calib_samples} windows x "
              f"{args.calib_seq_len} tokens. Peak RSS: "
              "`/usr/bin/time -v` of the converting process.", "",
              "| params | source (bf16) | output | budget | rope + latent | cache values/token/layer | wall s | "
@@ -149,7 +150,7 @@ def markdown(args, made: dict, conv: dict) -> str:
              f"{conv['out_bytes'] / gib:.2f} GiB | {args.budget} | {r['qk_rope_head_dim']} + {r['kv_lora_rank']} | "
              f"{r['cache_values_per_token_per_layer']} of {r['source_values_per_token_per_layer']} | "
              f"{conv['wall_s']} | **{conv['peak_rss_gib']}** |", "",
-             "Per layer (seconds): | read | calibration passes | factorize | write |", "|---|---:|---:|---:|---:|",
+             "Per layer (seconds):", "", "| | read | calibration passes | factorize | write |", "|---|---:|---:|---:|---:|",
              "| median | " + " | ".join(f"{med[k]:.2f}" for k in med) + " |",
              "| total | " + " | ".join(f"{tot[k]:.1f}" for k in tot) + " |",
              f"<!-- /quality:{args.section} -->"]
