@@ -1,7 +1,8 @@
 """The latent side: how to weigh the error of the rank-r approximation of Y = [K_nope; V].
 
 Each factorizer returns (stats, metric) for `factorize.low_rank`: the input statistics it trusts
-(None = weights only) and metric, the (m, m) PSD weight on the rows of Y (None = identity).
+(None = weights only) and metric, the (m, m) PSD weight on the rows of Y (None = identity; a list
+of square blocks for a block-diagonal one).
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ class OutputAware:
         blocks = [_group_sum(per_head, parts["q_map"], parts["nope_group"] == g) for g in range(gn)]
         scale2 = src.softmax_scale ** 2 * self.key_weight
         v_blocks = [sum(w_o[:, h].T @ w_o[:, h] for h in _heads_of(g, layout)) for g in range(layout.num_kv_heads)]
-        return stats, torch.block_diag(*[scale2 * b for b in blocks], *v_blocks)
+        return stats, [scale2 * b for b in blocks] + v_blocks  # block-diagonal
 
 
 def _group_sum(per_head: torch.Tensor, q_map: torch.Tensor | None, heads: torch.Tensor) -> torch.Tensor:
