@@ -203,7 +203,7 @@ def test_convert_export_verify_load(capsys, source_dir, tmp_path):
 
 @pytest.mark.parametrize("argv,match", [
     (["export", "{conv}", "--out", "{tmp}/ds"], "latent norm"),
-    (["verify-export", "{tmp}/nothing", "--against", "{conv}"], "cannot load"),
+    (["verify-export", "{tmp}/nothing", "--against", "{conv}"], "not found"),
 ])
 def test_export_bad_input_is_one_line(capsys, converted_dir, tmp_path, argv, match):
     code, _, err = run(capsys, *[a.format(conv=converted_dir, tmp=tmp_path) for a in argv])
