@@ -47,9 +47,9 @@ def split_keys(src: SourceAttention, layout: SourceLayout, split: KeySplit, hori
     q_map = wk.new_empty(H, nope.shape[1], d)
     for h in range(H):
         g = h // layout.group_size
-        q_rope[h] = head_query(wq_all[h], g, split.mix, layout)[rope]
+        q_rope[h] = head_query(wq_all[h], g, split.mix, layout, rope)
         # the mean rotation belongs to each source pair's own frequency, so it goes before the mix
-        q_map[h] = head_query(mean_rotated(eye, layout, horizon), g, split.mix, layout)[nope[group[h]]]
+        q_map[h] = head_query(mean_rotated(eye, layout, horizon), g, split.mix, layout, nope[group[h]])
     parts = dict(kr=wk[rope], q_rope=q_rope, k_nope=wk[nope], nope_group=group,
                  freq_idx=torch.tensor([i for _, i in split.kept]))
     if nope.shape[1] > d:  # a shared nope group (RoRoPE): keep the head's d source rows and the map
@@ -64,18 +64,26 @@ def nope_queries(parts: dict) -> torch.Tensor:
     return parts["q_nope"] if parts["q_map"] is None else parts["q_map"] @ parts["q_nope"]
 
 
-def head_query(q: torch.Tensor, g: int, mix: torch.Tensor | None, layout: SourceLayout) -> torch.Tensor:
-    """One head's augmented query rows q (d, D+1), read against KV group g -> its rows in k' space
-    (G*d, D+1): only group g's columns of the mix touch it (what `mix_rows` does to a zero-padded slot)."""
+def head_query(q: torch.Tensor, g: int, mix: torch.Tensor | None, layout: SourceLayout,
+               rows: torch.Tensor) -> torch.Tensor:
+    """One head's augmented query rows q (d, D+1), read against KV group g -> its k'-space rows
+    `rows` (R,) of the (G*d, D+1) whole: only group g's columns of the mix touch it (what `mix_rows`
+    does to a zero-padded slot), and only the rows asked for are computed (all G*d of them cost
+    2 GFLOP per head at Llama-2-7B's 32 KV heads)."""
     G, d = layout.num_kv_heads, layout.head_dim
     half, n = d // 2, q.shape[-1]
     if mix is None:
         out = q.new_zeros(G, d, n)
         out[g] = q
-        return out.view(G * d, n)
-    x = q.view(2, half, n)
-    mixed = torch.einsum("ck,akn->acn", mix[:, g * half:(g + 1) * half].to(q.dtype), x)  # (2, G*half, n)
-    return mixed.view(2, G, half, n).transpose(0, 1).reshape(G * d, n)
+        return out.view(G * d, n)[rows]
+    x = q.view(2, half, n)  # pair halves a = 0, 1
+    sub = mix[:, g * half:(g + 1) * half].to(q.dtype)  # (G*half, half): mixed channel <- group g's pairs
+    side, chan = (rows % d) // half, (rows // d) * half + rows % half  # k' row -> (half, mixed channel)
+    out = q.new_empty(len(rows), n)
+    for a in (0, 1):
+        sel = side == a
+        out[sel] = sub[chan[sel]] @ x[a]
+    return out
 
 
 def mean_rotated(q: torch.Tensor, layout: SourceLayout, horizon: int) -> torch.Tensor:
@@ -122,7 +130,7 @@ def low_rank(w: torch.Tensor, rank: int, stats=None, metric: torch.Tensor | None
             stats.sigma[:-1, :-1], None if stats.cross is None else stats.cross[:-1, :-1])
         a, b = low_rank(w[:, :-1], rank, inner, metric)
         return torch.cat((a, a.new_zeros(a.shape[0], 1)), 1), b
-    (u, s, vh), (from_right, from_left) = _weighted_svd(w, stats, metric)
+    (u, s, vh), (from_right, from_left) = _weighted_svd(w, stats, metric, rank)
     a = from_right(vh[:rank])  # (r, D+1)
     b = from_left(u[:, :rank] * s[:rank])
     if stats is not None:
@@ -136,7 +144,7 @@ def spectrum(w: torch.Tensor, stats=None, metric: torch.Tensor | None = None) ->
     return _weighted_svd(w, stats, metric)[0][1]
 
 
-def _weighted_svd(w: torch.Tensor, stats, metric):
+def _weighted_svd(w: torch.Tensor, stats, metric, rank: int | None = None):
     """-> ((U, S, Vh) of L W R, (rows -> rows R^-1, cols -> L^-1 cols)).
 
     min |L (W - B A) R|_F over rank r is reached by any square-root factors: L = C^T and R from
@@ -156,29 +164,31 @@ def _weighted_svd(w: torch.Tensor, stats, metric):
             return torch.cat([torch.linalg.solve_triangular(c.T, cols[i:j], upper=True)
                               for c, i, j in zip(cs, cuts, cuts[1:])])
     if stats is None:
-        return thin_svd(lw), (lambda rows: rows, from_left)
+        return thin_svd(lw, rank), (lambda rows: rows, from_left)
     r = stats.factor  # (D+1, D+1) lower, R R^T = sigma
     from_right = lambda rows: torch.linalg.solve_triangular(r, rows, upper=False, left=False)  # noqa: E731
-    return thin_svd(lw @ r), (from_right, from_left)
+    return thin_svd(lw @ r, rank), (from_right, from_left)
 
 
 GRAM_SVD_ELEMENTS = 2**22  # above this (7B/8B layers), a wide matrix's SVD goes through its Gram matrix
 
 
-def thin_svd(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(U, S, Vh) of an fp64 (a, b) matrix. A large one is taken through eigh of its smaller Gram
-    matrix, several times faster than LAPACK's SVD at (1856, 4097); singular values below ~1e-8 x
-    the largest lose relative accuracy that way, which only the spectrum's tail shows."""
+def thin_svd(m: torch.Tensor, rank: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(U, S, Vh) of an fp64 (a, b) matrix; with `rank`, U and Vh hold only the leading `rank`
+    vectors (S stays whole). A large one is taken through eigh of its smaller Gram matrix, several
+    times faster than LAPACK's SVD at (1856, 4097); singular values below ~1e-8 x the largest lose
+    relative accuracy that way, which only the spectrum's tail shows."""
     a, b = m.shape
     if a * b < GRAM_SVD_ELEMENTS:
-        return torch.linalg.svd(m, full_matrices=False)
+        u, s, vh = torch.linalg.svd(m, full_matrices=False)
+        return u[:, :rank], s, vh[:rank]
     if a > b:  # tall: the SVD of the transpose, transposed back
-        v, s, uh = thin_svd(m.T)
+        v, s, uh = thin_svd(m.T, rank)
         return uh.T, s, v.T
     vals, u = torch.linalg.eigh(m @ m.T)
-    vals, u = vals.flip(0).clamp(min=0), u.flip(1)
+    vals, u = vals.flip(0).clamp(min=0), u.flip(1)[:, :rank]
     s = vals.sqrt()
-    vh = (u.T @ m) / s.clamp(min=s[0] * 1e-150 + 1e-300)[:, None]
+    vh = (u.T @ m) / s[: u.shape[1]].clamp(min=s[0] * 1e-150 + 1e-300)[:, None]
     return u, s, vh
 
 
