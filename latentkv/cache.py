@@ -85,9 +85,7 @@ class LatentLayer(DynamicLayer):
     def nbytes(self) -> int:
         if self.buffer is not None:
             return self.buffer.numel() * self.buffer.element_size()
-        if not self.is_initialized:
-            return 0
-        return sum(t.numel() * t.element_size() for t in (self.keys, self.values))
+        return _held_bytes(self)
 
 
 class LatentWindowLayer(DynamicSlidingWindowLayer):
@@ -101,7 +99,7 @@ class LatentWindowLayer(DynamicSlidingWindowLayer):
         return None
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.keys, self.values)) if self.is_initialized else 0
+        return _held_bytes(self)
 
 
 class LatentCache(Cache):
@@ -145,6 +143,13 @@ class LatentCache(Cache):
         """Every tensor the cache holds, so callers can check nothing but latents is stored."""
         return [t for layer in self.layers if layer.is_initialized
                 for t in ((layer.buffer,) if layer.buffer is not None else (layer.keys, layer.values))]
+
+
+def _held_bytes(layer) -> int:
+    """Bytes of a grown (not preallocated) layer's c_kv and k_pe."""
+    if not layer.is_initialized:
+        return 0
+    return sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
 
 
 def _mla_layers(model) -> list:

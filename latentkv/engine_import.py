@@ -19,11 +19,15 @@ from .errors import LatentKVError
 ENGINE_TYPES = ("deepseek_v3",)
 
 
-def is_engine_checkpoint(path: Path) -> bool:
+def _model_type(path: Path) -> str | None:
     try:
-        return json.loads((path / "config.json").read_text()).get("model_type") in ENGINE_TYPES
+        return json.loads((path / "config.json").read_text()).get("model_type")
     except (OSError, ValueError):
-        return False
+        return None
+
+
+def is_engine_checkpoint(path: Path) -> bool:
+    return _model_type(path) in ENGINE_TYPES
 
 
 def require_engine_checkpoint(src: str | Path) -> None:
@@ -31,11 +35,8 @@ def require_engine_checkpoint(src: str | Path) -> None:
     path = Path(src)
     if not path.is_dir():
         raise LatentKVError(f"checkpoint {src} not found; pass a DeepSeek-V3 checkpoint directory")
-    if not is_engine_checkpoint(path):
-        try:
-            kind = json.loads((path / "config.json").read_text()).get("model_type")
-        except (OSError, ValueError):
-            kind = None
+    kind = _model_type(path)
+    if kind not in ENGINE_TYPES:
         raise LatentKVError(f"{src} is not a DeepSeek-V3 checkpoint (model_type {kind!r}); `latentkv load` reads "
                             "DeepSeek-V3 checkpoints; to convert a source model use `latentkv convert`")
 

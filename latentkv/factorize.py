@@ -72,10 +72,11 @@ def head_query(q: torch.Tensor, g: int, mix: torch.Tensor | None, layout: Source
     2 GFLOP per head at Llama-2-7B's 32 KV heads)."""
     G, d = layout.num_kv_heads, layout.head_dim
     half, n = d // 2, q.shape[-1]
-    if mix is None:
-        out = q.new_zeros(G, d, n)
-        out[g] = q
-        return out.view(G * d, n)[rows]
+    if mix is None:  # the head's own slot, zero in every other group's
+        own = rows // d == g
+        out = q.new_zeros(len(rows), n)
+        out[own] = q[rows[own] % d]
+        return out
     x = q.view(2, half, n)  # pair halves a = 0, 1
     sub = mix[:, g * half:(g + 1) * half].to(q.dtype)  # (G*half, half): mixed channel <- group g's pairs
     side, chan = (rows % d) // half, (rows // d) * half + rows % half  # k' row -> (half, mixed channel)

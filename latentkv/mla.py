@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from .families import logit_softcap
+
 Path = Literal["auto", "expanded", "absorbed"]
 
 
@@ -108,6 +110,7 @@ class MLAAttention(nn.Module):
         super().__init__()
         self.dims, self.config, self.layer_idx = dims, config, layer_idx
         self.path: Path = "auto"
+        self.softcap = logit_softcap(config)  # Gemma-2's tanh cap on scores; None elsewhere
         # The source layer's window, if any: the model's mask applies it; calibration and export read it.
         self.sliding_window = sliding_window
         d, h = dims, dims.num_heads
@@ -172,12 +175,6 @@ class MLAAttention(nn.Module):
         expanded one (n + p) + v: at small ranks the absorbed path is cheaper for prefill too."""
         d = self.dims
         return 2 * d.kv_lora_rank + d.qk_rope_head_dim < d.qk_nope_head_dim + d.qk_rope_head_dim + d.v_head_dim
-
-    @property
-    def softcap(self) -> float | None:
-        from .families import logit_softcap
-
-        return logit_softcap(self.config)
 
     def _kernel(self) -> Callable:
         if self.softcap is not None and not (self.config._attn_implementation or "").startswith("flash"):

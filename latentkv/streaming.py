@@ -117,7 +117,7 @@ class Stream:
                                 "embeddings: the tokenizer does not belong to this checkpoint")
         from .families import embedding_scale
 
-        h = table[ids].float() * embedding_scale(self.model)  # Gemma scales by sqrt(D) in the weights' dtype
+        h = table[ids].float() * embedding_scale(self.model)  # Gemma's sqrt(D), here in the stream's fp32
         self.h_src = h if self.oneshot or self.sequential else None
         self.h_new = h.clone() if self.sequential or self.latent_norm else None
 

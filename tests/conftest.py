@@ -74,6 +74,14 @@ def ids():
     return torch.randint(0, VOCAB, (2, 24))
 
 
+def held_bytes(conv, batch: int, tokens: int) -> int:
+    """What the latent cache must hold: r + p fp32 values per token and layer, and a sliding-window
+    layer only the last window - 1 tokens (all the next step can attend to)."""
+    layers = [layer.self_attn for layer in conv.model.layers]
+    return sum(4 * batch * a.dims.cache_values_per_token * min(tokens, (a.sliding_window or tokens + 1) - 1)
+               for a in layers)
+
+
 def reference_tolerance(model, ids) -> float:
     """The source's own fp32 rounding error (vs fp64) on these inputs, floored at 1e-6.
 

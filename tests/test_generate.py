@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from conftest import TINY, make_tiny
+from conftest import TINY, held_bytes, make_tiny
 from latentkv import LatentCache, SVDConfig, convert, generate
 from latentkv.errors import LatentKVError
 from latentkv.mla import MLAAttention
@@ -20,14 +20,6 @@ def _set_path(model, path):
 @pytest.fixture(scope="module")
 def conv():
     return convert(make_tiny("llama-gqa", layers=3), SVDConfig(kv_budget=0.25), progress=False)
-
-
-def held_bytes(conv, batch: int, tokens: int) -> int:
-    """What the latent cache must hold: r + p fp32 values per token and layer, and a sliding-window
-    layer only the last window - 1 tokens (all the next step can attend to)."""
-    layers = [layer.self_attn for layer in conv.model.layers]
-    return sum(4 * batch * a.dims.cache_values_per_token * min(tokens, (a.sliding_window or tokens + 1) - 1)
-               for a in layers)
 
 
 @pytest.mark.parametrize("family, config", [(f, SVDConfig(kv_budget=0.5)) for f in sorted(TINY)] + [

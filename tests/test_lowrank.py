@@ -193,6 +193,7 @@ def test_shared_nope_group_keeps_d_query_dims_and_the_same_scores(name, calib_id
     parts = split_keys(src, lay, split, 512)
     n = parts["k_nope"].shape[1]
     assert n == lay.num_kv_heads * lay.head_dim - 8 > lay.head_dim and parts["q_map"] is not None
+    assert parts["k_nope"].shape[0] == 1  # one shared nope group: W_uk is the same (n, r) block for every head
     a, b = low_rank(stack_nope_kv(parts, src).double(), 12, stats)
     sd = assemble(lay, src, parts, a, b)
     H, d, r = lay.num_heads, lay.head_dim, 12
@@ -200,7 +201,7 @@ def test_shared_nope_group_keeps_d_query_dims_and_the_same_scores(name, calib_id
     q_nope = q.view(H, d + 8, -1)[:, :d].double()  # (H, d, D+1)
     w_uk = sd["kv_b_proj.weight"].view(H, d + d, r)[:, :d].double()  # (H, d, r)
     ref_q = nope_queries(parts)  # (H, n, D+1) in k' space
-    ref_uk = b[: n].view(1, n, r).expand(H, n, r) if parts["k_nope"].shape[0] == 1 else None
+    ref_uk = b[: n].view(1, n, r).expand(H, n, r)
     got = q_nope.transpose(1, 2) @ w_uk  # (H, D+1, r): the bilinear form between input and latent
     want = ref_q.transpose(1, 2) @ ref_uk
     assert (got - want).abs().max() < 1e-5 * want.abs().max()

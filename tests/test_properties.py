@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from transformers import (Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig,
                           MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
-from conftest import reference_tolerance
+from conftest import held_bytes, reference_tolerance
 from latentkv import ExactConfig, LatentCache, SVDConfig, convert, record_of
 
 SETTINGS = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -84,9 +84,7 @@ def test_reduced_budget_invariants(model, budget):
         step = conv(ids[:, -1:], cache=cache).logits[:, -1]
     assert (step - a[:, -1]).abs().max().item() <= 1e-4 * max(1.0, a.abs().max().item())
     assert cache.bytes_per_token() == 2 * values * 4  # 2 layers, fp32
-    # a sliding-window layer holds only its last window - 1 latents
-    kept = [min(ids.shape[1], (layer.self_attn.sliding_window or 10 ** 9) - 1) for layer in conv.model.layers]
-    assert cache.nbytes() == sum(values * 4 * ids.shape[0] * k for k in kept)
+    assert cache.nbytes() == held_bytes(conv, batch=ids.shape[0], tokens=ids.shape[1])  # windows keep window - 1
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
