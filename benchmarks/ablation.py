@@ -12,18 +12,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import shlex
 import sys
 import time
 from pathlib import Path
 
-import torch
-
 from latentkv import LowRankConfig, convert, load_model, load_text
-from latentkv.calibrated import calibration_ids, held_out_nll, split_ids
-from latentkv.evaluate import perplexity
-from latentkv.report import write_section
+from latentkv.conversion.calibration import calibration_ids, held_out_nll, split_ids
+from latentkv.evaluation.perplexity import perplexity
+
+from common import add_output_args, section, write_section
 
 
 def parse_grid(items: list[str]) -> list[tuple[str, object]]:
@@ -42,7 +39,7 @@ def parse_grid(items: list[str]) -> list[tuple[str, object]]:
 def run(args) -> list[dict]:
     model, tok = load_model(args.model)
     dev = load_text(args.text)
-    ids = calibration_ids(tok, LowRankConfig(kv_budget=0.5))
+    ids, _ = calibration_ids(tok, LowRankConfig(kv_budget=0.5))
     held = split_ids(ids)[1]
     cache, rows = {}, []
     for dims in args.dims.split(","):
@@ -60,18 +57,12 @@ def run(args) -> list[dict]:
 
 
 def markdown(args, rows: list[dict]) -> str:
-    cmd = "python benchmarks/ablation.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    lines = [f"<!-- quality:{args.section} -->", f"### Ablations on {args.text} ({args.model})", "",
-             f"Command: `{cmd}`  ", f"Machine: {platform.machine()} CPU, {torch.get_num_threads()} threads, torch "
-             f"{torch.__version__}, {time.strftime('%Y-%m-%d')}. Dev perplexity on {args.windows} windows of "
-             f"{args.seq_len} tokens of {args.text}; held-out NLL on the 4 calibration windows kept out of the fit. "
-             "Every other setting at its default.", "",
-             "| rope + latent | knob | value | dev ppl | held-out NLL | convert s |", "|---|---|---|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['rope']} + {r['latent']} | {r['knob']} | {r['value']} | {r['dev_ppl']:.3f} | "
-                     f"{r['heldout_nll']:.4f} | {r['convert_seconds']} |")
-    lines.append(f"<!-- /quality:{args.section} -->")
-    return "\n".join(lines) + "\n"
+    intro = (f"Dev perplexity on {args.windows} windows of {args.seq_len} tokens of {args.text}; held-out NLL on "
+             "the 4 calibration windows kept out of the fit. Every other setting at its default.")
+    table = ["| rope + latent | knob | value | dev ppl | held-out NLL | convert s |", "|---|---|---|---:|---:|---:|"]
+    table += [f"| {r['rope']} + {r['latent']} | {r['knob']} | {r['value']} | {r['dev_ppl']:.3f} | "
+              f"{r['heldout_nll']:.4f} | {r['convert_seconds']} |" for r in rows]
+    return section(args.section, f"Ablations on {args.text} ({args.model})", intro, table)
 
 
 def main() -> None:
@@ -82,9 +73,7 @@ def main() -> None:
     p.add_argument("--text", default="wikitext2-valid")
     p.add_argument("--windows", type=int, default=3)
     p.add_argument("--seq-len", type=int, default=1024)
-    p.add_argument("--section", default="ablation")
-    p.add_argument("--json-out", default="runs/ablation.json")
-    p.add_argument("--md", default="BENCHMARKS.md")
+    add_output_args(p, "ablation", json_out="runs/ablation.json")
     args = p.parse_args()
     if Path(args.text).name == "wiki.test.raw" or args.text in ("wikitext2", "ptb"):
         sys.exit("error: ablations choose settings, so they must not look at a test split; use wikitext2-valid")

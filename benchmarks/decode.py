@@ -12,18 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import shlex
-import sys
-import time
 from pathlib import Path
 
-import torch
-
 from latentkv import convert, load_model
-from latentkv.bench import bench, mem_available, plot
-from latentkv.methods import make_config
-from latentkv.report import write_section
+from latentkv.conversion.configs import make_config
+from latentkv.io.machine import available_memory
+from latentkv.reports.bench import bench, plot
+
+from common import add_output_args, section, write_section
 
 
 def run(args) -> dict:
@@ -53,18 +49,14 @@ def run(args) -> dict:
 
 
 def markdown(args, result: dict) -> str:
-    cmd = "python benchmarks/decode.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     rows = result["rows"]
     src = {(r["context"], r["batch"]): r for r in rows if r["variant"] == "source" and "skipped" not in r}
-    lines = [f"<!-- quality:{args.section} -->", f"### Decode speed and cache memory: {args.model}", "",
-             f"Command: `{cmd}`  ", f"Machine: {platform.machine()} CPU, {torch.get_num_threads()} threads, "
-             f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}; streaming-read bandwidth "
-             f"{result['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s, fp32 matmul {result.get('flops_per_s', 0) / 1e9:.0f} "
+    intro = (f"Streaming-read bandwidth {result['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s, fp32 matmul {result.get('flops_per_s', 0) / 1e9:.0f} "
              f"GFLOP/s. fp32. Prefill is timed at batch 1 (chunks of 1024); decode = median of {args.new_tokens} steps; "
              "speed-up = decode tokens/s over the source's at the same context and batch; floor = (weights + cache "
              "bytes a step reads) / bandwidth; compute floor = the step's FLOPs / matmul rate; roofline = the larger "
-             "floor / step time.", "",
-             "| budget (rope+latent) | variant | context | batch | prefill s | decode tok/s | speed-up | cache MiB "
+             "floor / step time.")
+    lines = ["| budget (rope+latent) | variant | context | batch | prefill s | decode tok/s | speed-up | cache MiB "
              "| peak RSS GiB | floor ms | compute floor ms | step ms | of floor | of roofline |",
              "|---|---|" + "---:|" * 12]
     for r in rows:
@@ -78,13 +70,13 @@ def markdown(args, result: dict) -> str:
                      f"{r['cache_bytes'] / 2 ** 20:.1f} | {r['peak_rss_bytes'] / 2 ** 30:.2f} | {r['floor_s'] * 1e3:.1f} "
                      f"| {r.get('compute_floor_s', 0) * 1e3:.1f} | {r['decode_step_s'] * 1e3:.1f} | "
                      f"{r['floor_fraction']:.0%} | {r.get('roofline_fraction', 0):.0%} |")
-    lines += ["", capacity(rows), f"<!-- /quality:{args.section} -->"]
-    return "\n".join(lines) + "\n"
+    lines += ["", capacity(rows)]
+    return section(args.section, f"Decode speed and cache memory: {args.model}", intro, lines)
 
 
 def capacity(rows: list[dict]) -> str:
     """How many cached tokens (batch x context) fit in this machine's free memory, per variant."""
-    free = mem_available()
+    free = available_memory() or 0
     per = {}
     for r in rows:
         if "skipped" not in r:
@@ -104,11 +96,8 @@ def main() -> None:
     p.add_argument("--context", default="512,1024,4096,8160", help="SmolLM2 has 8192 positions: 8160 + 32 new fit")
     p.add_argument("--batch", default="1,4")
     p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--section", default="decode")
-    p.add_argument("--json-out", default="runs/decode.json")
     p.add_argument("--plot", default="docs/decode.png")
-    p.add_argument("--md", default="BENCHMARKS.md")
-    p.add_argument("--resume", action="store_true", help="skip budgets already in --json-out")
+    add_output_args(p, "decode", json_out="runs/decode.json", resume="skip budgets already in --json-out")
     args = p.parse_args()
     result = run(args)
     write_section(Path(args.md), args.section, markdown(args, result))

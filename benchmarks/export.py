@@ -13,22 +13,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import shlex
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 from latentkv import LowRankConfig, convert, load_model, load_text, save
-from latentkv.calibrated import calibration_ids, split_ids
-from latentkv.evaluate import perplexity
-from latentkv.export import export
-from latentkv.latent_norm import add_latent_norm
-from latentkv.report import write_section
-from latentkv.verify import verify_export
+from latentkv.conversion.calibration import calibration_ids, split_ids
+from latentkv.conversion.latent_norm import add_latent_norm
+from latentkv.deepseek.export import export
+from latentkv.evaluation.perplexity import perplexity
+from latentkv.reports.verify import verify_export
+
+from common import add_output_args, section, write_section
 from quality import load_checkpoint, save_checkpoint
 
 
@@ -55,7 +52,7 @@ def budget_row(source, tok, text, budget: float, ids, cache: dict, args) -> dict
     row["ppl_export_norm"] = ppl(conv, tok, text, args)
     with tempfile.TemporaryDirectory(dir="runs") as tmp:
         save(conv, tok, Path(tmp) / "native")
-        export(Path(tmp) / "native", Path(tmp) / "ds")
+        export(conv, Path(tmp) / "ds", tokenizer=tok)
         check = verify_export(Path(tmp) / "ds", Path(tmp) / "native")
     row.update({k: check[k] for k in ("max_abs_diff", "greedy_agreement", "generation_match", "passed")})
     return row
@@ -64,7 +61,7 @@ def budget_row(source, tok, text, budget: float, ids, cache: dict, args) -> dict
 def run(args) -> list[dict]:
     source, tok = load_model(args.model)
     text = load_text(args.text)
-    ids = calibration_ids(tok, LowRankConfig(kv_budget=0.5))
+    ids, _ = calibration_ids(tok, LowRankConfig(kv_budget=0.5))
     rows, cache = load_checkpoint(args), {}
     if not rows:
         rows.append({"budget": 1.0, "source_ppl": ppl(source, tok, text, args)})
@@ -79,17 +76,13 @@ def run(args) -> list[dict]:
 
 
 def markdown(args, rows: list[dict]) -> str:
-    cmd = "python benchmarks/export.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     src = rows[0]["source_ppl"]
-    lines = [f"<!-- quality:{args.section} -->", f"### DeepSeek-V3 export of {args.model}: what the latent norm and "
-             "exportable RoPE cost", "", f"Command: `{cmd}`  ",
-             f"Machine: {platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-             f"{time.strftime('%Y-%m-%d')}. Perplexity on {args.text}, seq_len {args.seq_len}, first "
+    intro = (f"Perplexity on {args.text}, seq_len {args.seq_len}, first "
              f"{args.max_windows} windows; source ppl {src:.4f}. Ratios are ppl / source ppl. `rorope` is the default "
              "(not exportable) conversion; `export` keeps the m fastest frequencies (rope_theta^(p/d)) and a "
              "bias-free latent; `+ norm` adds the fitted `kv_a_layernorm`. Verify: stock transformers vs our "
-             "runtime on 128 tokens (fp32).", "",
-             "| budget | rope + latent | rorope | export, no norm | export + norm | norm cost | kv_b fit error "
+             "runtime on 128 tokens (fp32).")
+    lines = ["| budget | rope + latent | rorope | export, no norm | export + norm | norm cost | kv_b fit error "
              "| verify max abs diff | greedy agree | convert s |", "|---:|---|" + "---:|" * 8]
     for r in rows[1:]:
         lines.append(f"| {r['budget']:g} | {r['qk_rope_head_dim']} + {r['kv_lora_rank']} | "
@@ -98,8 +91,8 @@ def markdown(args, rows: list[dict]) -> str:
                      f"{r['ppl_export_norm']:.3f} ({r['ppl_export_norm'] / src:.3f}) | "
                      f"{r['ppl_export_norm'] / r['ppl_export_no_norm'] - 1:+.2%} | {r['kv_b_relative_error']:.2e} | "
                      f"{r['max_abs_diff']:.1e} | {r['greedy_agreement']:.0%} | {r['convert_seconds']} |")
-    lines.append(f"<!-- /quality:{args.section} -->")
-    return "\n".join(lines) + "\n"
+    title = f"DeepSeek-V3 export of {args.model}: what the latent norm and exportable RoPE cost"
+    return section(args.section, title, intro, lines)
 
 
 def main() -> None:
@@ -109,10 +102,8 @@ def main() -> None:
     p.add_argument("--text", default="wikitext2")
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--max-windows", type=int, default=16)
-    p.add_argument("--section", default="export-latent-norm")
-    p.add_argument("--json-out", default="runs/export.json")
-    p.add_argument("--md", default="BENCHMARKS.md")
-    p.add_argument("--resume", action="store_true", help="skip budgets already in --json-out with the same settings")
+    add_output_args(p, "export-latent-norm", json_out="runs/export.json",
+                    resume="skip budgets already in --json-out with the same settings")
     args = p.parse_args()
     args.passkey = None  # quality.settings() keys
     rows = run(args)

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import shlex
 import statistics
 import sys
 import time
@@ -27,9 +25,10 @@ from pathlib import Path
 import torch
 
 from latentkv import load_model, load_text
-from latentkv.evaluate import perplexity
-from latentkv.healing import HealConfig, heal
-from latentkv.report import write_section
+from latentkv.evaluation.perplexity import perplexity
+from latentkv.healing.run import HealConfig, heal
+
+from common import add_output_args, section, write_section
 
 TEXTS = ("wikitext2", "ptb")
 
@@ -55,8 +54,8 @@ def heal_stage(student, out: Path, tokens: int, local: int, args) -> dict:
 
 def throughput(args) -> dict:
     """Median seconds of 3 steps each, alternating, on the same (batch, seq) windows."""
-    from latentkv.distill import kl_full
-    from latentkv.heal_loop import select_trainable
+    from latentkv.healing.loop import select_trainable
+    from latentkv.healing.losses import kl_full
 
     student, _ = load_model(args.model, progress=False)
     teacher, _ = load_model(args.teacher, progress=False)
@@ -119,17 +118,13 @@ def run(args) -> dict:
 
 
 def markdown(args, res: dict) -> str:
-    cmd = "python benchmarks/heal.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     src, conv = res["source"], res["converted"]
     tp = res["throughput"]
-    lines = [f"<!-- quality:{args.section} -->", f"### Healing {args.model} by distillation from {args.teacher}", "",
-             f"Command: `{cmd}`  ",
-             f"Machine: {platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, fp32, "
-             f"{time.strftime('%Y-%m-%d')}. Training text: {args.data} (packed {args.train_seq_len}-token windows, "
+    intro = (f"fp32. Training text: {args.data} (packed {args.train_seq_len}-token windows, "
              f"{args.batch_size} per step, lr {args.lr}, attention weights only, KL(teacher||student)). Perplexity: "
              f"seq_len {args.seq_len}, first {args.max_windows} windows. Gap closed = (converted - healed) / "
-             "(converted - source) in perplexity.", "",
-             f"Step time, side by side: distillation step {tp['distill_step_s']:.2f} s vs plain transformers "
+             "(converted - source) in perplexity.")
+    lines = [f"Step time, side by side: distillation step {tp['distill_step_s']:.2f} s vs plain transformers "
              f"training step {tp['plain_step_s']:.2f} s ({tp['ratio']:.2f}x) for {tp['tokens_per_step']} tokens.", "",
              "| stage | training tokens | wall s | WikiText-2 ppl | gap closed | PTB ppl | gap closed |",
              "|---|---:|---:|---:|---:|---:|---:|"]
@@ -147,8 +142,7 @@ def markdown(args, res: dict) -> str:
     for name in sorted(healed, key=lambda k: (res[k]["heal"]["tokens"], k)):
         r = res[name]
         row(name.split(" ")[0], r, f"{r['heal']['tokens']:,}", r["wall_s"])
-    lines.append(f"<!-- /quality:{args.section} -->")
-    return "\n".join(lines) + "\n"
+    return section(args.section, f"Healing {args.model} by distillation from {args.teacher}", intro, lines)
 
 
 def main() -> None:
@@ -166,10 +160,7 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--max-windows", type=int, default=16)
     p.add_argument("--work", default="runs/heal-bench")
-    p.add_argument("--section", default="heal")
-    p.add_argument("--json-out", default="runs/heal-bench.json")
-    p.add_argument("--md", default="BENCHMARKS.md")
-    p.add_argument("--resume", action="store_true", help="skip stages already in --json-out")
+    add_output_args(p, "heal", json_out="runs/heal-bench.json", resume="skip stages already in --json-out")
     args = p.parse_args()
     write_section(Path(args.md), args.section, markdown(args, run(args)))
 

@@ -16,8 +16,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from latentkv import load_model
-from latentkv.bench import decode, prefill
-from latentkv.generation import new_cache
+from latentkv.reports.bench import PREFILL_CHUNK, decode
+from latentkv.runtime.generation import new_cache, prefill
 
 
 def main() -> None:
@@ -33,7 +33,7 @@ def main() -> None:
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (1, a.context), generator=torch.Generator().manual_seed(0))
     first = new_cache(model, a.context + 2 * a.steps)
-    prefill(model, ids, first)
+    prefill(model, ids, first, chunk=PREFILL_CHUNK)
     cache = copy.deepcopy(first)
     if a.batch > 1:
         cache.batch_repeat_interleave(a.batch)

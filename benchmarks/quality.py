@@ -12,18 +12,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import shlex
 import sys
 import time
 from pathlib import Path
 
-import torch
-
 from latentkv import convert, load_model, load_text
-from latentkv.methods import make_config
-from latentkv.report import write_section
-from latentkv.sweep import evaluate_row
+from latentkv.conversion.configs import make_config
+from latentkv.reports.sweep import evaluate_row
+
+from common import add_output_args, section, write_section
 
 
 def make_variant(source, tok, spec: str, cache: dict):
@@ -91,13 +88,10 @@ def run(args) -> list[dict]:
 
 
 def markdown(args, rows: list[dict]) -> str:
-    cmd = "python benchmarks/quality.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     passkey = "passkey_accuracy" in rows[0]
-    lines = [f"<!-- quality:{args.section} -->", f"### {args.model} on {args.text}: perplexity and cache size", "",
-             f"Command: `{cmd}`  ", f"Machine: {platform.machine()} CPU, {torch.get_num_threads()} threads, "
-             f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}. Protocol: `latentkv.evaluate` "
-             f"(seq_len {args.seq_len}, non-overlapping, token-weighted); ratio = ppl / source ppl.", "",
-             "| variant | rope + latent | cache values/token/layer | cache bytes/token (fp32) | ppl | ratio | tokens "
+    intro = (f"Protocol: `latentkv.perplexity` (seq_len {args.seq_len}, non-overlapping, token-weighted); "
+             "ratio = ppl / source ppl.")
+    lines = ["| variant | rope + latent | cache values/token/layer | cache bytes/token (fp32) | ppl | ratio | tokens "
              f"| windows | convert s |{' passkey |' if passkey else ''}", "|---|---|" + "---:|" * (7 + passkey)]
     for r in rows:
         split = f"{r['qk_rope_head_dim']} + {r['kv_lora_rank']}" if r["kv_lora_rank"] else "-"
@@ -105,8 +99,7 @@ def markdown(args, rows: list[dict]) -> str:
                      f"{r['cache_bytes_per_token']:,} | {r['ppl']:.4f} | {r['ppl_ratio']:.3f} | {r['tokens']:,} | "
                      f"{r['windows']} | {r['convert_seconds'] if r['convert_seconds'] is not None else '-'} |"
                      + (f" {r['passkey_accuracy']:.0%} |" if passkey else ""))
-    lines.append(f"<!-- /quality:{args.section} -->")
-    return "\n".join(lines) + "\n"
+    return section(args.section, f"{args.model} on {args.text}: perplexity and cache size", intro, lines)
 
 
 def main() -> None:
@@ -117,10 +110,8 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--max-windows", type=int)
     p.add_argument("--passkey", help="also passkey accuracy at these contexts, e.g. 1024,2048,4096")
-    p.add_argument("--section", default="wikitext2-full", help="BENCHMARKS.md section name to replace")
-    p.add_argument("--json-out", default="runs/quality.json")
-    p.add_argument("--md", default="BENCHMARKS.md")
-    p.add_argument("--resume", action="store_true", help="skip variants already in --json-out with the same settings")
+    add_output_args(p, "wikitext2-full", json_out="runs/quality.json",
+                    resume="skip variants already in --json-out with the same settings")
     args = p.parse_args()
     rows = run(args)
     write_section(Path(args.md), args.section, markdown(args, rows))

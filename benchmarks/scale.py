@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import re
-import shlex
 import shutil
 import statistics
 import subprocess
@@ -28,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from latentkv.report import write_section
+from common import add_output_args, section, write_section
 
 SHAPES = {
     # Llama-2-7B: MHA (32 KV heads), no RoPE scaling
@@ -113,7 +111,7 @@ def train_tokenizer(text: str, vocab: int):
 
 def convert(src: Path, out: Path, args) -> dict:
     """`latentkv convert --stream` in its own process under /usr/bin/time -v -> its numbers."""
-    cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "latentkv.cli", "convert", str(src), "--stream",
+    cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "latentkv", "convert", str(src), "--stream",
            "--kv-budget", str(args.budget), "--calib-samples", str(args.calib_samples), "--calib-seq-len",
            str(args.calib_seq_len), "--device", args.device, "--out", str(out), "--json"]
     if args.rope:
@@ -131,20 +129,17 @@ def convert(src: Path, out: Path, args) -> dict:
 
 
 def markdown(args, made: dict, conv: dict) -> str:
-    cmd = "python benchmarks/scale.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     r, layers = conv["result"], conv["layers"]
     med = {k: statistics.median(layer[k] for layer in layers) for k in ("read_s", "calibrate_s", "factorize_s",
                                                                         "write_s")}
     tot = {k: sum(layer[k] for layer in layers) for k in med}
     gib = 2**30
-    lines = [f"<!-- quality:{args.section} -->", f"### Streaming conversion of a {args.shape}-shaped checkpoint "
-             f"({made['layers']} layers, random bf16 weights)", "", f"Command: `{cmd}`  ",
-             f"Machine: {platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-             f"device {args.device}, {time.strftime('%Y-%m-%d')}. RoPE strategy: {args.rope or 'rorope (default)'}. "
+    title = f"Streaming conversion of a {args.shape}-shaped checkpoint ({made['layers']} layers, random bf16 weights)"
+    intro = (f"Device {args.device}. RoPE strategy: {args.rope or 'rorope (default)'}. "
              f"Calibration: {args.calib_samples} windows x "
              f"{args.calib_seq_len} tokens. Peak RSS: "
-             "`/usr/bin/time -v` of the converting process.", "",
-             "| params | source (bf16) | output | budget | rope + latent | cache values/token/layer | wall s | "
+             "`/usr/bin/time -v` of the converting process.")
+    lines = ["| params | source (bf16) | output | budget | rope + latent | cache values/token/layer | wall s | "
              "peak RSS GiB |", "|---:|---:|---:|---:|---|---:|---:|---:|",
              f"| {made['params'] / 1e9:.2f} B | {made['bytes'] / gib:.2f} GiB ({made['shards']} shards) | "
              f"{conv['out_bytes'] / gib:.2f} GiB | {args.budget} | {r['qk_rope_head_dim']} + {r['kv_lora_rank']} | "
@@ -152,9 +147,8 @@ def markdown(args, made: dict, conv: dict) -> str:
              f"{conv['wall_s']} | **{conv['peak_rss_gib']}** |", "",
              "Per layer (seconds):", "", "| | read | calibration passes | factorize | write |", "|---|---:|---:|---:|---:|",
              "| median | " + " | ".join(f"{med[k]:.2f}" for k in med) + " |",
-             "| total | " + " | ".join(f"{tot[k]:.1f}" for k in tot) + " |",
-             f"<!-- /quality:{args.section} -->"]
-    return "\n".join(lines) + "\n"
+             "| total | " + " | ".join(f"{tot[k]:.1f}" for k in tot) + " |"]
+    return section(args.section, title, intro, lines)
 
 
 def main() -> None:
@@ -168,15 +162,14 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--rope", help="latentkv convert --rope (default: convert's own)")
     p.add_argument("--keep", action="store_true", help="keep the generated source and the output")
-    p.add_argument("--section", help="BENCHMARKS.md section (default scale-SHAPE)")
-    p.add_argument("--md", default="BENCHMARKS.md")
+    add_output_args(p, None)  # --section default: scale-SHAPE
     args = p.parse_args()
     args.section = args.section or f"scale-{args.shape}" + (f"-{args.layers}l" if args.layers else "")
     work = Path(args.out)
     src, out = work / f"{args.shape}-source", work / f"{args.shape}-mla"
     for d in (src, out):
         shutil.rmtree(d, ignore_errors=True)
-    from latentkv.text import load_text
+    from latentkv.io.text import load_text
 
     t0 = time.perf_counter()
     made = make_checkpoint(args.shape, src, args.layers, load_text("wikitext2-valid"))

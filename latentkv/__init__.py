@@ -1,29 +1,34 @@
 """latentkv: convert GQA/MHA language models to Multi-head Latent Attention (DeepSeek-V3 MLA).
 
-Importing the package loads nothing heavy; names resolve on first use.
+Importing the package loads nothing heavy; names resolve on first use. Subpackages, top to bottom
+(an import never points up; `lint-imports` checks it): cli -> reports | healing -> loading ->
+deepseek -> conversion -> runtime | evaluation -> io | families | record -> errors.
 """
 
 __version__ = "0.1.0"
 
 _EXPORTS = {
     "load_model": "latentkv.loading",
-    "load_text": "latentkv.text",
-    "convert": "latentkv.conversion",
-    "record_of": "latentkv.conversion",
-    "ExactConfig": "latentkv.methods",
-    "SVDConfig": "latentkv.methods",
-    "LowRankConfig": "latentkv.methods",
-    "LatentCache": "latentkv.cache",
-    "MLAAttention": "latentkv.mla",
-    "MLADims": "latentkv.mla",
-    "save": "latentkv.checkpoint",
-    "load": "latentkv.checkpoint",
-    "cache_report": "latentkv.report",
+    "load_text": "latentkv.io.text",
+    "convert": "latentkv.conversion.dispatch",
+    "record_of": "latentkv.record",
+    "ExactConfig": "latentkv.conversion.configs",
+    "SVDConfig": "latentkv.conversion.configs",
+    "LowRankConfig": "latentkv.conversion.configs",
+    "LatentCache": "latentkv.runtime.cache",
+    "MLAAttention": "latentkv.runtime.mla",
+    "MLADims": "latentkv.runtime.mla",
+    "save": "latentkv.runtime.checkpoint",
+    "load": "latentkv.runtime.checkpoint",
+    "cache_report": "latentkv.runtime.accounting",
     "LatentKVError": "latentkv.errors",
-    "generate": "latentkv.generation",
-    "heal": "latentkv.healing",
-    "HealConfig": "latentkv.healing",
-    "local_heal": "latentkv.layerwise",
+    "generate": "latentkv.runtime.generation",
+    "perplexity": "latentkv.evaluation.perplexity",
+    "passkey": "latentkv.evaluation.passkey",
+    "heal": "latentkv.healing.run",
+    "HealConfig": "latentkv.healing.run",
+    "local_heal": "latentkv.healing.local",
+    "export": "latentkv.deepseek.export",
 }
 
 __all__ = ["__version__", *_EXPORTS]
@@ -34,8 +39,4 @@ def __getattr__(name):
         import importlib
 
         return getattr(importlib.import_module(_EXPORTS[name]), name)
-    if name == "evaluate":
-        import importlib
-
-        return importlib.import_module("latentkv.evaluate")
     raise AttributeError(f"module 'latentkv' has no attribute {name!r}")

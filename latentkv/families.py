@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 
@@ -11,20 +11,19 @@ from .errors import LatentKVError
 # model_type -> human name. SmolLM/SmolLM2 are Llama checkpoints (model_type "llama").
 SUPPORTED_FAMILIES = {"llama": "Llama/SmolLM", "mistral": "Mistral", "qwen2": "Qwen2", "gemma2": "Gemma-2"}
 
-# The only place source names meet DeepSeek-V3 names.
-#   source attention weight / config field -> where it lands in the MLA layer
+# The one table from source names to DeepSeek-V3's. Attention is recomputed, not renamed: each source
+# projection's rows land in the MLA modules listed (q_proj: per head qk_nope_head_dim | qk_rope_head_dim
+# rows; k_proj: rotated rows -> the shared k_pe of kv_a_proj_with_mqa, the rest -> the latent and W_uk of
+# kv_b_proj; v_proj: the latent and W_uv). `read_attention` reads the source modules by these keys.
 SOURCE_TO_MLA = {
-    "q_proj": "q_proj (rows split into qk_nope_head_dim | qk_rope_head_dim per head)",
-    "k_proj": "kv_a_proj_with_mqa (rotated rows -> shared k_pe) + kv_b_proj (non-rotated rows, W_uk)",
-    "v_proj": "kv_a_proj_with_mqa (latent rows) + kv_b_proj (W_uv)",
-    "o_proj": "o_proj",
-    "num_attention_heads": "num_attention_heads",
-    "num_key_value_heads": "(absorbed into kv_lora_rank / qk_rope_head_dim)",
-    "head_dim": "v_head_dim; qk_nope_head_dim + rotated pairs per head",
-    "attention_bias": "q_proj.bias, kv_a_proj_with_mqa.bias",
-    "query_pre_attn_scalar": "softmax_scale (Gemma-2: its ** -0.5, not head_dim ** -0.5)",
-    "attn_logit_softcapping": "attn_logit_softcapping (read from the model config by MLAAttention)",
+    "q_proj": ("q_proj",),
+    "k_proj": ("kv_a_proj_with_mqa", "kv_b_proj"),
+    "v_proj": ("kv_a_proj_with_mqa", "kv_b_proj"),
+    "o_proj": ("o_proj",),
 }
+# Every other tensor (embeddings, norms, MLP, lm_head) keeps its name: Llama/Mistral/Qwen2 and a dense
+# DeepSeek-V3 layer share them. Checkpoint tensors of decoder layer i start with f"{LAYER_PREFIX}{i}.".
+LAYER_PREFIX, EMBED_PREFIX = "model.layers.", "model.embed"
 
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
 
@@ -59,8 +58,13 @@ class SourceLayout:
     def group_size(self) -> int:
         return self.num_heads // self.num_kv_heads
 
+    def to_record(self, name_or_path: str) -> dict:
+        """The `source` entry of a conversion record."""
+        return {"name_or_path": name_or_path, **asdict(self), "kv_values_per_token_per_layer": self.kv_values_per_token}
 
-def _rope_type(config) -> str:
+
+def rope_type(config) -> str:
+    """The source's RoPE scaling type ('default', 'llama3', ...), from either config spelling."""
     params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     return params.get("rope_type", params.get("type", "default")) or "default"
 
@@ -75,7 +79,7 @@ def check_supported(config) -> None:
         arch = (getattr(config, "architectures", None) or [mt])[0]
         names = ", ".join(SUPPORTED_FAMILIES.values())
         raise LatentKVError(f"unsupported architecture {arch!r} (model_type {mt!r}); supported: {names}")
-    rope = _rope_type(config)
+    rope = rope_type(config)
     if rope not in SUPPORTED_ROPE_TYPES:
         raise LatentKVError(f"unsupported RoPE scaling {rope!r} in {mt}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
 
@@ -99,7 +103,7 @@ def rope_frequencies(config) -> torch.Tensor:
     """(d/2,) inverse frequencies exactly as the source model rotates (llama3 scaling applied)."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    rope = _rope_type(config)
+    rope = rope_type(config)
     if rope != "default":
         return ROPE_INIT_FUNCTIONS[rope](config, "cpu")[0].double()
     params = getattr(config, "rope_parameters", None) or {}
@@ -125,6 +129,12 @@ class SourceAttention:
     b_o: torch.Tensor | None
     softmax_scale: float
 
+    def at_least_float32(self) -> SourceAttention:
+        """The same weights in fp32 at least: bf16 has no SVD, and the exact embedding needs fp32."""
+        up = lambda t: None if t is None else t.float()  # noqa: E731
+        return SourceAttention(*(up(getattr(self, f.name)) for f in fields(self) if f.name != "softmax_scale"),
+                               self.softmax_scale)
+
 
 def attention_layers(model) -> list:
     """The `self_attn` modules of a decoder-only HF model, in layer order."""
@@ -132,14 +142,11 @@ def attention_layers(model) -> list:
 
 
 def read_attention(attn) -> SourceAttention:
-    def b(lin):
-        return None if lin.bias is None else lin.bias.detach()
-
-    return SourceAttention(
-        attn.q_proj.weight.detach(), attn.k_proj.weight.detach(), attn.v_proj.weight.detach(),
-        attn.o_proj.weight.detach(), b(attn.q_proj), b(attn.k_proj), b(attn.v_proj), b(attn.o_proj),
-        float(attn.scaling),
-    )
+    """The weights of a source `self_attn`, read by the names in SOURCE_TO_MLA."""
+    lins = [getattr(attn, name) for name in SOURCE_TO_MLA]  # q, k, v, o
+    weights = [lin.weight.detach() for lin in lins]
+    biases = [None if lin.bias is None else lin.bias.detach() for lin in lins]
+    return SourceAttention(*weights, *biases, float(attn.scaling))
 
 
 def logit_softcap(config) -> float | None:

@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
+import logging
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .atomic import atomic_output_dir
+from .conversion.configs import config_from_dict
+from .deepseek.reader import is_engine_checkpoint, load_engine_checkpoint
 from .errors import LatentKVError
 from .families import check_supported
+from .io.atomic import atomic_output_dir
+from .io.checkpoint import META
+from .io.shards import check_weights
+from .record import record_of
+from .runtime.checkpoint import load
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -56,8 +65,6 @@ def bundled_gguf(name: str) -> Path:
 
 def _assembled(b: Bundled) -> Path:
     """Join a chunked package's parts once into the cache dir (temp file, then rename)."""
-    import importlib
-
     path = cache_dir() / "gguf" / b.gguf
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -88,17 +95,11 @@ def load_model(source: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
             raise LatentKVError(f"GGUF file {src} not found; check the path")
         return _load_gguf(path, dtype, progress)
     if path.is_dir():
-        from .shards import check_weights
-
         check_weights(path)
-        if (path / "latentkv.json").is_file():
-            from .checkpoint import load
-
-            return load(path, dtype=dtype)
-        from .engine_import import is_engine_checkpoint, load_engine_checkpoint
-
+        if (path / META).is_file():
+            return _checked_record(load(path, dtype=dtype))
         if is_engine_checkpoint(path):
-            return load_engine_checkpoint(path, dtype=dtype)
+            return _checked_record(load_engine_checkpoint(path, dtype=dtype))
         if not (path / "config.json").is_file():
             raise LatentKVError(f"{src} is a directory but holds no config.json or latentkv.json; "
                                 "point to a Hugging Face model directory or a latentkv output")
@@ -107,6 +108,15 @@ def load_model(source: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
         raise LatentKVError(f"model {src!r} not found: no such directory or .gguf file; "
                             f"pass a local HF directory, a .gguf file, a hub id or {DEFAULT_MODEL!r}")
     return _load_hf(src, dtype, trust_remote_code, local_only=False)
+
+
+def _checked_record(loaded: tuple):
+    """(model, tokenizer) after the record's conversion config is read back (an unknown method or a
+    newer config version is refused here, in one line; imported checkpoints carry no config)."""
+    conversion = record_of(loaded[0])["conversion"]
+    if conversion.get("method") != "import":
+        config_from_dict(conversion)
+    return loaded
 
 
 def _load_hf(src: str, dtype, trust_remote_code: bool, local_only: bool):
@@ -135,7 +145,7 @@ def _load_hf(src: str, dtype, trust_remote_code: bool, local_only: bool):
 
 
 def _load_gguf(path: Path, dtype, progress: bool):
-    """Dequantize once (~20 s for SmolLM2), then reuse a safetensors copy in the user cache dir."""
+    """Dequantize once, then reuse a safetensors copy in the user cache dir."""
     st = path.stat()
     cached = cache_dir() / "gguf" / f"{path.stem}-{st.st_size}-{int(st.st_mtime)}"
     if not (cached / "model.safetensors").is_file():
@@ -155,7 +165,7 @@ def _dequantize_to(path: Path, out: Path, progress: bool) -> None:
         raise LatentKVError(f"could not read GGUF {path}: {str(e).splitlines()[0][:160]}; is the file complete?") from None
     check_supported(config)
     if progress:
-        print(f"dequantizing {path.name} once; cached in {out}", file=sys.stderr, flush=True)
+        log.info("dequantizing %s once; cached in %s", path.name, out)
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     # The weights are now plain fp32: drop the GGUF marker so the copy loads as an ordinary checkpoint.

@@ -3,10 +3,11 @@
 import pytest
 import torch
 
-from conftest import make_tiny
 from latentkv import load_model
 from latentkv.errors import LatentKVError
 from latentkv.loading import cache_dir
+
+from conftest import make_tiny
 
 
 def test_local_hf_dir_loads(tmp_path, tiny_tokenizer, ids):

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from latentkv import ExactConfig, LatentCache, SVDConfig, convert
-from latentkv.evaluate import perplexity
-from latentkv.text import shared_file
+from latentkv.evaluation.perplexity import perplexity
+from latentkv.io.text import shared_file
 
 pytestmark = pytest.mark.real
 
@@ -110,7 +110,7 @@ def test_deepseek_v3_export_verifies(smollm2, tmp_path):
     assert main(["export", str(tmp_path / "native"), "--out", str(tmp_path / "ds")]) == 0
     rep = json.loads((tmp_path / "ds" / "config.json").read_text())
     assert rep["tie_word_embeddings"] and rep["rope_theta"] == pytest.approx(100000 ** (32 / 64))  # the 16 fastest frequencies
-    from latentkv.verify import verify_export
+    from latentkv.reports.verify import verify_export
 
     res = verify_export(tmp_path / "ds", tmp_path / "native")
     assert res["passed"] and res["max_abs_diff"] < 1e-3, res
@@ -121,7 +121,7 @@ def test_heal_recovers_on_real_model(smollm2, tmp_path):
     """SmolLM2 at 25 % (weight SVD, very lossy): a short local stage plus a few distillation steps on
     Gutenberg-style prose bring the student closer to the source on an unseen paragraph."""
     from latentkv import HealConfig, heal, load, save
-    from latentkv.distill import kl_full
+    from latentkv.healing.losses import kl_full
 
     model, tok = smollm2
     conv = convert(model, SVDConfig(kv_budget=0.25), progress=False)

@@ -1,0 +1,59 @@
+"""What every benchmark script shares: its output flags, the head of its BENCHMARKS.md section (the
+command that made it and the machine it ran on), and the section writer.
+
+A section is the block between `<!-- quality:NAME -->` and `<!-- /quality:NAME -->`; re-running a
+script replaces its own block and leaves the rest of the file alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def add_output_args(p: argparse.ArgumentParser, section: str | None, json_out: str | None = None,
+                    resume: str | None = None) -> None:
+    """The common tail of every script's flags: --section, --md, and --json-out/--resume where used."""
+    p.add_argument("--section", default=section, help="BENCHMARKS.md section to replace")
+    p.add_argument("--md", default="BENCHMARKS.md", help="the Markdown file the section is written to")
+    if json_out is not None:
+        p.add_argument("--json-out", default=json_out, help="raw results (JSON)")
+    if resume is not None:
+        p.add_argument("--resume", action="store_true", help=resume)
+
+
+def command() -> str:
+    """The command line that is running, as it would be typed from the repository root."""
+    return f"python benchmarks/{Path(sys.argv[0]).name} " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def machine() -> str:
+    return (f"Machine: {platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+            f"{time.strftime('%Y-%m-%d')}")
+
+
+def section(name: str, title: str, intro: str, body: list[str]) -> str:
+    """A whole section: markers, title, command, machine line + intro, then the body lines."""
+    return "\n".join([f"<!-- quality:{name} -->", f"### {title}", "", f"Command: `{command()}`  ",
+                      f"{machine()}. {intro}", "", *body, f"<!-- /quality:{name} -->"]) + "\n"
+
+
+def write_section(path, name: str, body: str) -> None:
+    """Replace the `<!-- quality:name -->` block of a Markdown file (or append it), atomically.
+    `body` must carry its own start and end markers."""
+    path = Path(path)
+    old = path.read_text() if path.exists() else "# Benchmarks\n\nEvery table names the command that made it.\n"
+    start, end = f"<!-- quality:{name} -->", f"<!-- /quality:{name} -->\n"
+    if start in old and end in old:
+        new = old[: old.index(start)] + body + old[old.index(end) + len(end):]
+    else:
+        new = old.rstrip("\n") + "\n\n" + body
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(new)
+    tmp.replace(path)

@@ -1,0 +1,192 @@
+"""One function per subcommand: parsed arguments in, a result dict out (printed by `printers`).
+
+Each only wires library calls; `a.progress` is False under --quiet (progress goes to stderr, so
+--json keeps stdout to the one JSON object either way).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+import warnings
+from importlib.resources import files
+from pathlib import Path
+
+from ..conversion.configs import make_config
+from ..conversion.dispatch import convert
+from ..conversion.streaming import check_fits_in_memory, convert_streaming
+from ..deepseek.export import export, exportable_dims
+from ..deepseek.layout import kernel_warning
+from ..deepseek.reader import require_engine_checkpoint
+from ..errors import LatentKVError
+from ..evaluation.passkey import passkey
+from ..evaluation.perplexity import perplexity
+from ..healing.run import HealConfig, heal
+from ..io.atomic import check_output_dir
+from ..io.text import load_text
+from ..loading import load_model
+from ..record import record_of, record_summary
+from ..reports.bench import bench, write_bench
+from ..reports.sweep import run_sweep, write_sweep
+from ..reports.verify import verify_export
+from ..runtime.accounting import cache_report
+from ..runtime.checkpoint import save
+from ..runtime.generation import generate
+from .demo import run_demo
+from .doctor import doctor
+
+
+def convert_cmd(a) -> dict:
+    config = make_config(a.kv_budget, a.kv_lora_rank, a.qk_rope_head_dim, a.method, a.kv_values, rope=a.rope,
+                         factorizer=a.factorizer, sequential=True if a.sequential else None, calib=a.calib,
+                         calib_samples=a.calib_samples, calib_seq_len=a.calib_seq_len,
+                         rank_allocation=a.rank_allocation, attn_moment=a.attn_moment,
+                         latent_norm=True if a.latent_norm else None, target=a.target, rope_horizon=a.rope_horizon)
+    check_output_dir(a.out, a.overwrite)
+    t0 = time.perf_counter()
+    if a.stream:
+        record = convert_streaming(a.source, config, a.out, overwrite=a.overwrite, device=a.device, progress=a.progress)
+        return {"out": a.out, "method": config.method, **record_summary(record),
+                "streaming": {k: v for k, v in record["streaming"].items() if k != "layers"},
+                "total_seconds": round(time.perf_counter() - t0, 2)}
+    check_fits_in_memory(a.source)
+    model, tok = load_model(a.source, trust_remote_code=a.trust_remote_code, progress=a.progress)
+    converted = convert(model, config, tokenizer=tok, progress=a.progress)
+    if a.target:
+        warning = kernel_warning(exportable_dims(converted))
+        if warning:
+            warnings.warn(warning, stacklevel=1)
+    save(converted, tok, a.out, overwrite=a.overwrite)
+    return {"out": a.out, "method": config.method, **record_summary(record_of(converted)),
+            "total_seconds": round(time.perf_counter() - t0, 2)}
+
+
+def eval_cmd(a) -> dict:
+    if not a.ppl and not a.passkey:
+        raise LatentKVError("eval needs --ppl FILE and/or --passkey")
+    text = load_text(a.ppl) if a.ppl else None
+    model, tok = _with_tokenizer(a.model, a)
+    out = {"model": a.model}
+    if text is not None:
+        result = perplexity(model, tok, text, seq_len=a.seq_len, stride=a.stride, max_windows=a.max_windows,
+                            progress=a.progress)
+        out.update(text=a.ppl, **result.to_dict())
+    if a.passkey:
+        out["passkey"] = passkey(model, tok, contexts=numbers(a.context, int), depths=numbers(a.depths, float),
+                                 trials=a.trials, progress=a.progress)
+    return out
+
+
+def _with_tokenizer(name: str, a):
+    model, tok = load_model(name, trust_remote_code=a.trust_remote_code, progress=a.progress)
+    if tok is None:
+        raise LatentKVError(f"{name} has no tokenizer files; re-run `latentkv convert` from a source with one")
+    return model, tok
+
+
+def numbers(csv: str, kind):
+    try:
+        return tuple(kind(v) for v in csv.split(","))
+    except ValueError:
+        raise LatentKVError(f"expected comma-separated numbers, got {csv!r}") from None
+
+
+def info_cmd(a) -> dict:
+    return cache_report(load_model(a.model, trust_remote_code=a.trust_remote_code, progress=a.progress)[0])
+
+
+def demo_cmd(a) -> dict:
+    return run_demo(kv_budget=a.kv_budget, out=a.out, overwrite=a.overwrite, seq_len=a.seq_len,
+                    max_windows=a.max_windows, text=a.text, progress=a.progress)
+
+
+def sweep_cmd(a) -> dict:
+    check_output_dir(a.out, a.overwrite)
+    model, tok = load_model(a.source, trust_remote_code=a.trust_remote_code, progress=a.progress)
+    result = run_sweep(model, tok, numbers(a.budgets, float), a.methods.split(","), a.ppl, seq_len=a.seq_len,
+                       max_windows=a.max_windows, passkey_contexts=numbers(a.passkey, int) if a.passkey else (),
+                       progress=a.progress)
+    write_sweep(result, a.out, a.command, overwrite=a.overwrite)
+    return {**result, "out": a.out}
+
+
+def generate_cmd(a) -> dict:
+    prompts = [a.prompt] if a.prompt is not None else []
+    if a.batch_file:
+        path = Path(a.batch_file)
+        if not path.is_file():
+            raise LatentKVError(f"batch file {path} not found; give a text file with one prompt per line")
+        prompts += [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not prompts:
+            raise LatentKVError(f"batch file {path} has no prompts; put one prompt per line")
+    if not prompts:
+        raise LatentKVError('give a prompt (latentkv generate MODEL "text") or --batch-file FILE')
+    model, tok = _with_tokenizer(a.model, a)
+    live = not a.json and len(prompts) == 1
+    stream = (lambda i, text: print(text, end="", flush=True)) if live else None
+    out = generate(model, tok, prompts, a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
+                   stop=tuple(a.stop or ()), seed=a.seed, stream=stream)
+    if live:
+        print()
+    return {"prompts": prompts, **out.to_dict(), "streamed": live}
+
+
+def bench_cmd(a) -> dict:
+    contexts, batches = numbers(a.context, int), numbers(a.batch, int)
+    check_output_dir(a.out, a.overwrite)
+    model, _ = load_model(a.model, trust_remote_code=a.trust_remote_code, progress=a.progress)
+    against = load_model(a.against, trust_remote_code=a.trust_remote_code, progress=a.progress)[0] if a.against else None
+    result = bench(model, against, contexts, batches, a.new_tokens, progress=a.progress)
+    write_bench(result, a.out, overwrite=a.overwrite)
+    return {**result, "out": a.out}
+
+
+def export_cmd(a) -> dict:
+    check_output_dir(a.out, a.overwrite)
+    model, tok = load_model(a.model, progress=a.progress)
+    export(model, a.out, tokenizer=tok, fmt=a.format, overwrite=a.overwrite, max_shard_size=a.max_shard_size)
+    return {"out": a.out, "format": a.format}
+
+
+def verify_export_cmd(a) -> dict:
+    text = load_text(a.text) if a.text else None
+    result = verify_export(a.out, a.against, text=text, tokens=a.tokens, atol=a.atol)
+    if not result["passed"]:
+        a.exit_code = 1
+    return result
+
+
+def load_cmd(a) -> dict:
+    require_engine_checkpoint(a.model)
+    model, tok = load_model(a.model, progress=a.progress)
+    if a.out:
+        save(model, tok, a.out, overwrite=a.overwrite)
+    return {**cache_report(model), "out": a.out}
+
+
+def heal_cmd(a) -> dict:
+    a.silent = int(os.environ.get("RANK", "0")) != 0  # under torchrun/accelerate only rank 0 prints
+    fields = {f.name for f in dataclasses.fields(HealConfig)}
+    config = HealConfig(**{k: v for k, v in vars(a).items() if k in fields and v is not None})
+    return heal(a.model, a.teacher, a.data, a.out, config, overwrite=a.overwrite, resume=a.resume,
+                work_dir=a.work_dir, teacher_cache=a.teacher_cache, progress=a.progress and not a.json)
+
+
+def doctor_cmd(a) -> dict:
+    result = doctor(a.path)
+    a.exit_code = 0 if result["ok"] else 1
+    return result
+
+
+ACCELERATE_CONFIGS = files("latentkv") / "data" / "accelerate"
+
+
+def accelerate_config_cmd(a) -> dict:
+    """The path of a shipped `accelerate launch` config (for --config_file), or the list of them."""
+    names = sorted(p.name.removesuffix(".yaml") for p in ACCELERATE_CONFIGS.iterdir() if p.name.endswith(".yaml"))
+    if a.name is None:
+        return {"configs": names}
+    if a.name not in names:
+        raise LatentKVError(f"no accelerate config {a.name!r}; shipped: {', '.join(names)}")
+    return {"name": a.name, "path": str(ACCELERATE_CONFIGS / f"{a.name}.yaml")}

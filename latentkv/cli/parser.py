@@ -1,0 +1,187 @@
+"""The argument parser: one subcommand per library verb, flags named like the function's keywords."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..conversion.configs import RANK_ALLOCATIONS, TARGETS
+from ..conversion.metrics import FACTORIZERS
+from ..conversion.rope import ROPE_STRATEGIES
+from ..deepseek.export import FORMATS
+from ..healing.run import PRECISIONS, TRAINABLE, HealConfig
+from . import commands
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="latentkv", description="Convert GQA/MHA models to MLA with a small latent KV cache.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def add(name, fn, help_):
+        s = sub.add_parser(name, help=help_, description=help_)
+        s.set_defaults(fn=fn)
+        s.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
+        s.add_argument("--trust-remote-code", action="store_true", help="allow hub models to run their own code")
+        s.add_argument("-q", "--quiet", action="store_true", help="no progress bars or notes, only warnings, errors "
+                       "and the result")
+        s.add_argument("-v", "--verbose", action="store_true", help="also debug messages")
+        return s
+
+    c = add("convert", commands.convert_cmd, "convert SOURCE (hub id, HF dir, .gguf, smollm2-135m) to MLA and save it to --out")
+    c.add_argument("source")
+    c.add_argument("--out", required=True, help="output directory (written atomically)")
+    c.add_argument("--kv-budget", type=float, help="fraction of the source's cache values to keep, in (0, 1]")
+    c.add_argument("--kv-lora-rank", type=int, help="latent width r (with --qk-rope-head-dim)")
+    c.add_argument("--qk-rope-head-dim", type=int, help="shared rotated key width (multiple of 2*num_key_value_heads)")
+    c.add_argument("--kv-values", type=int, help="absolute cache values per token per layer")
+    c.add_argument("--method", choices=["exact", "svd", "lowrank"],
+                   help="default: exact at full budget, lowrank (calibrated) below; svd is the weight-only baseline")
+    c.add_argument("--rope", choices=list(ROPE_STRATEGIES),
+                   help="lowrank: which key dims keep RoPE (default rorope; -fold2/-fold4 fold neighbouring "
+                        "frequencies, not exportable)")
+    c.add_argument("--factorizer", choices=list(FACTORIZERS), help="lowrank: latent factorizer (default output)")
+    c.add_argument("--attn-moment", type=float,
+                   help="lowrank: weight in [0, 1] of the attention-averaged input moment in the calibration "
+                        "statistics (default 0.3; 0: token moment only)")
+    c.add_argument("--rank-allocation", choices=list(RANK_ALLOCATIONS),
+                   help="lowrank: per-layer latent ranks from each layer's spectrum and measured held-out "
+                        "NLL cost, kept only if held-out NLL improves (native format only; default uniform)")
+    c.add_argument("--sequential", action="store_true",
+                   help="lowrank: statistics from the converted prefix, refit to the source's outputs (default one-shot)")
+    c.add_argument("--calib", help="lowrank: calibration text file or name (default wikitext2-valid)")
+    c.add_argument("--calib-samples", type=int, help="lowrank: calibration windows (default 32)")
+    c.add_argument("--calib-seq-len", type=int, help="lowrank: tokens per calibration window (default 512)")
+    c.add_argument("--rope-horizon", type=int,
+                   help="lowrank: query-key distances over which a pair that loses RoPE is averaged (default 512)")
+    c.add_argument("--latent-norm", action="store_true",
+                   help="lowrank: fit the latent RMSNorm (kv_a_layernorm) stock DeepSeek-V3 engines apply")
+    c.add_argument("--target", choices=list(TARGETS),
+                   help="make every choice the export to this format can express (deepseek_v3: rope rorope-export, "
+                        "latent norm, uniform ranks, no latent bias)")
+    c.add_argument("--stream", action="store_true", help="convert a local sharded safetensors checkpoint layer by "
+                   "layer in bounded memory (resumes if interrupted)")
+    c.add_argument("--device", default="cpu", help="--stream: where the layers' calibration passes run (cpu, cuda)")
+    c.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+    x = add("export", commands.export_cmd, "write a converted DIR as a stock DeepSeek-V3 checkpoint (transformers, vLLM, SGLang)")
+    x.add_argument("model", help="a latentkv convert output")
+    x.add_argument("--out", required=True, help="output directory (written atomically)")
+    x.add_argument("--format", default="deepseek_v3", choices=list(FORMATS))
+    x.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB or 500MB")
+    x.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+    v = add("verify-export", commands.verify_export_cmd, "load an export with stock transformers and compare it with our runtime")
+    v.add_argument("out", help="a `latentkv export` output")
+    v.add_argument("--against", required=True, help="the latentkv convert output it was exported from")
+    v.add_argument("--text", help="sample text file or name (default: a built-in paragraph)")
+    v.add_argument("--tokens", type=int, default=128, help="sample tokens compared")
+    v.add_argument("--atol", type=float, default=1e-3, help="largest logit difference that passes (fp32)")
+
+    lo = add("load", commands.load_cmd, "read a DeepSeek-V3 checkpoint (an export or anyone's) into the latentkv runtime")
+    lo.add_argument("model")
+    lo.add_argument("--out", help="also save it in latentkv's native format here")
+    lo.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+    e = add("eval", commands.eval_cmd, "perplexity and/or passkey retrieval of MODEL_OR_DIR")
+    e.add_argument("model")
+    e.add_argument("--ppl", help="perplexity on a UTF-8 text file, or wikitext2 / wikitext2-valid / ptb")
+    e.add_argument("--seq-len", type=int, default=2048, help="window length in tokens")
+    e.add_argument("--stride", type=int, help="slide windows by this many tokens (default: non-overlapping)")
+    e.add_argument("--max-windows", type=int, help="evaluate only the first N windows")
+    e.add_argument("--passkey", action="store_true", help="synthetic passkey retrieval accuracy")
+    e.add_argument("--context", default="1024,2048,4096", help="passkey prompt lengths in tokens")
+    e.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="passkey needle depths in [0, 1]")
+    e.add_argument("--trials", type=int, default=3, help="passkey trials per context and depth")
+
+    i = add("info", commands.info_cmd, "architecture and cache values/bytes per token of a model vs its source")
+    i.add_argument("model")
+
+    w = add("sweep", commands.sweep_cmd, "convert SOURCE with every method at every budget and evaluate each the same way")
+    w.add_argument("source")
+    w.add_argument("--out", required=True, help="directory for sweep.json, sweep.md and ppl_vs_cache.png")
+    w.add_argument("--budgets", default="1,0.5,0.25,0.125", help="comma-separated KV budgets in (0, 1]")
+    w.add_argument("--methods", default="lowrank,svd", help="comma-separated methods: lowrank, svd")
+    w.add_argument("--ppl", default="wikitext2", help="evaluation text (file or wikitext2 / ptb)")
+    w.add_argument("--seq-len", type=int, default=2048)
+    w.add_argument("--max-windows", type=int, help="evaluate only the first N windows")
+    w.add_argument("--passkey", help="also passkey accuracy at these contexts, e.g. 1024,2048")
+    w.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+    g = add("generate", commands.generate_cmd, "generate text with MODEL_OR_DIR (absorbed latent decode for converted models)")
+    g.add_argument("model")
+    g.add_argument("prompt", nargs="?", help="the prompt (or --batch-file)")
+    g.add_argument("--batch-file", help="text file, one prompt per line, generated as one left-padded batch")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sampling")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("--seed", type=int, default=0)
+
+    b = add("bench", commands.bench_cmd, "prefill time, decode tokens/s, memory and cache bytes: source vs converted")
+    b.add_argument("model")
+    b.add_argument("--against", help="the source model to compare with")
+    b.add_argument("--context", default="1024,4096,8192,16384", help="context lengths in tokens")
+    b.add_argument("--batch", default="1,4,16", help="batch sizes")
+    b.add_argument("--new-tokens", type=int, default=64, help="decode steps timed per row")
+    b.add_argument("--out", default="bench-out", help="directory for bench.json and bench.png (written atomically)")
+    b.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+    add_heal_parser(add)
+    add_doctor_parser(add)
+    ac = add("accelerate-config", commands.accelerate_config_cmd,
+             "print the path of a shipped `accelerate launch` config (for --config_file), or list them")
+    ac.add_argument("name", nargs="?", help="e.g. fsdp-8gpu or ddp-8gpu; none: list the shipped configs")
+
+    d = add("demo", commands.demo_cmd, "the main job: convert the bundled SmolLM2, compare cache size and perplexity")
+    d.add_argument("--kv-budget", type=float, default=0.5, help="budget of the compressed variant")
+    d.add_argument("--out", help="also save the compressed model here")
+    d.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    d.add_argument("--seq-len", type=int, default=1024)
+    d.add_argument("--max-windows", type=int, default=4)
+    d.add_argument("--text", default="wikitext2", help="evaluation text (file or dataset name)")
+    return p
+
+
+def add_heal_parser(add) -> None:
+    d = HealConfig()
+    h = add("heal", commands.heal_cmd, "distil the source (teacher) into a converted model to recover quality")
+    h.add_argument("model", help="a latentkv convert output (the student)")
+    h.add_argument("--teacher", required=True, help="the source model (hub id, HF dir, .gguf, smollm2-135m)")
+    h.add_argument("--data", required=True,
+                   help="training text: a UTF-8 file, a folder of .txt files, or hf:NAME[:CONFIG]:SPLIT[:COLUMN]")
+    h.add_argument("--out", required=True, help="output directory (written atomically)")
+    h.add_argument("--tokens", type=int, help=f"training tokens (default {d.tokens:,}; 0 with --local-steps: "
+                                              "local healing only)")
+    h.add_argument("--seq-len", type=int, help=f"tokens per packed window (default {d.seq_len})")
+    h.add_argument("--batch-size", type=int, help=f"windows per optimizer step, all processes (default {d.batch_size})")
+    h.add_argument("--micro-batch", type=int, help=f"windows per forward per process (default {d.micro_batch})")
+    h.add_argument("--lr", type=float, help=f"peak learning rate (default {d.lr})")
+    h.add_argument("--min-lr-ratio", type=float, help=f"cosine floor as a fraction of --lr (default {d.min_lr_ratio})")
+    h.add_argument("--warmup-ratio", type=float, help=f"warmup fraction of the steps (default {d.warmup_ratio})")
+    h.add_argument("--weight-decay", type=float, help=f"AdamW weight decay (default {d.weight_decay})")
+    h.add_argument("--max-grad-norm", type=float, help=f"gradient clipping, 0 = off (default {d.max_grad_norm})")
+    h.add_argument("--temperature", type=float, help=f"distillation temperature (default {d.temperature})")
+    h.add_argument("--kl-weight", type=float, help=f"weight of KL(teacher||student) (default {d.kl_weight})")
+    h.add_argument("--ce-weight", type=float, help=f"weight of next-token cross-entropy (default {d.ce_weight})")
+    h.add_argument("--train", choices=TRAINABLE, help="what trains: attention = the MLA weights incl. kv_a_layernorm "
+                                                      "(default), all, lora (peft adapters, merged at the end)")
+    h.add_argument("--lora-rank", type=int, help=f"LoRA rank with --train lora (default {d.lora_rank})")
+    h.add_argument("--gradient-checkpointing", action="store_true", default=None,
+                   help="recompute activations in backward (less memory, ~30%% more time)")
+    h.add_argument("--precision", choices=PRECISIONS, help="fp32 (default) or bf16 autocast")
+    h.add_argument("--seed", type=int, help=f"data order seed (default {d.seed})")
+    h.add_argument("--save-every", type=int, help=f"optimizer steps between checkpoints (default {d.save_every})")
+    h.add_argument("--local-steps", type=int,
+                   help="first fit each layer to the source's attention output, this many Adam steps per layer")
+    h.add_argument("--local-windows", type=int, help=f"windows for the local stage (default {d.local_windows})")
+    h.add_argument("--local-lr", type=float, help=f"Adam learning rate of the local stage (default {d.local_lr})")
+    h.add_argument("--teacher-cache", help="folder of cached teacher top-k log-probs (filled on first use, reused)")
+    h.add_argument("--teacher-topk", type=int, help=f"teacher log-probs kept per token in the cache "
+                                                    f"(default {d.teacher_topk})")
+    h.add_argument("--work-dir", help="checkpoints and log (default OUT.heal beside the output)")
+    h.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the work dir")
+    h.add_argument("--overwrite", action="store_true", help="replace --out and start the work dir over")
+
+
+def add_doctor_parser(add) -> None:
+    d = add("doctor", commands.doctor_cmd, "check the environment: torch build, accelerator, packages, memory, disk, engines")
+    d.add_argument("path", nargs="?", default=".", help="where outputs will be written (disk and write checks)")

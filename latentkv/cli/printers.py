@@ -1,0 +1,123 @@
+"""Human-readable output of each subcommand (what --json replaces): the only module that formats results."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from rich.console import Console
+from rich.table import Table
+
+from ..reports.sweep import markdown
+
+
+def print_result(cmd: str, result: dict, command: str) -> None:
+    PRINTERS.get(cmd, print_plain)(result, command)
+
+
+def print_generate(result: dict, command: str) -> None:
+    if not result["streamed"]:
+        for prompt, text in zip(result["prompts"], result["texts"]):
+            print(f"{prompt}{text}")
+    print(f"[{result['decode_tokens_per_s']:.1f} tokens/s decode, prefill {result['prefill_s']:.2f}s, "
+          f"cache {result['cache_bytes']:,} bytes]", file=sys.stderr)
+
+
+def print_bench(result: dict, command: str) -> None:
+    print(f"memory bandwidth {result['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s, matmul "
+          f"{result['flops_per_s'] / 1e9:.0f} GFLOP/s, {result['threads']} threads")
+    for r in result["rows"]:
+        head = f"{r['variant']:>16} ctx {r['context']:>6} batch {r['batch']:>3}"
+        if "skipped" in r:
+            print(f"{head}  skipped: {r['skipped']}")
+            continue
+        print(f"{head}  prefill {r['prefill_s']:7.2f}s  decode {r['decode_tokens_per_s']:8.1f} tok/s  cache "
+              f"{r['cache_bytes'] / 2 ** 20:9.1f} MiB  peak RSS {r['peak_rss_bytes'] / 2 ** 30:5.2f} GiB  "
+              f"floor {r['floor_fraction']:.0%} (roofline {r['roofline_fraction']:.0%})")
+    print(f"written to {result['out']} (bench.json, bench.png)")
+
+
+def print_sweep(result: dict, command: str) -> None:
+    print(markdown(result, command))
+    print(f"written to {result['out']} (sweep.json, sweep.md, ppl_vs_cache.png)")
+
+
+def print_verify(result: dict, command: str) -> None:
+    verdict = "PASSED" if result["passed"] else "FAILED"
+    print(f"{verdict}: max |logit diff| {result['max_abs_diff']:.2e} (atol {result['atol']:g}) over "
+          f"{result['tokens']} tokens, greedy agreement {result['greedy_agreement']:.1%}, greedy generation "
+          f"{'identical' if result['generation_match'] else 'DIFFERS'}, stock cache "
+          f"{result['cache_bytes_per_token']:,} bytes/token (latent: {result['expected_cache_bytes_per_token']:,})")
+
+
+def print_cache(result: dict, command: str) -> None:
+    src, mod = result["source"], result["model"]
+    print(f"architecture: {result['architecture']}  dtype: {result['dtype']}  layers: {result['num_layers']}")
+    vals = mod["values_per_token_per_layer"]
+    per_layer = vals[0] if len(set(vals)) == 1 else vals
+    print(f"cache values/token/layer: {per_layer} (source {src['values_per_token_per_layer']})")
+    print(f"cache bytes/token: {mod['bytes_per_token']:,} (source {src['bytes_per_token']:,}), "
+          f"{result['ratio']:.1%} of the source")
+    if result["record"]:
+        print("conversion:", json.dumps(result["record"]["conversion"]),
+              f"in {result['record']['convert_seconds']}s from {result['record']['source']['name_or_path']}")
+
+
+def print_heal(r: dict, command: str) -> None:
+    if r.get("local"):
+        layers = r["local"]["layers"]
+        mean = lambda k: sum(x[k] for x in layers) / len(layers)  # noqa: E731
+        print(f"local stage: attention-output error {mean('before'):.4f} -> {mean('after'):.4f} (mean of "
+              f"{len(layers)} layers) in {r['local']['seconds']}s")
+    if r["steps"]:
+        print(f"distilled {r['tokens']:,} tokens in {r['steps']} steps ({r['tokens_per_s']} tokens/s, "
+              f"{r['seconds']}s): loss {r['first_loss']:.4f} -> {r['last_loss']:.4f}")
+    print(f"saved {r['out']}")
+
+
+def print_doctor(r: dict, command: str) -> None:
+    marks = {"ok": "ok  ", "warn": "warn", "fail": "FAIL"}
+    for c in r["checks"]:
+        fix = f"  -> {c['fix']}" if c["fix"] else ""
+        print(f"[{marks[c['status']]}] {c['name']}: {c['detail']}{fix}")
+    print("ready" if r["ok"] else "not ready: fix the FAIL lines above")
+
+
+def print_accelerate_config(r: dict, command: str) -> None:
+    print(r["path"] if "path" in r else "\n".join(r["configs"]))
+
+
+def print_plain(result: dict, command: str) -> None:
+    for k, v in result.items():
+        if k == "passkey":
+            print(f"passkey accuracy: {v['accuracy']:.1%}")
+            for row in v["rows"]:
+                print(f"  context {row['context']:>6}  depth {row['depth']:.2f}  {row['correct']}/{row['trials']}")
+            continue
+        print(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
+
+
+def print_demo(result: dict, command: str) -> None:
+    table = Table(title=f"{result['model']}: KV cache and WikiText-2 perplexity "
+                        f"({result['max_windows']} windows x {result['seq_len']} tokens)")
+    for col in ("variant", "values/tok/layer", "bytes/token", "vs source", "ppl", "convert s"):
+        table.add_column(col, justify="left" if col == "variant" else "right")
+    for r in result["rows"]:
+        ppl = f"{r['ppl']:.3f}" if r["ppl"] is not None else "n/a"
+        conv = f"{r['convert_seconds']:.1f}" if r["convert_seconds"] is not None else "-"
+        table.add_row(r["variant"], str(r["cache_values_per_token_per_layer"]), f"{r['cache_bytes_per_token']:,}",
+                      f"{r['ratio']:.1%}", ppl, conv)
+    console = Console(width=max(100, Console().width))
+    console.print(table)
+    if result["ppl_missing_reason"]:
+        console.print(f"ppl column empty: {result['ppl_missing_reason']}")
+    if result["saved"]:
+        console.print(f"saved the budget conversion to {result['saved']} (try `latentkv info {result['saved']}`)")
+    console.print("bytes/token: cache bytes per token over all layers at the model's dtype.")
+    console.print(f"total {result['seconds']}s. The exact row shows the conversion itself is lossless; "
+                  f"the lowrank row is training-free (calibrated on {result.get('calib') or 'no text'}), before any healing.")
+
+
+PRINTERS = {"generate": print_generate, "bench": print_bench, "sweep": print_sweep, "verify-export": print_verify,
+            "info": print_cache, "load": print_cache, "heal": print_heal, "doctor": print_doctor,
+            "demo": print_demo, "accelerate-config": print_accelerate_config}

@@ -1,0 +1,80 @@
+"""Per-layer conversion functions, one per method: pure tensors in, MLAAttention state dict out, and
+the registry `convert` dispatches through.
+
+Signature: (src: SourceAttention, layout, config, dims: (kv_lora_rank, qk_rope_head_dim),
+stats: InputStats | None) -> state dict. Weights arrive in fp32 at least.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..errors import LatentKVError
+from ..families import SourceAttention, SourceLayout
+from .configs import ExactConfig, LowRankConfig, SVDConfig
+from .keys import assemble, split_keys, stack_nope_kv
+from .linalg import low_rank, spectrum
+from .metrics import FACTORIZERS
+from .rope import ROPE_STRATEGIES, HighFrequencies
+
+
+def exact_layer(src: SourceAttention, layout: SourceLayout, config: ExactConfig, dims, stats=None) -> dict:
+    """Every key dim rotated, so Y = V and the latent is V itself: A = W_v, B = I."""
+    split = HighFrequencies().split(src, layout, layout.num_kv_heads * layout.head_dim // 2)
+    parts = split_keys(src, layout, split)
+    y = stack_nope_kv(parts, src)
+    return assemble(layout, src, parts, y, torch.eye(y.shape[0], dtype=torch.float64))
+
+
+def svd_layer(src: SourceAttention, layout: SourceLayout, config: SVDConfig, dims, stats=None) -> dict:
+    rank, rope = dims
+    parts = split_keys(src, layout, HighFrequencies().split(src, layout, rope // 2))
+    return assemble(layout, src, parts, *low_rank(stack_nope_kv(parts, src), rank))
+
+
+def lowrank_problem(src: SourceAttention, layout: SourceLayout, config: LowRankConfig, rope: int, stats):
+    """-> (key split parts, Y = [K_nope; V] (m, D+1), input stats, row metric) for `rope` rotated dims."""
+    stats = stats.blended(config.attn_moment)
+    split = ROPE_STRATEGIES[config.rope].split(src, layout, rope // 2, stats.sigma, config.rope_horizon)
+    parts = split_keys(src, layout, split, config.rope_horizon)
+    use_stats, metric = FACTORIZERS[config.factorizer].weights(parts, src, layout, stats)
+    return parts, stack_nope_kv(parts, src), use_stats, metric
+
+
+def lowrank_layer(src: SourceAttention, layout: SourceLayout, config: LowRankConfig, dims, stats) -> dict:
+    rank, rope = dims
+    parts, y, use_stats, metric = lowrank_problem(src, layout, config, rope, stats)
+    # a latent bias has no place in stock engines: keep the latent bias-free for the export choices
+    exporting = config.latent_norm or config.rope == "rorope-export"
+    bias_free = exporting and not y[:, -1].any() and not parts["kr"][:, -1].any()
+    return assemble(layout, src, parts, *low_rank(y, rank, use_stats, metric, bias_free))
+
+
+def lowrank_spectrum(src: SourceAttention, layout: SourceLayout, config: LowRankConfig, rope: int, stats):
+    """Singular values of the layer's weighted latent problem (see `linalg.spectrum`)."""
+    _, y, use_stats, metric = lowrank_problem(src, layout, config, rope, stats)
+    return spectrum(y, use_stats, metric)
+
+
+@dataclass(frozen=True)
+class Converter:
+    """A method's per-layer function, and whether it needs calibration statistics (then `convert`
+    runs the calibrated pipeline: statistics, split search, allocation, latent norm)."""
+
+    layer: Callable[..., dict]
+    calibrated: bool = False
+
+
+# config type -> its converter: the one registry `convert` and streaming dispatch through
+CONVERTERS = {ExactConfig: Converter(exact_layer), SVDConfig: Converter(svd_layer),
+              LowRankConfig: Converter(lowrank_layer, calibrated=True)}
+
+
+def converter_for(config) -> Converter:
+    if type(config) not in CONVERTERS:
+        raise LatentKVError(f"unknown conversion config {type(config).__name__}; known: "
+                            + ", ".join(c.__name__ for c in CONVERTERS))
+    return CONVERTERS[type(config)]

@@ -1,0 +1,137 @@
+"""The one rule from a cache budget to (kv_lora_rank, qk_rope_head_dim): used by `convert`, by the
+split search, by streaming and by rank allocation.
+
+A budget counts cache values per token per layer (`kv_lora_rank + qk_rope_head_dim`); the source
+caches `2 * G * d`. The rotated key takes whole pairs on the grid its RoPE strategy allows
+(`rope_grid`); the latent takes the rest, capped at the rank of the stacked non-rotated keys and
+values (`max_rank`), since wider latents would only store zeros.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ..errors import LatentKVError
+from ..families import SourceLayout
+from .configs import ExactConfig, LowRankConfig, SVDConfig
+
+log = logging.getLogger(__name__)
+
+SPLIT_FRACTIONS = (1 / 8, 1 / 4, 3 / 8, 1 / 2)  # rope shares the split search tries
+# The rope share a streaming conversion takes, since it never holds the whole model to search: the
+# share the search picked most often on SmolLM2 (BENCHMARKS.md, "quality").
+STREAM_SPLIT = 3 / 8
+
+
+def budget_values(config, layout: SourceLayout) -> int | None:
+    """Cache values per token per layer the config asks for; None when dims are explicit (or exact)."""
+    if getattr(config, "kv_budget", None) is not None:
+        return round(config.kv_budget * layout.kv_values_per_token)
+    if getattr(config, "kv_values", None) is not None:
+        if config.kv_values > layout.kv_values_per_token:
+            raise LatentKVError(f"--kv-values {config.kv_values} exceeds the source's {layout.kv_values_per_token} "
+                                "cache values per token per layer")
+        return config.kv_values
+    return None
+
+
+def rope_of(config) -> str:
+    """The RoPE strategy a config's rotated dims follow (exact and svd keep whole pairs per KV head)."""
+    return getattr(config, "rope", "high")
+
+
+def max_rank(layout: SourceLayout, rope: int, shared_nope: bool) -> int:
+    """Rank of [K_nope; V]: rows of the stack, capped by the input width (hidden size + bias)."""
+    g, d = layout.num_kv_heads, layout.head_dim
+    nope_rows = g * d - rope if shared_nope else g * (d - rope // g)
+    return min(nope_rows + g * d, layout.hidden_size)
+
+
+def latent_cap(layout: SourceLayout, rope_strategy: str, rope: int) -> int:
+    """The widest useful latent next to `rope` rotated dims under a RoPE strategy."""
+    return max_rank(layout, rope, shared_nope=rope_strategy != "high")
+
+
+def rope_grid(layout: SourceLayout, rope: str) -> tuple[int, int]:
+    """(step, most) for qk_rope_head_dim under a RoPE strategy: S_high keeps pairs uniformly per KV head,
+    the export-compatible RoRoPE one component per frequency, the others any pair."""
+    g, d = layout.num_kv_heads, layout.head_dim
+    return {"high": (2 * g, g * d), "rorope-export": (2, d)}.get(rope, (2, g * d))
+
+
+def fixed_dims(config, layout: SourceLayout) -> tuple[int, int] | None:
+    """(kv_lora_rank, qk_rope_head_dim) a config fixes by itself; None: a calibrated split search decides."""
+    full = layout.num_kv_heads * layout.head_dim
+    if isinstance(config, ExactConfig):
+        return full, full
+    values = budget_values(config, layout)
+    if values is None:
+        return config.kv_lora_rank, config.qk_rope_head_dim
+    if isinstance(config, SVDConfig):
+        return quarter_split(layout, values)
+    return None
+
+
+def quarter_split(layout: SourceLayout, values: int) -> tuple[int, int]:
+    """MHA2MLA's split: about a quarter of the values to S_high's rope pairs, the rest to the latent."""
+    g, d = layout.num_kv_heads, layout.head_dim
+    rope = 2 * g * min(d // 2, max(1, round(values / 4 / (2 * g))))
+    if values - rope < 1:
+        raise LatentKVError(f"{values} cache values per token are too few for {rope} rope dims plus a latent; "
+                            f"use a budget >= {(rope + 1) / layout.kv_values_per_token:.3f}")
+    return min(values - rope, latent_cap(layout, "high", rope)), rope
+
+
+def split_at(layout: SourceLayout, rope_strategy: str, values: int, frac: float) -> tuple[int, int]:
+    """(kv_lora_rank, qk_rope_head_dim) giving about `frac` of `values` to the rotated key."""
+    step, most_rope = rope_grid(layout, rope_strategy)
+    p = min(most_rope, max(step, step * round(values * frac / step)))
+    return min(values - p, latent_cap(layout, rope_strategy, p)), p
+
+
+def candidate_splits(layout: SourceLayout, rope_strategy: str, values: int) -> list[tuple[int, int]]:
+    """(kv_lora_rank, qk_rope_head_dim) pairs worth trying for `values` cache values."""
+    out = []
+    for frac in SPLIT_FRACTIONS:
+        r, p = split_at(layout, rope_strategy, values, frac)
+        if r >= 1 and (r, p) not in out:
+            out.append((r, p))
+    if not out:
+        raise LatentKVError(f"{values} cache values per token cannot hold a rotated pair and a latent; raise the budget")
+    return out
+
+
+def check_dims(layout: SourceLayout, kv_lora_rank: int, qk_rope_head_dim: int, rope: str = "high") -> None:
+    """One-line errors for ranks that cannot fit this model under the given RoPE strategy."""
+    p, r = qk_rope_head_dim, kv_lora_rank
+    step, most_rope = rope_grid(layout, rope)
+    if p < 0 or p % step or p > most_rope:
+        what = "2*num_key_value_heads" if step > 2 else "2"
+        raise LatentKVError(f"--qk-rope-head-dim {p} does not fit: with --rope {rope} it must be a multiple of {what} "
+                            f"= {step} between 0 and {most_rope}")
+    most = latent_cap(layout, rope, p)
+    if not 1 <= r <= most:
+        raise LatentKVError(f"--kv-lora-rank {r} does not fit: with --qk-rope-head-dim {p} it must be between 1 and "
+                            f"{most} (rank of the stacked non-rotated keys and values)")
+
+
+def checked(config, layout: SourceLayout, dims: tuple[int, int]) -> tuple[int, int]:
+    """`dims` after `check_dims` (the exact embedding fits any model by construction)."""
+    if not isinstance(config, ExactConfig):
+        check_dims(layout, *dims, rope=rope_of(config))
+    return dims
+
+
+def stream_dims(layout: SourceLayout, config) -> tuple[int, int]:
+    """The dims of a streaming conversion: fixed ones, else the STREAM_SPLIT share of the budget."""
+    dims = fixed_dims(config, layout)
+    if dims is None:
+        dims = split_at(layout, rope_of(config), budget_values(config, layout), STREAM_SPLIT)
+        log.info("streaming: rope %d + latent %d (the split search needs the whole model; pass "
+                 "--kv-lora-rank and --qk-rope-head-dim to choose)", dims[1], dims[0])
+    return checked(config, layout, dims)
+
+
+def is_searched(config, layout: SourceLayout) -> bool:
+    """True when a calibrated config leaves the split to the held-out search."""
+    return isinstance(config, LowRankConfig) and fixed_dims(config, layout) is None

@@ -1,0 +1,68 @@
+"""`convert(model, config)`: look up the config type's converter, compute new weights, swap modules."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..families import SourceLayout, source_layout
+from ..record import make_record
+from .allocate import allocate_search
+from .calibration import calibration_ids, oneshot_stats, split_ids
+from .configs import LowRankConfig, config_to_dict
+from .converters import converter_for
+from .dims import checked, fixed_dims
+from .latent_norm import add_latent_norm
+from .search import search_split
+from .sequential import convert_sequential
+from .surgery import check_finite, convert_oneshot
+
+
+def convert(model, config, *, tokenizer=None, calib_ids: torch.Tensor | None = None, calib_cache: dict | None = None,
+            progress: bool = True):
+    """Return a converted copy of `model` (the source is untouched); the record is in `config.latentkv`.
+
+    Calibrated methods need `tokenizer` (to read `config.calib`) or ready `calib_ids` (N, T).
+    `calib_cache`: a dict shared by calls on the same model and calib_ids, so one-shot statistics
+    are collected once (sweeps).
+    """
+    calibrated = converter_for(config).calibrated
+    layout = source_layout(model.config)
+    check_finite(model)
+    start = time.perf_counter()
+    if calibrated:
+        if calib_ids is None:
+            calib_ids, config = calibration_ids(tokenizer, config)
+        new, choice = convert_calibrated(model, layout, config, calib_ids, progress, calib_cache)
+    else:
+        dims = checked(config, layout, fixed_dims(config, layout))
+        new, choice = convert_oneshot(model, layout, config, dims, None, progress, f"convert ({config.method})"), None
+    layers = [layer.self_attn.dims.to_dict() for layer in new.model.layers]
+    source = layout.to_record(getattr(model.config, "_name_or_path", ""))
+    new.config.latentkv = make_record(source, config_to_dict(config), layers, time.perf_counter() - start, choice)
+    return new
+
+
+def convert_calibrated(model, layout: SourceLayout, config: LowRankConfig, ids: torch.Tensor, progress: bool,
+                       cache: dict | None = None):
+    """ids (N, T) calibration windows -> (converted model, the record's split_search entry or None)."""
+    fit, held = split_ids(ids)
+    oneshot = oneshot_stats(model, ids, cache, progress, attention=config.attn_moment > 0)
+    choice = None
+    dims = fixed_dims(config, layout)
+    if dims is None:
+        choice = search_split(model, layout, config, oneshot, held, progress)
+        dims = (choice["kv_lora_rank"], choice["qk_rope_head_dim"])
+    dims = checked(config, layout, dims)
+    if config.rank_allocation != "uniform":
+        alloc = allocate_search(model, layout, config, dims, oneshot, held, choice, progress)
+        choice = {**(choice or {}), "allocation": alloc}
+        dims = [tuple(d) for d in alloc["dims"]]
+    if config.sequential:
+        new = convert_sequential(model, layout, config, dims, fit, progress)
+    else:
+        new = convert_oneshot(model, layout, config, dims, oneshot, progress)
+    if config.latent_norm:
+        choice = {**(choice or {}), "latent_norm": add_latent_norm(new, fit, progress)}
+    return new, choice

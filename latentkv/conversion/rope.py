@@ -1,0 +1,183 @@
+"""The RoPE side: which key dims keep their rotation, as strategies returning a `KeySplit`.
+
+Keys are first mixed by an orthogonal `P` that (nearly) commutes with RoPE. P acts on pair
+channels c = g * d/2 + i (KV head g, frequency i), identically on both components of a pair:
+k'_c = sum_c' P[c, c'] k_c'. Mixing only channels of one frequency across KV heads commutes with
+RoPE exactly (TransMLA's RoRoPE); frequency folding also mixes neighbouring frequencies and then
+rotates each mixed channel at one of them (an approximation). Channel (j, i) of k' is slot j at
+frequency i; kept channels form the shared rotated key `k_pe`; every other dim of k' is
+non-rotated ("nope") on queries and keys alike (notes §2). Queries are mixed by the same P, so
+scores are unchanged when nothing is dropped and nothing is folded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..families import SourceAttention, SourceLayout
+
+
+@dataclass(frozen=True)
+class KeySplit:
+    """kept: (j, i) channels in k_pe order; mix: (C, C) pair-channel mix P, or None for P = I."""
+
+    kept: tuple[tuple[int, int], ...]
+    mix: torch.Tensor | None = None
+
+    def uniform(self, layout: SourceLayout) -> bool:
+        """Every KV head keeps the same number of pairs and P = I: nope dims can stay per group."""
+        counts = [sum(1 for j, _ in self.kept if j == g) for g in range(layout.num_kv_heads)]
+        return self.mix is None and len(set(counts)) == 1
+
+    def exportable(self) -> bool:
+        """DeepSeek-V3 rotates d_r dims at base'^(-2i/d_r): kept frequencies must be 0..m-1, once each."""
+        freqs = sorted(i for _, i in self.kept)
+        return freqs == list(range(len(freqs)))
+
+
+def expected_rotation(layout: SourceLayout, horizon: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(C, S), each (d/2,): E[cos(theta_i t)], E[sin(theta_i t)] over query-key distances t uniform in
+    [0, horizon). A pair that loses its rotation is best replaced (least squares over t) by this
+    mean rotation, not by the identity: slow pairs keep C ~ 1, fast ones fade to ~0."""
+    theta = torch.tensor(layout.inv_freq, dtype=torch.float64)
+    if horizon <= 1:
+        return torch.ones_like(theta), torch.zeros_like(theta)
+    angle = theta[:, None] * torch.arange(horizon, dtype=torch.float64)[None]  # (d/2, horizon)
+    return angle.cos().mean(1), angle.sin().mean(1)
+
+
+def drop_cost(layout: SourceLayout, horizon: int) -> torch.Tensor:
+    """(d/2,): E|R(theta t) - E R|^2 / 2 = 1 - C^2 - S^2, the part of a pair's score lost when it stops
+    rotating; 1 for every pair when horizon <= 1 (no frequency awareness, as in MHA2MLA)."""
+    c, s = expected_rotation(layout, horizon)
+    return (1 - c ** 2 - s ** 2) if horizon > 1 else torch.ones_like(c)
+
+
+def pair_energy(src: SourceAttention, layout: SourceLayout, sigma: torch.Tensor | None, mix=None) -> torch.Tensor:
+    """(G, d/2): E|k'_(j,i)|^2 * sum over heads E|q'_(h,j,i)|^2, the channel's score contribution
+    (MHA2MLA's 2-norm criterion, squared), in the mixed basis. sigma: (D+1, D+1) input second
+    moment, None -> identity."""
+    H, G, d = layout.num_heads, layout.num_kv_heads, layout.head_dim
+    half, C = d // 2, G * d // 2
+    k_energy = row_energy(mixed_key_weights(src, layout, mix).reshape(G * d, -1), sigma).view(G, 2, half).sum(1)
+    wq = augment(src.w_q, src.b_q).view(H, d, -1)
+    gram = (wq @ sigma if sigma is not None else wq) @ wq.transpose(1, 2)  # (H, d, d)
+    p = torch.eye(C, dtype=torch.float64) if mix is None else mix.double()
+    m = p.view(C, G, half)[:, torch.arange(H) // layout.group_size].transpose(0, 1)  # (H, C, half) reads q_h
+    q_energy = sum(torch.einsum("hci,hij,hcj->c", m, gram[:, a * half:(a + 1) * half, a * half:(a + 1) * half], m)
+                   for a in (0, 1))
+    return k_energy * q_energy.view(G, half)
+
+
+def row_energy(w: torch.Tensor, sigma: torch.Tensor | None) -> torch.Tensor:
+    """(m,): E[(w_m x)^2] for augmented rows w (m, D+1)."""
+    if sigma is None:
+        return (w ** 2).sum(-1)
+    return ((w @ sigma) * w).sum(-1)
+
+
+def augment(w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """w (m, D), b (m,) -> [w, b] (m, D+1) in fp64: biases ride on the constant input 1."""
+    b = torch.zeros(w.shape[0], dtype=w.dtype) if b is None else b
+    return torch.cat((w, b[:, None]), 1).double()
+
+
+def mix_rows(mix: torch.Tensor | None, w: torch.Tensor, layout: SourceLayout) -> torch.Tensor:
+    """Apply P (C, C) to rows laid out per KV head, w (..., G, d, n) -> (..., G, d, n)."""
+    if mix is None:
+        return w
+    G, d = layout.num_kv_heads, layout.head_dim
+    lead, n = w.shape[:-3], w.shape[-1]
+    x = w.reshape(*lead, G, 2, d // 2, n).transpose(-4, -3).reshape(*lead, 2, G * d // 2, n)
+    x = torch.einsum("ck,...akn->...acn", mix.to(w.dtype), x)
+    return x.reshape(*lead, 2, G, d // 2, n).transpose(-4, -3).reshape(*lead, G, d, n)
+
+
+def mixed_key_weights(src: SourceAttention, layout: SourceLayout, mix) -> torch.Tensor:
+    """Augmented key weights in k' space: (G, d, D+1)."""
+    G, d = layout.num_kv_heads, layout.head_dim
+    return mix_rows(mix, augment(src.w_k, src.b_k).view(G, d, -1), layout)
+
+
+@dataclass(frozen=True)
+class HighFrequencies:
+    """MHA2MLA's S_high: keep the fastest-rotating pairs (i = 0 first) of every KV head. Exportable
+    only with one KV head (a repeated frequency has no DeepSeek-V3 form)."""
+
+    name = "high"
+
+    def split(self, src, layout: SourceLayout, pairs: int, sigma=None, horizon: int = 0) -> KeySplit:
+        G = layout.num_kv_heads
+        if pairs % G:
+            raise ValueError(f"S_high keeps pairs uniformly: {pairs} pairs is not a multiple of {G} KV heads")
+        return KeySplit(tuple((g, i) for g in range(G) for i in range(pairs // G)))
+
+
+@dataclass(frozen=True)
+class TwoNorm:
+    """MHA2MLA's S_2-norm: keep the pairs with the largest E|q| E|k| on calibration data (weights
+    alone without it), times the score share a pair loses when it stops rotating (`horizon`).
+    Not exportable in general."""
+
+    name = "2norm"
+
+    def split(self, src, layout: SourceLayout, pairs: int, sigma=None, horizon: int = 0) -> KeySplit:
+        e = pair_energy(src, layout, sigma) * drop_cost(layout, horizon)  # (G, d/2)
+        top = e.flatten().topk(pairs).indices.sort().values
+        half = layout.head_dim // 2
+        return KeySplit(tuple((int(t) // half, int(t) % half) for t in top))
+
+
+@dataclass(frozen=True)
+class RoRoPE:
+    """TransMLA's RoRoPE: per frequency, PCA of the keys across KV heads (it commutes with RoPE),
+    then keep the mixed channels with the largest score contribution (times the share lost without
+    rotation over `horizon` tokens, see `drop_cost`). With `fold` > 1 (frequency folding) the PCA
+    runs over `fold` neighbouring frequencies at once, so fewer channels carry more energy; each
+    component then rotates at the member frequency holding most of its weight, which is exact only
+    for fold 1. With `exportable=True` it keeps slot 0 of the `pairs` fastest frequencies, which
+    DeepSeek-V3 can express."""
+
+    name = "rorope"
+    exportable: bool = False
+    fold: int = 1
+
+    def split(self, src, layout: SourceLayout, pairs: int, sigma=None, horizon: int = 0) -> KeySplit:
+        every = pairs >= layout.num_kv_heads * layout.head_dim // 2
+        mix = self.rotation(src, layout, sigma, 1 if every else self.fold)  # nothing dropped: no need to fold
+        if self.exportable:
+            return KeySplit(tuple((0, i) for i in range(pairs)), mix)
+        e = pair_energy(src, layout, sigma, mix) * drop_cost(layout, horizon)  # (G, d/2)
+        top = e.flatten().topk(pairs).indices.sort().values
+        half = layout.head_dim // 2
+        return KeySplit(tuple((int(t) // half, int(t) % half) for t in top), mix)
+
+    @staticmethod
+    def rotation(src, layout: SourceLayout, sigma=None, fold: int = 1) -> torch.Tensor:
+        """(C, C) orthogonal P: per band of `fold` frequencies, the eigenvectors of the keys' channel
+        second moment (both pair components together), largest first, each placed at a slot of
+        the frequency where it has most weight."""
+        G, half = layout.num_kv_heads, layout.head_dim // 2
+        wk = augment(src.w_k, src.b_k).view(G, 2, half, -1).transpose(0, 1).reshape(2, G * half, -1)
+        cov = sum((w @ sigma if sigma is not None else w) @ w.T for w in wk)  # (C, C)
+        mix = torch.zeros_like(cov)
+        for start in range(0, half, fold):
+            freqs = list(range(start, min(start + fold, half)))
+            chans = torch.tensor([g * half + i for g in range(G) for i in freqs])
+            _, vecs = torch.linalg.eigh(cov[chans][:, chans])
+            vecs = vecs.flip(-1)  # (G*f, G*f) columns largest first
+            weight = (vecs ** 2).view(G, len(freqs), -1).sum(0)  # (f, G*f): a component's weight per frequency
+            used = dict.fromkeys(freqs, 0)
+            for t in range(vecs.shape[1]):
+                free = [k for k, i in enumerate(freqs) if used[i] < G]
+                i = freqs[max(free, key=lambda k: float(weight[k, t]))]
+                mix[used[i] * half + i, chans] = vecs[:, t]
+                used[i] += 1
+        return mix
+
+
+ROPE_STRATEGIES = {"high": HighFrequencies(), "2norm": TwoNorm(), "rorope": RoRoPE(),
+                   "rorope-export": RoRoPE(exportable=True), "rorope-fold2": RoRoPE(fold=2),
+                   "rorope-fold4": RoRoPE(fold=4)}

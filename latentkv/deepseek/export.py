@@ -1,0 +1,123 @@
+"""Export a converted model as a stock DeepSeek-V3 checkpoint (transformers, vLLM, SGLang).
+
+What makes the export compute the same function as our runtime:
+- softmax scale: engines use (n + p)^-0.5; the ratio to ours (the source's d^-0.5) is folded
+  into the query rows;
+- RoPE: engines rotate the p rope dims at rope_theta'^(-2j/p) in interleaved pairs. We keep
+  source frequencies; when they are the m = p/2 fastest ones, theta' = theta^(p/d) reproduces
+  them exactly (and llama3 scaling, a function of the wavelength only, carries over unchanged).
+  Our half-split rows are permuted to the interleaved layout (`layout.py`);
+- the latent RMSNorm (`kv_a_layernorm`) must be in the model (see conversion/latent_norm.py);
+- no q/kv/o biases, no sliding windows, one (r, p) for every layer, SiLU MLPs: otherwise the
+  export refuses with the reason.
+The MLP, norms and embeddings keep their names (Llama/Mistral/Qwen2 and a dense DeepSeek-V3 layer
+share them). `config.json` carries our conversion record under `latentkv`, which engines ignore.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+
+import torch
+
+from ..errors import LatentKVError
+from ..families import embedding_scale, logit_softcap
+from ..io.atomic import atomic_output_dir, check_output_dir
+from ..record import record_of
+from ..runtime.install import is_mla
+from .layout import engine_config, interleave_order, kernel_warning, reorder_rope_rows, rope_parameters
+
+FORMATS = ("deepseek_v3",)
+
+
+def exportable_dims(model):
+    """The one MLADims every layer shares, or a one-line error naming what cannot be exported."""
+    layers = [layer.self_attn for layer in model.model.layers]
+    if record_of(model) is None or not is_mla(model):
+        raise LatentKVError("export needs a model converted by latentkv; run `latentkv convert` first")
+    if logit_softcap(model.config) is not None or embedding_scale(model) != 1.0:
+        raise LatentKVError(f"{model.config.model_type} layers soft-cap attention scores, scale embeddings and carry "
+                            "extra norms, none of which DeepSeek-V3 has; use the native latentkv checkpoint instead")
+    dims = {a.dims for a in layers}
+    if len(dims) > 1:
+        raise LatentKVError("per-layer ranks (--rank-allocation) have no DeepSeek-V3 form; convert with uniform ranks")
+    d = dims.pop()
+    if not d.latent_norm:
+        raise LatentKVError("stock DeepSeek-V3 engines always normalise the latent, and this model has no latent norm; "
+                            "convert with --latent-norm (or --target deepseek_v3)")
+    if d.q_bias or d.kv_a_bias or d.o_bias:
+        raise LatentKVError("the model has attention biases (Qwen2-style); DeepSeek-V3 projections in vLLM/SGLang have "
+                            "none and a rotated key bias cannot be folded into weights, so it cannot be exported")
+    if any(a.sliding_window for a in layers):
+        raise LatentKVError("sliding-window layers have no DeepSeek-V3 form (it attends globally); export refuses "
+                            "rather than change the function")
+    if getattr(model.config, "hidden_act", "silu") != "silu":
+        raise LatentKVError(f"MLP activation {model.config.hidden_act!r}: DeepSeek-V3 dense layers use silu")
+    return d
+
+
+def kept_frequencies(model) -> torch.Tensor:
+    """(m,) source frequency index of each rope pair, the same in every layer, else an error."""
+    idx = [layer.self_attn.rope_freq_idx for layer in model.model.layers]
+    if any(not torch.equal(i, idx[0]) for i in idx):
+        raise LatentKVError("layers keep different RoPE frequencies; DeepSeek-V3 has one rope_theta. "
+                            "Convert with --rope rorope-export (or --target deepseek_v3)")
+    return idx[0]
+
+
+def engine_state(model, dims, freq_idx: torch.Tensor) -> dict[str, torch.Tensor]:
+    """DeepSeek-V3 tensors: attention rows folded/permuted, everything else under its own name."""
+    order = interleave_order(freq_idx)
+    alpha = dims.softmax_scale * math.sqrt(dims.qk_nope_head_dim + dims.qk_rope_head_dim)  # ours / engine's scale
+    out = {}
+    for name, t in model.state_dict().items():
+        if name.endswith(("rope_freq_idx", "rotary_emb.inv_freq")):
+            continue
+        t = reorder_rope_rows(name, t.detach(), dims, order).clone().contiguous()
+        if name.endswith(("self_attn.q_proj.weight", "self_attn.q_b_proj.weight")):
+            t *= alpha
+        out[name] = t
+    if "lm_head.weight" not in out:  # tied: vLLM's DeepSeek loader reads lm_head.weight itself
+        out["lm_head.weight"] = out["model.embed_tokens.weight"].clone()
+    return out
+
+
+def export(model, out: str | Path, tokenizer=None, fmt: str = "deepseek_v3", overwrite: bool = False,
+           max_shard_size: str | int = "5GB") -> Path:
+    """Write `model` (a latentkv conversion, e.g. from `load_model(DIR)`) as a stock checkpoint; atomic."""
+    if fmt not in FORMATS:
+        raise LatentKVError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
+    if isinstance(model, (str, Path)):
+        raise LatentKVError(f"export() takes a model; load {model} first with latentkv.load_model")
+    check_output_dir(out, overwrite)
+    dims = exportable_dims(model)
+    freq_idx = kept_frequencies(model)
+    config = engine_config(model, dims, rope_parameters(model, freq_idx.numel()))
+    config["latentkv"] = record_of(model)
+    warning = kernel_warning(dims)
+    if warning:
+        warnings.warn(warning, stacklevel=2)
+    state = engine_state(model, dims, freq_idx)
+    with atomic_output_dir(out, overwrite) as tmp:
+        _write_shards(state, tmp, max_shard_size)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
+        model.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return Path(out)
+
+
+def _write_shards(state: dict, folder: Path, max_shard_size) -> None:
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+
+    split = split_torch_state_dict_into_shards(state, max_shard_size=max_shard_size)
+    for filename, names in split.filename_to_tensors.items():
+        save_file({k: state[k] for k in names}, str(folder / filename), metadata={"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+                 "weight_map": split.tensor_to_filename}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))

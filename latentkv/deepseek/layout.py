@@ -1,0 +1,96 @@
+"""The DeepSeek-V3 layout, both ways: RoPE rows (engines rotate interleaved pairs, we keep transformers'
+half-split ones), the rope_parameters that reproduce the source's frequencies, the engine config,
+and the kernel shapes fast MLA backends take. `export` writes with it, `reader` reads with it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import LatentKVError
+from ..families import rope_frequencies, rope_type
+
+FAST_KERNEL_DIMS = ((512, 64), (256, 64))  # (kv_lora_rank, qk_rope_head_dim) FlashMLA / FlashInfer / CUTLASS accept
+
+
+def rope_parameters(model, m: int) -> dict:
+    """The rope_parameters that make a p = 2m dim DeepSeek-V3 rotary reproduce the source's m fastest
+    frequencies; refuses when the source's rotation is not of that form."""
+    params = dict(getattr(model.config, "rope_parameters", None) or {})
+    kind = rope_type(model.config)
+    theta = params.get("rope_theta", getattr(model.config, "rope_theta", 10000.0))
+    d = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
+    params.update(rope_type=kind, rope_theta=float(theta) ** (2 * m / d))
+    got = _engine_frequencies(params, 2 * m, model.config.max_position_embeddings)
+    want = rope_frequencies(model.config)[:m].float()
+    if not torch.allclose(got, want, rtol=1e-5, atol=0):
+        raise LatentKVError(f"the source's {kind} RoPE frequencies cannot be expressed with rope_theta for "
+                            f"qk_rope_head_dim {2 * m}; DeepSeek-V3 cannot run this model")
+    return params
+
+
+def _engine_frequencies(params: dict, p: int, max_positions: int) -> torch.Tensor:
+    """(p/2,) inv_freq exactly as transformers' DeepSeek-V3 rotary computes it from `params`."""
+    from transformers import DeepseekV3Config
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RotaryEmbedding
+
+    cfg = DeepseekV3Config(hidden_size=64, num_attention_heads=1, qk_rope_head_dim=p, rope_parameters=dict(params),
+                           max_position_embeddings=max_positions)
+    return DeepseekV3RotaryEmbedding(cfg).inv_freq.float()
+
+
+def interleave_order(freq_idx: torch.Tensor) -> torch.Tensor:
+    """(p,) rows of our half-split rope block (pair k = rows k, k + m) in DeepSeek's interleaved order
+    (pair j = rows 2j, 2j + 1), pairs sorted by frequency (fastest first)."""
+    m = freq_idx.numel()
+    order = torch.argsort(freq_idx)
+    return torch.stack((order, order + m), 1).reshape(-1)
+
+
+def reorder_rope_rows(name: str, t: torch.Tensor, dims, order: torch.Tensor) -> torch.Tensor:
+    """A query (per head: n nope rows, then p rope rows) or kv_a (r latent rows, then p rope rows)
+    weight with its rope rows taken in `order`; any other tensor unchanged. Used both ways: to the
+    engine's interleaved layout on export, back to ours on import."""
+    n, p, h = dims.qk_nope_head_dim, dims.qk_rope_head_dim, dims.num_heads
+    if name.endswith(("q_proj.weight", "q_b_proj.weight")):
+        w = t.view(h, n + p, -1)
+        return torch.cat((w[:, :n], w[:, n:][:, order]), 1).reshape(h * (n + p), -1)
+    if name.endswith("kv_a_proj_with_mqa.weight"):
+        return torch.cat((t[: dims.kv_lora_rank], t[dims.kv_lora_rank:][order]))
+    return t
+
+
+def engine_config(model, dims, rope: dict) -> dict:
+    from transformers import DeepseekV3Config
+
+    src = model.config
+    cfg = DeepseekV3Config(
+        vocab_size=src.vocab_size, hidden_size=src.hidden_size, intermediate_size=src.intermediate_size,
+        moe_intermediate_size=src.intermediate_size, num_hidden_layers=src.num_hidden_layers,
+        num_attention_heads=dims.num_heads, num_key_value_heads=dims.num_heads,
+        # dense model: every layer is below first_k_dense_replace, so no MoE is built
+        n_shared_experts=1, n_routed_experts=1, num_experts_per_tok=1, n_group=1, topk_group=1,
+        first_k_dense_replace=src.num_hidden_layers, routed_scaling_factor=1.0,
+        kv_lora_rank=dims.kv_lora_rank, q_lora_rank=dims.q_lora_rank, qk_rope_head_dim=dims.qk_rope_head_dim,
+        qk_nope_head_dim=dims.qk_nope_head_dim, v_head_dim=dims.v_head_dim, hidden_act="silu",
+        max_position_embeddings=src.max_position_embeddings, rms_norm_eps=src.rms_norm_eps,
+        bos_token_id=src.bos_token_id, eos_token_id=src.eos_token_id, pad_token_id=src.pad_token_id,
+        tie_word_embeddings=bool(getattr(src, "tie_word_embeddings", False)), rope_parameters=rope,
+        rope_interleave=True, attention_bias=False, num_mtp_layers=0,
+    )
+    out = cfg.to_dict()
+    out.update(architectures=["DeepseekV3ForCausalLM"], moe_layer_freq=1, num_nextn_predict_layers=0,
+               dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
+               # older readers (vLLM, SGLang) take RoPE from these two keys
+               rope_theta=rope["rope_theta"],
+               rope_scaling=None if rope["rope_type"] == "default" else {k: v for k, v in rope.items() if k != "rope_theta"})
+    return out
+
+
+def kernel_warning(dims) -> str | None:
+    if (dims.kv_lora_rank, dims.qk_rope_head_dim) in FAST_KERNEL_DIMS:
+        return None
+    shapes = " or ".join(f"{r}+{p}" for r, p in FAST_KERNEL_DIMS)
+    return (f"kv_lora_rank {dims.kv_lora_rank} + qk_rope_head_dim {dims.qk_rope_head_dim} is not a shape the "
+            f"fast MLA kernels (FlashMLA, FlashInfer, CUTLASS MLA) take ({shapes}); engines fall back to slower "
+            "backends or may refuse it")

@@ -1,0 +1,1 @@
+"""Quality measures with one documented protocol each: perplexity and passkey retrieval."""

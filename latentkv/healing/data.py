@@ -1,0 +1,102 @@
+"""Training text for healing: documents -> one token stream -> fixed-length packed sequences.
+
+Sources: a UTF-8 text file, a folder of `.txt` files (sorted, recursive), a `datasets` dataset
+object (or `hf:NAME[:CONFIG]:SPLIT[:COLUMN]`, needs the hub), or any iterable of strings.
+Documents are joined with the tokenizer's EOS token and cut into `seq_len` windows; the order
+in which windows are visited is a seeded permutation per epoch, so the position in the stream
+is one integer (the number of windows consumed) and a resumed run sees the same windows.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..errors import LatentKVError
+
+
+def read_documents(source) -> list[str]:
+    """source (path, folder, `hf:` spec, `datasets.Dataset` or iterable of str) -> documents."""
+    if isinstance(source, (str, Path)):
+        src = str(source)
+        if src.startswith("hf:"):
+            return _hub_documents(src)
+        path = Path(src).expanduser()
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+            if not files:
+                raise LatentKVError(f"data folder {path} holds no .txt files; put UTF-8 .txt files in it")
+            return [_read(p) for p in files]
+        if path.is_file():
+            return [_read(path)]
+        raise LatentKVError(f"data {src!r} not found: pass a text file, a folder of .txt files, "
+                            "or hf:NAME[:CONFIG]:SPLIT[:COLUMN]")
+    if hasattr(source, "column_names"):  # a datasets.Dataset
+        column = "text" if "text" in source.column_names else source.column_names[0]
+        return [str(t) for t in source[column]]
+    return [str(t) for t in source]
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise LatentKVError(f"data file {path} is not UTF-8 (bad byte at offset {e.start}); "
+                            "convert it with `iconv -t utf-8`") from None
+
+
+def _hub_documents(spec: str) -> list[str]:
+    parts = spec[3:].split(":")
+    if len(parts) < 2:
+        raise LatentKVError(f"bad dataset spec {spec!r}; write hf:NAME[:CONFIG]:SPLIT[:COLUMN], "
+                            "e.g. hf:wikitext:wikitext-103-raw-v1:train:text")
+    name, rest = parts[0], parts[1:]
+    config = rest.pop(0) if len(rest) >= 2 else None
+    split, column = rest[0], (rest[1] if len(rest) > 1 else "text")
+    try:
+        import datasets
+    except ImportError:
+        raise LatentKVError("hf: data needs the `datasets` package (pip install 'latentkv[datasets]')") from None
+    try:
+        rows = datasets.load_dataset(name, config, split=split)
+    except Exception as e:  # hub/network errors come in many types
+        raise LatentKVError(f"could not load dataset {name} ({type(e).__name__}); the hub may be unreachable: "
+                            "pass a local text file or folder") from None
+    if column not in rows.column_names:
+        raise LatentKVError(f"dataset {name} has no column {column!r}; it has {rows.column_names}")
+    return [str(t) for t in rows[column]]
+
+
+def pack(tokenizer, documents: list[str], seq_len: int) -> torch.Tensor:
+    """documents -> (N, seq_len) long: EOS-joined token stream cut into windows, tail dropped."""
+    if tokenizer.eos_token_id is None:
+        raise LatentKVError("the tokenizer has no EOS token to separate documents; use a tokenizer with one")
+    ids: list[int] = []
+    for doc in documents:
+        if doc.strip():
+            ids.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
+            ids.append(tokenizer.eos_token_id)
+    n = len(ids) // seq_len
+    if n == 0:
+        raise LatentKVError(f"the training data is empty or shorter than one sequence ({len(ids)} tokens < "
+                            f"--seq-len {seq_len}); give more text or a shorter --seq-len")
+    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+class WindowOrder:
+    """Which packed windows a global step uses: epoch-wise seeded permutations of range(N)."""
+
+    def __init__(self, n_windows: int, seed: int):
+        self.n, self.seed, self._perms = n_windows, seed, {}
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._perms:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perms[epoch] = torch.randperm(self.n, generator=g)
+        return self._perms[epoch]
+
+    def take(self, start: int, count: int) -> torch.Tensor:
+        """Window indices for stream positions [start, start + count) -> (count,) long."""
+        pos = torch.arange(start, start + count)
+        return torch.stack([self._perm(int(p) // self.n)[int(p) % self.n] for p in pos])

@@ -1,0 +1,135 @@
+"""The distillation loop: one optimizer step = `batch_size` windows over all processes."""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import LatentKVError
+from ..io.text import fingerprint
+from .data import WindowOrder
+from .losses import TeacherCache, cross_entropy, kl_full, kl_topk, teacher_topk
+from .state import StepLog, read_progress, save_checkpoint
+
+
+def select_trainable(model, config):
+    """-> the model to train (a peft wrapper for `lora`), with requires_grad set per config.train."""
+    if config.train == "all":
+        return model.requires_grad_(True)
+    model.requires_grad_(False)
+    attention = [layer.self_attn for layer in model.model.layers]
+    if config.train == "attention":
+        for attn in attention:
+            attn.requires_grad_(True)
+        return model
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise LatentKVError("--train lora needs peft: pip install 'latentkv[heal]'") from None
+
+    targets = sorted({name for attn in attention for name, m in attn.named_children() if isinstance(m, torch.nn.Linear)})
+    lora = LoraConfig(r=config.lora_rank, lora_alpha=2 * config.lora_rank, lora_dropout=0.0, target_modules=targets)
+    return get_peft_model(model, lora)
+
+
+def train(acc, model, teacher, windows: torch.Tensor, config, steps: int, accum: int, work: Path, ckpt,
+          teacher_cache, progress: bool):
+    """-> (report, trained model as prepared by accelerate). Checkpoints every config.save_every."""
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+    model = select_trainable(model, config)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    sched = get_cosine_with_min_lr_schedule_with_warmup(opt, round(config.warmup_ratio * steps), max(steps, 1),
+                                                        min_lr_rate=config.min_lr_ratio)
+    model, opt = acc.prepare(model, opt)
+    acc.register_for_checkpointing(sched)  # not prepared: accelerate would step it once per process
+    start = 0
+    if ckpt is not None:
+        acc.load_state(str(ckpt))
+        start = read_progress(ckpt)["step"]
+    log = StepLog(work / "log.jsonl", start, acc.is_main_process)
+    cache = None
+    if teacher_cache:
+        cache = TeacherCache(teacher_cache, {"data": fingerprint(windows), "seq_len": config.seq_len,
+                                             "topk": config.teacher_topk, "temperature": config.temperature})
+    order = WindowOrder(windows.shape[0], config.seed)
+    bar = tqdm(total=steps, initial=start, unit="step", desc="heal", disable=not (progress and acc.is_main_process))
+    times, first, last = [], None, None
+    for step in range(start, steps):
+        t0 = time.perf_counter()
+        idx = order.take(step * config.batch_size, config.batch_size)
+        idx = idx.view(acc.num_processes, accum, config.micro_batch)[acc.process_index]
+        parts = torch.zeros(3, device=acc.device)
+        for k in range(accum):
+            sync = acc.no_sync(model) if k < accum - 1 else contextlib.nullcontext()
+            with sync:
+                loss, kl, ce = micro_loss(acc, model, teacher, windows, idx[k], config, cache)
+                acc.backward(loss / accum)
+            parts += torch.stack([loss.detach(), kl, ce]) / accum
+        norm = acc.clip_grad_norm_(params, config.max_grad_norm if config.max_grad_norm > 0 else float("inf"))
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        loss, kl, ce = acc.reduce(parts, "mean").tolist()
+        times.append(time.perf_counter() - t0)
+        first, last = (loss if first is None else first), loss
+        tps = config.tokens_per_step / times[-1]
+        log.write({"step": step + 1, "tokens": (step + 1) * config.tokens_per_step, "loss": loss, "kl": kl,
+                   "ce": ce, "lr": sched.get_last_lr()[0], "grad_norm": float(norm), "tokens_per_s": round(tps, 1),
+                   "time": round(times[-1], 3)})
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:.0f}")
+        if (step + 1) % config.save_every == 0 and step + 1 < steps:
+            save_checkpoint(acc, work, {"step": step + 1, "tokens": (step + 1) * config.tokens_per_step})
+    bar.close()
+    rows = log.rows()
+    report = {"train": config.train, "steps": steps, "tokens": steps * config.tokens_per_step,
+              "resumed_at_step": start, "processes": acc.num_processes,
+              # reduced over processes, so every process reports the same; a resumed run's first is the log's
+              "first_loss": rows[0]["loss"] if start and rows else first,
+              "last_loss": last if last is not None else (rows[-1]["loss"] if rows else None),
+              "median_step_s": round(statistics.median(times), 4) if times else None,
+              "tokens_per_s": round(config.tokens_per_step / statistics.median(times), 1) if times else None,
+              "seconds": round(sum(r["time"] for r in rows), 2) if rows else round(sum(times), 2)}
+    return report, model
+
+
+def micro_loss(acc, model, teacher, windows: torch.Tensor, idx: torch.Tensor, config, cache):
+    """idx (micro_batch,) window ids -> (loss, kl, ce), scalars; kl/ce detached for logging."""
+    ids = windows[idx].to(acc.device)  # (b, T)
+    target = teacher_targets(acc, teacher, ids, idx, config, cache)
+    with acc.autocast():
+        logits = model(input_ids=ids).logits  # (b, T, V)
+    zero = torch.zeros((), device=acc.device)
+    kl = (kl_topk(logits, *target, config.temperature) if cache is not None
+          else kl_full(logits, target, config.temperature)) if config.kl_weight > 0 else zero
+    ce = cross_entropy(logits, ids) if config.ce_weight > 0 else zero
+    loss = config.kl_weight * kl + config.ce_weight * ce
+    return loss, kl.detach(), ce.detach()
+
+
+@torch.no_grad()
+def teacher_targets(acc, teacher, ids: torch.Tensor, idx: torch.Tensor, config, cache):
+    """Teacher logits (b, T, V); or, with a cache, top-k log-probs and ids (b, T, k) each."""
+    if cache is None:
+        with acc.autocast():
+            return teacher(input_ids=ids).logits
+    hits = [cache.get(int(w)) for w in idx]
+    if any(h is None for h in hits):
+        with acc.autocast():
+            logits = teacher(input_ids=ids).logits
+        vals, top = teacher_topk(logits, config.teacher_topk, config.temperature)
+        for j, w in enumerate(idx):
+            cache.put(int(w), vals[j], top[j])
+        return vals, top
+    return (torch.stack([h[0] for h in hits]).to(acc.device), torch.stack([h[1] for h in hits]).to(acc.device))

@@ -1,0 +1,224 @@
+"""Healing a converted model by distillation from its source (or any teacher with the same vocab).
+
+loss = kl_weight * T^2 KL(teacher || student) + ce_weight * next-token CE, on packed windows of
+training text; AdamW, linear warmup then cosine to min_lr_ratio * lr, gradient accumulation,
+optional gradient checkpointing and bf16 autocast. What trains is a choice: `attention` (the
+converted MLA weights incl. kv_a_layernorm; the default), `all`, or `lora` (peft adapters on the
+MLA projections, merged at the end). An optional local stage fits each layer to the source first.
+
+One code path from a laptop to many GPUs: `accelerate` runs it as one process, or under
+`accelerate launch` / `torchrun` with DDP (or FSDP from an accelerate config). A global step
+always consumes `batch_size` windows: each process takes its share, in micro-batches, so the
+result does not depend on the number of processes (up to float summation order).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import LatentKVError
+from ..io.atomic import check_output_dir, write_file_atomic
+from ..io.text import fingerprint
+from ..loading import load_model
+from ..record import record_of
+from ..runtime.checkpoint import save
+from .data import WindowOrder, pack, read_documents
+from .local import local_heal
+from .loop import select_trainable, train
+from .state import latest_checkpoint, plot_losses, prepare_work_dir, read_log
+
+TRAINABLE = ("attention", "all", "lora")
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class HealConfig:
+    tokens: int = 500_000  # training tokens (steps = tokens // (batch_size * seq_len))
+    seq_len: int = 512
+    batch_size: int = 8  # windows per optimizer step, all processes together
+    micro_batch: int = 1  # windows per forward on one process
+    lr: float = 2e-4
+    min_lr_ratio: float = 0.1
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    temperature: float = 1.0
+    kl_weight: float = 1.0
+    ce_weight: float = 0.0
+    train: str = "attention"
+    lora_rank: int = 16
+    gradient_checkpointing: bool = False
+    precision: str = "fp32"
+    seed: int = 0
+    save_every: int = 50  # optimizer steps between checkpoints
+    teacher_topk: int = 64  # kept per token when a teacher cache is used
+    local_steps: int = 0  # > 0: local layer-wise stage first, this many Adam steps per layer
+    local_windows: int = 16
+    local_lr: float = 1e-3
+
+    def __post_init__(self):
+        if self.train not in TRAINABLE:
+            raise LatentKVError(f"unknown --train {self.train!r}; choose one of {', '.join(TRAINABLE)}")
+        if self.precision not in PRECISIONS:
+            raise LatentKVError(f"unknown --precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
+        if self.kl_weight <= 0 and self.ce_weight <= 0:
+            raise LatentKVError("both --kl-weight and --ce-weight are 0: nothing to train on")
+        for name in ("seq_len", "batch_size", "micro_batch", "save_every"):
+            if getattr(self, name) < 1:
+                raise LatentKVError(f"--{name.replace('_', '-')} must be >= 1")
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.seq_len
+
+    def steps(self) -> int:
+        n = self.tokens // self.tokens_per_step
+        if n < 1 and self.tokens > 0:
+            raise LatentKVError(f"--tokens {self.tokens} is smaller than one batch (batch size {self.batch_size} x "
+                                f"seq len {self.seq_len} = {self.tokens_per_step} tokens); raise --tokens or "
+                                "lower --batch-size / --seq-len")
+        return n
+
+    def accumulation(self, processes: int) -> int:
+        per = self.micro_batch * processes
+        if self.batch_size % per:
+            raise LatentKVError(f"--batch-size {self.batch_size} is not a multiple of micro batch x processes "
+                                f"({self.micro_batch} x {processes}); pick a batch size divisible by {per}")
+        return self.batch_size // per
+
+
+def heal(student, teacher, data, out, config: HealConfig = HealConfig(), *, overwrite: bool = False,
+         resume: bool = False, work_dir=None, teacher_cache=None, progress: bool = True) -> dict:
+    """Distil `teacher` into the converted `student` (paths or names) on `data`; save to `out`.
+
+    data: text file, folder of .txt, `hf:` spec, datasets.Dataset or list of str.
+    -> report dict (steps, tokens, seconds, tokens/s, first/last loss, local stage); also stored in
+    the output's conversion record under "heal". Checkpoints in `work_dir` (default OUT.heal).
+    """
+    from accelerate import Accelerator
+
+    acc = Accelerator(cpu=not torch.cuda.is_available(),
+                      mixed_precision="bf16" if config.precision == "bf16" else "no")
+    if config.precision == "bf16" and acc.device.type == "cpu" and acc.is_main_process:
+        warnings.warn("bf16 autocast on CPU can be far slower than fp32 (BENCHMARKS.md, heal); use it on GPUs",
+                      stacklevel=2)
+    out = Path(out)
+    check_output_dir(out, overwrite)
+    steps, accum = config.steps(), config.accumulation(acc.num_processes)
+    if steps == 0 and config.local_steps <= 0:
+        raise LatentKVError("--tokens 0 and no --local-steps: nothing to do; give --tokens N or --local-steps N")
+    t_dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32  # frozen: no fp32 master needed
+    model, tok, teacher_model = load_pair(student, teacher, acc.device, t_dtype)
+    windows = pack(tok, read_documents(data), config.seq_len)
+    run = {"config": dataclasses.asdict(config), "data": fingerprint(windows), "windows": int(windows.shape[0]),
+           "student": _name(student), "teacher": _name(teacher), "processes": acc.num_processes}
+    work = Path(work_dir) if work_dir else out.with_name(out.name + ".heal")
+    ckpt = prepare_work_dir(work, run, resume, overwrite) if acc.is_main_process else None
+    acc.wait_for_everyone()
+    if not acc.is_main_process and resume:
+        ckpt = latest_checkpoint(work)
+    local = run_local_stage(model, teacher_model, windows, config, work, acc, progress)
+    report, model = train(acc, model, teacher_model, windows, config, steps, accum, work, ckpt, teacher_cache,
+                          progress)
+    report.update(local=local, data=_name(data), teacher=_name(teacher), data_fingerprint=run["data"])
+    final = gathered_model(acc, model, student, config)
+    if acc.is_main_process:
+        save_healed(final, tok, out, overwrite, report, work)
+    acc.wait_for_everyone()
+    return report
+
+
+def gathered_model(acc, model, student, config):
+    """The trained model, whole, on the main process. Under FSDP the parameters are shards: every
+    process joins the gather, and the main one loads the full state into a fresh copy."""
+    from accelerate.utils import DistributedType
+
+    if acc.distributed_type != DistributedType.FSDP:
+        return acc.unwrap_model(model)
+    state = acc.get_state_dict(model)
+    if not acc.is_main_process:
+        return None
+    fresh = select_trainable(load_model(student, progress=False)[0], config)
+    fresh.load_state_dict(state)
+    return fresh
+
+
+def _name(x) -> str:
+    """A short, stable name for a path, a (model, tokenizer) pair or in-memory data."""
+    if isinstance(x, tuple):
+        return str(getattr(x[0].config, "_name_or_path", "") or type(x[0]).__name__)
+    return str(x) if isinstance(x, (str, Path)) else type(x).__name__
+
+
+def load_pair(student, teacher, device, teacher_dtype=torch.float32):
+    """-> (student in train mode, tokenizer, frozen teacher); refuses vocabularies that differ."""
+    model, tok = student if isinstance(student, tuple) else load_model(student, progress=False)
+    if record_of(model) is None:
+        raise LatentKVError(f"{student} is not a latentkv conversion; heal a `latentkv convert` output")
+    if tok is None:
+        raise LatentKVError(f"{student} has no tokenizer files; re-run `latentkv convert` from a source with one")
+    t_model, t_tok = teacher if isinstance(teacher, tuple) else load_model(teacher, dtype=teacher_dtype,
+                                                                           progress=False)
+    check_same_vocab(model, tok, t_model, t_tok)
+    t_model.requires_grad_(False)
+    return model.to(device), tok, t_model.to(device).eval()
+
+
+def check_same_vocab(model, tok, t_model, t_tok) -> None:
+    sv, tv = model.get_output_embeddings().weight.shape[0], t_model.get_output_embeddings().weight.shape[0]
+    if sv != tv:
+        raise LatentKVError(f"teacher and student vocabularies differ ({tv} vs {sv} logits); distil from the "
+                            "source model the student was converted from, or a teacher with the same tokenizer")
+    if t_tok is not None and t_tok.get_vocab() != tok.get_vocab():
+        raise LatentKVError("teacher and student tokenizers differ (same size, other tokens); distil from the "
+                            "source model the student was converted from, or a teacher with the same tokenizer")
+
+
+def run_local_stage(model, teacher, windows, config: HealConfig, work: Path, acc, progress: bool) -> dict | None:
+    """The layer-wise stage, once per run: its result is kept in the work dir for a resume."""
+    from safetensors.torch import load_file
+    from safetensors.torch import save as to_bytes
+
+    if config.local_steps <= 0:
+        return None
+    saved, meta = work / "local.safetensors", work / "local.json"
+    if saved.is_file() and meta.is_file():
+        model.load_state_dict(load_file(str(saved)), strict=False)
+        return json.loads(meta.read_text())
+    pick = WindowOrder(windows.shape[0], config.seed + 7919).take(0, min(config.local_windows, windows.shape[0]))
+    report = local_heal(model, teacher, windows[pick], steps=config.local_steps, lr=config.local_lr,
+                        seed=config.seed, progress=progress and acc.is_main_process)
+    if acc.is_main_process:
+        state = {k: v.contiguous() for k, v in model.state_dict().items() if ".self_attn." in k}
+        write_file_atomic(saved, to_bytes(state))
+        write_file_atomic(meta, json.dumps(report))
+    return report
+
+
+def save_healed(model, tok, out: Path, overwrite: bool, report: dict, work: Path) -> None:
+    """Merge LoRA if any, record the healing in the conversion record, save natively with the log."""
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    model.requires_grad_(False)
+    model.eval()
+    record = model.config.latentkv
+    record["heal"] = {k: v for k, v in report.items() if k != "log"}
+    log = work / "log.jsonl"
+
+    def add_log(tmp: Path) -> None:
+        if log.is_file():
+            shutil.copy(log, tmp / "heal_log.jsonl")
+            plot_losses(read_log(log), tmp / "heal_loss.png", f"healing {out.name}")
+
+    save(model, tok, out, overwrite=overwrite, extra=add_log)
+    shutil.rmtree(work, ignore_errors=True)  # the output is whole: checkpoints are no longer needed
+    report["out"] = str(out)
+    report["time"] = time.strftime("%Y-%m-%dT%H:%M:%S")

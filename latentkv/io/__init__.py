@@ -1,0 +1,1 @@
+"""Files and the machine: atomic writes, safetensors shards, native checkpoint files, text, memory."""

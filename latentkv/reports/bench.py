@@ -1,0 +1,234 @@
+"""`latentkv bench`: prefill time, decode speed, memory and cache bytes of a source model and its
+MLA conversion, side by side, with the bandwidth floor each decode step could reach.
+
+Per model and context: one batch-1 prefill is timed (chunked, so attention memory stays bounded),
+then its cache is repeated to each batch size and `new_tokens` decode steps are timed for each
+variant; the median step gives decode tokens/s. Variants: `source` (transformers' DynamicCache, its own
+attention kernel), `latent-expanded` (latent cache, keys/values decompressed every step) and
+`latent-absorbed` (latent cache, absorbed decode). A step must at least read the weights once
+and the whole cache once: `floor_s = step_bytes / bandwidth`, with the bandwidth measured by a
+streaming read at the start of the run.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import LatentKVError
+from ..io.atomic import atomic_output_dir
+from ..io.machine import available_memory, peak_rss, reset_peak_rss
+from ..io.plots import figure
+from ..record import record_of
+from ..runtime.accounting import cache_report
+from ..runtime.generation import cache_tensor_bytes, decode_n_tokens, new_cache, prefill
+from ..runtime.install import mla_layers
+
+PREFILL_CHUNK = 1024  # tokens per prefill forward: bounds the (chunk x context) attention scores
+HEADROOM = 0.8  # share of MemAvailable a row may plan to use
+
+
+def measure_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
+    """Bytes/s of a streaming read (a sum over a buffer larger than any cache), median of repeats."""
+    buf = torch.ones(megabytes * 2 ** 20 // 4)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        buf.sum()
+        times.append(time.perf_counter() - t)
+    return buf.numel() * 4 / statistics.median(times)
+
+
+def measure_flops(n: int = 1536, repeats: int = 3) -> float:
+    """fp32 FLOP/s of a square matmul on all threads (the compute roof), median of repeats."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm-up: thread pool, caches
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t)
+    return 2 * n ** 3 / statistics.median(times)
+
+
+def step_flops(model, variant: str, batch: int, context: int) -> int:
+    """Multiply-adds x 2 of one decode step: every weight once per sequence, plus attention over
+    `context` cached tokens (absorbed MLA attends in r + p dims and reads values in r, which is
+    why it costs more FLOPs per cached token than GQA while reading fewer bytes)."""
+    size = next(model.parameters()).element_size()
+    total = 2 * batch * step_weight_bytes(model, variant) // size
+    layers = mla_layers(model)
+    if not layers:
+        cfg = model.config
+        d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        return total + cfg.num_hidden_layers * 2 * batch * cfg.num_attention_heads * context * 2 * d
+    for m in layers:
+        d = m.dims
+        if variant == "latent-absorbed":
+            total += 2 * batch * d.num_heads * context * (2 * d.kv_lora_rank + d.qk_rope_head_dim)
+        else:  # decompress every cached latent, then attend per head
+            kv = d.num_heads * (d.qk_nope_head_dim + d.v_head_dim)
+            total += 2 * batch * context * (d.kv_lora_rank * kv + d.num_heads * (kv + d.qk_rope_head_dim))
+    return total
+
+
+def weight_bytes(model) -> int:
+    """Bytes a decode step reads from the weights: every parameter once (tied ones once); the
+    embedding table counts once, as the tied or separate lm_head reads all of it."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
+    return total
+
+
+def step_weight_bytes(model, variant: str) -> int:
+    """Weight bytes a decode step of `variant` reads: everything, except that the absorbed path reads
+    each MLA layer's pre-folded decode weights instead of its projections (`decode_weight_bytes`)."""
+    total = weight_bytes(model)
+    if variant == "latent-absorbed":
+        for m in mla_layers(model):
+            total += m.decode_weight_bytes() - sum(p.numel() * p.element_size() for p in m.parameters())
+    return total
+
+
+def cache_bytes_per_token(model) -> int:
+    """Cache bytes one token of one sequence occupies: latent for converted models, K/V otherwise."""
+    return cache_report(model)["model"]["bytes_per_token"]
+
+
+def plan(model, context: int, batch: int, new_tokens: int, dynamic: bool) -> str | None:
+    """Why this row cannot run here, or None."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit and context + new_tokens > limit:
+        return f"context {context} + {new_tokens} new tokens exceeds the model's {limit} positions"
+    cache = cache_bytes_per_token(model) * batch * (context + new_tokens) * (2 if dynamic else 1)  # cat copies
+    heads = model.config.num_attention_heads
+    scores = 4 * heads * PREFILL_CHUNK * (context + new_tokens) * 3  # fp32 scores, softmax, grads-free temps
+    need = cache + scores  # the weights are already resident
+    free = available_memory()
+    if free is None:
+        raise LatentKVError("cannot read MemAvailable from /proc/meminfo (Linux only), which bench plans rows by")
+    if need > HEADROOM * free:
+        return f"needs ~{need / 2 ** 30:.1f} GiB, more than {HEADROOM:.0%} of the {free / 2 ** 30:.1f} GiB free"
+    return None
+
+
+def variants(model, against=None) -> list[tuple[str, object]]:
+    if record_of(model) is None:
+        if against is not None:
+            raise LatentKVError("bench MODEL --against SOURCE: MODEL must be a latentkv conversion")
+        return [("source", model)]
+    return ([("source", against)] if against is not None else []) + [("latent-expanded", model),
+                                                                     ("latent-absorbed", model)]
+
+
+MLA_PATHS = {"source": None, "latent-expanded": "expanded", "latent-absorbed": "auto"}  # variant -> mla_path
+
+
+def decode(model, cache, batch: int, context: int, steps: int, vocab: int, mla_path: str | None = None) -> list[float]:
+    """`steps` one-token forwards of random tokens after `context` cached tokens -> seconds per step."""
+    gen = torch.Generator().manual_seed(1)
+    choose = lambda _: torch.randint(0, vocab, (batch,), generator=gen)  # noqa: E731 - tokens do not matter here
+    return decode_n_tokens(model, cache, None, torch.full((batch, 1), context - 1), steps, choose, mla_path=mla_path)
+
+
+def measure(model, names: list[str], context: int, batches, new_tokens: int, roofs: tuple[float, float],
+            seed: int = 0) -> list[dict]:
+    """Rows for one model at one context: one batch-1 prefill (the model's own path choice), then decode
+    at each batch size for each variant name (`source`, `latent-expanded`, `latent-absorbed`)."""
+    rows, dynamic = [], names == ["source"]
+    reasons = {b: plan(model, context, b, new_tokens, dynamic) for b in batches}
+    if all(reasons.values()):
+        return [{"variant": n, "context": context, "batch": b, "skipped": reasons[b]} for n in names for b in batches]
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (1, context), generator=torch.Generator().manual_seed(seed))
+    first = new_cache(model, context + new_tokens)
+    start = time.perf_counter()
+    prefill(model, ids, first, chunk=PREFILL_CHUNK)
+    prefill_s = time.perf_counter() - start
+    for name in names:
+        for b in batches:
+            if reasons[b]:
+                rows.append({"variant": name, "context": context, "batch": b, "skipped": reasons[b]})
+                continue
+            cache = copy.deepcopy(first)
+            if b > 1:
+                cache.batch_repeat_interleave(b)
+            reset_peak_rss()
+            times = decode(model, cache, b, context, new_tokens, vocab, MLA_PATHS[name])
+            rows.append(_row(model, name, context, b, new_tokens, prefill_s, times, cache, roofs))
+            del cache
+    return rows
+
+
+def _row(model, name, context, batch, new_tokens, prefill_s, times, cache, roofs) -> dict:
+    """One decode row. floor_s: the bytes a step reads at the measured bandwidth (the issue's floor);
+    compute_floor_s: its FLOPs at the measured matmul rate; roofline_fraction: the larger of the two
+    over the step time."""
+    bandwidth, flops = roofs
+    step = statistics.median(times)
+    per_token = cache_bytes_per_token(model)
+    held = cache_tensor_bytes(cache)
+    step_bytes = step_weight_bytes(model, name) + per_token * batch * context
+    flop = step_flops(model, name, batch, context)
+    return {"variant": name, "context": context, "batch": batch, "new_tokens": new_tokens,
+            "prefill_s": round(prefill_s, 4), "prefill_batch": 1, "decode_step_s": step,
+            "decode_tokens_per_s": batch / step, "cache_bytes": held,
+            "cache_bytes_formula": per_token * batch * (context + new_tokens), "cache_bytes_per_token": per_token,
+            "peak_rss_bytes": peak_rss(), "step_bytes": step_bytes, "floor_s": step_bytes / bandwidth,
+            "floor_fraction": step_bytes / bandwidth / step, "step_flops": flop, "compute_floor_s": flop / flops,
+            "roofline_fraction": max(step_bytes / bandwidth, flop / flops) / step}
+
+
+def bench(model, against=None, contexts=(1024, 4096, 8192, 16384), batches=(1, 4, 16), new_tokens: int = 64,
+          progress: bool = True) -> dict:
+    """-> {"bandwidth_bytes_per_s", "threads", "rows": [...]}, rows as in `measure` (or `skipped`)."""
+    if not contexts or not batches or min(contexts) < 1 or min(batches) < 1 or new_tokens < 1:
+        raise LatentKVError("bench needs positive --context, --batch and --new-tokens values, e.g. --context 1024,4096 "
+                            "--batch 1,4 --new-tokens 64")
+    groups = {}
+    for name, m in variants(model, against):
+        groups.setdefault(id(m), (m, []))[1].append(name)
+    todo = [(m, names, c) for m, names in groups.values() for c in contexts]
+    roofs = measure_bandwidth(), measure_flops()
+    rows = []
+    for m, names, context in tqdm(todo, desc="bench", disable=not progress):
+        rows += measure(m, names, context, batches, new_tokens, roofs)
+    if all("skipped" in r for r in rows):
+        raise LatentKVError(f"no row of the grid fits this machine ({rows[0]['skipped']}); lower --context or --batch")
+    return {"bandwidth_bytes_per_s": roofs[0], "flops_per_s": roofs[1], "threads": torch.get_num_threads(),
+            "rows": rows}
+
+
+def plot(result: dict, path: Path) -> None:
+    """Decode tokens/s and cache GiB vs context, one line per variant and batch."""
+    with figure(path, ncols=2, figsize=(11, 4)) as (_, (speed, mem)):
+        done = [r for r in result["rows"] if "skipped" not in r]
+        key_of = lambda r: (r["variant"], r["batch"], r.get("budget"))  # noqa: E731 - budget: several conversions
+        for key in dict.fromkeys(key_of(r) for r in done):
+            pts = sorted((r["context"], r["decode_tokens_per_s"], r["cache_bytes"] / 2 ** 30) for r in done
+                         if key_of(r) == key)
+            label = f"{key[0]} b={key[1]}" + (f" @{key[2]:g}" if key[2] is not None and key[0] != "source" else "")
+            speed.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+            mem.plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=label)
+        speed.set(xlabel="context (tokens)", ylabel="decode tokens/s", xscale="log", yscale="log", title="decode speed")
+        mem.set(xlabel="context (tokens)", ylabel="KV cache GiB held", xscale="log", yscale="log", title="cache memory")
+        for ax in (speed, mem):
+            ax.grid(alpha=0.3)
+        speed.legend(fontsize=7)
+
+
+def write_bench(result: dict, out, overwrite: bool = False) -> Path:
+    import json
+
+    with atomic_output_dir(out, overwrite) as tmp:
+        (tmp / "bench.json").write_text(json.dumps(result, indent=2))
+        plot(result, tmp / "bench.png")
+    return Path(out)

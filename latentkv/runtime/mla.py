@@ -1,0 +1,313 @@
+"""Multi-head Latent Attention (DeepSeek-V2/V3) as a drop-in `self_attn` for HF decoder layers.
+
+Einsum letters: b batch, h query head, t query token, s key token, r latent (`kv_lora_rank`),
+n non-rotated q/k dim (`qk_nope_head_dim`), p rotated dim (`qk_rope_head_dim`),
+v value dim (`v_head_dim`), D hidden size.
+
+Per token the layer caches only `c_kv (r)` and the shared rotated key `k_pe (p)`.
+Two paths compute the same function:
+- expanded: `kv_b_proj` decompresses `c_kv` into per-head keys and values (prefill, reference);
+- absorbed: `W_uk` is folded into the query and `W_uv` into the output, so every head attends
+  directly over the cached `[c_kv, k_pe]` (an MQA-shaped read; decode).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Callable, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from ..families import logit_softcap
+
+MLAPath = Literal["auto", "expanded", "absorbed"]
+
+
+@dataclass(frozen=True)
+class MLADims:
+    """Shapes of one MLA layer (DeepSeek-V3 config names)."""
+
+    hidden_size: int  # D
+    num_heads: int  # h: query heads; every head reads the same latent
+    kv_lora_rank: int  # r: cached latent width
+    qk_rope_head_dim: int  # p: cached shared rotated key width (even)
+    qk_nope_head_dim: int  # n: per-head non-rotated q/k width (0 when every key dim keeps RoPE)
+    v_head_dim: int  # v: per-head value width
+    softmax_scale: float  # the source's own (head_dim ** -0.5; Gemma-2: query_pre_attn_scalar ** -0.5;
+    #                       an imported DeepSeek-V3: its engine's, yarn mscale included), not (n + p) ** -0.5
+    q_lora_rank: int | None = None  # None: one dense q_proj
+    q_bias: bool = False  # Qwen2-style biases survive conversion exactly
+    kv_a_bias: bool = False
+    o_bias: bool = False
+    latent_norm: bool = False  # RMSNorm on c_kv (`kv_a_layernorm`), as stock DeepSeek-V3 engines apply
+    rms_norm_eps: float = 1e-6
+
+    def __post_init__(self):
+        if self.qk_rope_head_dim % 2:
+            raise ValueError(f"qk_rope_head_dim must be even, got {self.qk_rope_head_dim}")
+        if self.kv_lora_rank < 1:
+            raise ValueError(f"kv_lora_rank must be >= 1, got {self.kv_lora_rank}")
+
+    @property
+    def cache_values_per_token(self) -> int:
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def select_rope(cos: torch.Tensor, sin: torch.Tensor, freq_idx: torch.Tensor):
+    """Source cos/sin `(B, T, d)` (half-split layout) -> `(B, 1, T, p)` for the kept frequencies."""
+    c = cos[..., freq_idx]  # (B, T, p/2)
+    s = sin[..., freq_idx]
+    return torch.cat((c, c), -1).unsqueeze(1), torch.cat((s, s), -1).unsqueeze(1)
+
+
+def soft_cap(scores: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """Gemma-2's logit soft-capping, cap * tanh(scores / cap); identity without a cap."""
+    return scores if cap is None else torch.tanh(scores / cap) * cap
+
+
+def eager_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, softcap=None, **kwargs):
+    """Reference attention; `key`/`value` may have 1 head (broadcast) or as many as `query`.
+
+    query (B, h, t, k), key (B, 1|h, s, k), value (B, 1|h, s, v) -> (B, t, h, v), weights.
+    """
+    scores = soft_cap(torch.matmul(query, key.transpose(-1, -2)) * scaling, softcap)  # (B, h, t, s)
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + attention_mask[..., : key.shape[-2]]
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    out = torch.matmul(probs, value)  # (B, h, t, v)
+    return out.transpose(1, 2).contiguous(), probs
+
+
+@dataclass(frozen=True)
+class _KernelView:
+    """What transformers' attention kernels read from the calling module.
+
+    The expanded path has as many key heads as query heads; the absorbed path has one.
+    """
+
+    num_key_value_groups: int
+    training: bool = False
+    is_causal: bool = True
+
+
+class MLAAttention(nn.Module):
+    """One MLA layer with both paths. Plugs in where a Llama/Mistral/Qwen2 `self_attn` sat."""
+
+    def __init__(self, dims: MLADims, config, layer_idx: int, sliding_window: int | None = None):
+        super().__init__()
+        self.dims, self.config, self.layer_idx = dims, config, layer_idx
+        self.softcap = logit_softcap(config)  # Gemma-2's tanh cap on scores; None elsewhere
+        # The source layer's window, if any: the model's mask applies it; calibration and export read it.
+        self.sliding_window = sliding_window
+        d, h = dims, dims.num_heads
+        qk_head = d.qk_nope_head_dim + d.qk_rope_head_dim
+        if d.q_lora_rank is None:
+            self.q_proj = nn.Linear(d.hidden_size, h * qk_head, bias=d.q_bias)
+        else:
+            self.q_a_proj = nn.Linear(d.hidden_size, d.q_lora_rank, bias=False)
+            self.q_a_layernorm = nn.RMSNorm(d.q_lora_rank, eps=d.rms_norm_eps)
+            self.q_b_proj = nn.Linear(d.q_lora_rank, h * qk_head, bias=d.q_bias)
+        self.kv_a_proj_with_mqa = nn.Linear(d.hidden_size, d.kv_lora_rank + d.qk_rope_head_dim, bias=d.kv_a_bias)
+        self.kv_a_layernorm = nn.RMSNorm(d.kv_lora_rank, eps=d.rms_norm_eps) if d.latent_norm else None
+        self.kv_b_proj = nn.Linear(d.kv_lora_rank, h * (d.qk_nope_head_dim + d.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(h * d.v_head_dim, d.hidden_size, bias=d.o_bias)
+        # Which source RoPE frequency each rotated pair uses: the rope key keeps the source's
+        # rotation exactly, so llama3-scaled or other inv_freq schedules carry over unchanged.
+        self.register_buffer("rope_freq_idx", torch.zeros(d.qk_rope_head_dim // 2, dtype=torch.long))
+
+    def _query(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, t, D) -> (B, h, t, n + p)."""
+        q = self.q_proj(x) if self.dims.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        b, t, _ = x.shape
+        return q.view(b, t, self.dims.num_heads, -1).transpose(1, 2)
+
+    def _latent(self, x: torch.Tensor):
+        """x (B, t, D) -> c_kv (B, 1, t, r), k_pe (B, 1, t, p), before RoPE."""
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.dims.kv_lora_rank, self.dims.qk_rope_head_dim], -1)
+        if self.kv_a_layernorm is not None:
+            c_kv = self.kv_a_layernorm(c_kv)
+        return c_kv.unsqueeze(1), k_pe.unsqueeze(1)
+
+    def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of `kv_b_proj`: W_uk (h, n, r) and W_uv (h, v, r); no copy, so always in sync."""
+        d = self.dims
+        w = self.kv_b_proj.weight.view(d.num_heads, d.qk_nope_head_dim + d.v_head_dim, d.kv_lora_rank)
+        return w[:, : d.qk_nope_head_dim], w[:, d.qk_nope_head_dim :]
+
+    def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None, **kwargs):
+        """hidden_states (B, t, D) -> (B, t, D), attention weights or None.
+
+        `mla_path` ("auto" | "expanded" | "absorbed", from `model(..., mla_path=...)`) picks the path for
+        this call only; "auto" decodes absorbed and prefills by `absorbed_is_cheaper`."""
+        d = self.dims
+        path: MLAPath = kwargs.pop("mla_path", None) or "auto"
+        c_kv, k_pe = self._latent(hidden_states)
+        cos, sin = select_rope(*position_embeddings, self.rope_freq_idx)
+        k_pe = k_pe * cos + rotate_half(k_pe) * sin  # (B, 1, t, p)
+        joint = None
+        if cache is not None:
+            c_kv, k_pe = cache.update(c_kv, k_pe, self.layer_idx)  # (B, 1, s, r), (B, 1, s, p)
+            joint = cache.joint(self.layer_idx) if hasattr(cache, "joint") else None
+        b, t = hidden_states.shape[:2]
+        if path == "auto":
+            path = "absorbed" if (t == 1 and c_kv.shape[2] > 1) or self.absorbed_is_cheaper() else "expanded"
+        if path == "absorbed" and t == 1 and not kwargs.get("output_attentions"):
+            return self._decode(hidden_states, cos, sin, c_kv, k_pe, joint, attention_mask), None
+        q_nope, q_pe = self._query(hidden_states).split([d.qk_nope_head_dim, d.qk_rope_head_dim], -1)
+        q_pe = q_pe * cos + rotate_half(q_pe) * sin  # (B, h, t, p)
+        attend = self._absorbed if path == "absorbed" else self._expanded
+        out, weights = attend(q_nope, q_pe, c_kv, k_pe, attention_mask, **kwargs)
+        return self.o_proj(out.reshape(b, t, -1)), weights
+
+    def absorbed_is_cheaper(self) -> bool:
+        """Multi-token attention over the latents costs (r + p) + r per query-key pair and head, the
+        expanded one (n + p) + v: at small ranks the absorbed path is cheaper for prefill too."""
+        d = self.dims
+        return 2 * d.kv_lora_rank + d.qk_rope_head_dim < d.qk_nope_head_dim + d.qk_rope_head_dim + d.v_head_dim
+
+    def _kernel(self) -> Callable:
+        if self.softcap is not None and not (self.config._attn_implementation or "").startswith("flash"):
+            return eager_attention  # SDPA has no soft-capping and would silently skip it
+        return ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention)
+
+    def _expanded(self, q_nope, q_pe, c_kv, k_pe, mask, **kwargs):
+        """Decompress every cached latent into per-head K/V, then ordinary attention -> (B, t, h, v)."""
+        d = self.dims
+        b, _, s, _ = c_kv.shape
+        kv = self.kv_b_proj(c_kv.squeeze(1)).view(b, s, d.num_heads, -1).transpose(1, 2)  # (B, h, s, n + v)
+        k_nope, value = kv.split([d.qk_nope_head_dim, d.v_head_dim], -1)
+        key = torch.cat((k_nope, k_pe.expand(b, d.num_heads, s, -1)), -1)  # (B, h, s, n + p)
+        query = torch.cat((q_nope, q_pe), -1)  # (B, h, t, n + p)
+        return self._kernel()(_KernelView(1), query, key, value, mask, scaling=d.softmax_scale,
+                              softcap=self.softcap, **kwargs)
+
+    def _absorbed(self, q_nope, q_pe, c_kv, k_pe, mask, **kwargs):
+        """Attend over latents: score = (W_uk^T q_nope)·c + q_pe·k_pe; out = W_uv (P c) -> (B, t, h, v)."""
+        d = self.dims
+        w_uk, w_uv = self.absorbed_weights()
+        q_lat = torch.einsum("bhtn,hnr->bhtr", q_nope, w_uk)
+        query = torch.cat((q_lat, q_pe), -1)  # (B, h, t, r + p)
+        key = torch.cat((c_kv, k_pe), -1)  # (B, 1, s, r + p)
+        view = _KernelView(d.num_heads)
+        o_lat, weights = self._kernel()(view, query, key, c_kv, mask, scaling=d.softmax_scale, softcap=self.softcap,
+                                        **kwargs)
+        return torch.einsum("bthr,hvr->bthv", o_lat, w_uv), weights  # o_lat (B, t, h, r)
+
+    def _decode(self, x, cos, sin, c_kv, k_pe, joint, mask) -> torch.Tensor:
+        """One new token per sequence, absorbed -> (B, 1, D). The heads fold into the query axis, so a
+        step is two batched matmuls over the latent cache, read as one (T, r + p) matrix per sequence
+        with no per-head copy (an MQA-shaped read); W_uk/W_uv come pre-folded into the query and
+        output projections where that reads fewer weight bytes (`decode_folds`).
+
+        x (B, 1, D); cos/sin (B, 1, 1, p); c_kv (B, 1, T, r), k_pe (B, 1, T, p); joint: the cache's own
+        [c_kv, k_pe] buffer (B, 1, T, r + p) or None (then it is concatenated here).
+        """
+        d, b = self.dims, x.shape[0]
+        folds = self.decode_folds()
+        if folds["q_factor"] is not None:  # per head: (r + p, k) @ (k, D_q), k <= source head_dim
+            u_t, v = folds["q_factor"]
+            z = F.linear(self._q_input(x)[:, 0], v).view(b, d.num_heads, -1).transpose(0, 1)  # (h, B, k)
+            q = torch.bmm(z, u_t).transpose(0, 1)  # (B, h, r + p)
+            if folds["q_bias"] is not None:
+                q = q + folds["q_bias"].view(d.num_heads, -1)
+            q_lat, q_pe = q.split([d.kv_lora_rank, d.qk_rope_head_dim], -1)
+        elif folds["q"] is not None:
+            q_lat, q_pe = F.linear(self._q_input(x), folds["q"], folds["q_bias"]).view(
+                b, d.num_heads, -1).split([d.kv_lora_rank, d.qk_rope_head_dim], -1)
+        else:
+            q_nope, q_pe = self._query(x)[:, :, 0].split([d.qk_nope_head_dim, d.qk_rope_head_dim], -1)
+            q_lat = torch.einsum("bhn,hnr->bhr", q_nope, self.absorbed_weights()[0])
+        q_pe = q_pe * cos[:, 0] + rotate_half(q_pe) * sin[:, 0]  # (B, h, p)
+        query = torch.cat((q_lat, q_pe), -1)  # (B, h, r + p)
+        key = (joint if joint is not None else torch.cat((c_kv, k_pe), -1))[:, 0]  # (B, T, r + p)
+        scores = soft_cap(torch.bmm(query, key.transpose(1, 2)).float() * d.softmax_scale, self.softcap)  # (B, h, T)
+        if mask is not None:
+            mask = mask[:, 0, -1:, : key.shape[1]]  # (B, 1, T): the new token's row
+            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+        o_lat = torch.bmm(torch.softmax(scores, -1).to(key.dtype), key[..., : d.kv_lora_rank])  # (B, h, r)
+        if folds["o"] is not None:
+            return F.linear(o_lat.reshape(b, 1, -1), folds["o"], self.o_proj.bias)
+        out = torch.einsum("bhr,hvr->bhv", o_lat, self.absorbed_weights()[1])
+        return self.o_proj(out.reshape(b, 1, -1))
+
+    def _q_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.dims.q_lora_rank is None else self.q_a_layernorm(self.q_a_proj(x))
+
+    def decode_folds(self) -> dict:
+        """Absorbed decode weights, computed once and reused until a weight changes (its version or
+        storage): q (h*(r + p), D_q) = [W_uk^T W_q_nope; W_q_rope] per head, o (D, h*r) = W_o W_uv.
+        Each is None where folding would read more bytes than the views (or while autograd is on,
+        so training sees the real parameters)."""
+        if torch.is_grad_enabled():
+            return {"q": None, "q_factor": None, "q_bias": None, "o": None}
+        lin = self.q_proj if self.dims.q_lora_rank is None else self.q_b_proj
+        params = (lin.weight, lin.bias, self.kv_b_proj.weight, self.o_proj.weight)
+        key = tuple((p.data_ptr(), p._version, p.dtype) for p in params if p is not None)
+        if getattr(self, "_folds_key", None) != key:
+            self._folds, self._folds_key = self._compute_folds(lin), key
+        return self._folds
+
+    def _compute_folds(self, lin: nn.Linear) -> dict:
+        d, h, n, r = self.dims, self.dims.num_heads, self.dims.qk_nope_head_dim, self.dims.kv_lora_rank
+        w_uk, w_uv = self.absorbed_weights()
+        d_in, v = lin.weight.shape[1], d.v_head_dim
+        out = {"q": None, "q_factor": None, "q_bias": None, "o": None}
+        p = d.qk_rope_head_dim
+        wq = lin.weight.view(h, n + p, d_in)
+        fold = torch.cat((torch.einsum("hnr,hnD->hrD", w_uk, wq[:, :n]), wq[:, n:]), 1)  # (h, r + p, D_q)
+        fac_u, fac_v = _factor_heads(fold)
+        k = fac_u.shape[-1]
+        cost = {"views": (n + p) * d_in + n * r, "fold": (r + p) * d_in, "factor": k * d_in + (r + p) * k}  # per head
+        best = min(cost, key=cost.get)
+        if best == "fold":  # folded query rows are fewer bytes than W_q_nope + W_uk
+            out["q"] = fold.reshape(-1, d_in)
+        elif best == "factor":  # a query converted from GQA has rank <= the source's head_dim per head
+            out["q_factor"] = (fac_u.transpose(1, 2).contiguous(), fac_v)
+        if best != "views" and lin.bias is not None:
+            bq = lin.bias.view(h, -1)
+            out["q_bias"] = torch.cat((torch.einsum("hnr,hn->hr", w_uk, bq[:, :n]), bq[:, n:]), 1).reshape(-1)
+        if d.hidden_size * r < d.hidden_size * v + v * r:  # W_o W_uv is smaller than W_o + W_uv
+            wo = self.o_proj.weight.view(d.hidden_size, h, v)
+            out["o"] = torch.einsum("Dhv,hvr->Dhr", wo, w_uv).reshape(d.hidden_size, -1)
+        return out
+
+    def decode_weight_bytes(self) -> int:
+        """Weight bytes one absorbed decode step reads in this layer."""
+        with torch.no_grad():
+            folds = self.decode_folds()
+        d = self.dims
+        lin = self.q_proj if d.q_lora_rank is None else self.q_b_proj
+        size = lambda t: 0 if t is None else t.numel() * t.element_size()  # noqa: E731
+        if folds["q_factor"] is not None:
+            q = sum(size(t) for t in folds["q_factor"]) + size(folds["q_bias"])
+        elif folds["q"] is not None:
+            q = size(folds["q"]) + size(folds["q_bias"])
+        else:
+            q = size(lin.weight) + size(lin.bias) + size(self.absorbed_weights()[0])
+        o = size(folds["o"]) if folds["o"] is not None else size(self.o_proj.weight) + size(self.absorbed_weights()[1])
+        rest = sum(size(p) for name, p in self.named_parameters()
+                   if not name.startswith(("q_proj", "q_b_proj", "kv_b_proj", "o_proj.weight")))
+        return q + o + rest
+
+
+def _factor_heads(w: torch.Tensor, rtol: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """w (h, m, D) -> U (h, m, k), V (h*k, D) with w_h = U_h V_h up to `rtol` of the largest
+    singular value, k the largest numerical rank over heads."""
+    h, m, D = w.shape
+    u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)  # (h, m, j), (h, j), (h, j, D)
+    k = max(1, int((s > rtol * s[:, :1]).sum(-1).max()))
+    return (u[..., :k] * s[:, None, :k]).to(w.dtype), vh[:, :k].reshape(h * k, D).to(w.dtype)

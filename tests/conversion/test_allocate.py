@@ -1,0 +1,122 @@
+"""Per-layer rank allocation and frequency folding on tiny models."""
+
+import pytest
+import torch
+
+from latentkv import LatentCache, convert, load, record_of, save
+from latentkv.conversion.allocate import allocate_ranks, tail_share
+from latentkv.conversion.configs import LowRankConfig
+from latentkv.conversion.rope import RoRoPE, mixed_key_weights, row_energy
+from latentkv.errors import LatentKVError
+from latentkv.families import attention_layers, read_attention, source_layout
+
+from conftest import make_tiny
+
+
+@pytest.fixture(scope="module")
+def calib_ids():
+    torch.manual_seed(3)
+    return torch.randint(0, 320, (10, 32))
+
+
+def _spectra(seed=0, layers=5, m=12):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.rand(m, generator=g).sort(descending=True).values * 10 ** float(torch.rand(1, generator=g) * 3)
+            for _ in range(layers)]
+
+
+def _tail(spectra, ranks):
+    return sum(float((s[r:] ** 2).sum()) for s, r in zip(spectra, ranks))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_greedy_allocation_minimises_summed_error(seed):
+    spectra = _spectra(seed)
+    total = 6 * len(spectra)
+    ranks = allocate_ranks(spectra, total, floor=2)
+    assert sum(ranks) == total and min(ranks) >= 2 and max(ranks) <= 12
+    best = _tail(spectra, ranks)
+    assert best <= _tail(spectra, [6] * len(spectra)) + 1e-12
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(50):  # any other split of the same total (within the bounds) leaves at least as much error
+        other = [2] * len(spectra)
+        for i in torch.randint(0, len(spectra), (total - 2 * len(spectra),), generator=g).tolist():
+            other[i] += 1
+        if max(other) <= 12:
+            assert best <= _tail(spectra, other) + 1e-12
+
+
+def test_allocation_bounds_and_shares():
+    spectra = _spectra(1)
+    with pytest.raises(LatentKVError, match="cannot spread"):
+        allocate_ranks(spectra, 100 * len(spectra))
+    with pytest.raises(LatentKVError, match="cannot spread"):
+        allocate_ranks(spectra, 3, floor=1)
+    s = spectra[0]
+    assert tail_share(s, 0) == pytest.approx(1.0) and tail_share(s, s.numel()) == 0.0
+    with pytest.raises(LatentKVError, match="rank-allocation"):
+        LowRankConfig(kv_budget=0.5, rank_allocation="error")
+
+
+def test_allocated_conversion_keeps_the_budget_and_round_trips(calib_ids, tiny_tokenizer, tmp_path):
+    model = make_tiny("llama-gqa", layers=3)
+    layout = source_layout(model.config)
+    conv = convert(model, LowRankConfig(kv_lora_rank=12, qk_rope_head_dim=8, rank_allocation="sensitivity"),
+                   calib_ids=calib_ids, progress=False)
+    alloc = record_of(conv)["split_search"]["allocation"]
+    assert sum(alloc["ranks"]) == 12 * layout.num_layers and len(alloc["layer_nll_cost"]) == layout.num_layers
+    assert (alloc["heldout_nll_allocated"] < alloc["heldout_nll_uniform"]) == (alloc["used"] == "allocated")
+    ranks = [layer.self_attn.dims.kv_lora_rank for layer in conv.model.layers]
+    assert ranks == [r for r, _ in alloc["dims"]] and sum(ranks) == 12 * layout.num_layers
+    x = torch.randint(0, 320, (2, 20))
+    cache = LatentCache(conv)
+    with torch.no_grad():
+        logits = conv(x, cache=cache, use_cache=True).logits
+    assert cache.nbytes() == (12 + 8) * layout.num_layers * 4 * x.numel()  # the total budget, whatever the spread
+    save(conv, tiny_tokenizer, tmp_path / "m")
+    back, _ = load(tmp_path / "m")
+    assert [layer.self_attn.dims.kv_lora_rank for layer in back.model.layers] == ranks
+    with torch.no_grad():
+        assert torch.allclose(back(x).logits, logits, atol=1e-5)
+
+
+def test_sensitivity_is_the_cost_of_one_converted_layer(calib_ids):
+    from latentkv.conversion.allocate import layer_sensitivity
+    from latentkv.conversion.calibration import held_out_nll, split_ids
+    from latentkv.conversion.statistics import collect_stats
+    from latentkv.conversion.surgery import convert_layer
+
+    model = make_tiny("llama-gqa", layers=2)
+    layout = source_layout(model.config)
+    config = LowRankConfig(kv_lora_rank=6, qk_rope_head_dim=4)
+    fit, held = split_ids(calib_ids)
+    stats = collect_stats(model, fit, progress=False)
+    cost = layer_sensitivity(model, layout, config, (6, 4), stats, held)
+    import copy
+
+    one = copy.deepcopy(model)
+    convert_layer(model, one, 1, layout, config, (6, 4), stats[1])
+    assert cost[1] == pytest.approx(held_out_nll(one, held) - held_out_nll(model, held), abs=1e-6)
+    assert all(type(a.self_attn).__name__ != "MLAAttention" for a in model.model.layers)  # source untouched
+
+
+def test_folding_concentrates_key_energy(calib_ids):
+    """Ky Fan: a PCA over two neighbouring frequencies puts at least as much key energy into its top n
+    channels as any n channels of the per-frequency PCA of the same band."""
+    from latentkv.conversion.statistics import collect_stats
+
+    model = make_tiny("llama-mha")
+    layout = source_layout(model.config)
+    src = read_attention(attention_layers(model)[0])
+    sigma = collect_stats(model, calib_ids, progress=False)[0].sigma
+    G, half = layout.num_kv_heads, layout.head_dim // 2
+    energy = {}
+    for fold in (1, 2):
+        mix = RoRoPE.rotation(src, layout, sigma, fold)
+        e = row_energy(mixed_key_weights(src, layout, mix).reshape(G * layout.head_dim, -1), sigma)
+        energy[fold] = e.view(G, 2, half).sum(1)  # (G, d/2) per channel
+    for band in range(0, half, 2):
+        e1 = energy[1][:, band:band + 2].flatten().sort(descending=True).values
+        e2 = energy[2][:, band:band + 2].flatten().sort(descending=True).values
+        assert torch.all(e2.cumsum(0) >= e1.cumsum(0) - 1e-9 * e1.sum())
+        assert e2.sum() == pytest.approx(float(e1.sum()), rel=1e-9)  # orthogonal: total energy unchanged

@@ -1,0 +1,308 @@
+"""Healing: losses, data packing, local and end-to-end distillation, resume, DDP, bad input."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from latentkv.cli import main
+from latentkv.errors import LatentKVError
+from latentkv.healing.data import WindowOrder, pack
+from latentkv.healing.losses import kl_full, kl_topk, teacher_topk
+from latentkv.healing.run import HealConfig, heal
+from latentkv.runtime.checkpoint import load
+
+from conftest import SAMPLE, VOCAB, make_tiny
+
+CLI = [sys.executable, "-m", "latentkv"]
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory, tiny_tokenizer):
+    """A tiny GQA source, its 25 % conversion, an exact (full-rank) conversion and training text."""
+    root = tmp_path_factory.mktemp("heal")
+    src = root / "src"
+    model = make_tiny("llama-gqa", layers=3)
+    with torch.no_grad():  # peaked next-token distributions and attention, so the KL has something to fit
+        model.lm_head.weight.mul_(25)
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(4)
+            layer.self_attn.k_proj.weight.mul_(4)
+            layer.self_attn.v_proj.weight.mul_(4)
+    model.save_pretrained(src)
+    tiny_tokenizer.save_pretrained(src)
+    (root / "data").mkdir()
+    words = SAMPLE.split()
+    for k in range(3):  # a folder of .txt documents, each a different shuffle of the sample's words
+        g = torch.Generator().manual_seed(k)
+        (root / "data" / f"doc{k}.txt").write_text(" ".join(words[i] for i in torch.randperm(len(words), generator=g)) * 6)
+    for name, extra in (("low", ["--kv-budget", "0.25", "--method", "svd"]), ("exact", ["--method", "exact"])):
+        assert main(["convert", str(src), "--out", str(root / name), *extra]) == 0
+    return root
+
+
+def small(**kw) -> HealConfig:
+    base = dict(tokens=16 * 32, seq_len=16, batch_size=4, lr=3e-3, save_every=2, warmup_ratio=0.0)
+    return HealConfig(**{**base, **kw})
+
+
+def teacher_kl(student_dir, dirs, tok) -> float:
+    student, _ = load(student_dir)
+    teacher, _ = load_teacher(dirs)
+    ids = torch.tensor(tok(SAMPLE)["input_ids"][:64])[None]
+    with torch.no_grad():
+        return float(kl_full(student(input_ids=ids).logits, teacher(input_ids=ids).logits))
+
+
+def load_teacher(dirs):
+    from latentkv.loading import load_model
+
+    return load_model(dirs / "src", progress=False)
+
+
+def state(path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(path) / "model.safetensors"))
+
+
+def test_kl_losses():
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 5, 50), torch.randn(2, 5, 50)
+    assert float(kl_full(t, t)) == pytest.approx(0, abs=1e-6)
+    ref = (t.softmax(-1) * (t.log_softmax(-1) - s.log_softmax(-1))).sum(-1).mean()
+    assert float(kl_full(s, t)) == pytest.approx(float(ref), rel=1e-5)
+    assert float(kl_topk(s, *teacher_topk(t, 50))) == pytest.approx(float(ref), rel=1e-4)  # k = V: exact
+    coarse = float(kl_topk(s, *teacher_topk(t, 8)))
+    assert 0 < coarse < float(ref)  # coarsening to k + 1 bins lowers a KL
+    assert float(kl_full(s, t, temperature=2.0)) != pytest.approx(float(ref), rel=1e-3)
+
+
+def test_pack_and_order(tiny_tokenizer):
+    w = pack(tiny_tokenizer, ["one two three " * 20, "", "four five " * 20], 8)
+    flat = w.flatten().tolist()
+    assert w.shape[1] == 8 and flat.count(tiny_tokenizer.eos_token_id) >= 1
+    with pytest.raises(LatentKVError, match="empty or shorter"):
+        pack(tiny_tokenizer, ["  "], 8)
+    order = WindowOrder(5, seed=3)
+    first = order.take(0, 5).tolist()
+    assert sorted(first) == list(range(5))  # one epoch visits every window once
+    assert order.take(2, 6).tolist() == WindowOrder(5, seed=3).take(2, 6).tolist()  # resumable by position
+    assert sorted(order.take(5, 5).tolist()) == list(range(5)) and order.take(5, 5).tolist() != first
+
+
+def test_exact_student_starts_at_zero_kl(dirs, tmp_path):
+    report = heal(dirs / "exact", dirs / "src", dirs / "data", tmp_path / "o", small(tokens=16 * 8), progress=False)
+    assert report["first_loss"] < 1e-5  # a full-rank conversion is the teacher: the targets line up
+
+
+def test_heal_lowers_kl_and_writes_log(dirs, tmp_path, tiny_tokenizer):
+    out = tmp_path / "healed"
+    report = heal(dirs / "low", dirs / "src", dirs / "data", out, small(), progress=False)
+    assert report["steps"] == 8 and report["tokens"] == 8 * 4 * 16
+    assert teacher_kl(out, dirs, tiny_tokenizer) < 0.7 * teacher_kl(dirs / "low", dirs, tiny_tokenizer)
+    rows = [json.loads(r) for r in (out / "heal_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 9)) and (out / "heal_loss.png").stat().st_size > 0
+    assert load(out)[0].config.latentkv["heal"]["steps"] == 8
+    assert not Path(str(out) + ".heal").exists()  # checkpoints go once the output is whole
+    changed = {k for k, v in state(out).items() if not torch.equal(v, state(dirs / "low")[k])}
+    assert changed and all(".self_attn." in k for k in changed)  # default: attention weights only
+
+
+def test_lora_merges_and_all_trains_everything(dirs, tmp_path, tiny_tokenizer):
+    heal(dirs / "low", dirs / "src", dirs / "data", tmp_path / "lora", small(train="lora", lora_rank=4), progress=False)
+    st = state(tmp_path / "lora")
+    assert not any("lora" in k for k in st) and set(st) == set(state(dirs / "low"))
+    assert teacher_kl(tmp_path / "lora", dirs, tiny_tokenizer) < teacher_kl(dirs / "low", dirs, tiny_tokenizer)
+    heal(dirs / "low", dirs / "src", dirs / "data", tmp_path / "all", small(train="all", tokens=16 * 8), progress=False)
+    assert not torch.equal(state(tmp_path / "all")["model.layers.0.mlp.up_proj.weight"],
+                           state(dirs / "low")["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_local_stage_lowers_every_layer_error(dirs, tmp_path):
+    report = heal(dirs / "low", dirs / "src", dirs / "data", tmp_path / "loc",
+                  small(tokens=0, local_steps=60, local_windows=4), progress=False)
+    layers = report["local"]["layers"]
+    assert len(layers) == 3 and all(r["after"] <= r["before"] for r in layers)
+    assert sum(r["after"] for r in layers) < 0.8 * sum(r["before"] for r in layers)
+    exact = heal(dirs / "exact", dirs / "src", dirs / "data", tmp_path / "ex", small(tokens=0, local_steps=2),
+                 progress=False)
+    assert max(r["before"] for r in exact["local"]["layers"]) < 1e-8  # full rank: nothing to fit
+
+
+def test_teacher_cache_reuse_matches_and_refuses_other_settings(dirs, tmp_path):
+    cache = tmp_path / "tcache"
+    cfg = small(tokens=16 * 16, teacher_topk=VOCAB)  # k = V: the cached loss is the full KL
+    a = heal(dirs / "low", dirs / "src", dirs / "data", tmp_path / "a", cfg, teacher_cache=cache, progress=False)
+    assert len(list(cache.glob("w*.safetensors"))) > 0
+    b = heal(dirs / "low", dirs / "src", dirs / "data", tmp_path / "b", cfg, teacher_cache=cache, progress=False)
+    full = heal(dirs / "low", dirs / "src", dirs / "data", tmp_path / "c", cfg, progress=False)
+    assert a["last_loss"] == pytest.approx(b["last_loss"], rel=1e-6)
+    assert a["last_loss"] == pytest.approx(full["last_loss"], rel=1e-3)
+    with pytest.raises(LatentKVError, match="other settings"):
+        heal(dirs / "low", dirs / "src", dirs / "data", tmp_path / "d", small(teacher_topk=8), teacher_cache=cache,
+             progress=False)
+
+
+def cli_heal(dirs, out, *extra, env=None, popen=False):
+    argv = [*CLI, "heal", str(dirs / "low"), "--teacher", str(dirs / "src"), "--data", str(dirs / "data"),
+            "--out", str(out), "--seq-len", "16", "--batch-size", "4", "--lr", "3e-3", "--json", *map(str, extra)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    if popen:
+        return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_resume_after_kill9_matches_uninterrupted(dirs, tmp_path):
+    steps, every = 120, 10
+    ref = cli_heal(dirs, tmp_path / "ref", "--tokens", steps * 64, "--save-every", every)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    out, work = tmp_path / "killed", tmp_path / "killed.heal"
+    proc = cli_heal(dirs, out, "--tokens", steps * 64, "--save-every", every, popen=True)
+    deadline = time.time() + 300
+    while not list(work.glob("ckpt-*/progress.json")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.3)  # kill somewhere inside a later interval
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert not out.exists(), "the run finished before the kill; make it longer"
+    logged = max(json.loads(r)["step"] for r in (work / "log.jsonl").read_text().splitlines())
+    saved = max(json.loads((p / "progress.json").read_text())["step"] for p in work.glob("ckpt-*"))
+    assert logged - saved <= every  # at most one interval is lost
+    again = cli_heal(dirs, out, "--tokens", steps * 64, "--save-every", every, "--resume")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert json.loads(again.stdout)["resumed_at_step"] == saved
+    a, b = state(tmp_path / "ref"), state(out)
+    assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a)
+
+
+FSDP_CPU = """compute_environment: LOCAL_MACHINE
+distributed_type: FSDP
+num_machines: 1
+num_processes: 2
+machine_rank: 0
+mixed_precision: 'no'
+use_cpu: true
+fsdp_config:
+  fsdp_version: 1
+  fsdp_sharding_strategy: FULL_SHARD
+  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP
+  fsdp_transformer_layer_cls_to_wrap: LlamaDecoderLayer
+  fsdp_state_dict_type: SHARDED_STATE_DICT
+  fsdp_use_orig_params: true
+  fsdp_sync_module_states: false
+  fsdp_cpu_ram_efficient_loading: false
+"""
+
+
+@pytest.fixture(scope="module")
+def one_process(dirs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("one") / "out"
+    one = cli_heal(dirs, out, "--tokens", 8 * 64, "--save-every", 4)
+    assert one.returncode == 0, one.stderr[-2000:]
+    return out
+
+
+@pytest.mark.parametrize("launcher", ["torchrun-ddp", "accelerate-fsdp"])
+def test_two_processes_match_one(dirs, tmp_path, one_process, launcher):
+    """Two gloo CPU processes, same global batch (4 windows: 2 per process, accumulated 2 vs 4
+    micro-steps) -> the same weights as one process, up to float summation order."""
+    if launcher == "torchrun-ddp":
+        head = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
+    else:
+        (tmp_path / "fsdp.yaml").write_text(FSDP_CPU)
+        head = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(tmp_path / "fsdp.yaml"),
+                "--main_process_port", "29518"]
+    argv = [*head, "-m", "latentkv", "heal", str(dirs / "low"), "--teacher", str(dirs / "src"), "--data",
+            str(dirs / "data"), "--out", str(tmp_path / "two"), "--seq-len", "16", "--batch-size", "4",
+            "--lr", "3e-3", "--tokens", str(8 * 64), "--save-every", "4", "--json"]
+    two = subprocess.run(argv, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    printed = [line for line in two.stdout.splitlines() if line.startswith("{")]
+    assert len(printed) == 1 and json.loads(printed[0])["processes"] == 2  # only rank 0 prints
+    a, b, base = state(one_process), state(tmp_path / "two"), state(dirs / "low")
+    assert set(a) == set(b)
+    diff = max(float((a[k] - b[k]).abs().max()) for k in a)
+    moved = max(float((a[k] - base[k]).abs().max()) for k in a)
+    assert moved > 1e-3 and diff < 1e-3 * moved, (diff, moved)
+
+
+def test_checkpoint_disk_full_keeps_previous(dirs, tmp_path, monkeypatch):
+    from accelerate import Accelerator
+
+    real, calls = Accelerator.save_state, []
+
+    def flaky(self, path, *a, **kw):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(self, path, *a, **kw)
+
+    monkeypatch.setattr(Accelerator, "save_state", flaky)
+    out = tmp_path / "o"
+    with pytest.raises(LatentKVError, match=r"No space left.*ckpt-00000002\) is intact.*--resume"):
+        heal(dirs / "low", dirs / "src", dirs / "data", out, small(), progress=False)
+    work = Path(str(out) + ".heal")
+    assert [p.name for p in work.glob("ckpt-*")] == ["ckpt-00000002"] and not (work / ".ckpt-tmp").exists()
+    monkeypatch.setattr(Accelerator, "save_state", real)
+    report = heal(dirs / "low", dirs / "src", dirs / "data", out, small(), resume=True, progress=False)
+    assert report["resumed_at_step"] == 2 and out.is_dir()
+
+
+def test_bad_input_is_one_line(dirs, tmp_path, capsys, tiny_tokenizer):
+    def run(*argv):
+        code = main([str(a) for a in argv])
+        return code, capsys.readouterr().err
+
+    base = ["heal", dirs / "low", "--teacher", dirs / "src", "--out", tmp_path / "o", "--seq-len", 16,
+            "--batch-size", 4]
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "blank.txt").write_text("  \n")
+    other = tmp_path / "other"
+    m = make_tiny("llama-gqa", layers=1)
+    m.resize_token_embeddings(VOCAB + 8)
+    m.save_pretrained(other)
+    cases_tok = [(["heal", dirs / "low", "--teacher", other, "--data", dirs / "data", "--out", tmp_path / "o"],
+                  "could not load the tokenizer")]
+    for argv, match in cases_tok:
+        assert main([str(a) for a in argv]) == 2 and match in capsys.readouterr().err
+    tiny_tokenizer.save_pretrained(other)
+    renamed = tmp_path / "renamed"  # the teacher's weights and vocab size, other tokens
+    load_teacher(dirs)[0].save_pretrained(renamed)
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.train_from_iterator(["zebra quartz yodel " * 50], trainers.BpeTrainer(
+        vocab_size=VOCAB, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>").save_pretrained(renamed)
+    capsys.readouterr()
+    cases = [([*base, "--data", tmp_path / "empty"], "holds no .txt"),
+             ([*base, "--data", tmp_path / "blank.txt"], "empty or shorter"),
+             ([*base, "--data", dirs / "data", "--tokens", 10], "smaller than one batch"),
+             ([*base, "--data", dirs / "data", "--batch-size", 3, "--micro-batch", 2], "not a multiple"),
+             (["heal", dirs / "low", "--teacher", other, "--data", dirs / "data", "--out", tmp_path / "o"],
+              "vocabularies differ"),
+             (["heal", dirs / "low", "--teacher", renamed, "--data", dirs / "data", "--out", tmp_path / "o"],
+              "tokenizers differ"),
+             (["heal", dirs / "src", "--teacher", dirs / "src", "--data", dirs / "data", "--out", tmp_path / "o"],
+              "not a latentkv conversion"),
+             ([*base, "--data", dirs / "nope"], "not found")]
+    for argv, match in cases:
+        code, err = run(*argv)
+        last = err.strip().splitlines()[-1]  # before it, at most the loaders' progress bars
+        assert code == 2 and last.startswith("error: ") and match in last and "Traceback" not in err, (argv, err)
+    (tmp_path / "exists").mkdir()
+    code, err = run("heal", dirs / "low", "--teacher", dirs / "src", "--data", dirs / "data", "--out",
+                    tmp_path / "exists")
+    assert code == 2 and "--overwrite" in err
