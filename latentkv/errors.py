@@ -1,5 +1,10 @@
 """The one exception type users see: a one-line message naming the problem and the fix."""
 
+from __future__ import annotations
+
+import errno
+import os
+
 
 class LatentKVError(Exception):
     """Bad input or a broken file. The CLI prints `error: <message>` and exits with code 2."""
@@ -10,9 +15,6 @@ WRITE_ERRORS = {"ENOSPC", "EDQUOT", "EACCES", "EPERM", "EROFS"}
 
 def write_error(e: OSError) -> str | None:
     """A one-line message for a failed write (disk full, no permission, read-only), else None."""
-    import errno
-    import os
-
     if errno.errorcode.get(e.errno) not in WRITE_ERRORS:
         return None
     return (f"cannot write {e.filename or 'the output'}: {os.strerror(e.errno)}; free disk space or choose a "

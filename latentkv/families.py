@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 import torch
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from .errors import LatentKVError
 
@@ -101,8 +102,6 @@ def source_layout(config) -> SourceLayout:
 
 def rope_frequencies(config) -> torch.Tensor:
     """(d/2,) inverse frequencies exactly as the source model rotates (llama3 scaling applied)."""
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
     rope = rope_type(config)
     if rope != "default":
         return ROPE_INIT_FUNCTIONS[rope](config, "cpu")[0].double()

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_model
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from .conversion.configs import config_from_dict
 from .deepseek.reader import is_engine_checkpoint, load_engine_checkpoint
@@ -120,8 +122,6 @@ def _checked_record(loaded: tuple):
 
 
 def _load_hf(src: str, dtype, trust_remote_code: bool, local_only: bool):
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     kw = dict(trust_remote_code=trust_remote_code, local_files_only=local_only)
     try:
         config = AutoConfig.from_pretrained(src, **kw)
@@ -156,9 +156,6 @@ def _load_gguf(path: Path, dtype, progress: bool):
 
 
 def _dequantize_to(path: Path, out: Path, progress: bool) -> None:
-    from safetensors.torch import save_model
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     try:
         config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
     except Exception as e:  # gguf raises assorted errors on truncated or foreign files

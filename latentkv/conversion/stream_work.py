@@ -13,6 +13,10 @@ import logging
 import shutil
 from pathlib import Path
 
+import safetensors.torch
+from safetensors.torch import load_file
+from transformers import GenerationConfig
+
 from ..families import EMBED_PREFIX, LAYER_PREFIX
 from ..io.atomic import publish_dir, write_file_atomic
 from ..io.checkpoint import write_meta
@@ -41,8 +45,6 @@ class Work:
             self._relist(done["done"])
             self.layers = done["layers"]
             if done["done"] and stream.calibrated:
-                from safetensors.torch import load_file
-
                 act = load_file(str(self.dir / "act.safetensors"))
                 stream.begin(act.get("h_src"), act.get("h_new"))
             log.info("resuming the interrupted conversion in %s at layer %d", self.dir, done["done"])
@@ -61,11 +63,9 @@ class Work:
 
     def layer_done(self, i: int, stream, timing: dict) -> None:
         """Called after layer i's shard is on disk: activations, then the state that points past it."""
-        from safetensors.torch import save_file
-
         if stream.h_src is not None or stream.h_new is not None:
             act = {k: v for k, v in (("h_src", stream.h_src), ("h_new", stream.h_new)) if v is not None}
-            save_file(act, str(self.dir / ".act.tmp"))
+            safetensors.torch.save_file(act, str(self.dir / ".act.tmp"))
             (self.dir / ".act.tmp").replace(self.dir / "act.safetensors")
         self.layers.append({**timing, "dims": stream.model.model.layers[i].self_attn.dims.to_dict()})
         self._save_state(i + 1)
@@ -94,8 +94,6 @@ class Work:
 
 
 def _generation_config(stream, source: Path):
-    from transformers import GenerationConfig
-
     if (source / "generation_config.json").is_file():
         return GenerationConfig.from_pretrained(source)
     return GenerationConfig.from_model_config(stream.model.config)

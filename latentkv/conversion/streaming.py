@@ -21,7 +21,9 @@ import time
 from pathlib import Path
 
 import torch
+from accelerate import init_empty_weights
 from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ..errors import LatentKVError
 from ..families import EMBED_PREFIX, LAYER_PREFIX, embedding_scale, logit_softcap, source_layout
@@ -71,9 +73,6 @@ class Stream:
     """
 
     def __init__(self, source: Path, config, device: str):
-        from accelerate import init_empty_weights
-        from transformers import AutoConfig, AutoModelForCausalLM
-
         self.ckpt = ShardedCheckpoint(source)  # every shard's header checked here
         try:
             hf = AutoConfig.from_pretrained(source, local_files_only=True)
@@ -229,8 +228,6 @@ def convert_streaming(source, config, out, *, tokenizer=None, calib_ids: torch.T
 
 
 def _tokenizer(source: Path, required: bool):
-    from transformers import AutoTokenizer
-
     if not (source / "tokenizer_config.json").is_file() and not (source / "tokenizer.json").is_file():
         if required:
             raise LatentKVError(f"{source} has no tokenizer files, which calibration needs to read --calib; add "

@@ -21,7 +21,9 @@ import math
 import warnings
 from pathlib import Path
 
+import safetensors.torch
 import torch
+from huggingface_hub import split_torch_state_dict_into_shards
 
 from ..errors import LatentKVError
 from ..families import embedding_scale, logit_softcap
@@ -111,12 +113,9 @@ def export(model, out: str | Path, tokenizer=None, fmt: str = "deepseek_v3", ove
 
 
 def _write_shards(state: dict, folder: Path, max_shard_size) -> None:
-    from huggingface_hub import split_torch_state_dict_into_shards
-    from safetensors.torch import save_file
-
     split = split_torch_state_dict_into_shards(state, max_shard_size=max_shard_size)
     for filename, names in split.filename_to_tensors.items():
-        save_file({k: state[k] for k in names}, str(folder / filename), metadata={"format": "pt"})
+        safetensors.torch.save_file({k: state[k] for k in names}, str(folder / filename), metadata={"format": "pt"})
     if split.is_sharded:
         index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
                  "weight_map": split.tensor_to_filename}

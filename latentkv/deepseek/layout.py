@@ -6,6 +6,8 @@ and the kernel shapes fast MLA backends take. `export` writes with it, `reader` 
 from __future__ import annotations
 
 import torch
+from transformers import DeepseekV3Config
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RotaryEmbedding
 
 from ..errors import LatentKVError
 from ..families import rope_frequencies, rope_type
@@ -31,9 +33,6 @@ def rope_parameters(model, m: int) -> dict:
 
 def _engine_frequencies(params: dict, p: int, max_positions: int) -> torch.Tensor:
     """(p/2,) inv_freq exactly as transformers' DeepSeek-V3 rotary computes it from `params`."""
-    from transformers import DeepseekV3Config
-    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RotaryEmbedding
-
     cfg = DeepseekV3Config(hidden_size=64, num_attention_heads=1, qk_rope_head_dim=p, rope_parameters=dict(params),
                            max_position_embeddings=max_positions)
     return DeepseekV3RotaryEmbedding(cfg).inv_freq.float()
@@ -61,8 +60,6 @@ def reorder_rope_rows(name: str, t: torch.Tensor, dims, order: torch.Tensor) -> 
 
 
 def engine_config(model, dims, rope: dict) -> dict:
-    from transformers import DeepseekV3Config
-
     src = model.config
     cfg = DeepseekV3Config(
         vocab_size=src.vocab_size, hidden_size=src.hidden_size, intermediate_size=src.intermediate_size,

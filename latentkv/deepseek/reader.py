@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..errors import LatentKVError
 from ..record import make_record, record_of
@@ -47,8 +48,6 @@ def require_engine_checkpoint(src: str | Path) -> None:
 
 def load_engine_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32):
     """-> (model with MLAAttention layers in eval mode, tokenizer or None). safetensors only, no remote code."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     path = Path(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, local_files_only=True)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from ..errors import LatentKVError
 from ..io.text import fingerprint
@@ -40,8 +41,6 @@ def select_trainable(model, config):
 def train(acc, model, teacher, windows: torch.Tensor, config, steps: int, accum: int, work: Path, ckpt,
           teacher_cache, progress: bool):
     """-> (report, trained model as prepared by accelerate). Checkpoints every config.save_every."""
-    from transformers import get_cosine_with_min_lr_schedule_with_warmup
-
     model = select_trainable(model, config)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

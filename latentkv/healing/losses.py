@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save
 
 from ..errors import LatentKVError
 from ..io.atomic import write_file_atomic
@@ -72,8 +73,6 @@ class TeacherCache:
         return self.path / f"w{window:09d}.safetensors"
 
     def get(self, window: int):
-        from safetensors.torch import load_file
-
         f = self._file(window)
         if not f.is_file():
             return None
@@ -81,6 +80,4 @@ class TeacherCache:
         return t["logp"], t["idx"]
 
     def put(self, window: int, logp: torch.Tensor, idx: torch.Tensor) -> None:
-        from safetensors.torch import save
-
         write_file_atomic(self._file(window), save({"logp": logp.contiguous(), "idx": idx.contiguous()}))

@@ -23,6 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
+from safetensors.torch import load_file
+from safetensors.torch import save as to_bytes
 
 from ..errors import LatentKVError
 from ..io.atomic import check_output_dir, write_file_atomic
@@ -103,8 +107,6 @@ def heal(student, teacher, data, out, config: HealConfig = HealConfig(), *, over
     -> report dict (steps, tokens, seconds, tokens/s, first/last loss, local stage); also stored in
     the output's conversion record under "heal". Checkpoints in `work_dir` (default OUT.heal).
     """
-    from accelerate import Accelerator
-
     acc = Accelerator(cpu=not torch.cuda.is_available(),
                       mixed_precision="bf16" if config.precision == "bf16" else "no")
     if config.precision == "bf16" and acc.device.type == "cpu" and acc.is_main_process:
@@ -139,8 +141,6 @@ def heal(student, teacher, data, out, config: HealConfig = HealConfig(), *, over
 def gathered_model(acc, model, student, config):
     """The trained model, whole, on the main process. Under FSDP the parameters are shards: every
     process joins the gather, and the main one loads the full state into a fresh copy."""
-    from accelerate.utils import DistributedType
-
     if acc.distributed_type != DistributedType.FSDP:
         return acc.unwrap_model(model)
     state = acc.get_state_dict(model)
@@ -184,9 +184,6 @@ def check_same_vocab(model, tok, t_model, t_tok) -> None:
 
 def run_local_stage(model, teacher, windows, config: HealConfig, work: Path, acc, progress: bool) -> dict | None:
     """The layer-wise stage, once per run: its result is kept in the work dir for a resume."""
-    from safetensors.torch import load_file
-    from safetensors.torch import save as to_bytes
-
     if config.local_steps <= 0:
         return None
     saved, meta = work / "local.safetensors", work / "local.json"

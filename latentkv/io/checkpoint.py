@@ -12,7 +12,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import safetensors.torch
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from ..errors import LatentKVError
 from .shards import INDEX
@@ -29,9 +32,7 @@ def write_meta(path: Path, record: dict, source_config) -> None:
 
 
 def write_weights(model, path: Path) -> None:
-    from safetensors.torch import save_file
-
-    save_file(unique_state(model), str(Path(path) / WEIGHTS), metadata={"format": "pt"})
+    safetensors.torch.save_file(unique_state(model), str(Path(path) / WEIGHTS), metadata={"format": "pt"})
 
 
 def unique_state(model) -> dict[str, torch.Tensor]:
@@ -58,9 +59,6 @@ def read_meta(path: str | Path) -> dict:
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
     """One `model.safetensors`, or the shards a streaming conversion wrote (listed in the index)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     files = [WEIGHTS]
     if not (path / WEIGHTS).is_file() and (path / INDEX).is_file():
         try:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import resource
 from pathlib import Path
 
@@ -42,9 +44,6 @@ def max_rss_gib() -> float:
 def trim_heap() -> None:
     """Hand freed heap pages back to the OS: glibc keeps them otherwise, and a layer-by-layer job's
     resident size creeps up by tens of MB per layer (measured at 8B) from fragmentation alone."""
-    import ctypes
-    import ctypes.util
-
     try:
         ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to trim

@@ -13,7 +13,9 @@ import json
 import os
 from pathlib import Path
 
+import safetensors.torch
 import torch
+from safetensors import SafetensorError, safe_open
 
 from ..errors import LatentKVError
 from .atomic import write_file_atomic
@@ -51,8 +53,6 @@ class ShardedCheckpoint:
     def _open(self, file: str):
         """A fresh handle: the map is dropped with it, so pages read stay out of this process's
         resident memory (holding maps open would count every shard read so far)."""
-        from safetensors import SafetensorError, safe_open
-
         path = self.path / file
         if not path.is_file():
             raise LatentKVError(f"shard {path} listed in {INDEX} is missing; fetch the checkpoint again")
@@ -98,8 +98,6 @@ def _weight_map(path: Path) -> dict[str, str]:
             raise LatentKVError(f"{path / INDEX} is unreadable ({type(e).__name__}: {str(e)[:80]}); "
                                 "fetch the checkpoint again") from None
     if (path / SINGLE).is_file():
-        from safetensors import SafetensorError, safe_open
-
         try:
             with safe_open(str(path / SINGLE), framework="pt") as f:
                 return {k: SINGLE for k in f.keys()}
@@ -120,11 +118,9 @@ class ShardWriter:
         self.total_size = 0
 
     def write(self, file: str, tensors: dict[str, torch.Tensor]) -> None:
-        from safetensors.torch import save_file
-
         tmp = self.path / f".{file}.tmp"
         try:
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+            safetensors.torch.save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
             os.replace(tmp, self.path / file)
         finally:
             tmp.unlink(missing_ok=True)
@@ -143,8 +139,6 @@ class ShardWriter:
 
 def shard_tensors(path: Path) -> dict[str, torch.Tensor]:
     """All tensors of one shard file (used to re-list a kept shard on resume; meta tensors, no data)."""
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as f:
         return {k: torch.empty(f.get_slice(k).get_shape(), dtype=_dtype(f.get_slice(k).get_dtype()), device="meta")
                 for k in f.keys()}

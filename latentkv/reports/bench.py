@@ -13,6 +13,7 @@ streaming read at the start of the run.
 from __future__ import annotations
 
 import copy
+import json
 import statistics
 import time
 from pathlib import Path
@@ -226,8 +227,6 @@ def plot(result: dict, path: Path) -> None:
 
 
 def write_bench(result: dict, out, overwrite: bool = False) -> Path:
-    import json
-
     with atomic_output_dir(out, overwrite) as tmp:
         (tmp / "bench.json").write_text(json.dumps(result, indent=2))
         plot(result, tmp / "bench.png")

@@ -9,6 +9,8 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
+
 from ..conversion.allocate import layer_spectra, tail_share
 from ..conversion.calibration import calibration_ids, oneshot_stats
 from ..conversion.configs import LowRankConfig, make_config
@@ -134,8 +136,6 @@ def plot_spectra(result: dict, path: Path) -> bool:
 
 
 def _plot_spectra(plt, left, right, rows: list[dict]) -> None:
-    import numpy as np
-
     top = max(rows, key=lambda r: r["budget"])
     layers = top["latent_energy"]
     for i, e in enumerate(layers):

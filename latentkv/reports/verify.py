@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM
 
 from ..errors import LatentKVError
 from ..io.shards import check_weights
@@ -26,8 +27,6 @@ SAMPLE_TEXT = ("The history of the city begins with a small settlement on the ri
 
 
 def load_stock(out) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
-
     if not Path(out).is_dir():
         raise LatentKVError(f"export {out} not found; pass the directory `latentkv export` wrote")
     check_weights(out)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from accelerate import init_empty_weights
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from ..errors import LatentKVError
 from ..io.atomic import atomic_output_dir
@@ -33,9 +35,6 @@ def save(model, tokenizer, out: str | Path, overwrite: bool = False, extra=None)
 
 def load(path: str | Path, dtype: torch.dtype = torch.float32):
     """-> (converted model in eval mode, tokenizer or None). Weights load via safetensors only."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-
     path = Path(path)
     meta = read_meta(path)
     src_cfg = dict(meta["source_config"])

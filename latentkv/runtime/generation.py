@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
+from transformers import DynamicCache
 
 from ..errors import LatentKVError
 from ..record import record_of
@@ -59,7 +60,6 @@ def new_cache(model, capacity: int):
     """A LatentCache of exactly `capacity` tokens for converted models, a DynamicCache otherwise."""
     if record_of(model) is not None:
         return LatentCache(model, capacity=capacity)
-    from transformers import DynamicCache
 
     return DynamicCache(config=model.config)
 
