@@ -87,6 +87,7 @@ def load_model(source: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
     """-> (model in eval mode, tokenizer). Converted dirs (with `latentkv.json`) and DeepSeek-V3
     checkpoints (our exports or anyone's) load into our MLA runtime."""
     src = str(source)
+    log.debug("loading %s (dtype %s)", src, dtype)
     if src in BUNDLED:
         model, tok = _load_gguf(bundled_gguf(src), dtype, progress)
         model.config._name_or_path = src

@@ -13,6 +13,8 @@ import logging
 import sys
 import warnings
 
+from transformers.utils import logging as hf_logging
+
 from ..errors import LatentKVError, write_error
 from .parser import build_parser
 from .printers import print_result
@@ -22,7 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.command = "latentkv " + " ".join(sys.argv[1:] if argv is None else argv)
     args.progress = not args.quiet
-    with _messages_to_stderr(logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO):
+    level = logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO
+    with _messages_to_stderr(level), _hub_progress(enabled=not args.quiet):
         code = _run(args)
         if code is not None:
             return code
@@ -79,3 +82,16 @@ def _messages_to_stderr(level: int):
         logger.removeHandler(handler)
         logger.setLevel(old_level)
         logger.propagate = old_propagate
+
+
+@contextlib.contextmanager
+def _hub_progress(enabled: bool):
+    """transformers' own progress bars (loading weights) follow --quiet too, and come back afterwards."""
+    was = hf_logging.is_progress_bar_enabled()
+    if not enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was and not enabled:
+            hf_logging.enable_progress_bar()

@@ -26,6 +26,25 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("-v", "--verbose", action="store_true", help="also debug messages")
         return s
 
+    _add_convert(add)
+    _add_export(add)
+    _add_verify_export(add)
+    _add_load(add)
+    _add_eval(add)
+    _add_info(add)
+    _add_sweep(add)
+    _add_generate(add)
+    _add_bench(add)
+    add_heal_parser(add)
+    add_doctor_parser(add)
+    ac = add("accelerate-config", commands.accelerate_config_cmd,
+             "print the path of a shipped `accelerate launch` config (for --config_file), or list them")
+    ac.add_argument("name", nargs="?", help="e.g. fsdp-8gpu or ddp-8gpu; none: list the shipped configs")
+    _add_demo(add)
+    return p
+
+
+def _add_convert(add) -> None:
     c = add("convert", commands.convert_cmd, "convert SOURCE (hub id, HF dir, .gguf, smollm2-135m) to MLA and save it to --out")
     c.add_argument("source")
     c.add_argument("--out", required=True, help="output directory (written atomically)")
@@ -62,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device", default="cpu", help="--stream: where the layers' calibration passes run (cpu, cuda)")
     c.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
+
+def _add_export(add) -> None:
     x = add("export", commands.export_cmd, "write a converted DIR as a stock DeepSeek-V3 checkpoint (transformers, vLLM, SGLang)")
     x.add_argument("model", help="a latentkv convert output")
     x.add_argument("--out", required=True, help="output directory (written atomically)")
@@ -69,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB or 500MB")
     x.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
+
+def _add_verify_export(add) -> None:
     v = add("verify-export", commands.verify_export_cmd, "load an export with stock transformers and compare it with our runtime")
     v.add_argument("out", help="a `latentkv export` output")
     v.add_argument("--against", required=True, help="the latentkv convert output it was exported from")
@@ -76,11 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--tokens", type=int, default=128, help="sample tokens compared")
     v.add_argument("--atol", type=float, default=1e-3, help="largest logit difference that passes (fp32)")
 
+
+def _add_load(add) -> None:
     lo = add("load", commands.load_cmd, "read a DeepSeek-V3 checkpoint (an export or anyone's) into the latentkv runtime")
     lo.add_argument("model")
     lo.add_argument("--out", help="also save it in latentkv's native format here")
     lo.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
+
+def _add_eval(add) -> None:
     e = add("eval", commands.eval_cmd, "perplexity and/or passkey retrieval of MODEL_OR_DIR")
     e.add_argument("model")
     e.add_argument("--ppl", help="perplexity on a UTF-8 text file, or wikitext2 / wikitext2-valid / ptb")
@@ -92,9 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="passkey needle depths in [0, 1]")
     e.add_argument("--trials", type=int, default=3, help="passkey trials per context and depth")
 
+
+def _add_info(add) -> None:
     i = add("info", commands.info_cmd, "architecture and cache values/bytes per token of a model vs its source")
     i.add_argument("model")
 
+
+def _add_sweep(add) -> None:
     w = add("sweep", commands.sweep_cmd, "convert SOURCE with every method at every budget and evaluate each the same way")
     w.add_argument("source")
     w.add_argument("--out", required=True, help="directory for sweep.json, sweep.md and ppl_vs_cache.png")
@@ -106,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--passkey", help="also passkey accuracy at these contexts, e.g. 1024,2048")
     w.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
+
+def _add_generate(add) -> None:
     g = add("generate", commands.generate_cmd, "generate text with MODEL_OR_DIR (absorbed latent decode for converted models)")
     g.add_argument("model")
     g.add_argument("prompt", nargs="?", help="the prompt (or --batch-file)")
@@ -116,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--seed", type=int, default=0)
 
+
+def _add_bench(add) -> None:
     b = add("bench", commands.bench_cmd, "prefill time, decode tokens/s, memory and cache bytes: source vs converted")
     b.add_argument("model")
     b.add_argument("--against", help="the source model to compare with")
@@ -125,12 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default="bench-out", help="directory for bench.json and bench.png (written atomically)")
     b.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
-    add_heal_parser(add)
-    add_doctor_parser(add)
-    ac = add("accelerate-config", commands.accelerate_config_cmd,
-             "print the path of a shipped `accelerate launch` config (for --config_file), or list them")
-    ac.add_argument("name", nargs="?", help="e.g. fsdp-8gpu or ddp-8gpu; none: list the shipped configs")
 
+def _add_demo(add) -> None:
     d = add("demo", commands.demo_cmd, "the main job: convert the bundled SmolLM2, compare cache size and perplexity")
     d.add_argument("--kv-budget", type=float, default=0.5, help="budget of the compressed variant")
     d.add_argument("--out", help="also save the compressed model here")
@@ -138,7 +169,6 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seq-len", type=int, default=1024)
     d.add_argument("--max-windows", type=int, default=4)
     d.add_argument("--text", default="wikitext2", help="evaluation text (file or dataset name)")
-    return p
 
 
 def add_heal_parser(add) -> None:

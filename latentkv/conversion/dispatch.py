@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
@@ -17,6 +18,8 @@ from .latent_norm import add_latent_norm
 from .search import search_split
 from .sequential import convert_sequential
 from .surgery import check_finite, convert_oneshot
+
+log = logging.getLogger(__name__)
 
 
 def convert(model, config, *, tokenizer=None, calib_ids: torch.Tensor | None = None, calib_cache: dict | None = None,
@@ -39,6 +42,8 @@ def convert(model, config, *, tokenizer=None, calib_ids: torch.Tensor | None = N
         dims = checked(config, layout, fixed_dims(config, layout))
         new, choice = convert_oneshot(model, layout, config, dims, None, progress, f"convert ({config.method})"), None
     layers = [layer.self_attn.dims.to_dict() for layer in new.model.layers]
+    log.debug("converted %d layers with %s: kv_lora_rank %s, qk_rope_head_dim %s", len(layers), config.method,
+              sorted({d["kv_lora_rank"] for d in layers}), sorted({d["qk_rope_head_dim"] for d in layers}))
     source = layout.to_record(getattr(model.config, "_name_or_path", ""))
     new.config.latentkv = make_record(source, config_to_dict(config), layers, time.perf_counter() - start, choice)
     return new

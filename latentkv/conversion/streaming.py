@@ -17,6 +17,7 @@ appears only when whole (one rename).
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -39,6 +40,8 @@ from .prefix import PrefixWalk
 from .statistics import InputStats, Moments, record_attention_inputs
 from .stream_work import Work
 from .surgery import check_finite_layer, convert_attention
+
+log = logging.getLogger(__name__)
 
 SOURCE, CONVERTED = 0, 1  # the walk's streams: h_src, h_new
 
@@ -222,6 +225,7 @@ def convert_streaming(source, config, out, *, tokenizer=None, calib_ids: torch.T
         work.writer.write(f"layer-{i:05d}.safetensors", stream.layer_shard(i))
         stream.free(i)
         trim_heap()
+        log.debug("streamed layer %d: %s", i, timing)
         work.layer_done(i, stream, {**timing, "write_s": round(time.perf_counter() - t0, 2), "peak_rss_gib": max_rss_gib()})
     return work.finish(stream, config, tokenizer or _tokenizer(source, required=False),
                        time.perf_counter() - start, ids)

@@ -68,18 +68,7 @@ def train(acc, model, teacher, windows: torch.Tensor, config, steps: int, accum:
         t0 = time.perf_counter()
         idx = order.take(step * config.batch_size, config.batch_size)
         idx = idx.view(acc.num_processes, accum, config.micro_batch)[acc.process_index]
-        parts = torch.zeros(3, device=acc.device)
-        for k in range(accum):
-            sync = acc.no_sync(model) if k < accum - 1 else contextlib.nullcontext()
-            with sync:
-                loss, kl, ce = micro_loss(acc, model, teacher, windows, idx[k], config, cache)
-                acc.backward(loss / accum)
-            parts += torch.stack([loss.detach(), kl, ce]) / accum
-        norm = acc.clip_grad_norm_(params, config.max_grad_norm if config.max_grad_norm > 0 else float("inf"))
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        loss, kl, ce = acc.reduce(parts, "mean").tolist()
+        loss, kl, ce, norm = optimizer_step(acc, model, teacher, windows, idx, config, cache, params, opt, sched)
         times.append(time.perf_counter() - t0)
         first, last = (loss if first is None else first), loss
         tps = config.tokens_per_step / times[-1]
@@ -91,16 +80,36 @@ def train(acc, model, teacher, windows: torch.Tensor, config, steps: int, accum:
         if (step + 1) % config.save_every == 0 and step + 1 < steps:
             save_checkpoint(acc, work, {"step": step + 1, "tokens": (step + 1) * config.tokens_per_step})
     bar.close()
-    rows = log.rows()
-    report = {"train": config.train, "steps": steps, "tokens": steps * config.tokens_per_step,
-              "resumed_at_step": start, "processes": acc.num_processes,
-              # reduced over processes, so every process reports the same; a resumed run's first is the log's
-              "first_loss": rows[0]["loss"] if start and rows else first,
-              "last_loss": last if last is not None else (rows[-1]["loss"] if rows else None),
-              "median_step_s": round(statistics.median(times), 4) if times else None,
-              "tokens_per_s": round(config.tokens_per_step / statistics.median(times), 1) if times else None,
-              "seconds": round(sum(r["time"] for r in rows), 2) if rows else round(sum(times), 2)}
-    return report, model
+    return train_report(config, acc, steps, start, times, first, last, log.rows()), model
+
+
+def optimizer_step(acc, model, teacher, windows, idx: torch.Tensor, config, cache, params, opt, sched):
+    """One global step over this process's windows idx (accum, micro_batch): accumulate, clip, step
+    -> (loss, kl, ce) averaged over processes, and the gradient norm."""
+    accum = idx.shape[0]
+    parts = torch.zeros(3, device=acc.device)
+    for k in range(accum):
+        sync = acc.no_sync(model) if k < accum - 1 else contextlib.nullcontext()
+        with sync:
+            loss, kl, ce = micro_loss(acc, model, teacher, windows, idx[k], config, cache)
+            acc.backward(loss / accum)
+        parts += torch.stack([loss.detach(), kl, ce]) / accum
+    norm = acc.clip_grad_norm_(params, config.max_grad_norm if config.max_grad_norm > 0 else float("inf"))
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return (*acc.reduce(parts, "mean").tolist(), norm)
+
+
+def train_report(config, acc, steps: int, start: int, times: list[float], first, last, rows: list[dict]) -> dict:
+    return {"train": config.train, "steps": steps, "tokens": steps * config.tokens_per_step,
+            "resumed_at_step": start, "processes": acc.num_processes,
+            # reduced over processes, so every process reports the same; a resumed run's first is the log's
+            "first_loss": rows[0]["loss"] if start and rows else first,
+            "last_loss": last if last is not None else (rows[-1]["loss"] if rows else None),
+            "median_step_s": round(statistics.median(times), 4) if times else None,
+            "tokens_per_s": round(config.tokens_per_step / statistics.median(times), 1) if times else None,
+            "seconds": round(sum(r["time"] for r in rows), 2) if rows else round(sum(times), 2)}
 
 
 def micro_loss(acc, model, teacher, windows: torch.Tensor, idx: torch.Tensor, config, cache):
