@@ -31,7 +31,7 @@ def run_demo(kv_budget: float = 0.5, out: str | None = None, overwrite: bool = F
     except LatentKVError as e:
         corpus, why = None, str(e)
     variants = [("source", source), ("MLA exact (100%)", convert(source, ExactConfig(), progress=progress))]
-    try:  # a smaller calibration set than the library default keeps the demo around two minutes
+    try:  # a smaller calibration set than the library default keeps the demo short
         small = convert(source, make_config(kv_budget=kv_budget, calib_samples=16), tokenizer=tok, progress=progress)
         variants.append((f"MLA lowrank ({kv_budget:.0%})", small))
     except LatentKVError as e:  # no calibration text here: show the weight-only baseline instead

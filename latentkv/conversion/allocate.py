@@ -1,9 +1,9 @@
 """Per-layer latent rank allocation: one total rank, spent where it costs the least quality.
 
 Keeping rank r of a layer's weighted latent problem leaves error `sum_{k >= r} s_k^2`
-(`factorize.spectrum`), so `s_k^2` is the marginal error of the k-th latent dim. Those errors are
+(`linalg.spectrum`), so `s_k^2` is the marginal error of the k-th latent dim. Those errors are
 in each layer's own units, and spending rank on them directly loses to a uniform split on
-SmolLM2 (issue 3 notes). So each layer's spectrum is rescaled so that its tail at the uniform
+SmolLM2 (BENCHMARKS.md, "design notes"). So each layer's spectrum is rescaled so that its tail at the uniform
 rank equals the held-out calibration NLL increase measured when that layer alone is converted;
 the total rank then goes greedily to the largest rescaled marginal errors. The result is a
 native-format model only: DeepSeek-V3 configs have one `kv_lora_rank` for all layers.

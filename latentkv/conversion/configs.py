@@ -80,7 +80,7 @@ class LowRankConfig:
     rope: str = "rorope"
     factorizer: str = "output"
     rope_horizon: int = 512  # distances over which dropped pairs are averaged; 0: drop as MHA2MLA does
-    sequential: bool = False  # kept to compare with one-shot (BENCHMARKS.md, ablation)
+    sequential: bool = False  # kept to compare with one-shot (BENCHMARKS.md, "design notes")
     attn_moment: float = 0.3  # weight of the attention-averaged input moment in the statistics (statistics.py)
     rank_allocation: str = "uniform"  # uniform | sensitivity: per-layer ranks (allocate.py), native format only
     latent_norm: bool = False  # fit the kv_a_layernorm stock DeepSeek-V3 engines apply (latent_norm.py)

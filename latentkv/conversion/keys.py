@@ -16,7 +16,7 @@ from .rope import KeySplit, augment, expected_rotation, mixed_key_weights
 
 
 def split_keys(src: SourceAttention, layout: SourceLayout, split: KeySplit, horizon: int = 0) -> dict:
-    """Rotated vs non-rotated rows of the (mixed) keys and queries (notes §2, identically on both).
+    """Rotated vs non-rotated rows of the (mixed) keys and queries, split identically on both.
 
     Returns augmented weights: kr (p, D+1), q_rope (H, p, D+1), k_nope (Gn, n, D+1) for Gn nope
     groups, nope_group (H,) the group each head reads, freq_idx (p/2,), and the non-rotated queries

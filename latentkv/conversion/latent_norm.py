@@ -101,9 +101,9 @@ def fit_layer(attn, x: torch.Tensor) -> tuple[dict, dict]:
 def carrier_row(x: torch.Tensor, c0: torch.Tensor, w_b: torch.Tensor, share: float = 100.0):
     """The latent slot given up to a near-constant "carrier", its kv_a row (D,) and values (N,).
 
-    The norm divides every latent by its per-token rms, which varies by ~30 % across tokens. The
-    direction w = Cov(x)^-1 E[x] makes w.x as constant as a linear read of x can be (~3 % spread
-    on SmolLM2's layer inputs, first tokens included); scaled to hold `share` times the rest of
+    The norm divides every latent by its per-token rms, which varies from token to token (the fit
+    report's `rms_spread`; BENCHMARKS.md, "design notes"). The direction w = Cov(x)^-1 E[x] makes w.x
+    as constant as a linear read of x can be, first tokens included; scaled to hold `share` times the rest of
     the latent's energy, it pins the rms, so the other dims pass through the norm almost
     unscaled. It takes the slot that carried the least output energy, |W_b[:, j]|^2 E[c_j^2]."""
     slot = int(((w_b ** 2).sum(0) * c0.pow(2).mean(0)).argmin())

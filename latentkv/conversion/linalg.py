@@ -42,7 +42,7 @@ def _weighted_svd(w: torch.Tensor, stats, metric, rank: int | None = None):
 
     min |L (W - B A) R|_F over rank r is reached by any square-root factors: L = C^T and R from
     Cholesky factors of the metric and of sigma (a third of one (D+1)^3 product, where symmetric
-    square roots cost an eigendecomposition and two products: minutes per layer at D = 4096)."""
+    square roots cost an eigendecomposition and two products per layer)."""
     lw, from_left = w, (lambda cols: cols)
     if metric is not None:
         # a block-diagonal metric (list of square blocks) is factored and applied block by block:
@@ -69,7 +69,7 @@ GRAM_SVD_ELEMENTS = 2**22  # above this (7B/8B layers), a wide matrix's SVD goes
 def thin_svd(m: torch.Tensor, rank: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(U, S, Vh) of an fp64 (a, b) matrix; with `rank`, U and Vh hold only the leading `rank`
     vectors (S stays whole). A large one is taken through eigh of its smaller Gram matrix, several
-    times faster than LAPACK's SVD at (1856, 4097); singular values below ~1e-8 x the largest lose
+    times faster than LAPACK's SVD on 7B/8B layer problems (BENCHMARKS.md, "design notes"); singular values below ~1e-8 x the largest lose
     relative accuracy that way, which only the spectrum's tail shows."""
     a, b = m.shape
     if a * b < GRAM_SVD_ELEMENTS:

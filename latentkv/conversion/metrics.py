@@ -1,6 +1,6 @@
 """Error metrics of the latent: how to weigh the error of the rank-r approximation of Y = [K_nope; V].
 
-Each factorizer (`--factorizer`) returns (stats, metric) for `factorize.low_rank`: the input statistics it trusts
+Each factorizer (`--factorizer`) returns (stats, metric) for `linalg.low_rank`: the input statistics it trusts
 (None = weights only) and metric, the (m, m) PSD weight on the rows of Y (None = identity; a list
 of square blocks for a block-diagonal one).
 """
@@ -48,8 +48,8 @@ class ActivationPCA:
 class OutputAware:
     """Error weighted where it lands: a key error by the second moment of the queries that read it
     (times the spread of those heads' outputs, which turns a score error into an output error),
-    a value error through each head's slice of `o_proj`. `key_weight` scales the key side (0.3 gave
-    the lowest held-out perplexity on SmolLM2 among 0.1, 0.3, 1, 3, 10)."""
+    a value error through each head's slice of `o_proj`. `key_weight` scales the key side (chosen on
+    held-out calibration text: BENCHMARKS.md, "design notes")."""
 
     name = "output"
     key_weight: float = 0.3

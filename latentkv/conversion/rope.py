@@ -6,7 +6,7 @@ k'_c = sum_c' P[c, c'] k_c'. Mixing only channels of one frequency across KV hea
 RoPE exactly (TransMLA's RoRoPE); frequency folding also mixes neighbouring frequencies and then
 rotates each mixed channel at one of them (an approximation). Channel (j, i) of k' is slot j at
 frequency i; kept channels form the shared rotated key `k_pe`; every other dim of k' is
-non-rotated ("nope") on queries and keys alike (notes §2). Queries are mixed by the same P, so
+non-rotated ("nope") on queries and keys alike. Queries are mixed by the same P, so
 scores are unchanged when nothing is dropped and nothing is folded.
 """
 

@@ -43,7 +43,7 @@ def max_rss_gib() -> float:
 
 def trim_heap() -> None:
     """Hand freed heap pages back to the OS: glibc keeps them otherwise, and a layer-by-layer job's
-    resident size creeps up by tens of MB per layer (measured at 8B) from fragmentation alone."""
+    resident size creeps up layer by layer from fragmentation alone (BENCHMARKS.md, "design notes")."""
     try:
         ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to trim

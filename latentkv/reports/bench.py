@@ -170,7 +170,7 @@ def measure(model, names: list[str], context: int, batches, new_tokens: int, roo
 
 
 def _row(model, name, context, batch, new_tokens, prefill_s, times, cache, roofs) -> dict:
-    """One decode row. floor_s: the bytes a step reads at the measured bandwidth (the issue's floor);
+    """One decode row. floor_s: the bytes a step reads at the measured bandwidth (the bandwidth floor);
     compute_floor_s: its FLOPs at the measured matmul rate; roofline_fraction: the larger of the two
     over the step time."""
     bandwidth, flops = roofs

@@ -56,7 +56,7 @@ def run_sweep(model, tokenizer, budgets, methods, text: str, seq_len: int = 2048
 
 def latent_spectra(model, conv, config, ids, cache: dict) -> dict:
     """Per layer of a calibrated conversion: the weighted latent problem's energy per latent dim
-    (s_k^2 / sum s^2, `factorize.spectrum`) and the share its rank leaves out."""
+    (s_k^2 / sum s^2, `conversion.linalg.spectrum`) and the share its rank leaves out."""
     dims = [layer.self_attn.dims for layer in conv.model.layers]
     spectra = layer_spectra(model, source_layout(model.config), config, dims[0].qk_rope_head_dim,
                             oneshot_stats(model, ids, cache, attention=config.attn_moment > 0))
