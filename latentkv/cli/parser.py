@@ -16,9 +16,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="latentkv", description="Convert GQA/MHA models to MLA with a small latent KV cache.")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    def add(name, fn, help_):
+    def add(name, fn, help_, out: dict | None = None, overwrite: str = "replace --out if it exists"):
+        """A subcommand with the common flags; `out`: the keywords of its --out (which brings --overwrite)."""
         s = sub.add_parser(name, help=help_, description=help_)
         s.set_defaults(fn=fn)
+        if out is not None:
+            s.add_argument("--out", **out)
+            s.add_argument("--overwrite", action="store_true", help=overwrite)
         s.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
         s.add_argument("--trust-remote-code", action="store_true", help="allow hub models to run their own code")
         s.add_argument("-q", "--quiet", action="store_true", help="no progress bars or notes, only warnings, errors "
@@ -45,9 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_convert(add) -> None:
-    c = add("convert", commands.convert_cmd, "convert SOURCE (hub id, HF dir, .gguf, smollm2-135m) to MLA and save it to --out")
+    c = add("convert", commands.convert_cmd, "convert SOURCE (hub id, HF dir, .gguf, smollm2-135m) to MLA and save it to --out",
+            out=dict(required=True, help="output directory (written atomically)"))
     c.add_argument("source")
-    c.add_argument("--out", required=True, help="output directory (written atomically)")
     c.add_argument("--kv-budget", type=float, help="fraction of the source's cache values to keep, in (0, 1]")
     c.add_argument("--kv-lora-rank", type=int, help="latent width r (with --qk-rope-head-dim)")
     c.add_argument("--qk-rope-head-dim", type=int, help="shared rotated key width (multiple of 2*num_key_value_heads)")
@@ -79,16 +83,14 @@ def _add_convert(add) -> None:
     c.add_argument("--stream", action="store_true", help="convert a local sharded safetensors checkpoint layer by "
                    "layer in bounded memory (resumes if interrupted)")
     c.add_argument("--device", default="cpu", help="--stream: where the layers' calibration passes run (cpu, cuda)")
-    c.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
 
 def _add_export(add) -> None:
-    x = add("export", commands.export_cmd, "write a converted DIR as a stock DeepSeek-V3 checkpoint (transformers, vLLM, SGLang)")
+    x = add("export", commands.export_cmd, "write a converted DIR as a stock DeepSeek-V3 checkpoint (transformers, vLLM, SGLang)",
+            out=dict(required=True, help="output directory (written atomically)"))
     x.add_argument("model", help="a latentkv convert output")
-    x.add_argument("--out", required=True, help="output directory (written atomically)")
     x.add_argument("--format", default="deepseek_v3", choices=list(FORMATS))
     x.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB or 500MB")
-    x.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
 
 def _add_verify_export(add) -> None:
@@ -101,10 +103,9 @@ def _add_verify_export(add) -> None:
 
 
 def _add_load(add) -> None:
-    lo = add("load", commands.load_cmd, "read a DeepSeek-V3 checkpoint (an export or anyone's) into the latentkv runtime")
+    lo = add("load", commands.load_cmd, "read a DeepSeek-V3 checkpoint (an export or anyone's) into the latentkv runtime",
+             out=dict(help="also save it in latentkv's native format here"))
     lo.add_argument("model")
-    lo.add_argument("--out", help="also save it in latentkv's native format here")
-    lo.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
 
 def _add_eval(add) -> None:
@@ -126,16 +127,15 @@ def _add_info(add) -> None:
 
 
 def _add_sweep(add) -> None:
-    w = add("sweep", commands.sweep_cmd, "convert SOURCE with every method at every budget and evaluate each the same way")
+    w = add("sweep", commands.sweep_cmd, "convert SOURCE with every method at every budget and evaluate each the same way",
+            out=dict(required=True, help="directory for sweep.json, sweep.md and ppl_vs_cache.png"))
     w.add_argument("source")
-    w.add_argument("--out", required=True, help="directory for sweep.json, sweep.md and ppl_vs_cache.png")
     w.add_argument("--budgets", default="1,0.5,0.25,0.125", help="comma-separated KV budgets in (0, 1]")
     w.add_argument("--methods", default="lowrank,svd", help="comma-separated methods: lowrank, svd")
     w.add_argument("--ppl", default="wikitext2", help="evaluation text (file or wikitext2 / ptb)")
     w.add_argument("--seq-len", type=int, default=2048)
     w.add_argument("--max-windows", type=int, help="evaluate only the first N windows")
     w.add_argument("--passkey", help="also passkey accuracy at these contexts, e.g. 1024,2048")
-    w.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
 
 def _add_generate(add) -> None:
@@ -151,21 +151,19 @@ def _add_generate(add) -> None:
 
 
 def _add_bench(add) -> None:
-    b = add("bench", commands.bench_cmd, "prefill time, decode tokens/s, memory and cache bytes: source vs converted")
+    b = add("bench", commands.bench_cmd, "prefill time, decode tokens/s, memory and cache bytes: source vs converted",
+            out=dict(default="bench-out", help="directory for bench.json and bench.png (written atomically)"))
     b.add_argument("model")
     b.add_argument("--against", help="the source model to compare with")
     b.add_argument("--context", default="1024,4096,8192,16384", help="context lengths in tokens")
     b.add_argument("--batch", default="1,4,16", help="batch sizes")
     b.add_argument("--new-tokens", type=int, default=64, help="decode steps timed per row")
-    b.add_argument("--out", default="bench-out", help="directory for bench.json and bench.png (written atomically)")
-    b.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
 
 def _add_demo(add) -> None:
-    d = add("demo", commands.demo_cmd, "the main job: convert the bundled SmolLM2, compare cache size and perplexity")
+    d = add("demo", commands.demo_cmd, "the main job: convert the bundled SmolLM2, compare cache size and perplexity",
+            out=dict(help="also save the compressed model here"))
     d.add_argument("--kv-budget", type=float, default=0.5, help="budget of the compressed variant")
-    d.add_argument("--out", help="also save the compressed model here")
-    d.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     d.add_argument("--seq-len", type=int, default=1024)
     d.add_argument("--max-windows", type=int, default=4)
     d.add_argument("--text", default="wikitext2", help="evaluation text (file or dataset name)")
@@ -173,12 +171,13 @@ def _add_demo(add) -> None:
 
 def add_heal_parser(add) -> None:
     d = HealConfig()
-    h = add("heal", commands.heal_cmd, "distil the source (teacher) into a converted model to recover quality")
+    h = add("heal", commands.heal_cmd, "distil the source (teacher) into a converted model to recover quality",
+            out=dict(required=True, help="output directory (written atomically)"),
+            overwrite="replace --out and start the work dir over")
     h.add_argument("model", help="a latentkv convert output (the student)")
     h.add_argument("--teacher", required=True, help="the source model (hub id, HF dir, .gguf, smollm2-135m)")
     h.add_argument("--data", required=True,
                    help="training text: a UTF-8 file, a folder of .txt files, or hf:NAME[:CONFIG]:SPLIT[:COLUMN]")
-    h.add_argument("--out", required=True, help="output directory (written atomically)")
     h.add_argument("--tokens", type=int, help=f"training tokens (default {d.tokens:,}; 0 with --local-steps: "
                                               "local healing only)")
     h.add_argument("--seq-len", type=int, help=f"tokens per packed window (default {d.seq_len})")
@@ -209,7 +208,6 @@ def add_heal_parser(add) -> None:
                                                     f"(default {d.teacher_topk})")
     h.add_argument("--work-dir", help="checkpoints and log (default OUT.heal beside the output)")
     h.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the work dir")
-    h.add_argument("--overwrite", action="store_true", help="replace --out and start the work dir over")
 
 
 def add_doctor_parser(add) -> None:

@@ -45,15 +45,10 @@ def _check_budget(config) -> None:
 
 
 @dataclass(frozen=True)
-class SVDConfig:
-    """Weight-only baseline (MHA2MLA): keep RoPE on the highest frequencies of every KV head
-    (S_high), joint SVD of the stacked non-rotated key and value weights for the latent.
+class CacheSize:
+    """How big the cache may be, for methods that compress: exactly one of `kv_budget` (a fraction of the
+    source's cache values), `kv_values` (values per token per layer), or both explicit dims."""
 
-    Give `kv_budget`, `kv_values`, or both explicit dims. With a budget the rope side gets about a
-    quarter of the values (MHA2MLA's split)."""
-
-    version: ClassVar[int] = 1
-    method: ClassVar[str] = "svd"
     kv_budget: float | None = None
     kv_lora_rank: int | None = None
     qk_rope_head_dim: int | None = None
@@ -64,7 +59,18 @@ class SVDConfig:
 
 
 @dataclass(frozen=True)
-class LowRankConfig:
+class SVDConfig(CacheSize):
+    """Weight-only baseline (MHA2MLA): keep RoPE on the highest frequencies of every KV head
+    (S_high), joint SVD of the stacked non-rotated key and value weights for the latent.
+
+    With a budget the rope side gets about a quarter of the values (MHA2MLA's split)."""
+
+    version: ClassVar[int] = 1
+    method: ClassVar[str] = "svd"
+
+
+@dataclass(frozen=True)
+class LowRankConfig(CacheSize):
     """Calibrated, training-free conversion: a RoPE strategy picks the rotated dims (`rope`, one of
     ROPE_STRATEGIES: high | 2norm | rorope | rorope-export | rorope-fold2 | rorope-fold4), a
     factorizer builds the latent (`factorizer`: svd | pca | output), statistics come from `calib`
@@ -73,10 +79,6 @@ class LowRankConfig:
 
     version: ClassVar[int] = 1
     method: ClassVar[str] = "lowrank"
-    kv_budget: float | None = None
-    kv_lora_rank: int | None = None
-    qk_rope_head_dim: int | None = None
-    kv_values: int | None = None
     rope: str = "rorope"
     factorizer: str = "output"
     rope_horizon: int = 512  # distances over which dropped pairs are averaged; 0: drop as MHA2MLA does
@@ -89,7 +91,7 @@ class LowRankConfig:
     calib_seq_len: int = 512
 
     def __post_init__(self):
-        _check_budget(self)
+        super().__post_init__()
         if self.rope not in ROPE_STRATEGIES:
             raise LatentKVError(f"unknown --rope {self.rope!r}; choose one of: {', '.join(ROPE_STRATEGIES)}")
         if self.factorizer not in FACTORIZERS:

@@ -6,26 +6,17 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from transformers import (
-    Gemma2Config,
-    Gemma2ForCausalLM,
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-)
 
 from latentkv import ExactConfig, LatentCache, SVDConfig, convert, record_of
 
-from conftest import held_bytes, reference_tolerance
+from conftest import TINY, held_bytes, reference_tolerance
 
 SETTINGS = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-FAMILIES = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-            "mistral": (MistralConfig, MistralForCausalLM), "gemma2": (Gemma2Config, Gemma2ForCausalLM)}
+# family -> (config class, model class), the classes conftest's tiny models use
+FAMILIES = {family: TINY[name][:2] for family, name in
+            (("llama", "llama-gqa"), ("qwen2", "qwen2-bias"), ("mistral", "mistral-gqa"), ("gemma2", "gemma2-softcap"))}
 
 
 @st.composite
