@@ -91,7 +91,8 @@ def test_reduced_budget_invariants(model, budget):
 def test_non_finite_weights_are_refused(bad):
     from latentkv.errors import LatentKVError
 
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    config_cls, model_cls = FAMILIES["llama"]
+    model = model_cls(config_cls(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2)).eval()
     with torch.no_grad():
         model.model.layers[1].self_attn.k_proj.weight[0, 0] = bad
