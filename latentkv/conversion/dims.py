@@ -13,7 +13,7 @@ import logging
 
 from ..errors import LatentKVError
 from ..families import SourceLayout
-from .configs import ExactConfig, LowRankConfig, SVDConfig
+from .configs import ExactConfig, SVDConfig
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,3 @@ def stream_dims(layout: SourceLayout, config) -> tuple[int, int]:
                  "--kv-lora-rank and --qk-rope-head-dim to choose)", dims[1], dims[0])
     return checked(config, layout, dims)
 
-
-def is_searched(config, layout: SourceLayout) -> bool:
-    """True when a calibrated config leaves the split to the held-out search."""
-    return isinstance(config, LowRankConfig) and fixed_dims(config, layout) is None
