@@ -20,8 +20,10 @@ from ..deepseek.export import export, exportable_dims
 from ..deepseek.layout import kernel_warning
 from ..deepseek.reader import require_engine_checkpoint
 from ..errors import LatentKVError
+from ..evaluation.copy import copy_probe
 from ..evaluation.passkey import passkey
 from ..evaluation.perplexity import perplexity
+from ..evaluation.suite import SUITE_WINDOWS, dev_suite
 from ..healing.run import HealConfig, heal
 from ..io.atomic import check_output_dir
 from ..io.text import load_text
@@ -63,8 +65,8 @@ def convert_cmd(a) -> dict:
 
 
 def eval_cmd(a) -> dict:
-    if not a.ppl and not a.passkey:
-        raise LatentKVError("eval needs --ppl FILE and/or --passkey")
+    if not (a.ppl or a.passkey or a.copy or a.suite):
+        raise LatentKVError("eval needs --ppl FILE, --passkey, --copy and/or --suite")
     text = load_text(a.ppl) if a.ppl else None
     model, tok = _with_tokenizer(a.model, a)
     out = {"model": a.model}
@@ -75,6 +77,12 @@ def eval_cmd(a) -> dict:
     if a.passkey:
         out["passkey"] = passkey(model, tok, contexts=numbers(a.context, int), depths=numbers(a.depths, float),
                                  trials=a.trials, progress=a.progress)
+    if a.copy:
+        out["copy"] = copy_probe(model, numbers(a.copy_lengths, int), numbers(a.copy_distances, int),
+                                 progress=a.progress)
+    if a.suite:
+        out["suite"] = dev_suite(model, tok, seq_len=a.seq_len, max_windows=a.max_windows or SUITE_WINDOWS,
+                                 progress=a.progress)
     return out
 
 

@@ -119,6 +119,12 @@ def _add_eval(add) -> None:
     e.add_argument("--context", default="1024,2048,4096", help="passkey prompt lengths in tokens")
     e.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="passkey needle depths in [0, 1]")
     e.add_argument("--trials", type=int, default=3, help="passkey trials per context and depth")
+    e.add_argument("--copy", action="store_true", help="in-context copy probe: accuracy and NLL on the second copy "
+                   "of repeated random token sequences")
+    e.add_argument("--copy-lengths", default="64,256,1024", help="copy probe sequence lengths in tokens")
+    e.add_argument("--copy-distances", default="0,512", help="copy probe gaps between the two copies, in tokens")
+    e.add_argument("--suite", action="store_true", help="the dev suite: perplexity on every domain's held-out "
+                   "text (WikiText-2, PTB, fiction, code, docs; --max-windows per domain, default 8) and the copy probe")
 
 
 def _add_info(add) -> None:

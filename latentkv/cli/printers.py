@@ -89,12 +89,33 @@ def print_accelerate_config(r: dict, command: str) -> None:
 
 def print_plain(result: dict, command: str) -> None:
     for k, v in result.items():
-        if k == "passkey":
-            print(f"passkey accuracy: {v['accuracy']:.1%}")
-            for row in v["rows"]:
-                print(f"  context {row['context']:>6}  depth {row['depth']:.2f}  {row['correct']}/{row['trials']}")
+        if k in SECTIONS:
+            SECTIONS[k](v)
             continue
         print(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
+
+
+def _passkey(v: dict) -> None:
+    print(f"passkey accuracy: {v['accuracy']:.1%}")
+    for row in v["rows"]:
+        print(f"  context {row['context']:>6}  depth {row['depth']:.2f}  {row['correct']}/{row['trials']}")
+
+
+def _copy(v: dict) -> None:
+    print(f"copy probe accuracy: {v['accuracy']:.1%} (NLL {v['nll']:.3f})")
+    for row in v["rows"]:
+        print(f"  length {row['length']:>5}  distance {row['distance']:>5}  {row['accuracy']:.1%}  NLL {row['nll']:.3f}")
+
+
+def _suite(v: dict) -> None:
+    print(f"dev suite ({v['max_windows']} windows x {v['seq_len']} tokens per domain):")
+    for name, d in v["domains"].items():
+        print(f"  {name:>10}  ppl {d['ppl']:9.3f}  ({d['tokens']:,} tokens)")
+    if "copy" in v:
+        _copy(v["copy"])
+
+
+SECTIONS = {"passkey": _passkey, "copy": _copy, "suite": _suite}
 
 
 def print_demo(result: dict, command: str) -> None:

@@ -1,49 +1,57 @@
 """Calibration windows and what is measured on them: the source's one-shot statistics and held-out NLL.
 
-The windows come from `config.calib` (never a test split). `HELD_OUT` of them, spread over the
-text, are kept aside to score choices (the rope/latent split, rank allocation); the rest fit.
+The windows come from `config.calib`: the default domain mixture (`mixture.py`) or a text the
+user names (never a test split). `HELD_OUT` of them, spread over the windows (one per mixture
+component), are kept aside to score choices (the rope/latent split, rank allocation); the rest fit.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 
 import torch
 
 from ..errors import LatentKVError
 from ..evaluation.perplexity import window_nll
-from ..io.text import DEFAULT_CALIB, OFFLINE_CALIB, check_not_test_split, load_text
+from ..io.text import check_not_test_split, fingerprint, load_text
 from .configs import LowRankConfig
+from .mixture import MIX, mixture_windows
 from .statistics import InputStats, calibration_batches, collect_stats
 
 log = logging.getLogger(__name__)
 
-HELD_OUT = 4  # calibration windows kept aside to score candidate splits
+HELD_OUT = 5  # calibration windows kept aside to score candidate splits: one per mixture component
 
 
-def calibration_ids(tokenizer, config: LowRankConfig) -> tuple[torch.Tensor, LowRankConfig]:
-    """-> ((calib_samples + HELD_OUT, calib_seq_len) token windows from `config.calib`, the config they
-    were read for). The default text, when neither ../shared nor the hub has it, gives way to the
-    sample shipped in the package: the returned config (and so the record) names what was read."""
+def held_positions(windows: int) -> torch.Tensor:
+    """(HELD_OUT,) indices of the held-out windows among `windows`, spread over them."""
+    return torch.linspace(0, windows - 1, HELD_OUT).round().long()
+
+
+def calibration_ids(tokenizer, config: LowRankConfig) -> tuple[torch.Tensor, dict]:
+    """-> ((calib_samples + HELD_OUT, calib_seq_len) token windows from `config.calib`, what they are:
+    {"text", "components" (mixture only)})."""
     if tokenizer is None:
         raise LatentKVError(f"method {config.method} calibrates on text: pass tokenizer= (or calib_ids=) to convert()")
     check_not_test_split(config.calib)
-    try:
-        text = load_text(config.calib)
-    except LatentKVError as e:
-        if config.calib != DEFAULT_CALIB:
-            raise
-        log.warning("calibrating on the packaged %s: %s", OFFLINE_CALIB, e)
-        config, text = dataclasses.replace(config, calib=OFFLINE_CALIB), load_text(OFFLINE_CALIB)
-    return calibration_batches(tokenizer, text, config.calib_samples + HELD_OUT, config.calib_seq_len), config
+    windows = config.calib_samples + HELD_OUT
+    if config.calib == MIX:
+        ids, counts = mixture_windows(tokenizer, windows, config.calib_seq_len, held_positions(windows))
+        return ids, {"text": MIX, "components": counts}
+    return calibration_batches(tokenizer, load_text(config.calib), windows, config.calib_seq_len), {"text": config.calib}
+
+
+def calibration_record(ids: torch.Tensor, info: dict | None) -> dict:
+    """The record's `calibration` entry: what the windows were read from and their fingerprint, so a
+    conversion can be told apart from one calibrated on other text (mixtures read local files)."""
+    return {**(info or {"text": "calib_ids given"}), "windows": list(ids.shape), "fingerprint": fingerprint(ids)}
 
 
 def split_ids(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (fit windows, held-out windows), the held-out ones spread over the text."""
     if ids.shape[0] <= HELD_OUT:
         return ids, ids[:0]
-    held = torch.linspace(0, ids.shape[0] - 1, HELD_OUT).round().long()
+    held = held_positions(ids.shape[0])
     keep = torch.ones(ids.shape[0], dtype=torch.bool)
     keep[held] = False
     return ids[keep], ids[held]

@@ -11,8 +11,9 @@ from dataclasses import asdict, dataclass, fields
 from typing import ClassVar
 
 from ..errors import LatentKVError
-from ..io.text import DEFAULT_CALIB, check_not_test_split
+from ..io.text import check_not_test_split
 from .metrics import FACTORIZERS
+from .mixture import MIX
 from .rope import ROPE_STRATEGIES
 
 RANK_ALLOCATIONS = ("uniform", "sensitivity")
@@ -74,7 +75,7 @@ class LowRankConfig(CacheSize):
     """Calibrated, training-free conversion: a RoPE strategy picks the rotated dims (`rope`, one of
     ROPE_STRATEGIES: high | 2norm | rorope | rorope-export | rorope-fold2 | rorope-fold4), a
     factorizer builds the latent (`factorizer`: svd | pca | output), statistics come from `calib`
-    text (layer by layer through the already converted prefix when `sequential`). With a budget,
+    text (default: a mixture of domains, `conversion/mixture.py`; layer by layer through the already converted prefix when `sequential`). With a budget,
     the rope/latent split is searched on held-out calibration windows."""
 
     version: ClassVar[int] = 1
@@ -86,7 +87,7 @@ class LowRankConfig(CacheSize):
     attn_moment: float = 0.3  # weight of the attention-averaged input moment in the statistics (statistics.py)
     rank_allocation: str = "uniform"  # uniform | sensitivity: per-layer ranks (allocate.py), native format only
     latent_norm: bool = False  # fit the kv_a_layernorm stock DeepSeek-V3 engines apply (latent_norm.py)
-    calib: str = DEFAULT_CALIB
+    calib: str = MIX  # the domain mixture (mixture.py), or a text file or name
     calib_samples: int = 32
     calib_seq_len: int = 512
 

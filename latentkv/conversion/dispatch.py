@@ -10,7 +10,7 @@ import torch
 from ..families import SourceLayout, source_layout
 from ..record import make_record
 from .allocate import allocate_search
-from .calibration import calibration_ids, oneshot_stats, split_ids
+from .calibration import calibration_ids, calibration_record, oneshot_stats, split_ids
 from .configs import LowRankConfig, config_to_dict
 from .converters import converter_for
 from .dims import checked, fixed_dims
@@ -34,9 +34,10 @@ def convert(model, config, *, tokenizer=None, calib_ids: torch.Tensor | None = N
     layout = source_layout(model.config)
     check_finite(model)
     start = time.perf_counter()
+    info = None
     if calibrated:
         if calib_ids is None:
-            calib_ids, config = calibration_ids(tokenizer, config)
+            calib_ids, info = calibration_ids(tokenizer, config)
         new, choice = convert_calibrated(model, layout, config, calib_ids, progress, calib_cache)
     else:
         dims = checked(config, layout, fixed_dims(config, layout))
@@ -46,6 +47,8 @@ def convert(model, config, *, tokenizer=None, calib_ids: torch.Tensor | None = N
               sorted({d["kv_lora_rank"] for d in layers}), sorted({d["qk_rope_head_dim"] for d in layers}))
     source = layout.to_record(getattr(model.config, "_name_or_path", ""))
     new.config.latentkv = make_record(source, config_to_dict(config), layers, time.perf_counter() - start, choice)
+    if calibrated:
+        new.config.latentkv["calibration"] = calibration_record(calib_ids, info)
     return new
 
 

@@ -73,7 +73,7 @@ class Work:
     def _save_state(self, done: int) -> None:
         write_file_atomic(self.dir / "state.json", json.dumps({"done": done, "layers": self.layers}))
 
-    def finish(self, stream, config, tokenizer, seconds: float, ids) -> dict:
+    def finish(self, stream, config, tokenizer, seconds: float, ids, calibration: dict | None = None) -> dict:
         """Head tensors, index, latentkv.json, tokenizer; then OUT appears in one rename -> the record."""
         ckpt = stream.ckpt
         rest = [n for n in ckpt.names() if not n.startswith((LAYER_PREFIX, EMBED_PREFIX))]
@@ -83,6 +83,8 @@ class Work:
         record = make_record(source, config_to_dict(config), [layer["dims"] for layer in self.layers], seconds)
         record["streaming"] = {"layers": self.layers, "device": str(stream.device), "peak_rss_gib": max_rss_gib(),
                                "calib_windows": None if ids is None else list(ids.shape)}
+        if calibration is not None:
+            record["calibration"] = calibration
         write_meta(self.dir, record, stream.model.config)
         if tokenizer is not None:
             tokenizer.save_pretrained(self.dir)

@@ -32,7 +32,7 @@ from ..io.atomic import check_output_dir
 from ..io.machine import available_memory, max_rss_gib, trim_heap
 from ..io.shards import INDEX, SINGLE, ShardedCheckpoint
 from ..io.text import fingerprint
-from .calibration import calibration_ids, split_ids
+from .calibration import calibration_ids, calibration_record, split_ids
 from .configs import LowRankConfig, config_to_dict
 from .dims import stream_dims
 from .latent_norm import norm_layer
@@ -203,12 +203,7 @@ def convert_streaming(source, config, out, *, tokenizer=None, calib_ids: torch.T
     start = time.perf_counter()
     stream = Stream(source, config, device)
     dims = stream_dims(stream.layout, config)
-    ids = None
-    if stream.calibrated:
-        tokenizer = tokenizer or _tokenizer(source, required=calib_ids is None)
-        if calib_ids is None:
-            calib_ids, config = calibration_ids(tokenizer, config)
-        ids = split_ids(calib_ids)[0]
+    ids, tokenizer, calibration = _calibration(stream, source, config, tokenizer, calib_ids)
     calib = None if ids is None else f"{fingerprint(ids)}-{list(ids.shape)}"
     work = Work(out, {"source": str(source.absolute()), "source_bytes": stream.ckpt.nbytes(),
                       "config": config_to_dict(config), "dims": list(dims), "calib": calib})
@@ -228,7 +223,18 @@ def convert_streaming(source, config, out, *, tokenizer=None, calib_ids: torch.T
         log.debug("streamed layer %d: %s", i, timing)
         work.layer_done(i, stream, {**timing, "write_s": round(time.perf_counter() - t0, 2), "peak_rss_gib": max_rss_gib()})
     return work.finish(stream, config, tokenizer or _tokenizer(source, required=False),
-                       time.perf_counter() - start, ids)
+                       time.perf_counter() - start, ids, calibration)
+
+
+def _calibration(stream: Stream, source: Path, config, tokenizer, calib_ids):
+    """-> (fit windows or None, tokenizer, the record's calibration entry or None)."""
+    if not stream.calibrated:
+        return None, tokenizer, None
+    tokenizer = tokenizer or _tokenizer(source, required=calib_ids is None)
+    info = None
+    if calib_ids is None:
+        calib_ids, info = calibration_ids(tokenizer, config)
+    return split_ids(calib_ids)[0], tokenizer, calibration_record(calib_ids, info)
 
 
 def _tokenizer(source: Path, required: bool):

@@ -29,8 +29,7 @@ LOCAL_REFERENCE = {
 # latentkv/data/README.md: public-domain Project Gutenberg prose, never evaluation text).
 PACKAGED = {"calib-sample": "calib-sample.txt"}
 
-DEFAULT_CALIB = "wikitext2-valid"  # what calibrated conversions read unless told otherwise
-OFFLINE_CALIB = "calib-sample"  # what they read instead when the default is neither local nor on the hub
+OFFLINE_CALIB = "calib-sample"  # fiction to calibrate on when the Gutenberg corpus is not here
 
 TEST_SPLITS = ("wikitext2", "ptb")
 TEST_FILES = ("wiki.test.raw", "wiki.test.tokens", "ptb.test.txt")
@@ -38,9 +37,15 @@ TEST_FILES = ("wiki.test.raw", "wiki.test.tokens", "ptb.test.txt")
 
 def shared_file(name: str) -> Path | None:
     """The local copy of a named text, looked up from the working dir and from the checkout."""
+    path = shared_path(LOCAL_REFERENCE[name])
+    return path if path is not None and path.is_file() else None
+
+
+def shared_path(relative: str) -> Path | None:
+    """`shared/relative` beside the working dir or beside the checkout, if it exists."""
     for shared in (Path("../shared"), Path(__file__).resolve().parents[3] / "shared"):
-        if (shared / LOCAL_REFERENCE[name]).is_file():
-            return shared / LOCAL_REFERENCE[name]
+        if (shared / relative).exists():
+            return shared / relative
     return None
 
 
@@ -68,7 +73,7 @@ def check_not_test_split(source: str | Path) -> None:
     name = Path(str(source)).name
     if str(source) in TEST_SPLITS or name in TEST_FILES:
         raise LatentKVError(f"{source} is an evaluation (test) split and must not be used for calibration; "
-                            f"use {DEFAULT_CALIB} (the default) or your own text")
+                            "use the default mixture (--calib mix), wikitext2-valid or your own text")
 
 
 def fingerprint(ids: torch.Tensor) -> str:

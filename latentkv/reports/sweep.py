@@ -39,8 +39,7 @@ def run_sweep(model, tokenizer, budgets, methods, text: str, seq_len: int = 2048
         for budget in budgets:
             config = make_config(kv_budget=budget, method=None if budget == 1 else method, **lowrank)
             if isinstance(config, LowRankConfig) and ids is None:
-                ids, config = calibration_ids(tokenizer, config)
-                lowrank = {**lowrank, "calib": config.calib}  # the text actually read, for every later row
+                ids, _ = calibration_ids(tokenizer, config)
             if any(r["method"] == config.method and r["budget"] == budget for r in rows):
                 continue  # budget 1 is the exact embedding whatever the method
             start = time.perf_counter()

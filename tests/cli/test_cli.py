@@ -224,3 +224,18 @@ def test_doctor_reports_and_fails_on_full_disk(capsys, monkeypatch, tmp_path):
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 * 2**30, 10 * 2**30 - 2**20, 2**20))
     code, stdout, _ = run(capsys, "doctor", tmp_path)
     assert code == 1 and "FAIL" in stdout and "free some space" in stdout and "not ready" in stdout
+
+
+def test_eval_copy_probe_and_suite(capsys, source_dir):
+    code, out, err = run(capsys, "eval", source_dir, "--copy", "--copy-lengths", "16,32", "--copy-distances", "0,8",
+                         "--json")
+    assert code == 0, err
+    copy = json.loads(out)["copy"]
+    assert [(r["length"], r["distance"]) for r in copy["rows"]] == [(16, 0), (16, 8), (32, 0), (32, 8)]
+    code, out, _ = run(capsys, "eval", source_dir, "--copy", "--copy-lengths", "16", "--copy-distances", "0")
+    assert code == 0 and "copy probe accuracy" in out and "length    16" in out
+    code, out, err = run(capsys, "eval", source_dir, "--suite", "--seq-len", "64", "--max-windows", "1", "--json")
+    assert code == 0, err
+    suite = json.loads(out)["suite"]
+    assert set(suite["domains"]) == {"wikitext2", "ptb", "fiction", "code", "docs"}
+    assert all(d["windows"] == 1 and d["ppl"] > 1 for d in suite["domains"].values()) and "copy" in suite

@@ -28,29 +28,9 @@ def test_named_dataset_uses_shared_copy():
     assert load_text("wikitext2").startswith(local.read_text(encoding="utf-8")[:100])
 
 
-def test_packaged_sample_is_there_and_calibration_falls_back_to_it(monkeypatch, tiny_tokenizer, caplog):
-    """Without ../shared or the hub, the default calibration text gives way to the sample in the package,
-    and the returned config (so the record) says so; a missing text the user named stays an error."""
-    import logging
 
-    from latentkv import LowRankConfig
-    from latentkv.conversion import calibration
+def test_packaged_sample_is_calibration_text():
     from latentkv.io.text import OFFLINE_CALIB, check_not_test_split
 
     assert len(load_text(OFFLINE_CALIB)) > 100_000
     check_not_test_split(OFFLINE_CALIB)  # never evaluation text
-    real = calibration.load_text
-
-    def offline(name):
-        if name == "wikitext2-valid":
-            raise LatentKVError("'wikitext2-valid' needs the `datasets` package")
-        return real(name)
-
-    monkeypatch.setattr(calibration, "load_text", offline)
-    caplog.set_level(logging.WARNING, logger="latentkv")
-    ids, used = calibration.calibration_ids(tiny_tokenizer, LowRankConfig(kv_budget=0.5, calib_samples=2,
-                                                                          calib_seq_len=32))
-    assert used.calib == OFFLINE_CALIB and tuple(ids.shape) == (2 + calibration.HELD_OUT, 32)
-    assert "calibrating on the packaged calib-sample" in caplog.text
-    with pytest.raises(LatentKVError, match="not found"):
-        calibration.calibration_ids(tiny_tokenizer, LowRankConfig(kv_budget=0.5, calib="missing.txt"))

@@ -1,0 +1,110 @@
+"""Text from several domains, split once into an evaluation part and a calibration/healing part.
+
+Quality measured on encyclopedic prose alone hides what users see on code, documentation and
+long-context text, so the dev suite and the default calibration both span domains. Every source
+is local and read at run time; each domain's two parts never share a document:
+
+| domain | source | evaluation part | calibration part |
+|---|---|---|---|
+| wikitext2 | WikiText-2 raw (`../shared` or the hub) | test | valid |
+| ptb | Penn Treebank (`../shared` or the hub) | test | none |
+| fiction | Project Gutenberg books (`../shared/data/corpus`, else the packaged `calib-sample`) | FICTION_EVAL books | every other book |
+| code | this Python's own standard library (`*.py` at its top level) | files whose name hashes even | odd |
+| docs | long descriptions (READMEs) of the installed packages, latentkv's own excluded | names hashing even | odd |
+
+A document is split by a stable hash of its name (sha1, so every machine splits alike), and each
+part is capped (DOC_BYTES per document, PART_BYTES in all) so that no single file dominates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import sysconfig
+from pathlib import Path
+
+from ..errors import LatentKVError
+from .text import OFFLINE_CALIB, load_text, shared_path
+
+DEV_DOMAINS = ("wikitext2", "ptb", "fiction", "code", "docs")
+CALIB_DOMAINS = ("wikitext2", "fiction", "code", "docs")  # PTB has no split to calibrate on
+# Held out of calibration and healing; none of them is in the packaged calib-sample either.
+FICTION_EVAL = ("pg02701_melville_moby-dick.txt", "pg00174_wilde_picture-of-dorian-gray.txt",
+                "pg00120_stevenson_treasure-island.txt")
+CORPUS = "data/corpus"
+DOC_BYTES = 12_000  # at most this much of one file or package description
+PART_BYTES = 160_000  # at most this much text per domain and part (~40k tokens)
+MIN_DOC_BYTES = 2_000  # shorter package descriptions are boilerplate, not documentation
+
+
+def domain_text(domain: str, part: str) -> str:
+    """The `part` ("eval" or "calib") of a domain in DEV_DOMAINS, as one text."""
+    if part not in ("eval", "calib"):
+        raise ValueError(f"part must be eval or calib, got {part!r}")
+    if domain not in READERS:
+        raise LatentKVError(f"unknown domain {domain!r}; choose from {', '.join(READERS)}")
+    return READERS[domain](part)
+
+
+def _wikitext2(part: str) -> str:
+    return load_text("wikitext2" if part == "eval" else "wikitext2-valid")
+
+
+def _ptb(part: str) -> str:
+    if part != "eval":
+        raise LatentKVError("PTB has only a test split here; it is for evaluation")
+    return load_text("ptb")
+
+
+def _fiction(part: str) -> str:
+    corpus = shared_path(CORPUS)
+    if corpus is None:
+        if part == "eval":
+            raise LatentKVError(f"the fiction evaluation books live in ../shared/{CORPUS}; it is not here")
+        return load_text(OFFLINE_CALIB)
+    books = sorted(p for p in corpus.glob("*.txt") if (p.name in FICTION_EVAL) == (part == "eval"))
+    # from the middle of each book on (no front matter), an equal share of the part from each
+    return _joined(((p.name, _middle(p.read_text(encoding="utf-8"))) for p in books), PART_BYTES // len(books))
+
+
+def _code(part: str) -> str:
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in stdlib.glob("*.py") if _half(p.name) == part)
+    return _joined((f"# {p.name}", p.read_text(encoding="utf-8", errors="replace")) for p in files)
+
+
+def _docs(part: str) -> str:
+    seen = {}
+    for dist in importlib.metadata.distributions():
+        name = (dist.metadata["Name"] or "").lower()
+        body = dist.metadata.get("Description") or dist.metadata.get_payload() or ""
+        if name and name != "latentkv" and len(body) >= MIN_DOC_BYTES and _half(name) == part:
+            seen.setdefault(name, body)
+    return _joined((f"# {name}", seen[name]) for name in sorted(seen))
+
+
+def _half(name: str) -> str:
+    return "eval" if hashlib.sha1(name.encode()).digest()[0] % 2 == 0 else "calib"
+
+
+def _middle(text: str) -> str:
+    start = text.find("\n\n", len(text) // 3) + 2
+    return text[start:]
+
+
+def _joined(docs, doc_bytes: int = DOC_BYTES) -> str:
+    """'header\\n\\nbody' pieces, each capped at doc_bytes (cut at a line end), the whole at PART_BYTES."""
+    out, total = [], 0
+    for head, body in docs:
+        piece = body[:doc_bytes]
+        piece = piece[: piece.rfind("\n") + 1] if "\n" in piece and len(body) > doc_bytes else piece
+        out.append(f"{head}\n\n{piece.strip()}\n")
+        total += len(out[-1])
+        if total >= PART_BYTES:
+            break
+    if not out:
+        raise LatentKVError("no documents found for this domain here")
+    return "\n".join(out)[:PART_BYTES]
+
+
+READERS = {"wikitext2": _wikitext2, "ptb": _ptb, "fiction": _fiction, "code": _code, "docs": _docs}
