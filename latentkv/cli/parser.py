@@ -183,7 +183,8 @@ def add_heal_parser(add) -> None:
     h.add_argument("model", help="a latentkv convert output (the student)")
     h.add_argument("--teacher", required=True, help="the source model (hub id, HF dir, .gguf, smollm2-135m)")
     h.add_argument("--data", required=True,
-                   help="training text: a UTF-8 file, a folder of .txt files, or hf:NAME[:CONFIG]:SPLIT[:COLUMN]")
+                   help="training text: a UTF-8 file, a folder of .txt files, mix (every domain's calibration "
+                        "part: prose, fiction, code, docs) or hf:NAME[:CONFIG]:SPLIT[:COLUMN]")
     h.add_argument("--tokens", type=int, help=f"training tokens (default {d.tokens:,}; 0 with --local-steps: "
                                               "local healing only)")
     h.add_argument("--seq-len", type=int, help=f"tokens per packed window (default {d.seq_len})")

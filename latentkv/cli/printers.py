@@ -135,8 +135,9 @@ def print_demo(result: dict, command: str) -> None:
     if result["saved"]:
         console.print(f"saved the budget conversion to {result['saved']} (try `latentkv info {result['saved']}`)")
     console.print("bytes/token: cache bytes per token over all layers at the model's dtype.")
+    calib = {"mix": "the domain mixture", None: "no text"}.get(result.get("calib"), result.get("calib"))
     console.print(f"total {result['seconds']}s. The exact row shows the conversion itself is lossless; "
-                  f"the lowrank row is training-free (calibrated on {result.get('calib') or 'no text'}), before any healing.")
+                  f"the lowrank row is training-free (calibrated on {calib}), before any healing.")
 
 
 PRINTERS = {"generate": print_generate, "bench": print_bench, "sweep": print_sweep, "verify-export": print_verify,

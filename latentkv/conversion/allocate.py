@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from ..errors import LatentKVError
 from ..families import attention_layers, read_attention
-from .calibration import held_out_nll
+from .calibration import held_out_score
 from .converters import lowrank_spectrum
 from .dims import latent_cap
 from .surgery import convert_layer, convert_oneshot
@@ -58,14 +58,14 @@ def layer_spectra(model, layout, config, rope: int, stats) -> list[torch.Tensor]
 
 @torch.no_grad()
 def layer_sensitivity(model, layout, config, dims, stats, held: torch.Tensor, progress: bool = False) -> list[float]:
-    """Held-out NLL increase when only layer l is converted at `dims`, for every l (one model copy)."""
-    base = held_out_nll(model, held)
+    """Held-out score increase (NLL + copy NLL) when only layer l is converted at `dims`, for every l."""
+    base = held_out_score(model, held)["score"]
     work = copy.deepcopy(model)
     out = []
     for i in tqdm(range(layout.num_layers), desc="layer sensitivity", disable=not progress):
         original = work.model.layers[i].self_attn
         convert_layer(model, work, i, layout, config, dims, stats[i])
-        out.append(held_out_nll(work, held) - base)
+        out.append(held_out_score(work, held)["score"] - base)
         work.model.layers[i].self_attn = original
     return out
 
@@ -85,13 +85,14 @@ def allocate_search(model, layout, config, dims, stats, held: torch.Tensor, choi
     cap = latent_cap(layout, config.rope, p)
     ranks = allocate_ranks(scaled, r * layout.num_layers, floor=max(1, r // 2), caps=[cap] * len(spectra))
     same = choice is not None and (choice["kv_lora_rank"], choice["qk_rope_head_dim"]) == (r, p)
-    uniform = choice["heldout_nll"] if same else held_out_nll(convert_oneshot(model, layout, config, dims, stats), held)
-    allocated = held_out_nll(convert_oneshot(model, layout, config, [(k, p) for k in ranks], stats), held)
+    uniform = choice["score"] if same else \
+        held_out_score(convert_oneshot(model, layout, config, dims, stats), held)["score"]
+    allocated = held_out_score(convert_oneshot(model, layout, config, [(k, p) for k in ranks], stats), held)["score"]
     use = allocated < uniform
-    log.info("rank allocation: held-out NLL %.4f vs uniform %.4f -> %s; ranks %s", allocated, uniform,
+    log.info("rank allocation: held-out score %.4f vs uniform %.4f -> %s; ranks %s", allocated, uniform,
              "allocated" if use else "uniform kept", ranks)
     final = ranks if use else [r] * len(spectra)
-    return {"ranks": ranks, "used": "allocated" if use else "uniform", "heldout_nll_uniform": uniform,
-            "heldout_nll_allocated": allocated, "layer_nll_cost": [round(c, 6) for c in cost],
+    return {"ranks": ranks, "used": "allocated" if use else "uniform", "heldout_score_uniform": uniform,
+            "heldout_score_allocated": allocated, "layer_score_cost": [round(c, 6) for c in cost],
             "dims": [(k, p) for k in final],
             "latent_error_share": [round(tail_share(s, k), 6) for s, k in zip(spectra, final)]}

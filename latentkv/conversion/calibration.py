@@ -72,3 +72,20 @@ def held_out_nll(model, held: torch.Tensor) -> float:
     """Mean next-token NLL of `model` over the held-out windows (N, T)."""
     total = sum(window_nll(model, row, 1) for row in held)
     return total / max(1, held.shape[0] * (held.shape[1] - 1))
+
+
+def copy_nll(model, held: torch.Tensor) -> float:
+    """Mean NLL of copying: each held-out window (N, T) with its first quarter repeated in place of its
+    last, scored on that repeat only (tokens 2..T/4 of it), where only the context predicts the text."""
+    t = held.shape[1]
+    q = t // 4
+    repeated = torch.cat((held[:, : t - q], held[:, :q]), 1)  # (N, T)
+    total = sum(window_nll(model, row, t - q + 1) for row in repeated)
+    return total / max(1, held.shape[0] * (q - 1))
+
+
+def held_out_score(model, held: torch.Tensor) -> dict:
+    """What the split search and rank allocation minimise: the held-out NLL (one window per mixture
+    component, so every domain counts alike) plus, with equal weight, the copy NLL."""
+    nll, copy = held_out_nll(model, held), copy_nll(model, held)
+    return {"heldout_nll": nll, "copy_nll": copy, "score": nll + copy}

@@ -1,6 +1,7 @@
 """Training text for healing: documents -> one token stream -> fixed-length packed sequences.
 
-Sources: a UTF-8 text file, a folder of `.txt` files (sorted, recursive), a `datasets` dataset
+Sources: a UTF-8 text file, a folder of `.txt` files (sorted, recursive), `mix` (every domain's
+calibration part, `io.domains.healing_mixture`: never an evaluation document), a `datasets` dataset
 object (or `hf:NAME[:CONFIG]:SPLIT[:COLUMN]`, needs the hub), or any iterable of strings.
 Documents are joined with the tokenizer's EOS token and cut into `seq_len` windows; the order
 in which windows are visited is a seeded permutation per epoch, so the position in the stream
@@ -13,15 +14,19 @@ from pathlib import Path
 
 import torch
 
+from ..conversion.mixture import MIX
 from ..errors import LatentKVError
+from ..io.domains import healing_mixture
 
 
 def read_documents(source) -> list[str]:
-    """source (path, folder, `hf:` spec, `datasets.Dataset` or iterable of str) -> documents."""
+    """source (path, folder, `mix`, `hf:` spec, `datasets.Dataset` or iterable of str) -> documents."""
     if isinstance(source, (str, Path)):
         src = str(source)
         if src.startswith("hf:"):
             return _hub_documents(src)
+        if src == MIX and not Path(src).exists():
+            return healing_mixture()
         path = Path(src).expanduser()
         if path.is_dir():
             files = sorted(p for p in path.rglob("*.txt") if p.is_file())

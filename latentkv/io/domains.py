@@ -37,50 +37,67 @@ PART_BYTES = 160_000  # at most this much text per domain and part (~40k tokens)
 MIN_DOC_BYTES = 2_000  # shorter package descriptions are boilerplate, not documentation
 
 
-def domain_text(domain: str, part: str) -> str:
-    """The `part` ("eval" or "calib") of a domain in DEV_DOMAINS, as one text."""
+HEAL_BYTES = 2_000_000  # per domain in the healing mixture (~500k tokens): more text, same documents
+
+
+def domain_text(domain: str, part: str, size: int = PART_BYTES) -> str:
+    """The `part` ("eval" or "calib") of a domain in DEV_DOMAINS, as one text of at most `size` bytes."""
     if part not in ("eval", "calib"):
         raise ValueError(f"part must be eval or calib, got {part!r}")
     if domain not in READERS:
         raise LatentKVError(f"unknown domain {domain!r}; choose from {', '.join(READERS)}")
-    return READERS[domain](part)
+    return READERS[domain](part, size)
 
 
-def _wikitext2(part: str) -> str:
-    return load_text("wikitext2" if part == "eval" else "wikitext2-valid")
+def healing_mixture() -> list[str]:
+    """Healing text (`heal --data mix`): every domain's calibration part, up to HEAL_BYTES each, one
+    document per domain; a domain missing here is left out. Never an evaluation document."""
+    docs = []
+    for name in CALIB_DOMAINS:
+        try:
+            docs.append(domain_text(name, "calib", HEAL_BYTES))
+        except LatentKVError:
+            continue
+    if not docs:
+        raise LatentKVError("no domain text is available here for `--data mix`; pass a text file or folder")
+    return docs
 
 
-def _ptb(part: str) -> str:
+def _wikitext2(part: str, size: int) -> str:
+    return load_text("wikitext2" if part == "eval" else "wikitext2-valid")[:size]
+
+
+def _ptb(part: str, size: int) -> str:
     if part != "eval":
         raise LatentKVError("PTB has only a test split here; it is for evaluation")
-    return load_text("ptb")
+    return load_text("ptb")[:size]
 
 
-def _fiction(part: str) -> str:
+def _fiction(part: str, size: int) -> str:
     corpus = shared_path(CORPUS)
     if corpus is None:
         if part == "eval":
             raise LatentKVError(f"the fiction evaluation books live in ../shared/{CORPUS}; it is not here")
-        return load_text(OFFLINE_CALIB)
+        return load_text(OFFLINE_CALIB)[:size]
     books = sorted(p for p in corpus.glob("*.txt") if (p.name in FICTION_EVAL) == (part == "eval"))
     # from the middle of each book on (no front matter), an equal share of the part from each
-    return _joined(((p.name, _middle(p.read_text(encoding="utf-8"))) for p in books), PART_BYTES // len(books))
+    return _joined(((p.name, _middle(p.read_text(encoding="utf-8"))) for p in books), size, size // len(books))
 
 
-def _code(part: str) -> str:
+def _code(part: str, size: int) -> str:
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     files = sorted(p for p in stdlib.glob("*.py") if _half(p.name) == part)
-    return _joined((f"# {p.name}", p.read_text(encoding="utf-8", errors="replace")) for p in files)
+    return _joined(((f"# {p.name}", p.read_text(encoding="utf-8", errors="replace")) for p in files), size)
 
 
-def _docs(part: str) -> str:
+def _docs(part: str, size: int) -> str:
     seen = {}
     for dist in importlib.metadata.distributions():
         name = (dist.metadata["Name"] or "").lower()
         body = dist.metadata.get("Description") or dist.metadata.get_payload() or ""
         if name and name != "latentkv" and len(body) >= MIN_DOC_BYTES and _half(name) == part:
             seen.setdefault(name, body)
-    return _joined((f"# {name}", seen[name]) for name in sorted(seen))
+    return _joined(((f"# {name}", seen[name]) for name in sorted(seen)), size)
 
 
 def _half(name: str) -> str:
@@ -92,19 +109,19 @@ def _middle(text: str) -> str:
     return text[start:]
 
 
-def _joined(docs, doc_bytes: int = DOC_BYTES) -> str:
-    """'header\\n\\nbody' pieces, each capped at doc_bytes (cut at a line end), the whole at PART_BYTES."""
+def _joined(docs, size: int, doc_bytes: int = DOC_BYTES) -> str:
+    """'header\\n\\nbody' pieces, each capped at doc_bytes (cut at a line end), the whole at `size`."""
     out, total = [], 0
     for head, body in docs:
         piece = body[:doc_bytes]
         piece = piece[: piece.rfind("\n") + 1] if "\n" in piece and len(body) > doc_bytes else piece
         out.append(f"{head}\n\n{piece.strip()}\n")
         total += len(out[-1])
-        if total >= PART_BYTES:
+        if total >= size:
             break
     if not out:
         raise LatentKVError("no documents found for this domain here")
-    return "\n".join(out)[:PART_BYTES]
+    return "\n".join(out)[:size]
 
 
 READERS = {"wikitext2": _wikitext2, "ptb": _ptb, "fiction": _fiction, "code": _code, "docs": _docs}

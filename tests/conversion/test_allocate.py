@@ -64,8 +64,8 @@ def test_allocated_conversion_keeps_the_budget_and_round_trips(calib_ids, tiny_t
     conv = convert(model, LowRankConfig(kv_lora_rank=12, qk_rope_head_dim=8, rank_allocation="sensitivity"),
                    calib_ids=calib_ids, progress=False)
     alloc = record_of(conv)["split_search"]["allocation"]
-    assert sum(alloc["ranks"]) == 12 * layout.num_layers and len(alloc["layer_nll_cost"]) == layout.num_layers
-    assert (alloc["heldout_nll_allocated"] < alloc["heldout_nll_uniform"]) == (alloc["used"] == "allocated")
+    assert sum(alloc["ranks"]) == 12 * layout.num_layers and len(alloc["layer_score_cost"]) == layout.num_layers
+    assert (alloc["heldout_score_allocated"] < alloc["heldout_score_uniform"]) == (alloc["used"] == "allocated")
     ranks = [layer.self_attn.dims.kv_lora_rank for layer in conv.model.layers]
     assert ranks == [r for r, _ in alloc["dims"]] and sum(ranks) == 12 * layout.num_layers
     x = torch.randint(0, 320, (2, 20))
@@ -82,7 +82,7 @@ def test_allocated_conversion_keeps_the_budget_and_round_trips(calib_ids, tiny_t
 
 def test_sensitivity_is_the_cost_of_one_converted_layer(calib_ids):
     from latentkv.conversion.allocate import layer_sensitivity
-    from latentkv.conversion.calibration import held_out_nll, split_ids
+    from latentkv.conversion.calibration import held_out_score, split_ids
     from latentkv.conversion.statistics import collect_stats
     from latentkv.conversion.surgery import convert_layer
 
@@ -96,7 +96,8 @@ def test_sensitivity_is_the_cost_of_one_converted_layer(calib_ids):
 
     one = copy.deepcopy(model)
     convert_layer(model, one, 1, layout, config, (6, 4), stats[1])
-    assert cost[1] == pytest.approx(held_out_nll(one, held) - held_out_nll(model, held), abs=1e-6)
+    score = lambda m: held_out_score(m, held)["score"]  # noqa: E731
+    assert cost[1] == pytest.approx(score(one) - score(model), abs=1e-6)
     assert all(type(a.self_attn).__name__ != "MLAAttention" for a in model.model.layers)  # source untouched
 
 

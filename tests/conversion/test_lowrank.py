@@ -87,7 +87,8 @@ def test_split_search_is_recorded(calib_ids):
     conv = convert(make_tiny("llama-gqa"), LowRankConfig(kv_values=24), calib_ids=calib_ids, progress=False)
     search = record_of(conv)["split_search"]
     assert search["values"] == 24 and len(search["candidates"]) >= 2
-    best = min(search["candidates"], key=lambda c: c["heldout_nll"])
+    best = min(search["candidates"], key=lambda c: c["score"])
+    assert all(c["score"] == pytest.approx(c["heldout_nll"] + c["copy_nll"]) for c in search["candidates"])
     dims = conv.model.layers[0].self_attn.dims
     assert (dims.kv_lora_rank, dims.qk_rope_head_dim) == (best["kv_lora_rank"], best["qk_rope_head_dim"])
 

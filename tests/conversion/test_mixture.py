@@ -64,3 +64,21 @@ def test_missing_domains_are_skipped_with_a_warning(tiny_tokenizer, monkeypatch,
     monkeypatch.setattr(mixture, "domain_text", lambda name, part: (_ for _ in ()).throw(LatentKVError("gone")))
     with pytest.raises(LatentKVError, match="pass --calib FILE"):
         calibration_ids(tiny_tokenizer, LowRankConfig(kv_budget=0.5))
+
+
+def test_copy_nll_scores_only_the_repeat():
+    """A model that copies perfectly has copy NLL ~0 whatever its NLL elsewhere."""
+    from types import SimpleNamespace
+
+    from latentkv.conversion.calibration import copy_nll
+
+    class Copier(torch.nn.Module):
+        def forward(self, ids, use_cache=False):
+            t, q = ids.shape[1], ids.shape[1] // 4
+            logits = torch.zeros(1, t, 50)
+            for i in range(t - q, t - 1):  # inside the repeat: the token one period back
+                logits[0, i, ids[0, i + 1 - (t - q)]] = 40.0
+            return SimpleNamespace(logits=logits)
+
+    held = torch.randint(0, 50, (3, 32), generator=torch.Generator().manual_seed(0))
+    assert copy_nll(Copier(), held) < 1e-6

@@ -30,3 +30,13 @@ def test_test_splits_are_never_calibration_parts():
     with pytest.raises(LatentKVError, match="only a test split"):
         domain_text("ptb", "calib")
     assert "ptb" not in CALIB_DOMAINS and set(CALIB_DOMAINS) < set(DEV_DOMAINS)
+
+
+def test_healing_mixture_holds_no_evaluation_document():
+    from latentkv.healing.data import read_documents
+
+    text = "\n".join(read_documents("mix"))
+    for domain in ("fiction", "code", "docs"):
+        assert headers(domain_text(domain, "calib")) <= headers(text)
+        assert not headers(domain_text(domain, "eval")) & headers(text)
+    assert domain_text("wikitext2", "eval")[:3000] not in text
