@@ -79,25 +79,46 @@ def _fiction(part: str, size: int) -> str:
         if part == "eval":
             raise LatentKVError(f"the fiction evaluation books live in ../shared/{CORPUS}; it is not here")
         return load_text(OFFLINE_CALIB)[:size]
-    books = sorted(p for p in corpus.glob("*.txt") if (p.name in FICTION_EVAL) == (part == "eval"))
+    books = documents("fiction", part)
     # from the middle of each book on (no front matter), an equal share of the part from each
-    return _joined(((p.name, _middle(p.read_text(encoding="utf-8"))) for p in books), size, size // len(books))
+    return _joined(((n, _middle((corpus / n).read_text(encoding="utf-8"))) for n in books), size, size // len(books))
 
 
 def _code(part: str, size: int) -> str:
     stdlib = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(p for p in stdlib.glob("*.py") if _half(p.name) == part)
-    return _joined(((f"# {p.name}", p.read_text(encoding="utf-8", errors="replace")) for p in files), size)
+    return _joined(((f"# {n}", (stdlib / n).read_text(encoding="utf-8", errors="replace"))
+                    for n in documents("code", part)), size)
 
 
 def _docs(part: str, size: int) -> str:
+    bodies = _package_docs()
+    return _joined(((f"# {n}", bodies[n]) for n in documents("docs", part)), size)
+
+
+def documents(domain: str, part: str) -> list[str]:
+    """The names of the documents a part of `code`, `docs` or `fiction` is made of, in order."""
+    if domain == "code":
+        names = (p.name for p in Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+    elif domain == "docs":
+        names = _package_docs()
+    elif domain == "fiction":
+        corpus = shared_path(CORPUS)
+        return sorted(p.name for p in corpus.glob("*.txt") if (p.name in FICTION_EVAL) == (part == "eval")) \
+            if corpus is not None else []
+    else:
+        raise ValueError(f"{domain} is not made of named documents")
+    return sorted(n for n in names if _half(n) == part)
+
+
+def _package_docs() -> dict[str, str]:
+    """Installed package name -> its long description (latentkv's own and short ones left out)."""
     seen = {}
     for dist in importlib.metadata.distributions():
         name = (dist.metadata["Name"] or "").lower()
         body = dist.metadata.get("Description") or dist.metadata.get_payload() or ""
-        if name and name != "latentkv" and len(body) >= MIN_DOC_BYTES and _half(name) == part:
+        if name and name != "latentkv" and len(body) >= MIN_DOC_BYTES:
             seen.setdefault(name, body)
-    return _joined(((f"# {name}", seen[name]) for name in sorted(seen)), size)
+    return seen
 
 
 def _half(name: str) -> str:
