@@ -5,8 +5,11 @@ Keeping rank r of a layer's weighted latent problem leaves error `sum_{k >= r} s
 in each layer's own units, and spending rank on them directly loses to a uniform split on
 SmolLM2 (BENCHMARKS.md, "design notes"). So each layer's spectrum is rescaled so that its tail at the uniform
 rank equals the held-out calibration NLL increase measured when that layer alone is converted;
-the total rank then goes greedily to the largest rescaled marginal errors. The result is a
-native-format model only: DeepSeek-V3 configs have one `kv_lora_rank` for all layers.
+the total rank then goes greedily to the largest rescaled marginal errors. In-context copying
+hangs on a few layers (one SmolLM2 layer converted alone takes the copy probe from 60 % to 26 %),
+and a latent cannot hold what they lose at any rank next to few rope dims, so the search also
+tries keeping the k costliest layers exact (every rotated dim, full latent), paid for by the others'
+latent rank. The result is a native-format model only: DeepSeek-V3 configs have one `kv_lora_rank` for all layers.
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ from .surgery import convert_layer, convert_oneshot
 log = logging.getLogger(__name__)
 
 SENSITIVITY_FLOOR = 1e-6  # NLL increase assumed for a layer whose measured cost is noise (<= 0)
+# Most layers the allocation may keep exact: each costs the others about a layer's budget, and on
+# SmolLM2 in-context copying hangs on a few layers (BENCHMARKS.md, "domains").
+PROTECT_MAX = 4
 
 
 def allocate_ranks(spectra: list[torch.Tensor], total: int, floor: int = 1, caps: list[int] | None = None) -> list[int]:
@@ -73,8 +79,9 @@ def layer_sensitivity(model, layout, config, dims, stats, held: torch.Tensor, pr
 @torch.no_grad()
 def allocate_search(model, layout, config, dims, stats, held: torch.Tensor, choice: dict | None,
                     progress: bool) -> dict:
-    """Spread the uniform split's total rank (r x layers) by measured sensitivity (module docstring);
-    keep the allocation only if it lowers held-out calibration NLL (the gain is recorded)."""
+    """Spread the uniform split's cache values (r + p per layer) by measured sensitivity (module
+    docstring): for k = 0..PROTECT_MAX, keep the k costliest layers exact and spread the rest's latent
+    rank greedily; keep the candidate with the lowest held-out score, or uniform if none beats it."""
     r, p = dims
     if held.numel() == 0:
         raise LatentKVError("rank allocation measures held-out calibration NLL: give --calib-samples >= 1")
@@ -82,17 +89,46 @@ def allocate_search(model, layout, config, dims, stats, held: torch.Tensor, choi
     cost = layer_sensitivity(model, layout, config, dims, stats, held, progress)
     scaled = [s * (max(c, SENSITIVITY_FLOOR) / (s[r:].double() ** 2).sum().clamp(min=1e-300)) ** 0.5
               for s, c in zip(spectra, cost)]
-    cap = latent_cap(layout, config.rope, p)
-    ranks = allocate_ranks(scaled, r * layout.num_layers, floor=max(1, r // 2), caps=[cap] * len(spectra))
     same = choice is not None and (choice["kv_lora_rank"], choice["qk_rope_head_dim"]) == (r, p)
     uniform = choice["score"] if same else \
         held_out_score(convert_oneshot(model, layout, config, dims, stats), held)["score"]
-    allocated = held_out_score(convert_oneshot(model, layout, config, [(k, p) for k in ranks], stats), held)["score"]
-    use = allocated < uniform
-    log.info("rank allocation: held-out score %.4f vs uniform %.4f -> %s; ranks %s", allocated, uniform,
-             "allocated" if use else "uniform kept", ranks)
-    final = ranks if use else [r] * len(spectra)
-    return {"ranks": ranks, "used": "allocated" if use else "uniform", "heldout_score_uniform": uniform,
-            "heldout_score_allocated": allocated, "layer_score_cost": [round(c, 6) for c in cost],
-            "dims": [(k, p) for k in final],
-            "latent_error_share": [round(tail_share(s, k), 6) for s, k in zip(spectra, final)]}
+    tried = []
+    for k in range(PROTECT_MAX + 1):
+        plan = protected_plan(layout, config, dims, scaled, cost, k)
+        if plan is not None:
+            score = held_out_score(convert_oneshot(model, layout, config, plan, stats), held)["score"]
+            tried.append({"protected": sorted(_costliest(cost, k)), "dims": plan, "score": score})
+    best = min(tried, key=lambda t: t["score"])
+    use = best["score"] < uniform
+    log.info("rank allocation: held-out score %.4f (layers kept exact: %s) vs uniform %.4f -> %s", best["score"],
+             best["protected"], uniform, "allocated" if use else "uniform kept")
+    final = best["dims"] if use else [(r, p)] * len(spectra)
+    return {"ranks": [k for k, _ in best["dims"]], "protected": best["protected"] if use else [],
+            "used": "allocated" if use else "uniform", "heldout_score_uniform": uniform,
+            "heldout_score_allocated": best["score"], "candidates": [
+                {"protected": t["protected"], "score": t["score"]} for t in tried],
+            "layer_score_cost": [round(c, 6) for c in cost], "dims": final,
+            "latent_error_share": [round(tail_share(s, k), 6) if q == p else 0.0
+                                   for s, (k, q) in zip(spectra, final)]}
+
+
+def _costliest(cost: list[float], k: int) -> list[int]:
+    return sorted(range(len(cost)), key=lambda i: -cost[i])[:k]
+
+
+def protected_plan(layout, config, dims, scaled: list[torch.Tensor], cost: list[float], k: int) -> list | None:
+    """Per-layer (kv_lora_rank, qk_rope_head_dim): the k costliest layers exact (every rotated dim and
+    the full latent), the others at `p` rope dims with the remaining values spread greedily over their
+    rescaled spectra (at least r/2 each); None when the rest cannot afford that floor."""
+    r, p = dims
+    full = layout.num_kv_heads * layout.head_dim
+    keep = set(_costliest(cost, k))
+    rest = [i for i in range(layout.num_layers) if i not in keep]
+    total = (r + p) * layout.num_layers - 2 * full * k - p * len(rest)
+    try:
+        ranks = allocate_ranks([scaled[i] for i in rest], total, floor=max(1, r // 2),
+                               caps=[latent_cap(layout, config.rope, p)] * len(rest))
+    except LatentKVError:
+        return None
+    spread = dict(zip(rest, ranks))
+    return [(full, full) if i in keep else (spread[i], p) for i in range(layout.num_layers)]

@@ -4,9 +4,11 @@ import pytest
 import torch
 
 from latentkv import LatentCache, convert, load, record_of, save
-from latentkv.conversion.allocate import allocate_ranks, tail_share
+from latentkv.conversion.allocate import allocate_ranks, protected_plan, tail_share
+from latentkv.conversion.calibration import oneshot_stats
 from latentkv.conversion.configs import LowRankConfig
 from latentkv.conversion.rope import RoRoPE, mixed_key_weights, row_energy
+from latentkv.conversion.surgery import convert_oneshot
 from latentkv.errors import LatentKVError
 from latentkv.families import attention_layers, read_attention, source_layout
 
@@ -64,10 +66,12 @@ def test_allocated_conversion_keeps_the_budget_and_round_trips(calib_ids, tiny_t
     conv = convert(model, LowRankConfig(kv_lora_rank=12, qk_rope_head_dim=8, rank_allocation="sensitivity"),
                    calib_ids=calib_ids, progress=False)
     alloc = record_of(conv)["split_search"]["allocation"]
-    assert sum(alloc["ranks"]) == 12 * layout.num_layers and len(alloc["layer_score_cost"]) == layout.num_layers
+    assert sum(k + p for k, p in alloc["dims"]) == 20 * layout.num_layers  # the total budget, kept exact or spread
+    assert len(alloc["layer_score_cost"]) == layout.num_layers and alloc["candidates"][0]["protected"] == []
     assert (alloc["heldout_score_allocated"] < alloc["heldout_score_uniform"]) == (alloc["used"] == "allocated")
+    assert alloc["heldout_score_allocated"] == min(c["score"] for c in alloc["candidates"])
     ranks = [layer.self_attn.dims.kv_lora_rank for layer in conv.model.layers]
-    assert ranks == [r for r, _ in alloc["dims"]] and sum(ranks) == 12 * layout.num_layers
+    assert ranks == [r for r, _ in alloc["dims"]]
     x = torch.randint(0, 320, (2, 20))
     cache = LatentCache(conv)
     with torch.no_grad():
@@ -121,3 +125,18 @@ def test_folding_concentrates_key_energy(calib_ids):
         e2 = energy[2][:, band:band + 2].flatten().sort(descending=True).values
         assert torch.all(e2.cumsum(0) >= e1.cumsum(0) - 1e-9 * e1.sum())
         assert e2.sum() == pytest.approx(float(e1.sum()), rel=1e-9)  # orthogonal: total energy unchanged
+
+
+def test_protected_layers_are_exact_and_the_rest_pays(calib_ids):
+    model = make_tiny("llama-gqa", layers=3)
+    layout = source_layout(model.config)
+    config = LowRankConfig(kv_lora_rank=32, qk_rope_head_dim=8)  # 40 of the source's 64 values per token
+    full = layout.num_kv_heads * layout.head_dim
+    spectra = [torch.linspace(4, 1, 56).double()] * 3
+    plan = protected_plan(layout, config, (32, 8), spectra, [0.1, 0.5, 0.2], 1)
+    assert plan[1] == (full, full) and sum(k + p for k, p in plan) == 40 * 3 and plan[0][1] == plan[2][1] == 8
+    assert protected_plan(layout, config, (32, 8), spectra, [0.1, 0.5, 0.2], 2) is None  # the rest cannot pay
+    exact = convert_oneshot(model, layout, config, [(full, full)] * 3, oneshot_stats(model, calib_ids))
+    x = torch.randint(0, 320, (2, 20))
+    with torch.no_grad():
+        assert torch.allclose(exact(x).logits, model(x).logits, atol=1e-4)
