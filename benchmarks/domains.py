@@ -64,8 +64,11 @@ def run(args) -> list[dict]:
         row = {"variant": spec, "convert_seconds": seconds, **measure(model, tok, args)}
         if record is not None:
             first = record["layers"][0]
-            row.update(split=f"{first['qk_rope_head_dim']}+{first['kv_lora_rank']}",
-                       calib=record["conversion"].get("calib"), calib_fingerprint=record.get("calibration"))
+            alloc = (record.get("split_search") or {}).get("allocation") or {}
+            spread = f" allocated, exact {alloc.get('protected', [])}" if alloc.get("used") == "allocated" else ""
+            row.update(split=f"{first['qk_rope_head_dim']}+{first['kv_lora_rank']}{spread}",
+                       calib=record["conversion"].get("calib"), calib_fingerprint=record.get("calibration"),
+                       allocation=alloc or None)
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "copy"}), file=sys.stderr, flush=True)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -80,16 +83,16 @@ def markdown(args, rows: list[dict]) -> str:
              "ratio (target <= 1.25). Copy: greedy accuracy on the second copy of random token sequences "
              "(`latentkv.evaluation.copy`, lengths 64/256/1024, distances 0/512, 4 sequences each, seed 0), and its "
              f"share of the source's. Passkey: {args.passkey} tokens, 5 depths x {args.trials} trials. "
-             "Calibration: the conversion's default unless the variant says otherwise.")
-    head = "| variant | split | " + " | ".join(DEV_DOMAINS) + " | worst / wt2 | copy | copy / source | passkey |"
-    lines = [head, "|---|---|" + "---:|" * (len(DEV_DOMAINS) + 4)]
+             "Calibration: `calib` column (`mix` = the default domain mixture, `conversion.mixture`).")
+    head = "| variant | calib | split | " + " | ".join(DEV_DOMAINS) + " | worst / wt2 | copy | copy / source | passkey |"
+    lines = [head, "|---|---|---|" + "---:|" * (len(DEV_DOMAINS) + 4)]
     for r in rows:
         ratios = {d: r["domains"][d]["ppl"] / src["domains"][d]["ppl"] for d in DEV_DOMAINS}
         cells = [f"{r['domains'][d]['ppl']:.2f} (x{ratios[d]:.2f})" for d in DEV_DOMAINS]
         worst = max(ratios.values()) / ratios["wikitext2"]
         copy, src_copy = r["copy"]["accuracy"], src["copy"]["accuracy"]
         pk = f"{r['passkey']['accuracy']:.0%}" if "passkey" in r else "-"
-        lines.append(f"| {r['variant']} | {r.get('split', '-')} | " + " | ".join(cells)
+        lines.append(f"| {r['variant']} | {r.get('calib') or '-'} | {r.get('split', '-')} | " + " | ".join(cells)
                      + f" | {worst:.2f} | {copy:.1%} | {copy / src_copy:.0%} | {pk} |")
     lines += ["", "Copy probe per length and distance (accuracy):", "",
               "| variant | " + " | ".join(f"L{x['length']} d{x['distance']}" for x in src["copy"]["rows"]) + " |",
