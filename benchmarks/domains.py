@@ -37,8 +37,9 @@ def make_variant(source, tok, spec: str, cache: dict):
     method, _, rest = spec.partition(":")
     budget, _, options = rest.partition(":")
     budget, _, target = budget.partition("+")
-    config = make_config(kv_budget=float(budget), method=method, target="deepseek_v3" if target else None,
-                         **parse_options(options))
+    opts = parse_options(options)  # explicit dims (kv_lora_rank=..+qk_rope_head_dim=..) stand for the budget
+    config = make_config(kv_budget=None if "kv_lora_rank" in opts else float(budget), method=method,
+                         target="deepseek_v3" if target else None, **opts)
     t0 = time.perf_counter()
     model = convert(source, config, tokenizer=tok, calib_cache=cache)
     return model, round(time.perf_counter() - t0, 1), model.config.latentkv
