@@ -77,13 +77,21 @@ def run(args) -> list[dict]:
     return rows
 
 
+def passkey_setting(rows: list[dict]) -> str:
+    """'4096 tokens, 5 depths x 3 trials' from the rows that ran passkey (runs may differ in --passkey)."""
+    cells = {(x["context"], x["trials"]) for r in rows if "passkey" in r for x in r["passkey"]["rows"]}
+    depths = max((len(r["passkey"]["rows"]) for r in rows if "passkey" in r), default=0)
+    return "; ".join(f"{c} tokens, {depths} depths x {t} trials" for c, t in sorted(cells)) or "not run"
+
+
 def markdown(args, rows: list[dict]) -> str:
     src = next(r for r in rows if r["variant"] == "source")
     intro = (f"Perplexity on the first {args.windows} windows of {args.seq_len} tokens of each domain's evaluation "
              "part (`latentkv.io.domains`); ratio = ppl / source ppl; `worst / wt2` = largest domain ratio / WikiText-2 "
              "ratio (target <= 1.25). Copy: greedy accuracy on the second copy of random token sequences "
              "(`latentkv.evaluation.copy`, lengths 64/256/1024, distances 0/512, 4 sequences each, seed 0), and its "
-             f"share of the source's. Passkey: {args.passkey} tokens, 5 depths x {args.trials} trials. "
+             f"share of the source's. Passkey: {passkey_setting(rows)} ('-': not run for that row; the "
+             "json has every row's settings). "
              "Calibration: `calib` column (`mix` = the default domain mixture, `conversion.mixture`).")
     head = "| variant | calib | split | " + " | ".join(DEV_DOMAINS) + " | worst / wt2 | copy | copy / source | passkey |"
     lines = [head, "|---|---|---|" + "---:|" * (len(DEV_DOMAINS) + 4)]
