@@ -9,7 +9,10 @@ the total rank then goes greedily to the largest rescaled marginal errors. In-co
 hangs on a few layers (one SmolLM2 layer converted alone takes the copy probe from 60 % to 26 %),
 and a latent cannot hold what they lose at any rank next to few rope dims, so the search also
 tries keeping the k costliest layers exact (every rotated dim, full latent), paid for by the others'
-latent rank. The result is a native-format model only: DeepSeek-V3 configs have one `kv_lora_rank` for all layers.
+latent rank, or spreads it greedily with none kept; a candidate wins only if its held-out NLL is no
+worse than uniform's, so copying is never bought with general quality (a score-only rule kept layer
+19 exact but cut others to r/2: copy 2.8 -> 15 %, WikiText-2 x1.50 -> x1.74; BENCHMARKS.md, "domains").
+The result is a native-format model only: DeepSeek-V3 configs have one `kv_lora_rank` for all layers.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ log = logging.getLogger(__name__)
 SENSITIVITY_FLOOR = 1e-6  # NLL increase assumed for a layer whose measured cost is noise (<= 0)
 # Most layers the allocation may keep exact: each costs the others about a layer's budget, and on
 # SmolLM2 in-context copying hangs on a few layers (BENCHMARKS.md, "domains").
-PROTECT_MAX = 4
+PROTECT_MAX = 3
 
 
 def allocate_ranks(spectra: list[torch.Tensor], total: int, floor: int = 1, caps: list[int] | None = None) -> list[int]:
@@ -80,8 +83,9 @@ def layer_sensitivity(model, layout, config, dims, stats, held: torch.Tensor, pr
 def allocate_search(model, layout, config, dims, stats, held: torch.Tensor, choice: dict | None,
                     progress: bool) -> dict:
     """Spread the uniform split's cache values (r + p per layer) by measured sensitivity (module
-    docstring): for k = 0..PROTECT_MAX, keep the k costliest layers exact and spread the rest's latent
-    rank greedily; keep the candidate with the lowest held-out score, or uniform if none beats it."""
+    docstring). Candidates keep the k <= PROTECT_MAX costliest layers exact and give the rest's latent
+    rank uniformly or greedily; the lowest held-out score wins among those whose held-out NLL is no
+    worse than uniform's (copying is never bought with general quality), else uniform stays."""
     r, p = dims
     if held.numel() == 0:
         raise LatentKVError("rank allocation measures held-out calibration NLL: give --calib-samples >= 1")
@@ -90,23 +94,25 @@ def allocate_search(model, layout, config, dims, stats, held: torch.Tensor, choi
     scaled = [s * (max(c, SENSITIVITY_FLOOR) / (s[r:].double() ** 2).sum().clamp(min=1e-300)) ** 0.5
               for s, c in zip(spectra, cost)]
     same = choice is not None and (choice["kv_lora_rank"], choice["qk_rope_head_dim"]) == (r, p)
-    uniform = choice["score"] if same else \
-        held_out_score(convert_oneshot(model, layout, config, dims, stats), held)["score"]
+    uniform = {k: choice[k] for k in ("heldout_nll", "copy_nll", "score")} if same else \
+        held_out_score(convert_oneshot(model, layout, config, dims, stats), held)
     tried = []
-    for k in range(PROTECT_MAX + 1):
-        plan = protected_plan(layout, config, dims, scaled, cost, k)
+    for k, spread in [(k, s) for k in range(PROTECT_MAX + 1) for s in (True, False) if k or s]:
+        plan = protected_plan(layout, config, dims, scaled, cost, k, spread)
         if plan is not None:
-            score = held_out_score(convert_oneshot(model, layout, config, plan, stats), held)["score"]
-            tried.append({"protected": sorted(_costliest(cost, k)), "dims": plan, "score": score})
-    best = min(tried, key=lambda t: t["score"])
-    use = best["score"] < uniform
-    log.info("rank allocation: held-out score %.4f (layers kept exact: %s) vs uniform %.4f -> %s", best["score"],
-             best["protected"], uniform, "allocated" if use else "uniform kept")
-    final = best["dims"] if use else [(r, p)] * len(spectra)
-    return {"ranks": [k for k, _ in best["dims"]], "protected": best["protected"] if use else [],
-            "used": "allocated" if use else "uniform", "heldout_score_uniform": uniform,
-            "heldout_score_allocated": best["score"], "candidates": [
-                {"protected": t["protected"], "score": t["score"]} for t in tried],
+            tried.append({"protected": sorted(_costliest(cost, k)), "spread": "greedy" if spread else "uniform",
+                          **held_out_score(convert_oneshot(model, layout, config, plan, stats), held), "dims": plan})
+    fair = [t for t in tried if t["heldout_nll"] <= uniform["heldout_nll"] and t["score"] < uniform["score"]]
+    best = min(fair or tried, key=lambda t: t["score"])
+    log.info("rank allocation: held-out score %.4f, nll %.4f (exact layers %s, rest %s) vs uniform %.4f, nll %.4f"
+             " -> %s", best["score"], best["heldout_nll"], best["protected"], best["spread"], uniform["score"],
+             uniform["heldout_nll"], "allocated" if fair else "uniform kept")
+    final = best["dims"] if fair else [(r, p)] * len(spectra)
+    return {"ranks": [k for k, _ in final], "protected": best["protected"] if fair else [],
+            "used": "allocated" if fair else "uniform", "heldout_score_uniform": uniform["score"],
+            "heldout_nll_uniform": uniform["heldout_nll"], "heldout_score_allocated": best["score"],
+            "candidates": [{k: t[k] for k in ("protected", "spread", "heldout_nll", "copy_nll", "score")}
+                           for t in tried],
             "layer_score_cost": [round(c, 6) for c in cost], "dims": final,
             "latent_error_share": [round(tail_share(s, k), 6) if q == p else 0.0
                                    for s, (k, q) in zip(spectra, final)]}
@@ -116,19 +122,27 @@ def _costliest(cost: list[float], k: int) -> list[int]:
     return sorted(range(len(cost)), key=lambda i: -cost[i])[:k]
 
 
-def protected_plan(layout, config, dims, scaled: list[torch.Tensor], cost: list[float], k: int) -> list | None:
+def protected_plan(layout, config, dims, scaled: list[torch.Tensor], cost: list[float], k: int,
+                   spread: bool = True) -> list | None:
     """Per-layer (kv_lora_rank, qk_rope_head_dim): the k costliest layers exact (every rotated dim and
-    the full latent), the others at `p` rope dims with the remaining values spread greedily over their
-    rescaled spectra (at least r/2 each); None when the rest cannot afford that floor."""
+    the full latent), the others at `p` rope dims with the remaining latent rank spread greedily over
+    their rescaled spectra (at least r/2 each) or, `spread=False`, evenly; None when the rest cannot
+    afford r/2 each."""
     r, p = dims
     full = layout.num_kv_heads * layout.head_dim
     keep = set(_costliest(cost, k))
     rest = [i for i in range(layout.num_layers) if i not in keep]
     total = (r + p) * layout.num_layers - 2 * full * k - p * len(rest)
-    try:
-        ranks = allocate_ranks([scaled[i] for i in rest], total, floor=max(1, r // 2),
-                               caps=[latent_cap(layout, config.rope, p)] * len(rest))
-    except LatentKVError:
+    cap = latent_cap(layout, config.rope, p)
+    if not spread:
+        even = [total // len(rest) + (j < total % len(rest)) for j in range(len(rest))] if rest else []
+        ranks = even if rest and max(1, r // 2) <= min(even) and max(even) <= cap else None
+    else:
+        try:
+            ranks = allocate_ranks([scaled[i] for i in rest], total, floor=max(1, r // 2), caps=[cap] * len(rest))
+        except LatentKVError:
+            ranks = None
+    if ranks is None:
         return None
-    spread = dict(zip(rest, ranks))
-    return [(full, full) if i in keep else (spread[i], p) for i in range(layout.num_layers)]
+    by_layer = dict(zip(rest, ranks))
+    return [(full, full) if i in keep else (by_layer[i], p) for i in range(layout.num_layers)]
