@@ -20,7 +20,7 @@ from latentkv import LowRankConfig, convert, load_model, load_text
 from latentkv.conversion.calibration import calibration_ids, held_out_nll, split_ids
 from latentkv.evaluation.perplexity import perplexity
 
-from common import add_output_args, section, write_section
+from common import add_output_args, section, write_outputs
 
 
 def parse_grid(items: list[str]) -> list[tuple[str, object]]:
@@ -78,9 +78,7 @@ def main() -> None:
     if Path(args.text).name == "wiki.test.raw" or args.text in ("wikitext2", "ptb"):
         sys.exit("error: ablations choose settings, so they must not look at a test split; use wikitext2-valid")
     rows = run(args)
-    Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json_out).write_text(json.dumps(rows, indent=2))
-    write_section(Path(args.md), args.section, markdown(args, rows))
+    write_outputs(args, rows, markdown(args, rows))
 
 
 if __name__ == "__main__":

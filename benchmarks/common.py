@@ -8,6 +8,7 @@ script replaces its own block and leaves the rest of the file alone.
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import shlex
 import sys
@@ -57,3 +58,10 @@ def write_section(path, name: str, body: str) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(new)
     tmp.replace(path)
+
+
+def write_outputs(args, result, body: str) -> None:
+    """The raw result to --json-out and the rendered section to --md (every script that has both)."""
+    Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json_out).write_text(json.dumps(result, indent=2))
+    write_section(Path(args.md), args.section, body)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -29,7 +28,7 @@ from latentkv.evaluation.perplexity import perplexity
 from latentkv.families import source_layout
 from latentkv.io.domains import domain_text
 
-from common import add_output_args, section, write_section
+from common import add_output_args, section, write_outputs
 
 PROBE = {"lengths": (64, 256), "distances": (0, 256)}
 TEXTS = ("wikitext2", "code")
@@ -105,9 +104,7 @@ def main() -> None:
     add_output_args(p, "copy-layers", json_out="runs/copy_layers.json")
     args = p.parse_args()
     res = run(args)
-    Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json_out).write_text(json.dumps(res, indent=2))
-    write_section(Path(args.md), args.section, markdown(args, res))
+    write_outputs(args, res, markdown(args, res))
 
 
 if __name__ == "__main__":
