@@ -17,5 +17,6 @@ def write_error(e: OSError) -> str | None:
     """A one-line message for a failed write (disk full, no permission, read-only), else None."""
     if errno.errorcode.get(e.errno) not in WRITE_ERRORS:
         return None
-    return (f"cannot write {e.filename or 'the output'}: {os.strerror(e.errno)}; free disk space or choose a "
-            "writable --out, then rerun (outputs are never left half-written; a streaming conversion resumes)")
+    fix = "free disk space or choose another --out" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "choose a writable --out"
+    return (f"cannot write {e.filename or 'the output'}: {os.strerror(e.errno)}; {fix}, then rerun "
+            "(outputs are never left half-written; a streaming conversion resumes)")

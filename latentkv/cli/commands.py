@@ -45,7 +45,7 @@ def convert_cmd(a) -> dict:
                          calib_samples=a.calib_samples, calib_seq_len=a.calib_seq_len,
                          rank_allocation=a.rank_allocation, attn_moment=a.attn_moment,
                          latent_norm=True if a.latent_norm else None, target=a.target, rope_horizon=a.rope_horizon)
-    check_output_dir(a.out, a.overwrite)
+    check_output_dir(a.out, a.overwrite, inputs=(a.source, a.calib))
     t0 = time.perf_counter()
     if a.stream:
         record = convert_streaming(a.source, config, a.out, overwrite=a.overwrite, device=a.device, progress=a.progress)
@@ -110,7 +110,7 @@ def demo_cmd(a) -> dict:
 
 
 def sweep_cmd(a) -> dict:
-    check_output_dir(a.out, a.overwrite)
+    check_output_dir(a.out, a.overwrite, inputs=(a.source, a.ppl))
     model, tok = load_model(a.source, trust_remote_code=a.trust_remote_code, progress=a.progress)
     result = run_sweep(model, tok, numbers(a.budgets, float), a.methods.split(","), a.ppl, seq_len=a.seq_len,
                        max_windows=a.max_windows, passkey_contexts=numbers(a.passkey, int) if a.passkey else (),
@@ -142,7 +142,7 @@ def generate_cmd(a) -> dict:
 
 def bench_cmd(a) -> dict:
     contexts, batches = numbers(a.context, int), numbers(a.batch, int)
-    check_output_dir(a.out, a.overwrite)
+    check_output_dir(a.out, a.overwrite, inputs=(a.model, a.against))
     model, _ = load_model(a.model, trust_remote_code=a.trust_remote_code, progress=a.progress)
     against = load_model(a.against, trust_remote_code=a.trust_remote_code, progress=a.progress)[0] if a.against else None
     result = bench(model, against, contexts, batches, a.new_tokens, progress=a.progress)
@@ -151,7 +151,7 @@ def bench_cmd(a) -> dict:
 
 
 def export_cmd(a) -> dict:
-    check_output_dir(a.out, a.overwrite)
+    check_output_dir(a.out, a.overwrite, inputs=(a.model,))
     model, tok = load_model(a.model, progress=a.progress)
     export(model, a.out, tokenizer=tok, fmt=a.format, overwrite=a.overwrite, max_shard_size=a.max_shard_size)
     return {"out": a.out, "format": a.format}
@@ -167,6 +167,8 @@ def verify_export_cmd(a) -> dict:
 
 def load_cmd(a) -> dict:
     require_engine_checkpoint(a.model)
+    if a.out:
+        check_output_dir(a.out, a.overwrite, inputs=(a.model,))
     model, tok = load_model(a.model, progress=a.progress)
     if a.out:
         save(model, tok, a.out, overwrite=a.overwrite)

@@ -31,8 +31,8 @@ log = logging.getLogger(__name__)
 class Work:
     """OUT.partial/: run.json (what this run is), layer shards, act.safetensors + state.json after each layer."""
 
-    def __init__(self, out: Path, plan: dict):
-        self.out, self.plan = out, plan
+    def __init__(self, out: Path, plan: dict, overwrite: bool = False):
+        self.out, self.plan, self.overwrite = out, plan, overwrite
         self.dir = out.with_name(out.name + ".partial")
         self.writer = ShardWriter(self.dir)
         self.layers: list[dict] = []
@@ -91,7 +91,7 @@ class Work:
         _generation_config(stream, ckpt.path).save_pretrained(self.dir)
         for name in ("run.json", "state.json", "act.safetensors"):
             (self.dir / name).unlink(missing_ok=True)
-        publish_dir(self.dir, self.out)
+        publish_dir(self.dir, self.out, self.overwrite)
         return record
 
 

@@ -198,7 +198,7 @@ def convert_streaming(source, config, out, *, tokenizer=None, calib_ids: torch.T
     calib_ids (N, T): ready calibration windows (else from `config.calib` with the source's own
     tokenizer, or `tokenizer`). `device` runs the layers' forward passes (factorizing stays on CPU).
     """
-    source, out = Path(source), check_output_dir(out, overwrite).absolute()
+    source, out = Path(source), check_output_dir(out, overwrite, inputs=(source,)).absolute()
     check_streamable(config)
     start = time.perf_counter()
     stream = Stream(source, config, device)
@@ -206,7 +206,7 @@ def convert_streaming(source, config, out, *, tokenizer=None, calib_ids: torch.T
     ids, tokenizer, calibration = _calibration(stream, source, config, tokenizer, calib_ids)
     calib = None if ids is None else f"{fingerprint(ids)}-{list(ids.shape)}"
     work = Work(out, {"source": str(source.absolute()), "source_bytes": stream.ckpt.nbytes(),
-                      "config": config_to_dict(config), "dims": list(dims), "calib": calib})
+                      "config": config_to_dict(config), "dims": list(dims), "calib": calib}, overwrite)
     done = work.resume(stream)
     if ids is not None and done == 0:
         stream.start(ids)

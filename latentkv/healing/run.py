@@ -113,7 +113,7 @@ def heal(student, teacher, data, out, config: HealConfig = HealConfig(), *, over
         warnings.warn("bf16 autocast on CPU can be far slower than fp32 (BENCHMARKS.md, heal); use it on GPUs",
                       stacklevel=2)
     out = Path(out)
-    check_output_dir(out, overwrite)
+    check_output_dir(out, overwrite, inputs=tuple(x for x in (student, teacher) if isinstance(x, (str, Path))))
     steps, accum = config.steps(), config.accumulation(acc.num_processes)
     if steps == 0 and config.local_steps <= 0:
         raise LatentKVError("--tokens 0 and no --local-steps: nothing to do; give --tokens N or --local-steps N")

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import glob
 import logging
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 from ..errors import LatentKVError
@@ -15,14 +18,37 @@ from ..errors import LatentKVError
 log = logging.getLogger(__name__)
 
 
-def check_output_dir(out: str | Path, overwrite: bool) -> Path:
-    """Fail early (before any long work) if `out` exists and may not be replaced."""
+def check_output_dir(out: str | Path, overwrite: bool, inputs: tuple = ()) -> Path:
+    """Fail early (before any long work) if `out` exists and may not be replaced, if it is (or holds,
+    or sits inside) one of the command's `inputs`, or if its parent cannot be written."""
     out = Path(out)
     if out.exists() and not overwrite:
         raise LatentKVError(f"output {out} already exists; pass --overwrite to replace it or choose another --out")
     if out.exists() and not out.is_dir():
         raise LatentKVError(f"output {out} exists and is not a directory; remove it or choose another --out")
+    for source in inputs:
+        if source is not None and Path(source).exists() and _overlaps(out, Path(source)):
+            raise LatentKVError(f"--out {out} is this command's input {source}; writing there would destroy what "
+                                "is being read: choose another --out")
+    _check_parent_writable(out)
     return out
+
+
+def _overlaps(out: Path, source: Path) -> bool:
+    a, b = out.resolve(), source.resolve()
+    return a == b or a in b.parents or b in a.parents
+
+
+def _check_parent_writable(out: Path) -> None:
+    """The nearest existing ancestor must be a writable directory: found now, not after an hour of work."""
+    parent = out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise LatentKVError(f"cannot create --out {out}: {parent} is a file, not a directory; choose another --out")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise LatentKVError(f"cannot create --out {out}: {parent} is not writable (read-only or no permission); "
+                            "choose a writable --out")
 
 
 def write_file_atomic(path: str | Path, data: str | bytes) -> None:
@@ -48,7 +74,8 @@ def _umask() -> int:
 
 @contextlib.contextmanager
 def atomic_output_dir(out: str | Path, overwrite: bool = False):
-    """Yield a temp dir; on success it replaces `out` in one rename, on failure it is removed."""
+    """Yield a temp dir; on success it becomes `out` in one rename (see `publish_dir`), on failure it
+    is removed."""
     out = Path(out).absolute()
     if out.parent.is_dir():
         clear_stale_temps(out)  # first: it may put back an output a killed run was replacing
@@ -57,26 +84,85 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False):
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     try:
         yield tmp
-        publish_dir(tmp, out)
+        publish_dir(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def publish_dir(tmp: Path, out: Path) -> None:
-    """Make the finished `tmp` (a sibling of `out`) appear as `out` in one rename, replacing any old one.
+def publish_dir(tmp: Path, out: Path, overwrite: bool = False) -> None:
+    """Make the finished `tmp` (a sibling of `out`) appear as `out` in one rename.
+
+    Without `overwrite` the rename never replaces anything: if `out` appeared while we worked (another
+    writer, a user's folder), it is left untouched, `tmp` is kept as `OUT.unpublished-*` and the error
+    says where. With `overwrite` an existing `out` is swapped out atomically and then removed.
     Modes follow the umask (mkdtemp makes 0700; the output should look like any other dir)."""
     tmp.chmod(0o777 & ~_umask())
     for f in tmp.rglob("*"):
         if f.is_file():
             f.chmod(0o666 & ~_umask())
-    if out.exists():
-        trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
-        out.rename(trash / out.name)
-        tmp.rename(out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        tmp.rename(out)
+    if overwrite and out.is_dir() and _replace(tmp, out):
+        return
+    if not _rename_noreplace(tmp, out):
+        kept = out.with_name(f"{out.name}.unpublished-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+        tmp.rename(kept)
+        raise LatentKVError(f"output {out} appeared while this run was writing it (another run with the same --out?); "
+                            f"it was left untouched and this run's result is in {kept}: move it, or rerun with "
+                            "--overwrite")
+
+
+def _rename_noreplace(src: Path, dst: Path) -> bool:
+    """Rename `src` to `dst` only if nothing is at `dst` -> whether it was done. renameat2's
+    RENAME_NOREPLACE checks and renames in one step; where it is missing, rename(2) still refuses a
+    non-empty directory or a file, so at worst an empty directory (no data) is replaced."""
+    done = _renameat2(src, dst, RENAME_NOREPLACE)
+    if done is not None:
+        return done
+    if os.path.lexists(dst):
+        return False
+    try:
+        os.rename(src, dst)
+    except OSError as e:
+        if e.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+            return False
+        raise
+    return True
+
+
+def _replace(tmp: Path, out: Path) -> bool:
+    """Swap `tmp` and `out` in one step (RENAME_EXCHANGE) and remove the old -> False if `out` vanished
+    meanwhile. Where the kernel lacks it, move the old aside first (`.OUT.old-PID-*`, which
+    `clear_stale_temps` puts back if we are killed)."""
+    done = _renameat2(tmp, out, RENAME_EXCHANGE)
+    if done is not None:
+        if done:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return done
+    trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
+    out.rename(trash / out.name)
+    tmp.rename(out)
+    shutil.rmtree(trash, ignore_errors=True)
+    return True
+
+
+RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
+AT_FDCWD = -100
+
+
+def _renameat2(src: Path, dst: Path, flag: int) -> bool | None:
+    """Linux renameat2(2) -> True (done), False (`dst` exists, or vanished for an exchange), None
+    (not available on this platform or filesystem: the caller falls back)."""
+    fn = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if fn is None:
+        return None
+    if fn(AT_FDCWD, os.fsencode(src), AT_FDCWD, os.fsencode(dst), flag) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return None
+    if err in (errno.EEXIST, errno.ENOENT) and src.exists():
+        return False
+    raise OSError(err, os.strerror(err), str(dst))
 
 
 def clear_stale_temps(out: Path) -> list[Path]:

@@ -175,3 +175,38 @@ def test_disk_full_while_writing_weights(capsys, dirs, tmp_path, monkeypatch, co
     line = one_line_error(*run(capsys, command, dirs, dirs[COMMANDS[command][0]], tmp_path / "out"))
     assert "No space left on device" in line and "free disk space" in line
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+
+
+@pytest.mark.parametrize("command", WRITERS)
+def test_output_appearing_mid_run_is_kept(capsys, dirs, tmp_path, monkeypatch, command):
+    """The race of two writers (or a user's mkdir) on one --out, made deterministic: the output appears
+    just before the publish. It is left as it was; this run's work is kept beside it, named in the error."""
+    import latentkv.conversion.stream_work as stream_work
+    from latentkv.io import atomic
+
+    out, real = tmp_path / "out", atomic.publish_dir
+
+    def racing(tmp, target, overwrite=False):
+        target.mkdir()
+        (target / "precious.txt").write_text("keep me")
+        return real(tmp, target, overwrite)
+
+    monkeypatch.setattr(atomic, "publish_dir", racing)
+    monkeypatch.setattr(stream_work, "publish_dir", racing)
+    line = one_line_error(*run(capsys, command, dirs, dirs[COMMANDS[command][0]], out))
+    assert "appeared while this run was writing" in line and "unpublished" in line, line
+    assert [p.name for p in out.iterdir()] == ["precious.txt"]
+    kept = [p for p in tmp_path.iterdir() if ".unpublished-" in p.name]
+    assert len(kept) == 1 and any(kept[0].iterdir()) and str(kept[0]) in line
+
+
+@pytest.mark.parametrize("command", ["convert", "convert --stream", "export", "load"])
+def test_out_is_its_own_input(capsys, dirs, tmp_path, command):
+    model = tmp_path / "model"
+    shutil.copytree(dirs[COMMANDS[command][0]], model)
+    before = sorted(p.name for p in model.iterdir())
+    argv = [a.format(m=model, o=model, src=dirs["src"], text=dirs["text"], target=dirs["target"])
+            for a in COMMANDS[command][1]]
+    line = one_line_error(main(argv + ["--overwrite"]), capsys.readouterr().err)
+    assert "input" in line and "another --out" in line, line
+    assert sorted(p.name for p in model.iterdir()) == before
