@@ -6,6 +6,7 @@ import importlib
 import importlib.util
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,8 +86,23 @@ def _assembled(b: Bundled) -> Path:
 def load_model(source: str | os.PathLike, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
                progress: bool = True):
     """-> (model in eval mode, tokenizer). Converted dirs (with `latentkv.json`) and DeepSeek-V3
-    checkpoints (our exports or anyone's) load into our MLA runtime."""
-    src = str(source)
+    checkpoints (our exports or anyone's) load into our MLA runtime. Weights holding NaN/Inf are
+    refused here, naming the tensor, so no command prints `ppl: nan` or fails later in an SVD."""
+    model, tok = _load(str(source), dtype, trust_remote_code, progress)
+    check_finite_weights(model, str(source))
+    return model, tok
+
+
+def check_finite_weights(model, src: str) -> None:
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not torch.isfinite(p).all():
+            layer = re.search(r"layers\.(\d+)\.", name)
+            where = f" (layer {layer.group(1)})" if layer else ""
+            raise LatentKVError(f"{src}: tensor {name}{where} holds NaN or Inf values: the checkpoint is corrupt "
+                                "or was saved in a dtype that overflowed; re-download or re-convert it")
+
+
+def _load(src: str, dtype, trust_remote_code: bool, progress: bool):
     log.debug("loading %s (dtype %s)", src, dtype)
     if src in BUNDLED:
         model, tok = _load_gguf(bundled_gguf(src), dtype, progress)

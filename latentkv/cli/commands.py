@@ -125,7 +125,10 @@ def generate_cmd(a) -> dict:
         path = Path(a.batch_file)
         if not path.is_file():
             raise LatentKVError(f"batch file {path} not found; give a text file with one prompt per line")
-        prompts += [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        try:
+            prompts += [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except UnicodeDecodeError:
+            raise LatentKVError(f"batch file {path} is not UTF-8 text; give a text file with one prompt per line") from None
         if not prompts:
             raise LatentKVError(f"batch file {path} has no prompts; put one prompt per line")
     if not prompts:
@@ -159,7 +162,7 @@ def export_cmd(a) -> dict:
 
 def verify_export_cmd(a) -> dict:
     text = load_text(a.text) if a.text else None
-    result = verify_export(a.out, a.against, text=text, tokens=a.tokens, atol=a.atol)
+    result = verify_export(a.out, a.against, text=text, tokens=a.tokens, atol=a.atol, progress=a.progress)
     if not result["passed"]:
         a.exit_code = 1
     return result

@@ -23,6 +23,8 @@ def run_demo(kv_budget: float = 0.5, out: str | None = None, overwrite: bool = F
     """Source vs exact (100 %) vs calibrated budget conversion: cache bytes/token and perplexity."""
     if out is not None:
         check_output_dir(out, overwrite)
+    # built first, so a bad budget is one error line before any loading or output
+    config, fallback = make_config(kv_budget=kv_budget, calib_samples=16), make_config(kv_budget=kv_budget, method="svd")
     t0 = time.perf_counter()
     source, tok = load_model(model, progress=progress)
     _note(f"loaded {model} in {time.perf_counter() - t0:.1f}s")
@@ -32,11 +34,11 @@ def run_demo(kv_budget: float = 0.5, out: str | None = None, overwrite: bool = F
         corpus, why = None, str(e)
     variants = [("source", source), ("MLA exact (100%)", convert(source, ExactConfig(), progress=progress))]
     try:  # a smaller calibration set than the library default keeps the demo short
-        small = convert(source, make_config(kv_budget=kv_budget, calib_samples=16), tokenizer=tok, progress=progress)
+        small = convert(source, config, tokenizer=tok, progress=progress)
         variants.append((f"MLA lowrank ({kv_budget:.0%})", small))
     except LatentKVError as e:  # no calibration text here: show the weight-only baseline instead
         _note(f"calibrated conversion unavailable ({e}); using the weight-SVD baseline")
-        svd = convert(source, make_config(kv_budget=kv_budget, method="svd"), progress=progress)
+        svd = convert(source, fallback, progress=progress)
         variants.append((f"MLA svd ({kv_budget:.0%})", svd))
     rows = []
     for name, m in variants:

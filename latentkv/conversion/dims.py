@@ -106,9 +106,9 @@ def check_dims(layout: SourceLayout, kv_lora_rank: int, qk_rope_head_dim: int, r
     p, r = qk_rope_head_dim, kv_lora_rank
     step, most_rope = rope_grid(layout, rope)
     if p < 0 or p % step or p > most_rope:
-        what = "2*num_key_value_heads" if step > 2 else "2"
-        raise LatentKVError(f"--qk-rope-head-dim {p} does not fit: with --rope {rope} it must be a multiple of {what} "
-                            f"= {step} between 0 and {most_rope}")
+        what = f"a multiple of 2*num_key_value_heads (= {step})" if step > 2 else "even"
+        raise LatentKVError(f"--qk-rope-head-dim {p} does not fit: with --rope {rope} it must be {what}, "
+                            f"between 0 and {most_rope}")
     most = latent_cap(layout, rope, p)
     if not 1 <= r <= most:
         raise LatentKVError(f"--kv-lora-rank {r} does not fit: with --qk-rope-head-dim {p} it must be between 1 and "
@@ -120,6 +120,16 @@ def checked(config, layout: SourceLayout, dims: tuple[int, int]) -> tuple[int, i
     if not isinstance(config, ExactConfig):
         check_dims(layout, *dims, rope=rope_of(config))
     return dims
+
+
+def check_config(config, layout: SourceLayout) -> None:
+    """Every limit that depends only on the config and the source's shapes, checked before calibration
+    (minutes) rather than after it: fixed dims fit, a budget leaves room for a rotated pair and a latent."""
+    dims = fixed_dims(config, layout)
+    if dims is not None:
+        checked(config, layout, dims)
+    elif (values := budget_values(config, layout)) is not None:
+        candidate_splits(layout, rope_of(config), values)
 
 
 def stream_dims(layout: SourceLayout, config) -> tuple[int, int]:

@@ -28,7 +28,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ..errors import LatentKVError
 from ..families import EMBED_PREFIX, LAYER_PREFIX, embedding_scale, logit_softcap, source_layout
-from ..io.atomic import check_output_dir
+from ..io.atomic import check_output_dir, exclusive
 from ..io.machine import available_memory, max_rss_gib, trim_heap
 from ..io.shards import INDEX, SINGLE, ShardedCheckpoint
 from ..io.text import fingerprint
@@ -68,6 +68,17 @@ def check_fits_in_memory(source) -> None:
                             "layer by layer")
 
 
+def _tied_embeddings(ckpt: ShardedCheckpoint, hf) -> None:
+    """Tied embeddings saved once as lm_head.weight (safetensors' save_model, our GGUF cache) serve as the
+    embedding table too; a checkpoint with neither is refused before OUT.partial/ is created."""
+    embed, head = f"{EMBED_PREFIX}_tokens.weight", "lm_head.weight"
+    if embed not in ckpt.weight_map and head in ckpt.weight_map and getattr(hf, "tie_word_embeddings", False):
+        ckpt.tie(embed, head)
+    if embed not in ckpt.weight_map:
+        raise LatentKVError(f"checkpoint {ckpt.path} has no tensor {embed}; is it a complete Llama/Mistral/Qwen2 "
+                            "checkpoint?")
+
+
 class Stream:
     """The state of one streaming conversion: the source, the skeleton model, the activations.
 
@@ -83,6 +94,7 @@ class Stream:
             raise LatentKVError(f"cannot read {source}/config.json ({str(e).splitlines()[0][:120]}); "
                                 "point to a Hugging Face checkpoint directory") from None
         self.layout = source_layout(hf)  # refuses unsupported families with the reason
+        _tied_embeddings(self.ckpt, hf)
         self.config, self.device, self.store_dtype = config, torch.device(device), self.ckpt.dtype()
         self.calibrated = isinstance(config, LowRankConfig)
         self.sequential = self.calibrated and config.sequential
@@ -200,6 +212,12 @@ def convert_streaming(source, config, out, *, tokenizer=None, calib_ids: torch.T
     """
     source, out = Path(source), check_output_dir(out, overwrite, inputs=(source,)).absolute()
     check_streamable(config)
+    with exclusive(out.with_name(f".{out.name}.lock"), f"another streaming conversion is writing {out}"):
+        return _convert_streaming(source, config, out, tokenizer, calib_ids, device, overwrite, progress)
+
+
+def _convert_streaming(source: Path, config, out: Path, tokenizer, calib_ids, device, overwrite, progress) -> dict:
+    """convert_streaming, holding OUT's lock (two runs must not share OUT.partial)."""
     start = time.perf_counter()
     stream = Stream(source, config, device)
     dims = stream_dims(stream.layout, config)

@@ -63,9 +63,14 @@ def perplexity(model, tokenizer, text: str, seq_len: int = 2048, stride: int | N
         raise LatentKVError(f"--seq-len must be at least 2, got {seq_len}")
     if stride is not None and not 0 < stride <= seq_len:
         raise LatentKVError(f"--stride must be in (0, seq_len={seq_len}], got {stride}")
+    if max_windows is not None and max_windows < 1:
+        raise LatentKVError(f"--max-windows must be at least 1, got {max_windows}")
     ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
     if ids.numel() < 2:
         raise LatentKVError("text has fewer than 2 tokens; pass a longer text")
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit and min(seq_len, ids.numel()) > limit:
+        raise LatentKVError(f"--seq-len {seq_len} exceeds the model's {limit} positions; use --seq-len {limit} or less")
     spans = windows(ids.numel(), seq_len, stride)[:max_windows]
     device = next(model.parameters()).device
     total, count, start = 0.0, 0, time.perf_counter()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import glob
 import logging
 import os
@@ -40,15 +41,18 @@ def _overlaps(out: Path, source: Path) -> bool:
 
 
 def _check_parent_writable(out: Path) -> None:
-    """The nearest existing ancestor must be a writable directory: found now, not after an hour of work."""
+    """The nearest existing ancestor must take a new directory: found now, not after an hour of work.
+    A real probe (mkdir + rmdir), since access(2) says yes to root on read-only mounts and /proc."""
     parent = out.absolute().parent
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():
         raise LatentKVError(f"cannot create --out {out}: {parent} is a file, not a directory; choose another --out")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise LatentKVError(f"cannot create --out {out}: {parent} is not writable (read-only or no permission); "
-                            "choose a writable --out")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".latentkv-write-test-", dir=parent))
+    except OSError as e:
+        raise LatentKVError(f"cannot create --out {out}: {parent} does not take new folders ({e.strerror}); "
+                            "choose a writable --out") from None
 
 
 def write_file_atomic(path: str | Path, data: str | bytes) -> None:
@@ -163,6 +167,25 @@ def _renameat2(src: Path, dst: Path, flag: int) -> bool | None:
     if err in (errno.EEXIST, errno.ENOENT) and src.exists():
         return False
     raise OSError(err, os.strerror(err), str(dst))
+
+
+@contextlib.contextmanager
+def exclusive(lock: Path, busy: str):
+    """Hold an exclusive flock on the file `lock` while inside, or refuse at once with `busy` (the lock
+    dies with the process, so a killed holder never blocks the next run); the file is removed after."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise LatentKVError(f"{busy} (lock {lock}); wait for it to finish or choose another --out") from None
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)
+    finally:
+        os.close(fd)
 
 
 def clear_stale_temps(out: Path) -> list[Path]:

@@ -37,6 +37,7 @@ class ShardedCheckpoint:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.weight_map = _weight_map(self.path)  # name -> file name inside path
+        self.stored: dict[str, str] = {}  # name -> the name it is stored under (tied tensors saved once)
         self.dtypes: dict[str, torch.dtype] = {}
         for name in sorted(set(self.weight_map.values())):
             self._check_shard(name)
@@ -61,6 +62,11 @@ class ShardedCheckpoint:
         except (SafetensorError, OSError) as e:
             raise LatentKVError(f"shard {path} is corrupt or truncated ({str(e)[:100]}); fetch it again") from None
 
+    def tie(self, name: str, stored: str) -> None:
+        """Serve `name` from the tensor saved as `stored` (tied embeddings are often written once)."""
+        self.weight_map[name] = self.weight_map[stored]
+        self.stored[name] = stored
+
     def names(self, prefix: str = "") -> list[str]:
         return [n for n in self.weight_map if n.startswith(prefix)]
 
@@ -76,7 +82,7 @@ class ShardedCheckpoint:
         out = {}
         for file in dict.fromkeys(self.weight_map[n] for n in names):
             with self._open(file) as f:
-                out.update({n: f.get_tensor(n) for n in names if self.weight_map[n] == file})
+                out.update({n: f.get_tensor(self.stored.get(n, n)) for n in names if self.weight_map[n] == file})
         return {n: out[n] for n in names}
 
     def dtype(self) -> torch.dtype:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
 from ..errors import LatentKVError
@@ -26,10 +27,14 @@ SAMPLE_TEXT = ("The history of the city begins with a small settlement on the ri
                "breweries and an ironworks that employed thousands of workers. ")
 
 
-def load_stock(out) -> torch.nn.Module:
+def check_export_dir(out) -> None:
     if not Path(out).is_dir():
         raise LatentKVError(f"export {out} not found; pass the directory `latentkv export` wrote")
     check_weights(out)
+
+
+def load_stock(out) -> torch.nn.Module:
+    check_export_dir(out)
     try:
         model, info = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, use_safetensors=True,
                                                            local_files_only=True, output_loading_info=True)
@@ -46,25 +51,33 @@ def load_stock(out) -> torch.nn.Module:
 
 @torch.no_grad()
 def verify_export(out, against, text: str | None = None, tokens: int = 128, new_tokens: int = 16,
-                  atol: float = 1e-3) -> dict:
+                  atol: float = 1e-3, progress: bool = True) -> dict:
     """-> {max_abs_diff, greedy_agreement, generation_match, cache_bytes_per_token, expected_..., passed}."""
-    stock = load_stock(out)
-    ours, tok = load_model(against, progress=False)
-    if tok is None:
-        raise LatentKVError(f"{against} has no tokenizer files; verify-export needs one to make sample tokens")
-    ours.float()
-    ids = tok(text or SAMPLE_TEXT * 4, return_tensors="pt").input_ids[:, :tokens]  # (1, T)
-    ref = ours(ids).logits
-    got = stock(ids, use_cache=True)
+    check_export_dir(out)  # a missing or broken export is one error line, with no bar before it
+    with tqdm(total=3, desc="verify-export", disable=not progress) as bar:  # closed (its line ended) on errors too
+        bar.set_postfix_str("loading the export with stock transformers and ours")
+        stock = load_stock(out)
+        ours, tok = load_model(against, progress=False)
+        if tok is None:
+            raise LatentKVError(f"{against} has no tokenizer files; verify-export needs one to make sample tokens")
+        ours.float()
+        bar.update()
+        bar.set_postfix_str("comparing logits")
+        ids = tok(text or SAMPLE_TEXT * 4, return_tensors="pt").input_ids[:, :tokens]  # (1, T)
+        ref = ours(ids).logits
+        got = stock(ids, use_cache=True)
+        bar.update()
+        bar.set_postfix_str("greedy generation, both")
+        prompt = tok.decode(ids[0, :32], skip_special_tokens=True)
+        prompt_ids = tok(prompt, return_tensors="pt").input_ids
+        stock_new = stock.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), max_new_tokens=new_tokens,
+                                   min_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.pad_token_id or 0)
+        ours_new = generate(ours, tok, [prompt], new_tokens, use_eos=False)
+        bar.update()
     diff = (got.logits - ref).abs().max().item()
     agree = (got.logits.argmax(-1) == ref.argmax(-1)).float().mean().item()
     held = cache_tensor_bytes(got.cache) // ids.shape[1]
     expected = cache_report(ours)["model"]["bytes_per_token"]
-    prompt = tok.decode(ids[0, :32], skip_special_tokens=True)
-    prompt_ids = tok(prompt, return_tensors="pt").input_ids
-    stock_new = stock.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), max_new_tokens=new_tokens,
-                               min_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.pad_token_id or 0)
-    ours_new = generate(ours, tok, [prompt], new_tokens, use_eos=False)
     match = stock_new[0, prompt_ids.shape[1]:].tolist() == ours_new.tokens[0]
     return {"out": str(out), "against": str(against), "tokens": int(ids.shape[1]), "max_abs_diff": diff,
             "greedy_agreement": agree, "generation_match": match, "cache_bytes_per_token": held,

@@ -10,8 +10,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Genera
 
 from ..errors import LatentKVError
 from ..io.atomic import atomic_output_dir
-from ..io.checkpoint import read_meta, read_weights, write_meta, write_weights
-from ..record import record_of
+from ..io.checkpoint import META, read_meta, read_weights, write_meta, write_weights
+from ..record import FORMAT_VERSION, record_of
 from .install import install_mla
 from .mla import MLADims
 
@@ -37,13 +37,11 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32):
     """-> (converted model in eval mode, tokenizer or None). Weights load via safetensors only."""
     path = Path(path)
     meta = read_meta(path)
-    src_cfg = dict(meta["source_config"])
-    config = AutoConfig.for_model(src_cfg.pop("model_type"), **src_cfg)
-    config.latentkv = meta["record"]
+    config, dims = _checked_meta(meta, path)
     state = read_weights(path)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    install_mla(model, [MLADims(**d) for d in meta["record"]["layers"]])
+    install_mla(model, dims)
     _load_state(model, state, path)
     model.to(dtype)
     if (path / "generation_config.json").is_file():
@@ -52,7 +50,47 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32):
     return model.eval(), tok
 
 
+POSITIVE_INTS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size",
+                 "intermediate_size", "head_dim", "max_position_embeddings")
+
+
+def _checked_meta(meta: dict, path: Path):
+    """`latentkv.json` -> (HF config, per-layer MLADims), or one line naming the first bad field."""
+    def bad(what: str):
+        return LatentKVError(f"corrupted checkpoint {path}: {META} {what}; re-run `latentkv convert`")
+
+    record, src_cfg = meta["record"], dict(meta["source_config"])
+    version = record.get("format_version")
+    if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
+        raise LatentKVError(f"{path} has checkpoint format_version {version!r}; this latentkv reads format_version "
+                            f"{FORMAT_VERSION} or older: upgrade latentkv or re-run `latentkv convert`")
+    for key in POSITIVE_INTS:
+        value = src_cfg.get(key)
+        if value is not None and (type(value) is not int or value <= 0):
+            raise bad(f"has source_config.{key} = {value!r}, not a positive integer")
+    layers = record["layers"]
+    if not isinstance(layers, list) or len(layers) != src_cfg.get("num_hidden_layers", len(layers)):
+        raise bad(f"lists {len(layers) if isinstance(layers, list) else repr(layers)} layers for "
+                  f"num_hidden_layers = {src_cfg.get('num_hidden_layers')}")
+    for i, d in enumerate(layers):
+        wrong = [k for k, v in d.items() if isinstance(v, int) and v < 0] if isinstance(d, dict) else ["the entry"]
+        if wrong:
+            raise bad(f"has layers[{i}].{wrong[0]} = {d[wrong[0]] if isinstance(d, dict) else d!r}")
+    try:
+        config = AutoConfig.for_model(src_cfg.pop("model_type"), **src_cfg)
+        dims = [MLADims(**d) for d in layers]
+    except (TypeError, ValueError, KeyError) as e:
+        raise bad(f"is invalid ({str(e).splitlines()[0][:160]})") from None
+    config.latentkv = record
+    return config, dims
+
+
 def _load_state(model, state: dict, path: Path) -> None:
+    shapes = {n: tuple(t.shape) for n, t in model.state_dict().items()}
+    for name, t in state.items():
+        if name in shapes and tuple(t.shape) != shapes[name]:
+            raise LatentKVError(f"corrupted checkpoint {path}: {name} has shape {tuple(t.shape)} but {META} implies "
+                                f"{shapes[name]}; re-run `latentkv convert`")
     result = model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     meta_left = [n for n, p in model.named_parameters() if p.is_meta]

@@ -151,6 +151,10 @@ def generate(model, tokenizer, prompts: str | list[str], max_new_tokens: int = 6
     transformers' `generate`), nucleus sampling otherwise (seeded). `stream(i, text)` receives
     each prompt's new text as it becomes final."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not temperature >= 0:
+        raise LatentKVError(f"--temperature must be 0 (greedy) or positive, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise LatentKVError(f"--top-p must lie in (0, 1], got {top_p}")
     if not prompts:
         raise LatentKVError("no prompts given; pass a prompt or a --batch-file with one prompt per line")
     rows = [tokenizer(p)["input_ids"] for p in prompts]

@@ -52,7 +52,7 @@ def test_full_budget_cli_matches_source_ppl(capsys, source_dir, tmp_path):
 @pytest.mark.parametrize("argv, match", [
     (["convert", "{src}", "--out", "{out}", "--kv-budget", "0"], "--kv-budget must be in (0, 1]"),
     (["convert", "{src}", "--out", "{out}", "--kv-budget", "1.5"], "--kv-budget must be in (0, 1]"),
-    (["convert", "{src}", "--out", "{out}", "--kv-lora-rank", "8", "--qk-rope-head-dim", "5"], "multiple of"),
+    (["convert", "{src}", "--out", "{out}", "--kv-lora-rank", "8", "--qk-rope-head-dim", "5"], "must be even"),
     (["convert", "{src}", "--out", "{out}", "--kv-lora-rank", "999", "--qk-rope-head-dim", "8"], "between 1 and"),
     (["convert", "./no-such-model", "--out", "{out}"], "not found"),
     (["eval", "{src}", "--ppl", "/no/such.txt"], "not found"),

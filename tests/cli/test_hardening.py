@@ -210,3 +210,134 @@ def test_out_is_its_own_input(capsys, dirs, tmp_path, command):
     line = one_line_error(main(argv + ["--overwrite"]), capsys.readouterr().err)
     assert "input" in line and "another --out" in line, line
     assert sorted(p.name for p in model.iterdir()) == before
+
+
+def corrupt(record: dict, what: str) -> None:
+    """Apply one corruption to latentkv.json's content, in place."""
+    if what == "rank":
+        record["record"]["layers"][0]["kv_lora_rank"] = 9999
+    elif what in ("num_hidden_layers", "hidden_size"):
+        record["source_config"][what] = {"num_hidden_layers": "banana", "hidden_size": -4}[what]
+    elif what == "layers":
+        record["record"]["layers"] = "x"
+    elif what == "format_version":
+        record["record"]["format_version"] = 99
+
+
+@pytest.mark.parametrize("what", ["rank", "num_hidden_layers", "hidden_size", "layers", "format_version"])
+def test_corrupt_record_is_one_line(capsys, dirs, tmp_path, what):
+    import json
+
+    bad = tmp_path / "bad"
+    shutil.copytree(dirs["conv"], bad)
+    record = json.loads((bad / "latentkv.json").read_text())
+    corrupt(record, what)
+    (bad / "latentkv.json").write_text(json.dumps(record))
+    line = one_line_error(*run(capsys, "eval", dirs, bad, None))
+    key = {"rank": "kv_a_proj_with_mqa", "layers": "layers"}.get(what, what)
+    assert key in line and ("re-run `latentkv convert`" in line or "upgrade latentkv" in line), line
+
+
+def test_nan_in_a_converted_checkpoint_is_refused_at_load(capsys, dirs, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "nan"
+    shutil.copytree(dirs["conv"], bad)
+    f = bad / "model.safetensors"
+    tensors = load_file(f)
+    tensors["model.layers.0.self_attn.kv_b_proj.weight"][0, 0] = float("inf")
+    save_file(tensors, f, metadata={"format": "pt"})
+    for command in ("eval", "generate"):
+        line = one_line_error(*run(capsys, command, dirs, bad, None))
+        assert "model.layers.0.self_attn.kv_b_proj.weight" in line and "NaN or Inf" in line, line
+
+
+@pytest.mark.parametrize("out", ["/proc/latentkv-x", "{file}/sub"])
+def test_unusable_out_refused_before_work(capsys, dirs, tmp_path, monkeypatch, out):
+    import latentkv.cli.commands as commands
+
+    monkeypatch.setattr(commands, "load_model", lambda *a, **k: pytest.fail("loaded before checking --out"))
+    (tmp_path / "file").write_text("x")
+    line = one_line_error(*run(capsys, "convert", dirs, dirs["src"], out.format(file=tmp_path / "file")))
+    assert "--out" in line and "free disk space" not in line, line
+    assert (tmp_path / "file").read_text() == "x"
+
+
+def test_read_only_is_not_told_to_free_disk_space():
+    from latentkv.errors import write_error
+
+    assert "free disk space" not in write_error(OSError(errno.EROFS, os.strerror(errno.EROFS), "/ro/out"))
+    assert "free disk space" in write_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/full/out"))
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["eval", "{m}", "--ppl", "{text}", "--max-windows", "0"], "--max-windows"),
+    (["eval", "{m}", "--ppl", "{text}", "--seq-len", "10000000"], "positions"),
+    (["generate", "{m}", "hi", "--temperature", "-1"], "--temperature"),
+    (["generate", "{m}", "hi", "--top-p", "1.5"], "--top-p"),
+    (["generate", "{m}", "hi", "--top-p", "0"], "--top-p"),
+    (["generate", "{m}", "--batch-file", "{binary}"], "not UTF-8"),
+])
+def test_bad_eval_and_generate_arguments(capsys, dirs, tmp_path, argv, match):
+    (tmp_path / "bin").write_bytes(bytes(range(256)) * 8)
+    argv = [a.format(m=dirs["conv"], text=dirs["text"], binary=tmp_path / "bin") for a in argv]
+    assert match in one_line_error(main(argv), capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("flags, match", [
+    (["--kv-lora-rank", "100000", "--qk-rope-head-dim", "8"], "--kv-lora-rank 100000"),
+    (["--kv-budget", "0.001"], "values per token"),
+    (["--kv-lora-rank", "16", "--qk-rope-head-dim", "7"], "--qk-rope-head-dim 7"),
+])
+def test_limits_refused_before_calibration(capsys, dirs, tmp_path, monkeypatch, flags, match):
+    import latentkv.conversion.dispatch as dispatch
+
+    monkeypatch.setattr(dispatch, "calibration_ids", lambda *a, **k: pytest.fail("calibrated before checking"))
+    code = main(["convert", str(dirs["src"]), "--out", str(tmp_path / "out"), "--calib", str(dirs["text"]), *flags])
+    line = one_line_error(code, capsys.readouterr().err)
+    assert match in line and "= 2" not in line, line
+    assert not (tmp_path / "out").exists()
+
+
+def test_stream_reads_embeddings_saved_once_as_lm_head(capsys, dirs, tmp_path, tiny_tokenizer):
+    """safetensors' save_model (and our GGUF cache) keeps one name of a tied pair: lm_head.weight."""
+    import json
+
+    from safetensors.torch import save_model
+
+    from conftest import make_tiny
+
+    tied = tmp_path / "tied"
+    model = make_tiny("llama-gqa", layers=2, tie_word_embeddings=True)
+    model.config.save_pretrained(tied)
+    tiny_tokenizer.save_pretrained(tied)
+    save_model(model, str(tied / "model.safetensors"))
+    code, err = run(capsys, "convert --stream", dirs, tied, tmp_path / "out")
+    assert code == 0, err
+    assert main(["convert", str(tied), "--out", str(tmp_path / "mem"), "--method", "svd", "--kv-lora-rank", "16",
+                 "--qk-rope-head-dim", "8", "-q"]) == 0
+    capsys.readouterr()
+    ppl = {}
+    for name in ("out", "mem"):  # streamed and in memory: the same model
+        assert main(["eval", str(tmp_path / name), "--ppl", str(dirs["text"]), "--seq-len", "32", "--json", "-q"]) == 0
+        ppl[name] = json.loads(capsys.readouterr().out)["ppl"]
+    assert ppl["out"] == pytest.approx(ppl["mem"], rel=1e-5)
+    assert not (tmp_path / "out.partial").exists()
+
+
+def test_demo_bad_budget_says_nothing_else(capsys):
+    code = main(["demo", "--kv-budget", "0"])
+    err = capsys.readouterr().err
+    assert one_line_error(code, err) and err.strip().startswith("error:") and "--kv-budget" in err
+
+
+def test_convert_prints_split_search_as_a_table(capsys, dirs, tmp_path):
+    assert main(["convert", str(dirs["src"]), "--out", str(tmp_path / "out"), "--kv-budget", "0.5", "--calib",
+                 str(dirs["text"]), "--calib-samples", "4", "--calib-seq-len", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "<- chosen" in out and "held-out NLL" in out and "{'" not in out
+
+
+def test_verify_export_shows_progress(capsys, dirs):
+    assert main(["verify-export", str(dirs["ds"]), "--against", str(dirs["target"]), "--tokens", "16"]) == 0
+    assert "verify-export" in capsys.readouterr().err

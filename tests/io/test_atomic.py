@@ -88,3 +88,14 @@ def test_out_under_a_file_is_refused_early(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(LatentKVError, match="is a file, not a directory"):
         check_output_dir(tmp_path / "file" / "sub", overwrite=False)
+
+
+def test_exclusive_refuses_a_second_holder(tmp_path):
+    lock = tmp_path / ".out.lock"
+    with atomic.exclusive(lock, "another run is writing out"):
+        with pytest.raises(LatentKVError, match="another run is writing out"):
+            with atomic.exclusive(lock, "another run is writing out"):
+                pass
+    assert not lock.exists()
+    with atomic.exclusive(lock, "free again"):  # released: the next run gets it
+        pass
