@@ -4,7 +4,8 @@ source model and its conversions, side by side -> BENCHMARKS.md.
     python benchmarks/domains.py --variants source,lowrank:0.5,lowrank:0.25,lowrank:0.125 --section domains
 
 Variants as in quality.py (`lowrank:0.5:calib=wikitext2-valid` overrides a LowRankConfig field);
-`+target` after a budget (`lowrank:0.5+target`) converts export-grade (`--target deepseek_v3`).
+`+target` after a budget (`lowrank:0.5+target`) converts export-grade (`--target deepseek_v3`); a directory
+(`runs/kv50-mix-healed`) is a saved conversion or a healed model, measured as it is.
 Domains are `latentkv.io.domains` evaluation parts (never calibration or healing text): WikiText-2
 test, PTB test, held-out Gutenberg fiction, this Python's standard library, installed packages'
 READMEs. Ratio = ppl / the source's on the same text; `worst / wt2` = the largest domain ratio over
@@ -31,9 +32,13 @@ from quality import parse_options
 
 
 def make_variant(source, tok, spec: str, cache: dict):
-    """'source' | 'METHOD:BUDGET[+target][:KEY=VALUE+...]' -> (model, convert seconds or None, record or None)."""
+    """'source' | a saved model's directory (converted or healed: measured as it is) |
+    'METHOD:BUDGET[+target][:KEY=VALUE+...]' -> (model, convert seconds or None, record or None)."""
     if spec == "source":
         return source, None, None
+    if Path(spec).is_dir():
+        model = load_model(spec, progress=False)[0]
+        return model, None, model.config.latentkv
     method, _, rest = spec.partition(":")
     budget, _, options = rest.partition(":")
     budget, _, target = budget.partition("+")

@@ -44,7 +44,8 @@ def convert_cmd(a) -> dict:
                          factorizer=a.factorizer, sequential=True if a.sequential else None, calib=a.calib,
                          calib_samples=a.calib_samples, calib_seq_len=a.calib_seq_len,
                          rank_allocation=a.rank_allocation, attn_moment=a.attn_moment,
-                         latent_norm=True if a.latent_norm else None, target=a.target, rope_horizon=a.rope_horizon)
+                         latent_norm=True if a.latent_norm else None, target=a.target, rope_horizon=a.rope_horizon,
+                         preset=a.preset)
     check_output_dir(a.out, a.overwrite, inputs=(a.source, a.calib))
     t0 = time.perf_counter()
     if a.stream:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..conversion.configs import RANK_ALLOCATIONS, TARGETS
+from ..conversion.configs import PRESETS, RANK_ALLOCATIONS, TARGETS
 from ..conversion.metrics import FACTORIZERS
 from ..conversion.rope import ROPE_STRATEGIES
 from ..deepseek.export import FORMATS
@@ -56,6 +56,9 @@ def _add_convert(add) -> None:
     c.add_argument("--kv-lora-rank", type=int, help="latent width r (with --qk-rope-head-dim)")
     c.add_argument("--qk-rope-head-dim", type=int, help="shared rotated key width (multiple of 2*num_key_value_heads)")
     c.add_argument("--kv-values", type=int, help="absolute cache values per token per layer")
+    c.add_argument("--preset", choices=list(PRESETS),
+                   help="kernel-ready export-grade shape: flashmla = 512+64, flashinfer = 256+64 (implies --target "
+                        "deepseek_v3; a --kv-budget given too is the cap it must fit)")
     c.add_argument("--method", choices=["exact", "svd", "lowrank"],
                    help="default: exact at full budget, lowrank (calibrated) below; svd is the weight-only baseline")
     c.add_argument("--rope", choices=list(ROPE_STRATEGIES),

@@ -117,16 +117,17 @@ def _suite(v: dict) -> None:
 
 def _split_search(v: dict | None) -> None:
     """The split search as a short table (the whole record, with per-layer detail, is in --json)."""
-    if not v:
+    v = v or {}
+    if "kv_lora_rank" not in v:
         print("split search: not run (dims given, or a method without calibration)")
-        return
-    cands = v.get("candidates") or [v]
-    print("split search on held-out calibration windows (lowest score wins):")
-    print(f"  {'rope':>5} {'latent':>7} {'held-out NLL':>13} {'copy NLL':>9} {'score':>8}")
-    for c in cands:
-        pick = (c["kv_lora_rank"], c["qk_rope_head_dim"]) == (v["kv_lora_rank"], v["qk_rope_head_dim"])
-        print(f"  {c['qk_rope_head_dim']:>5} {c['kv_lora_rank']:>7} {c['heldout_nll']:>13.4f} "
-              f"{c.get('copy_nll', float('nan')):>9.4f} {c.get('score', c['heldout_nll']):>8.4f}{'  <- chosen' if pick else ''}")
+    else:
+        print("split search on held-out calibration windows (lowest score wins):")
+        print(f"  {'rope':>5} {'latent':>7} {'held-out NLL':>13} {'copy NLL':>9} {'score':>8}")
+        for c in v.get("candidates") or [v]:
+            pick = (c["kv_lora_rank"], c["qk_rope_head_dim"]) == (v["kv_lora_rank"], v["qk_rope_head_dim"])
+            print(f"  {c['qk_rope_head_dim']:>5} {c['kv_lora_rank']:>7} {c['heldout_nll']:>13.4f} "
+                  f"{c.get('copy_nll', float('nan')):>9.4f} {c.get('score', c['heldout_nll']):>8.4f}"
+                  f"{'  <- chosen' if pick else ''}")
     alloc = v.get("allocation")
     if alloc:
         kept = f", exact layers {alloc['protected']}" if alloc.get("protected") else ""

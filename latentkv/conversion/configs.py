@@ -17,6 +17,9 @@ from .mixture import MIX
 from .rope import ROPE_STRATEGIES
 
 RANK_ALLOCATIONS = ("uniform", "sensitivity")
+# (kv_lora_rank, qk_rope_head_dim) the fast MLA decode kernels take: FlashMLA (and CUTLASS MLA) need
+# DeepSeek-V3's own 512 + 64; FlashInfer's MLA kernels also take 256 + 64. Other shapes fall back.
+PRESETS = {"flashmla": (512, 64), "flashinfer": (256, 64)}
 
 
 @dataclass(frozen=True)
@@ -30,9 +33,14 @@ class ExactConfig:
 
 
 def _check_budget(config) -> None:
-    """Exactly one of: kv_budget, kv_values, or both explicit dims."""
+    """Exactly one of: kv_budget, kv_values, or both explicit dims (a preset: its dims, and a budget
+    may come with it as the cap it must fit)."""
     explicit = (config.kv_lora_rank, config.qk_rope_head_dim)
-    given = [config.kv_budget is not None, config.kv_values is not None, explicit != (None, None)]
+    preset = getattr(config, "preset", None)
+    if preset is not None and PRESETS.get(preset) != explicit:
+        raise LatentKVError(f"--preset {preset} sets the dims itself; drop --kv-lora-rank/--qk-rope-head-dim"
+                            if preset in PRESETS else f"unknown --preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+    given = [config.kv_budget is not None and preset is None, config.kv_values is not None, explicit != (None, None)]
     if sum(given) > 1:
         raise LatentKVError("give one of --kv-budget, --kv-values, or --kv-lora-rank with --qk-rope-head-dim")
     if config.kv_budget is not None and not 0.0 < config.kv_budget <= 1.0:
@@ -90,6 +98,7 @@ class LowRankConfig(CacheSize):
     calib: str = MIX  # the domain mixture (mixture.py), or a text file or name
     calib_samples: int = 32
     calib_seq_len: int = 512
+    preset: str | None = None  # a kernel-ready shape (PRESETS); its dims are kv_lora_rank/qk_rope_head_dim
 
     def __post_init__(self):
         super().__post_init__()
@@ -134,12 +143,20 @@ TARGETS = {"deepseek_v3": {"rope": "rorope-export", "latent_norm": True, "rank_a
 
 def make_config(kv_budget: float | None = None, kv_lora_rank: int | None = None,
                 qk_rope_head_dim: int | None = None, method: str | None = None, kv_values: int | None = None,
-                target: str | None = None, **lowrank):
+                target: str | None = None, preset: str | None = None, **lowrank):
     """CLI flags -> config. No budget (or budget 1) and no method: the exact embedding; a smaller
     budget: the calibrated `lowrank` method unless `method` says otherwise. `lowrank` takes the
     LowRankConfig fields (rope, factorizer, sequential, attn_moment, rank_allocation, calib,
     calib_samples, calib_seq_len, latent_norm, rope_horizon). `target="deepseek_v3"` makes every
-    choice the DeepSeek-V3 export can express (rope rorope-export, a fitted latent norm, uniform ranks)."""
+    choice the DeepSeek-V3 export can express (rope rorope-export, a fitted latent norm, uniform ranks).
+    `preset` (PRESETS) fixes kernel-ready dims and implies that target; a budget given with it is a cap."""
+    if preset is not None:
+        if preset not in PRESETS:
+            raise LatentKVError(f"unknown --preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+        if (kv_lora_rank, qk_rope_head_dim, kv_values) != (None, None, None):
+            raise LatentKVError(f"--preset {preset} sets the dims itself; drop --kv-lora-rank/--qk-rope-head-dim/--kv-values")
+        (kv_lora_rank, qk_rope_head_dim), target = PRESETS[preset], target or "deepseek_v3"
+        lowrank = {**lowrank, "preset": preset}
     if target is not None:
         lowrank = _for_target(target, method, lowrank)
         method = "lowrank"

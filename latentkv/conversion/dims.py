@@ -13,7 +13,7 @@ import logging
 
 from ..errors import LatentKVError
 from ..families import SourceLayout
-from .configs import ExactConfig, SVDConfig
+from .configs import PRESETS, ExactConfig, SVDConfig
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,8 @@ def fixed_dims(config, layout: SourceLayout) -> tuple[int, int] | None:
     full = layout.num_kv_heads * layout.head_dim
     if isinstance(config, ExactConfig):
         return full, full
+    if getattr(config, "preset", None):
+        return config.kv_lora_rank, config.qk_rope_head_dim
     values = budget_values(config, layout)
     if values is None:
         return config.kv_lora_rank, config.qk_rope_head_dim
@@ -125,6 +127,8 @@ def checked(config, layout: SourceLayout, dims: tuple[int, int]) -> tuple[int, i
 def check_config(config, layout: SourceLayout) -> None:
     """Every limit that depends only on the config and the source's shapes, checked before calibration
     (minutes) rather than after it: fixed dims fit, a budget leaves room for a rotated pair and a latent."""
+    if getattr(config, "preset", None):
+        check_preset(config, layout)
     dims = fixed_dims(config, layout)
     if dims is not None:
         checked(config, layout, dims)
@@ -132,8 +136,26 @@ def check_config(config, layout: SourceLayout) -> None:
         candidate_splits(layout, rope_of(config), values)
 
 
+def check_preset(config, layout: SourceLayout) -> None:
+    """A kernel-ready preset must shrink the source's cache and fit a --kv-budget given with it."""
+    (r, p), name = PRESETS[config.preset], config.preset
+    src, asked = layout.kv_values_per_token, budget_values(config, layout)
+    others = ", ".join(f"{k} ({a}+{b})" for k, (a, b) in PRESETS.items() if a + b < r + p)
+    if r + p >= src:
+        raise LatentKVError(f"--preset {name} caches {r}+{p} = {r + p} values per token per layer, but the source caches "
+                            f"{src} ({layout.num_kv_heads} KV heads x {layout.head_dim} dims x 2): it saves nothing; "
+                            + (f"use --preset {others}" if others else "use --kv-budget without a preset"))
+    if asked is not None and r + p > asked:
+        raise LatentKVError(f"--preset {name} caches {r + p} values per token per layer, more than the {asked} that "
+                            f"--kv-budget {config.kv_budget} allows; raise the budget or use a smaller preset")
+    if asked is not None and r + p < asked:
+        log.warning("--preset %s caches %d values per token per layer, below the %d that --kv-budget %s allows "
+                    "(a smaller cache than asked, for the kernel's shape)", name, r + p, asked, config.kv_budget)
+
+
 def stream_dims(layout: SourceLayout, config) -> tuple[int, int]:
     """The dims of a streaming conversion: fixed ones, else the STREAM_SPLIT share of the budget."""
+    check_config(config, layout)
     dims = fixed_dims(config, layout)
     if dims is None:
         dims = split_at(layout, rope_of(config), budget_values(config, layout), STREAM_SPLIT)

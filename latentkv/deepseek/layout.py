@@ -9,10 +9,11 @@ import torch
 from transformers import DeepseekV3Config
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RotaryEmbedding
 
+from ..conversion.configs import PRESETS
 from ..errors import LatentKVError
 from ..families import rope_frequencies, rope_type
 
-FAST_KERNEL_DIMS = ((512, 64), (256, 64))  # (kv_lora_rank, qk_rope_head_dim) FlashMLA / FlashInfer / CUTLASS accept
+FAST_KERNEL_DIMS = tuple(PRESETS.values())  # (kv_lora_rank, qk_rope_head_dim) FlashMLA / FlashInfer / CUTLASS accept
 
 
 def rope_parameters(model, m: int) -> dict:
@@ -90,4 +91,4 @@ def kernel_warning(dims) -> str | None:
     shapes = " or ".join(f"{r}+{p}" for r, p in FAST_KERNEL_DIMS)
     return (f"kv_lora_rank {dims.kv_lora_rank} + qk_rope_head_dim {dims.qk_rope_head_dim} is not a shape the "
             f"fast MLA kernels (FlashMLA, FlashInfer, CUTLASS MLA) take ({shapes}); engines fall back to slower "
-            "backends or may refuse it")
+            "backends or may refuse it; `convert --preset flashmla|flashinfer` makes those shapes")

@@ -336,6 +336,11 @@ def test_convert_prints_split_search_as_a_table(capsys, dirs, tmp_path):
                  str(dirs["text"]), "--calib-samples", "4", "--calib-seq-len", "32"]) == 0
     out = capsys.readouterr().out
     assert "<- chosen" in out and "held-out NLL" in out and "{'" not in out
+    assert main(["convert", str(dirs["src"]), "--out", str(tmp_path / "fixed"), "--kv-lora-rank", "16",
+                 "--qk-rope-head-dim", "8", "--target", "deepseek_v3", "--calib", str(dirs["text"]),
+                 "--calib-samples", "4", "--calib-seq-len", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "split search: not run" in out and "latent norm: fitted" in out and "{'" not in out
 
 
 def test_verify_export_shows_progress(capsys, dirs):
