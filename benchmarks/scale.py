@@ -2,6 +2,7 @@
 
     python benchmarks/scale.py --shape llama3-8b --out /tmp/scale
     python benchmarks/scale.py --shape llama2-7b --out /tmp/scale
+    python benchmarks/scale.py --shape llama3-8b --layers 2 --preset flashmla --verify --out /tmp/scale
 
 Writes a random-weight bf16 checkpoint with the exact shapes of the named model (config.json,
 ~2 GB safetensors shards, index, and a 32k-entry BPE tokenizer trained on the calibration text),
@@ -112,10 +113,11 @@ def train_tokenizer(text: str, vocab: int):
 def convert(src: Path, out: Path, args) -> dict:
     """`latentkv convert --stream` in its own process under /usr/bin/time -v -> its numbers."""
     cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "latentkv", "convert", str(src), "--stream",
-           "--kv-budget", str(args.budget), "--calib-samples", str(args.calib_samples), "--calib-seq-len",
-           str(args.calib_seq_len), "--device", args.device, "--out", str(out), "--json"]
-    if args.rope:
-        cmd[-4:-4] = ["--rope", args.rope]
+           "--calib-samples", str(args.calib_samples), "--calib-seq-len", str(args.calib_seq_len),
+           "--device", args.device, "--out", str(out), "--json"]
+    for flag, value in (("--kv-budget", args.budget), ("--rope", args.rope), ("--preset", args.preset)):
+        if value is not None:
+            cmd += [flag, str(value)]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -128,26 +130,53 @@ def convert(src: Path, out: Path, args) -> dict:
             "layers": record["streaming"]["layers"], "out_bytes": sum(f.stat().st_size for f in out.glob("*.safetensors"))}
 
 
-def markdown(args, made: dict, conv: dict) -> str:
+def export_and_verify(out: Path, ds: Path) -> dict:
+    """`latentkv export` then `latentkv verify-export` (stock transformers vs our runtime) -> their numbers."""
+    t0 = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "latentkv", "export", str(out), "--out", str(ds), "-q"],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"export failed:\n{done.stderr[-3000:]}")
+    export_s = time.perf_counter() - t0
+    done = subprocess.run([sys.executable, "-m", "latentkv", "verify-export", str(ds), "--against", str(out),
+                           "--tokens", "32", "--json", "-q"], capture_output=True, text=True)
+    if not done.stdout.strip():
+        sys.exit(f"verify-export failed:\n{done.stderr[-3000:]}")
+    config = json.loads((ds / "config.json").read_text())
+    return {"export_s": round(export_s, 1), **json.loads(done.stdout.strip().splitlines()[-1]),
+            "engine_dims": f"{config['kv_lora_rank']}+{config['qk_rope_head_dim']}"}
+
+
+def markdown(args, made: dict, conv: dict, verified: dict | None = None) -> str:
     r, layers = conv["result"], conv["layers"]
     med = {k: statistics.median(layer[k] for layer in layers) for k in ("read_s", "calibrate_s", "factorize_s",
                                                                         "write_s")}
     tot = {k: sum(layer[k] for layer in layers) for k in med}
     gib = 2**30
     title = f"Streaming conversion of a {args.shape}-shaped checkpoint ({made['layers']} layers, random bf16 weights)"
-    intro = (f"Device {args.device}. RoPE strategy: {args.rope or 'rorope (default)'}. "
+    rope = args.rope or ("rorope-export (the preset's --target deepseek_v3)" if args.preset else "rorope (default)")
+    intro = (f"Device {args.device}. RoPE strategy: {rope}. "
              f"Calibration: {args.calib_samples} windows x "
              f"{args.calib_seq_len} tokens. Peak RSS: "
              "`/usr/bin/time -v` of the converting process.")
     lines = ["| params | source (bf16) | output | budget | rope + latent | cache values/token/layer | wall s | "
              "peak RSS GiB |", "|---:|---:|---:|---:|---|---:|---:|---:|",
              f"| {made['params'] / 1e9:.2f} B | {made['bytes'] / gib:.2f} GiB ({made['shards']} shards) | "
-             f"{conv['out_bytes'] / gib:.2f} GiB | {args.budget} | {r['qk_rope_head_dim']} + {r['kv_lora_rank']} | "
+             f"{conv['out_bytes'] / gib:.2f} GiB | {args.preset or args.budget} | {r['qk_rope_head_dim']} + "
+             f"{r['kv_lora_rank']} | "
              f"{r['cache_values_per_token_per_layer']} of {r['source_values_per_token_per_layer']} | "
              f"{conv['wall_s']} | **{conv['peak_rss_gib']}** |", "",
              "Per layer (seconds):", "", "| | read | calibration passes | factorize | write |", "|---|---:|---:|---:|---:|",
              "| median | " + " | ".join(f"{med[k]:.2f}" for k in med) + " |",
              "| total | " + " | ".join(f"{tot[k]:.1f}" for k in tot) + " |"]
+    if verified:
+        lines += ["", "Export and `verify-export` (stock transformers `DeepseekV3ForCausalLM` vs our runtime, 32 tokens):",
+                  "", "| engine config kv_lora_rank+qk_rope_head_dim | export s | max abs logit diff | greedy agreement | "
+                  "generation identical | cache bytes/token (stock, ours) | passed |", "|---|---:|---:|---:|---|---|---|",
+                  f"| {verified['engine_dims']} | {verified['export_s']} | {verified['max_abs_diff']:.2e} | "
+                  f"{verified['greedy_agreement']:.0%} | {verified['generation_match']} | "
+                  f"{verified['cache_bytes_per_token']:,}, {verified['expected_cache_bytes_per_token']:,} | "
+                  f"**{verified['passed']}** |"]
     return section(args.section, title, intro, lines)
 
 
@@ -155,7 +184,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", choices=list(SHAPES), required=True)
     p.add_argument("--out", required=True, help="work directory (needs ~2x the checkpoint size free)")
-    p.add_argument("--budget", type=float, default=0.25)
+    p.add_argument("--budget", type=float, help="--kv-budget (default 0.25 without --preset; with it, the cap)")
+    p.add_argument("--preset", help="latentkv convert --preset (flashmla: 512+64, flashinfer: 256+64)")
+    p.add_argument("--verify", action="store_true", help="also export and run verify-export (needs fp32 RAM for "
+                   "two copies: use --layers on big shapes)")
     p.add_argument("--layers", type=int, help="truncate the depth (quick per-layer look)")
     p.add_argument("--calib-samples", type=int, default=12, help="calibration windows (4 are held out)")
     p.add_argument("--calib-seq-len", type=int, default=256)
@@ -164,10 +196,13 @@ def main() -> None:
     p.add_argument("--keep", action="store_true", help="keep the generated source and the output")
     add_output_args(p, None)  # --section default: scale-SHAPE
     args = p.parse_args()
-    args.section = args.section or f"scale-{args.shape}" + (f"-{args.layers}l" if args.layers else "")
+    if args.budget is None and not args.preset:
+        args.budget = 0.25
+    args.section = args.section or (f"scale-{args.shape}" + (f"-{args.layers}l" if args.layers else "")
+                                    + (f"-{args.preset}" if args.preset else ""))
     work = Path(args.out)
-    src, out = work / f"{args.shape}-source", work / f"{args.shape}-mla"
-    for d in (src, out):
+    src, out, ds = work / f"{args.shape}-source", work / f"{args.shape}-mla", work / f"{args.shape}-deepseek"
+    for d in (src, out, ds):
         shutil.rmtree(d, ignore_errors=True)
     from latentkv.io.text import load_text
 
@@ -175,12 +210,13 @@ def main() -> None:
     made = make_checkpoint(args.shape, src, args.layers, load_text("wikitext2-valid"))
     print(f"wrote {made['bytes'] / 2**30:.2f} GiB in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     conv = convert(src, out, args)
-    body = markdown(args, made, conv)
+    verified = export_and_verify(out, ds) if args.verify else None
+    body = markdown(args, made, conv, verified)
     print(body)
     write_section(Path(args.md), args.section, body)
     if not args.keep:
-        shutil.rmtree(src, ignore_errors=True)
-        shutil.rmtree(out, ignore_errors=True)
+        for d in (src, out, ds):
+            shutil.rmtree(d, ignore_errors=True)
 
 
 if __name__ == "__main__":
