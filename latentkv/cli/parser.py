@@ -56,6 +56,9 @@ def _add_convert(add) -> None:
     c.add_argument("--kv-lora-rank", type=int, help="latent width r (with --qk-rope-head-dim)")
     c.add_argument("--qk-rope-head-dim", type=int, help="shared rotated key width (multiple of 2*num_key_value_heads)")
     c.add_argument("--kv-values", type=int, help="absolute cache values per token per layer")
+    c.add_argument("--rope-slot0", type=int,
+                   help="rorope-export: how many rope pairs are first components (the rest second components of "
+                        "the fastest frequencies, YaRN factor < 1 in the export); default: chosen by kept energy")
     c.add_argument("--preset", choices=list(PRESETS),
                    help="kernel-ready export-grade shape: flashmla = 512+64, flashinfer = 256+64 (implies --target "
                         "deepseek_v3; a --kv-budget given too is the cap it must fit)")

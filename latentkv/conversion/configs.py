@@ -99,6 +99,9 @@ class LowRankConfig(CacheSize):
     calib_samples: int = 32
     calib_seq_len: int = 512
     preset: str | None = None  # a kernel-ready shape (PRESETS); its dims are kv_lora_rank/qk_rope_head_dim
+    # rorope-export: how many rope pairs are first components (slot 0); the rest are second components of
+    # the fastest frequencies (YaRN, factor < 1, in the export). None: chosen by kept energy over all layers
+    rope_slot0: int | None = None
 
     def __post_init__(self):
         super().__post_init__()
@@ -114,6 +117,8 @@ class LowRankConfig(CacheSize):
         check_not_test_split(self.calib)
         if self.rope_horizon < 0:
             raise LatentKVError(f"--rope-horizon must be >= 0 tokens, got {self.rope_horizon}")
+        if self.rope_slot0 is not None and (self.rope != "rorope-export" or self.rope_slot0 < 1):
+            raise LatentKVError(f"--rope-slot0 {self.rope_slot0} needs --rope rorope-export and at least 1")
         if self.calib_samples < 1 or self.calib_seq_len < 16:
             raise LatentKVError("--calib-samples must be >= 1 and --calib-seq-len >= 16")
 

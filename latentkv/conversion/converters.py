@@ -38,7 +38,10 @@ def svd_layer(src: SourceAttention, layout: SourceLayout, config: SVDConfig, dim
 def lowrank_problem(src: SourceAttention, layout: SourceLayout, config: LowRankConfig, rope: int, stats):
     """-> (key split parts, Y = [K_nope; V] (m, D+1), input stats, row metric) for `rope` rotated dims."""
     stats = stats.blended(config.attn_moment)
-    split = ROPE_STRATEGIES[config.rope].split(src, layout, rope // 2, stats.sigma, config.rope_horizon)
+    strategy, extra = ROPE_STRATEGIES[config.rope], {}
+    if config.rope == "rorope-export":
+        extra = {"slot0": config.rope_slot0}
+    split = strategy.split(src, layout, rope // 2, stats.sigma, config.rope_horizon, **extra)
     parts = split_keys(src, layout, split, config.rope_horizon)
     use_stats, metric = FACTORIZERS[config.factorizer].weights(parts, src, layout, stats)
     return parts, stack_nope_kv(parts, src), use_stats, metric

@@ -54,9 +54,9 @@ def latent_cap(layout: SourceLayout, rope_strategy: str, rope: int) -> int:
 
 def rope_grid(layout: SourceLayout, rope: str) -> tuple[int, int]:
     """(step, most) for qk_rope_head_dim under a RoPE strategy: S_high keeps pairs uniformly per KV head,
-    the export-compatible RoRoPE one component per frequency, the others any pair."""
+    the export-compatible RoRoPE at most two components per frequency (rope.export_kept), the others any pair."""
     g, d = layout.num_kv_heads, layout.head_dim
-    return {"high": (2 * g, g * d), "rorope-export": (2, d)}.get(rope, (2, g * d))
+    return {"high": (2 * g, g * d), "rorope-export": (2, min(g, 2) * d)}.get(rope, (2, g * d))
 
 
 def fixed_dims(config, layout: SourceLayout) -> tuple[int, int] | None:

@@ -15,7 +15,7 @@ from .configs import LowRankConfig, config_to_dict
 from .converters import converter_for
 from .dims import check_config, checked, fixed_dims
 from .latent_norm import add_latent_norm
-from .search import search_split
+from .search import export_schedule, search_split
 from .sequential import convert_sequential
 from .surgery import check_finite, convert_oneshot
 
@@ -64,6 +64,9 @@ def convert_calibrated(model, layout: SourceLayout, config: LowRankConfig, ids: 
         choice = search_split(model, layout, config, oneshot, held, progress)
         dims = (choice["kv_lora_rank"], choice["qk_rope_head_dim"])
     dims = checked(config, layout, dims)
+    if config.rope == "rorope-export" and config.rope_slot0 is None:
+        config = export_schedule(model, layout, config, dims[1], oneshot)
+        choice = {**(choice or {}), "rope_slot0": config.rope_slot0}
     if config.rank_allocation != "uniform":
         alloc = allocate_search(model, layout, config, dims, oneshot, held, choice, progress)
         choice = {**(choice or {}), "allocation": alloc}

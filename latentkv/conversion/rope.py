@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import LatentKVError
 from ..families import SourceAttention, SourceLayout
 
 
@@ -32,9 +33,35 @@ class KeySplit:
         return self.mix is None and len(set(counts)) == 1
 
     def exportable(self) -> bool:
-        """DeepSeek-V3 rotates d_r dims at base'^(-2i/d_r): kept frequencies must be 0..m-1, once each."""
-        freqs = sorted(i for _, i in self.kept)
-        return freqs == list(range(len(freqs)))
+        """DeepSeek-V3 rotates its p rope dims at one schedule: slot 0 of frequencies 0..a-1, then (with
+        YaRN at factor < 1, see `deepseek.layout.rope_parameters`) slot 1 of frequencies 0..c-1, c <= a."""
+        slot0 = sum(1 for j, _ in self.kept if j == 0)
+        return slot0 >= len(self.kept) - slot0 and self.kept == export_kept(len(self.kept), slot0)
+
+
+def export_kept(pairs: int, slot0: int) -> tuple[tuple[int, int], ...]:
+    """The channels an exportable split keeps: slot 0 of the `slot0` fastest frequencies, then slot 1 (the
+    second RoRoPE component across KV heads) of the `pairs - slot0` fastest. Rope pairs are in this order."""
+    return tuple((0, i) for i in range(slot0)) + tuple((1, i) for i in range(pairs - slot0))
+
+
+def slot0_choices(layout: SourceLayout, pairs: int) -> range:
+    """Valid `slot0` for `pairs` exportable pairs: slot 1 needs a second KV head and stays within slot 0."""
+    half = layout.head_dim // 2
+    if layout.num_kv_heads == 1:
+        return range(pairs, pairs + 1) if pairs <= half else range(0)
+    return range(max((pairs + 1) // 2, pairs - half), min(pairs, half) + 1)
+
+
+def best_slot0(energies: list[torch.Tensor], layout: SourceLayout, pairs: int) -> int:
+    """The `slot0` whose exportable split keeps the most score energy summed over layers (each layer's
+    (G, d/2) energy normalised to 1, so every layer counts alike): one schedule serves every layer."""
+    share = [e / e.sum() for e in energies]
+
+    def kept(a: int) -> float:
+        return sum(float(e[0, :a].sum() + (e[1, :pairs - a].sum() if pairs > a else 0)) for e in share)
+
+    return max(slot0_choices(layout, pairs), key=kept)
 
 
 def expected_rotation(layout: SourceLayout, horizon: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,15 +171,28 @@ class RoRoPE:
     exportable: bool = False
     fold: int = 1
 
-    def split(self, src, layout: SourceLayout, pairs: int, sigma=None, horizon: int = 0) -> KeySplit:
+    def split(self, src, layout: SourceLayout, pairs: int, sigma=None, horizon: int = 0,
+              slot0: int | None = None) -> KeySplit:
+        """`slot0` (exportable only): how many of the pairs are first components; None: as many as fit
+        (the caller that sees every layer picks it by energy: `search.export_schedule`)."""
         every = pairs >= layout.num_kv_heads * layout.head_dim // 2
         mix = self.rotation(src, layout, sigma, 1 if every else self.fold)  # nothing dropped: no need to fold
         if self.exportable:
-            return KeySplit(tuple((0, i) for i in range(pairs)), mix)
-        e = pair_energy(src, layout, sigma, mix) * drop_cost(layout, horizon)  # (G, d/2)
+            choices = slot0_choices(layout, pairs)
+            slot0 = (choices[-1] if choices else pairs) if slot0 is None else slot0  # default: first components only
+            if slot0 not in choices:
+                raise LatentKVError(f"--rope-slot0 {slot0} does not fit {pairs} rope pairs on this model: choose "
+                                    + (f"from {choices.start} to {choices.stop - 1}" if choices else "fewer rope dims"))
+            return KeySplit(export_kept(pairs, slot0), mix)
+        e = self.energy(src, layout, sigma, horizon, mix)
         top = e.flatten().topk(pairs).indices.sort().values
         half = layout.head_dim // 2
         return KeySplit(tuple((int(t) // half, int(t) % half) for t in top), mix)
+
+    def energy(self, src, layout: SourceLayout, sigma=None, horizon: int = 0, mix=None) -> torch.Tensor:
+        """(G, d/2): each mixed channel's score contribution times the share it loses without rotation."""
+        mix = self.rotation(src, layout, sigma, self.fold) if mix is None else mix
+        return pair_energy(src, layout, sigma, mix) * drop_cost(layout, horizon)
 
     @staticmethod
     def rotation(src, layout: SourceLayout, sigma=None, fold: int = 1) -> torch.Tensor:

@@ -4,14 +4,16 @@ NLL on held-out calibration windows."""
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import torch
 from tqdm.auto import tqdm
 
-from ..families import SourceLayout
+from ..families import SourceLayout, attention_layers, read_attention, rope_type
 from .calibration import held_out_score
 from .configs import LowRankConfig
 from .dims import budget_values, candidate_splits
+from .rope import ROPE_STRATEGIES, best_slot0, slot0_choices
 from .surgery import convert_oneshot
 
 log = logging.getLogger(__name__)
@@ -25,11 +27,28 @@ def search_split(model, layout: SourceLayout, config: LowRankConfig, stats, held
     values = budget_values(config, layout)
     scores = []
     for r, p in tqdm(candidate_splits(layout, config.rope, values), desc="search split", disable=not progress):
-        conv = convert_oneshot(model, layout, config, (r, p), stats)
-        scores.append({"kv_lora_rank": r, "qk_rope_head_dim": p, **held_out_score(conv, held)})
+        chosen = export_schedule(model, layout, config, p, stats)
+        conv = convert_oneshot(model, layout, chosen, (r, p), stats)
+        slot0 = {} if chosen.rope_slot0 is None else {"rope_slot0": chosen.rope_slot0}
+        scores.append({"kv_lora_rank": r, "qk_rope_head_dim": p, **slot0, **held_out_score(conv, held)})
     best = min(scores, key=lambda s: s["score"])
     why = ", ".join(f"rope {s['qk_rope_head_dim']}+latent {s['kv_lora_rank']}: nll {s['heldout_nll']:.4f} "
                     f"copy {s['copy_nll']:.4f}" for s in scores)
     log.info("split for %d values/token: rope %d + latent %d (lowest held-out NLL + copy NLL; tried %s)",
              values, best["qk_rope_head_dim"], best["kv_lora_rank"], why)
     return {**best, "values": values, "candidates": scores}
+
+
+def export_schedule(model, layout: SourceLayout, config, rope: int, stats) -> LowRankConfig:
+    """`config` with `rope_slot0` fixed for `rope` rotated dims (rorope-export only, when not given):
+    the one frequency schedule for every layer that keeps the most score energy (rope.best_slot0).
+    stats: per-layer InputStats, or None (weights alone)."""
+    if getattr(config, "rope", None) != "rorope-export" or config.rope_slot0 is not None:
+        return config
+    if rope_type(model.config) != "default":  # YaRN's second run cannot stack on llama3 and other schedules
+        return replace(config, rope_slot0=max(slot0_choices(layout, rope // 2), default=rope // 2))
+    strategy, energies = ROPE_STRATEGIES["rorope-export"], []
+    for i, attn in enumerate(attention_layers(model)):
+        sigma = None if stats is None else stats[i].blended(config.attn_moment).sigma
+        energies.append(strategy.energy(read_attention(attn).at_least_float32(), layout, sigma, config.rope_horizon))
+    return replace(config, rope_slot0=best_slot0(energies, layout, rope // 2))

@@ -97,7 +97,7 @@ def export(model, out: str | Path, tokenizer=None, fmt: str = "deepseek_v3", ove
     check_output_dir(out, overwrite)
     dims = exportable_dims(model)
     freq_idx = kept_frequencies(model)
-    config = engine_config(model, dims, rope_parameters(model, freq_idx.numel()))
+    config = engine_config(model, dims, rope_parameters(model, freq_idx))
     config["latentkv"] = record_of(model)
     warning = kernel_warning(dims)
     if warning:

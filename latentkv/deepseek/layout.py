@@ -5,6 +5,8 @@ and the kernel shapes fast MLA backends take. `export` writes with it, `reader` 
 
 from __future__ import annotations
 
+import math
+
 import torch
 from transformers import DeepseekV3Config
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RotaryEmbedding
@@ -16,20 +18,48 @@ from ..families import rope_frequencies, rope_type
 FAST_KERNEL_DIMS = tuple(PRESETS.values())  # (kv_lora_rank, qk_rope_head_dim) FlashMLA / FlashInfer / CUTLASS accept
 
 
-def rope_parameters(model, m: int) -> dict:
-    """The rope_parameters that make a p = 2m dim DeepSeek-V3 rotary reproduce the source's m fastest
-    frequencies; refuses when the source's rotation is not of that form."""
-    params = dict(getattr(model.config, "rope_parameters", None) or {})
-    kind = rope_type(model.config)
-    theta = params.get("rope_theta", getattr(model.config, "rope_theta", 10000.0))
-    d = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
-    params.update(rope_type=kind, rope_theta=float(theta) ** (2 * m / d))
-    got = _engine_frequencies(params, 2 * m, model.config.max_position_embeddings)
-    want = rope_frequencies(model.config)[:m].float()
+def rope_parameters(model, freq_idx: torch.Tensor) -> dict:
+    """The rope_parameters that make a DeepSeek-V3 rotary of p = 2m dims reproduce the source frequencies
+    `freq_idx` (m,) of our rope pairs: 0..a-1 (the a fastest, once) then 0..c-1 (c <= a, a second component).
+    rope_theta' = theta^(p/d) gives the source's schedule; for the second run, YaRN with factor
+    theta^(-2a/d) < 1 turns index j >= a into frequency j - a, with beta_fast = beta_slow placing the ramp
+    between a - 1 and a (nothing in between), and no mscale (it is 1 for factor <= 1). Refuses what that
+    cannot express, checked against transformers' own rotary."""
+    m, src = freq_idx.numel(), model.config
+    params = dict(getattr(src, "rope_parameters", None) or {})
+    kind = rope_type(src)
+    theta = float(params.get("rope_theta", getattr(src, "rope_theta", 10000.0)))
+    d = getattr(src, "head_dim", None) or src.hidden_size // src.num_attention_heads
+    engine_idx = freq_idx[pair_order(freq_idx)]
+    a = int((torch.bincount(freq_idx) > 0).sum())  # distinct frequencies: the first run
+    if not torch.equal(engine_idx, torch.cat((torch.arange(a), torch.arange(m - a)))):
+        raise LatentKVError(f"rope frequencies {freq_idx.tolist()} are not the fastest ones, at most twice each; "
+                            "DeepSeek-V3 cannot run them: convert with --rope rorope-export (or --target deepseek_v3)")
+    params.update(rope_type=kind, rope_theta=theta ** (2 * m / d))
+    if a < m:
+        if kind != "default":
+            raise LatentKVError(f"a second rope component per frequency needs YaRN on top of the source's {kind} "
+                                "RoPE, which DeepSeek-V3 cannot stack; convert with --rope-slot0 equal to the rope pairs")
+        params.update(_second_run(params["rope_theta"], theta, d, 2 * m, a, src.max_position_embeddings))
+    got = _engine_frequencies(params, 2 * m, src.max_position_embeddings)
+    want = rope_frequencies(src).float()[engine_idx]
     if not torch.allclose(got, want, rtol=1e-5, atol=0):
-        raise LatentKVError(f"the source's {kind} RoPE frequencies cannot be expressed with rope_theta for "
-                            f"qk_rope_head_dim {2 * m}; DeepSeek-V3 cannot run this model")
+        raise LatentKVError(f"the source's {kind} RoPE frequencies cannot be expressed for qk_rope_head_dim {2 * m} "
+                            f"with {a} first components; DeepSeek-V3 cannot run this conversion")
     return params
+
+
+def _second_run(engine_theta: float, theta: float, d: int, p: int, a: int, max_positions: int) -> dict:
+    """YaRN parameters under which engine pair j >= a rotates at source frequency j - a."""
+    factor = theta ** (-2 * a / d)
+    original = max_positions / factor  # engines size their cos/sin tables by original * factor
+
+    def rotations(x: float) -> float:  # inverse of YaRN's correction dim: the beta that puts it at x
+        return original / (2 * math.pi) * math.exp(-2 * x * math.log(engine_theta) / p)
+
+    beta = rotations(a - 0.5)  # floor -> a - 1, ceil -> a: pairs < a extrapolate, pairs >= a interpolate
+    return dict(rope_type="yarn", factor=factor, original_max_position_embeddings=original, beta_fast=beta,
+                beta_slow=beta, mscale=1.0, mscale_all_dim=0.0)
 
 
 def _engine_frequencies(params: dict, p: int, max_positions: int) -> torch.Tensor:
@@ -41,10 +71,18 @@ def _engine_frequencies(params: dict, p: int, max_positions: int) -> torch.Tenso
 
 def interleave_order(freq_idx: torch.Tensor) -> torch.Tensor:
     """(p,) rows of our half-split rope block (pair k = rows k, k + m) in DeepSeek's interleaved order
-    (pair j = rows 2j, 2j + 1), pairs sorted by frequency (fastest first)."""
-    m = freq_idx.numel()
-    order = torch.argsort(freq_idx)
+    (pair j = rows 2j, 2j + 1), pairs sorted by frequency (fastest first), first components before
+    second ones (a frequency's second occurrence goes to the second run, see `rope_parameters`)."""
+    order, m = pair_order(freq_idx), freq_idx.numel()
     return torch.stack((order, order + m), 1).reshape(-1)
+
+
+def pair_order(freq_idx: torch.Tensor) -> torch.Tensor:
+    """(m,) our rope pairs in the engine's order: each frequency's first occurrence, fastest first, then
+    the second occurrences, fastest first."""
+    m = freq_idx.numel()
+    seen = torch.tensor([int((freq_idx[:k] == freq_idx[k]).sum()) for k in range(m)], dtype=torch.long)
+    return torch.argsort(seen * m + freq_idx)
 
 
 def reorder_rope_rows(name: str, t: torch.Tensor, dims, order: torch.Tensor) -> torch.Tensor:

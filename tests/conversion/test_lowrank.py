@@ -7,7 +7,7 @@ import torch
 
 from latentkv import LatentCache, convert, record_of
 from latentkv.conversion.configs import LowRankConfig
-from latentkv.conversion.rope import ROPE_STRATEGIES, RoRoPE
+from latentkv.conversion.rope import ROPE_STRATEGIES, KeySplit, RoRoPE
 from latentkv.conversion.statistics import InputStats, Moments, collect_stats, record_attention_inputs
 from latentkv.errors import LatentKVError
 from latentkv.families import attention_layers, source_layout
@@ -137,7 +137,8 @@ def test_export_flags():
 
     src, lay = read_attention(attention_layers(model)[0]), source_layout(model.config)
     assert ROPE_STRATEGIES["rorope-export"].split(src, lay, 4).exportable()
-    assert not ROPE_STRATEGIES["high"].split(src, lay, 4).exportable()  # each frequency twice (2 KV heads)
+    assert ROPE_STRATEGIES["high"].split(src, lay, 4).exportable()  # 2 KV heads' fastest two: two runs
+    assert not KeySplit(((0, 0), (1, 0), (1, 1))).exportable()  # a second component beyond the first run
     sigma = torch.diag(torch.tensor([4.0, 1.0, 0.0], dtype=torch.float64))  # an unseen direction: damped
     r = InputStats(sigma).factor
     assert torch.allclose(r @ r.T, sigma, atol=1e-6) and torch.equal(r, r.tril()) and r.diagonal().min() > 0

@@ -244,3 +244,56 @@ def test_latent_norm_added_after_conversion_saves_and_loads(ids, tmp_path):
     export(conv, tmp_path / "ds")  # rorope-export alone keeps the latent bias-free, so a post-hoc norm exports
     with torch.no_grad():
         assert (load_stock(tmp_path / "ds")(ids).logits - conv(ids).logits).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "llama-mha", "mistral-gqa"])
+@pytest.mark.parametrize("slot0", [3, 5])
+def test_second_components_export_exactly(name, slot0, tmp_path):
+    """6 rope pairs as `slot0` first components + second components of the fastest frequencies: the
+    export's YaRN (factor < 1) schedule gives transformers' rotary exactly our frequencies, and the
+    stock model our logits."""
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Config, DeepseekV3RotaryEmbedding
+
+    model = make_tiny(name)
+    conv = convert(model, make_config(kv_lora_rank=24, qk_rope_head_dim=12, target="deepseek_v3", rope_slot0=slot0),
+                   calib_ids=calib(), progress=False)
+    idx = conv.model.layers[0].self_attn.rope_freq_idx
+    assert idx.tolist() == list(range(slot0)) + list(range(6 - slot0))
+    export(conv, tmp_path / "ds")
+    cfg = DeepseekV3Config.from_pretrained(tmp_path / "ds")
+    engine = DeepseekV3RotaryEmbedding(cfg).inv_freq.double()
+    src = model.model.rotary_emb.inv_freq.double()
+    assert torch.allclose(engine, torch.cat((src[:slot0], src[:6 - slot0])), rtol=1e-5)
+    x = torch.randint(0, 320, (2, 40))
+    with torch.no_grad():
+        assert (load_stock(tmp_path / "ds")(x).logits - conv(x).logits).abs().max() < 1e-4
+
+
+def test_export_schedule_is_chosen_by_energy_and_recorded():
+    conv = target_model("llama-mha")
+    record = conv.config.latentkv
+    pairs = record["layers"][0]["qk_rope_head_dim"] // 2
+    slot0 = record["split_search"]["rope_slot0"]
+    assert 1 <= slot0 <= pairs and conv.model.layers[1].self_attn.rope_freq_idx.tolist()[:slot0] == list(range(slot0))
+    assert all(c.get("rope_slot0") for c in record["split_search"]["candidates"])
+
+
+def test_best_slot0_keeps_most_energy():
+    from latentkv.conversion.rope import best_slot0
+    from latentkv.families import source_layout
+
+    lay = source_layout(make_tiny("llama-gqa").config)  # 2 KV heads x 8 frequencies
+    fast = torch.zeros(2, 8)
+    fast[:, :2] = 1.0  # all energy in both components of the two fastest frequencies
+    assert best_slot0([fast], lay, 4) == 2
+    flat = torch.zeros(2, 8)
+    flat[0] = 1.0  # only first components matter: keep 4 of them
+    assert best_slot0([flat], lay, 4) == 4
+
+
+def test_bad_slot0_is_one_line():
+    with pytest.raises(LatentKVError, match="--rope-slot0 1 does not fit 6 rope pairs"):
+        convert(make_tiny("llama-gqa"), make_config(kv_lora_rank=24, qk_rope_head_dim=12, target="deepseek_v3",
+                                                    rope_slot0=1), calib_ids=calib(), progress=False)
+    with pytest.raises(LatentKVError, match="needs --rope rorope-export"):
+        make_config(kv_budget=0.5, rope_slot0=2)
