@@ -111,6 +111,18 @@ def rope_frequencies(config) -> torch.Tensor:
     return 1.0 / base ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
 
 
+def plain_frequencies(config) -> int:
+    """How many of the fastest source frequencies follow the plain schedule theta^(-2i/d) (all of them
+    for default RoPE; llama3 and YaRN rescale only the slow end). Engines' DeepSeek-V3 rotary replaces
+    any non-default type with its own YaRN, so exports keep to these."""
+    got = rope_frequencies(config)
+    params = getattr(config, "rope_parameters", None) or {}
+    base = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+    plain = 1.0 / base ** (torch.arange(0, 2 * got.numel(), 2, dtype=torch.float64) / (2 * got.numel()))
+    same = torch.isclose(got, plain, rtol=1e-6, atol=0)
+    return int(same.numel() if same.all() else same.int().argmin())
+
+
 @dataclass(frozen=True)
 class SourceAttention:
     """One source layer's attention weights (nn.Linear layout: out x in).

@@ -53,15 +53,17 @@ def slot0_choices(layout: SourceLayout, pairs: int) -> range:
     return range(max((pairs + 1) // 2, pairs - half), min(pairs, half) + 1)
 
 
-def best_slot0(energies: list[torch.Tensor], layout: SourceLayout, pairs: int) -> int:
+def best_slot0(energies: list[torch.Tensor], layout: SourceLayout, pairs: int, most: int | None = None) -> int:
     """The `slot0` whose exportable split keeps the most score energy summed over layers (each layer's
-    (G, d/2) energy normalised to 1, so every layer counts alike): one schedule serves every layer."""
+    (G, d/2) energy normalised to 1, so every layer counts alike): one schedule serves every layer.
+    `most`: the largest slot0 allowed (keeping to a source's plain frequencies); none fits: first components."""
     share = [e / e.sum() for e in energies]
 
     def kept(a: int) -> float:
         return sum(float(e[0, :a].sum() + (e[1, :pairs - a].sum() if pairs > a else 0)) for e in share)
 
-    return max(slot0_choices(layout, pairs), key=kept)
+    choices = [a for a in slot0_choices(layout, pairs) if most is None or a <= most]
+    return max(choices, key=kept) if choices else max(slot0_choices(layout, pairs), default=pairs)
 
 
 def expected_rotation(layout: SourceLayout, horizon: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,11 +9,11 @@ from dataclasses import replace
 import torch
 from tqdm.auto import tqdm
 
-from ..families import SourceLayout, attention_layers, read_attention, rope_type
+from ..families import SourceLayout, attention_layers, plain_frequencies, read_attention
 from .calibration import held_out_score
 from .configs import LowRankConfig
 from .dims import budget_values, candidate_splits
-from .rope import ROPE_STRATEGIES, best_slot0, slot0_choices
+from .rope import ROPE_STRATEGIES, best_slot0
 from .surgery import convert_oneshot
 
 log = logging.getLogger(__name__)
@@ -45,10 +45,9 @@ def export_schedule(model, layout: SourceLayout, config, rope: int, stats) -> Lo
     stats: per-layer InputStats, or None (weights alone)."""
     if getattr(config, "rope", None) != "rorope-export" or config.rope_slot0 is not None:
         return config
-    if rope_type(model.config) != "default":  # YaRN's second run cannot stack on llama3 and other schedules
-        return replace(config, rope_slot0=max(slot0_choices(layout, rope // 2), default=rope // 2))
     strategy, energies = ROPE_STRATEGIES["rorope-export"], []
     for i, attn in enumerate(attention_layers(model)):
         sigma = None if stats is None else stats[i].blended(config.attn_moment).sigma
         energies.append(strategy.energy(read_attention(attn).at_least_float32(), layout, sigma, config.rope_horizon))
-    return replace(config, rope_slot0=best_slot0(energies, layout, rope // 2))
+    # engines run DeepSeek-V3 RoPE as plain or YaRN only: keep to the source's plain (unscaled) frequencies
+    return replace(config, rope_slot0=best_slot0(energies, layout, rope // 2, most=plain_frequencies(model.config)))

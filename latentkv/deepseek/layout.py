@@ -6,6 +6,7 @@ and the kernel shapes fast MLA backends take. `export` writes with it, `reader` 
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from transformers import DeepseekV3Config
@@ -13,7 +14,7 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Rotar
 
 from ..conversion.configs import PRESETS
 from ..errors import LatentKVError
-from ..families import rope_frequencies, rope_type
+from ..families import plain_frequencies, rope_frequencies, rope_type
 
 FAST_KERNEL_DIMS = tuple(PRESETS.values())  # (kv_lora_rank, qk_rope_head_dim) FlashMLA / FlashInfer / CUTLASS accept
 
@@ -35,12 +36,18 @@ def rope_parameters(model, freq_idx: torch.Tensor) -> dict:
     if not torch.equal(engine_idx, torch.cat((torch.arange(a), torch.arange(m - a)))):
         raise LatentKVError(f"rope frequencies {freq_idx.tolist()} are not the fastest ones, at most twice each; "
                             "DeepSeek-V3 cannot run them: convert with --rope rorope-export (or --target deepseek_v3)")
-    params.update(rope_type=kind, rope_theta=theta ** (2 * m / d))
-    if a < m:
-        if kind != "default":
-            raise LatentKVError(f"a second rope component per frequency needs YaRN on top of the source's {kind} "
-                                "RoPE, which DeepSeek-V3 cannot stack; convert with --rope-slot0 equal to the rope pairs")
-        params.update(_second_run(params["rope_theta"], theta, d, 2 * m, a, src.max_position_embeddings))
+    if a <= plain_frequencies(src):  # plain frequencies only: the schedule every engine computes the same
+        params = {"rope_type": "default", "rope_theta": theta ** (2 * m / d)}
+        if a < m:
+            params.update(_second_run(params["rope_theta"], theta, d, 2 * m, a, src.max_position_embeddings))
+    elif a < m:
+        raise LatentKVError(f"a second rope component per frequency needs YaRN, which cannot stack on the source's "
+                            f"rescaled {kind} frequencies; convert with fewer rope dims or --rope-slot0 {m}")
+    else:
+        params.update(rope_type=kind, rope_theta=theta ** (2 * m / d))
+        warnings.warn(f"the export keeps {kind}-rescaled RoPE frequencies: transformers runs them exactly, but vLLM "
+                      "and SGLang replace any non-default rope type with their DeepSeek YaRN for MLA; keep "
+                      f"qk_rope_head_dim <= {2 * plain_frequencies(src)} for an export every engine runs", stacklevel=2)
     got = _engine_frequencies(params, 2 * m, src.max_position_embeddings)
     want = rope_frequencies(src).float()[engine_idx]
     if not torch.allclose(got, want, rtol=1e-5, atol=0):

@@ -297,3 +297,17 @@ def test_bad_slot0_is_one_line():
                                                     rope_slot0=1), calib_ids=calib(), progress=False)
     with pytest.raises(LatentKVError, match="needs --rope rorope-export"):
         make_config(kv_budget=0.5, rope_slot0=2)
+
+
+def test_llama3_source_exports_a_schedule_every_engine_runs(tmp_path):
+    """vLLM and SGLang replace any non-default DeepSeek rope type with their YaRN: a llama3 source keeps
+    to its unscaled fastest frequencies (here 1), as plain RoPE plus YaRN's second run, never 'llama3'."""
+    conv = convert(make_tiny("llama3-rope"), make_config(kv_lora_rank=24, qk_rope_head_dim=4, target="deepseek_v3"),
+                   calib_ids=calib(), progress=False)
+    assert conv.model.layers[0].self_attn.rope_freq_idx.tolist() == [0, 0]
+    export(conv, tmp_path / "ds")
+    rope = json.loads((tmp_path / "ds" / "config.json").read_text())["rope_scaling"]
+    assert rope["rope_type"] == "yarn" and rope["factor"] < 1
+    x = torch.randint(0, 320, (1, 40))
+    with torch.no_grad():
+        assert (load_stock(tmp_path / "ds")(x).logits - conv(x).logits).abs().max() < 1e-4
