@@ -70,9 +70,11 @@ def run(args) -> list[dict]:
         row = {"variant": spec, "convert_seconds": seconds, **measure(model, tok, args)}
         if record is not None:
             first = record["layers"][0]
-            alloc = (record.get("split_search") or {}).get("allocation") or {}
+            search = record.get("split_search") or {}
+            alloc = search.get("allocation") or {}
             spread = f" allocated, exact {alloc.get('protected', [])}" if alloc.get("used") == "allocated" else ""
-            row.update(split=f"{first['qk_rope_head_dim']}+{first['kv_lora_rank']}{spread}",
+            slot0 = f" (a={search['rope_slot0']})" if search.get("rope_slot0") else ""
+            row.update(split=f"{first['qk_rope_head_dim']}+{first['kv_lora_rank']}{slot0}{spread}",
                        calib=record["conversion"].get("calib"), calib_fingerprint=record.get("calibration"),
                        allocation=alloc or None)
         rows.append(row)
