@@ -306,3 +306,23 @@ def test_bad_input_is_one_line(dirs, tmp_path, capsys, tiny_tokenizer):
     code, err = run("heal", dirs / "low", "--teacher", dirs / "src", "--data", dirs / "data", "--out",
                     tmp_path / "exists")
     assert code == 2 and "--overwrite" in err
+
+
+def test_healed_export_grade_model_keeps_layout_exports_and_verifies(dirs, tmp_path):
+    """Healing the deployable form: the rope schedule and shared rope key stay as converted, the latent
+    norm (`kv_a_layernorm`) trains with the rest of attention, and the healed model exports and verifies."""
+    from latentkv.reports.verify import verify_export
+
+    conv, healed, ds = tmp_path / "target", tmp_path / "healed", tmp_path / "ds"
+    assert main(["convert", str(dirs / "src"), "--out", str(conv), "--kv-budget", "0.5", "--target", "deepseek_v3",
+                 "--calib", str(dirs / "data" / "doc0.txt"), "--calib-samples", "4", "--calib-seq-len", "32"]) == 0
+    heal(conv, dirs / "src", dirs / "data", healed, small(), progress=False)
+    (before, rec_b), (after, rec_a) = ((m, m.config.latentkv) for m, _ in (load(conv), load(healed)))
+    for a, b in zip(after.model.layers, before.model.layers):
+        assert torch.equal(a.self_attn.rope_freq_idx, b.self_attn.rope_freq_idx)
+        assert a.self_attn.kv_a_layernorm is not None
+        assert not torch.equal(a.self_attn.kv_a_layernorm.weight, b.self_attn.kv_a_layernorm.weight)
+    assert rec_a["layers"] == rec_b["layers"] and rec_a["split_search"] == rec_b["split_search"]
+    assert main(["export", str(healed), "--out", str(ds)]) == 0
+    res = verify_export(ds, healed, tokens=48, progress=False)
+    assert res["passed"] and res["max_abs_diff"] <= 1e-4 and res["generation_match"], res
