@@ -1,0 +1,228 @@
+"""What users deploy, per KV budget: native vs export-grade (training-free and healed), every export
+checked by `verify-export` against stock transformers -> BENCHMARKS.md ("deploy") and a plot of
+WikiText-2 ppl ratio against healing tokens.
+
+    python benchmarks/deploy.py --budgets 0.5 0.25 0.125 --tokens 131072 500000 --resume
+
+Stages (each saved to --json-out as it finishes, and the section re-written; --resume skips finished
+ones, and an interrupted heal continues from its last checkpoint):
+  source            the dev suite on the source
+  throughput        one distillation step (live teacher; cached teacher top-k) vs one plain
+                    `transformers` training step, side by side, on the first budget's export-grade model
+  native B          `convert --kv-budget B` with default flags
+  export B          `convert --kv-budget B --target deepseek_v3`, exported, verified
+  healed B N        `heal` of `export B` on the domain mixture (`heal --data mix`) for N tokens, exported,
+                    verified; all runs share one teacher top-k cache, so the teacher runs once per window
+Measured for every row: the dev suite (each domain's evaluation part, --windows x --seq-len), the copy
+probe, passkey at --passkey tokens (0: skip). Healing and calibration never read evaluation text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from latentkv import HealConfig, convert, export, heal, load_model, save
+from latentkv.conversion.configs import make_config
+from latentkv.io.domains import DEV_DOMAINS
+from latentkv.io.plots import figure
+from latentkv.reports.verify import verify_export
+
+from common import add_output_args, section, write_section
+from domains import measure
+from heal import step_times, throughput
+
+
+def converted(source, tok, budget: float, target: bool, out: Path, cache: dict) -> dict:
+    """Convert at `budget` (export-grade when `target`), save to `out` -> {convert_s, split}."""
+    config = make_config(kv_budget=budget, target="deepseek_v3" if target else None)
+    t0 = time.perf_counter()
+    model = convert(source, config, tokenizer=tok, calib_cache=cache)
+    seconds = round(time.perf_counter() - t0, 1)
+    save(model, tok, out, overwrite=True)
+    first = model.config.latentkv["layers"][0]
+    slot0 = (model.config.latentkv.get("split_search") or {}).get("rope_slot0")
+    return {"convert_s": seconds, "split": f"{first['qk_rope_head_dim']}+{first['kv_lora_rank']}"
+            + (f" (a={slot0})" if slot0 else "")}
+
+
+def exported(model_dir: Path) -> dict:
+    """Export `model_dir` next to itself and verify it with stock transformers -> verify-export's result."""
+    model, tok = load_model(model_dir, progress=False)
+    ds = model_dir.with_name(model_dir.name + "-ds")
+    t0 = time.perf_counter()
+    export(model, ds, tokenizer=tok, overwrite=True)
+    res = verify_export(ds, model_dir, progress=False)
+    return {**res, "export_s": round(time.perf_counter() - t0, 1)}
+
+
+def measured(path, args) -> dict:
+    model, tok = load_model(path, progress=False)
+    return measure(model, tok, args)
+
+
+def healed(export_dir: Path, out: Path, tokens: int, args) -> dict:
+    cfg = HealConfig(tokens=tokens, seq_len=args.train_seq_len, batch_size=args.batch_size, lr=args.lr,
+                     save_every=args.save_every, seed=0)
+    resume = (Path(str(out) + ".heal") / "run.json").is_file()
+    t0 = time.perf_counter()
+    report = heal(export_dir, args.teacher, "mix", out, cfg, resume=resume, overwrite=not resume and out.exists(),
+                  teacher_cache=Path(args.work) / "teacher-topk")
+    return {"heal": {k: v for k, v in report.items() if k != "local"}, "heal_s": round(time.perf_counter() - t0, 1)}
+
+
+def reused(args) -> dict:
+    """Rows of a `benchmarks/domains.py` json measured with this run's protocol, by its variant names
+    ('source', 'lowrank:B', 'lowrank:B+target'): the same conversion (same defaults, calibration
+    fingerprint checked) need not be measured twice."""
+    if not args.reuse:
+        return {}
+    rows = json.loads(Path(args.reuse).read_text())["rows"]
+    same = [r for r in rows if (r["seq_len"], r["max_windows"]) == (args.seq_len, args.windows)
+            and (args.passkey == 0 or any(x["context"] == args.passkey for x in r.get("passkey", {}).get("rows", [])))]
+    return {r["variant"]: {**r, "measured_by": f"benchmarks/domains.py ({args.reuse})"} for r in same}
+
+
+def run(args) -> dict:
+    path, work = Path(args.json_out), Path(args.work)
+    res = json.loads(path.read_text()) if args.resume and path.is_file() else {}
+    old = reused(args)
+    source, tok = load_model(args.teacher, progress=False)
+    cache: dict = {}
+
+    def stage(name, fn):
+        if name not in res:
+            res[name] = fn()
+            print(name, json.dumps({k: v for k, v in res[name].items() if k not in ("copy", "domains")})[:400],
+                  file=sys.stderr, flush=True)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(res, indent=2))
+            write_section(Path(args.md), args.section, markdown(args, res))
+            plot(res, Path(args.plot))
+
+    stage("source", lambda: old.get("source") or measure(source, tok, args))
+    first = args.budgets[0]
+    for b in args.budgets:
+        nat, exp = work / f"native-{b}", work / f"export-{b}"
+        stage(f"native {b}", lambda: old.get(f"lowrank:{b}") or {**converted(source, tok, b, False, nat, cache),
+                                                                   **measured(nat, args)})
+        stage(f"export {b}", lambda: export_stage(source, tok, b, exp, cache, old.get(f"lowrank:{b}+target"), args))
+        if b == first and not args.no_throughput:
+            stage("throughput", lambda: throughput(args, exp))
+        for n in args.tokens:  # each its own run: the cosine schedule depends on the token budget
+            out = work / f"export-{b}-healed-{n}"
+            stage(f"healed {b} {n}", lambda: {**healed(exp, out, n, args), "verify": exported(out),
+                                              **measured(out, args)})
+    return res
+
+
+def export_stage(source, tok, budget: float, out: Path, cache: dict, old: dict | None, args) -> dict:
+    """Convert export-grade, export, verify; measure unless `old` measured this same conversion."""
+    row = {**converted(source, tok, budget, True, out, cache), "verify": exported(out)}
+    record = load_model(out, progress=False)[0].config.latentkv
+    if old is not None and old.get("calib_fingerprint") == record.get("calibration"):
+        return {**row, **{k: v for k, v in old.items() if k not in ("variant", "convert_seconds", "split")}}
+    return {**row, **measured(out, args)}
+
+
+def rows(res: dict):
+    """(budget, form, tokens, row) for every measured conversion, in table order."""
+    for name, r in res.items():
+        kind, *rest = name.split(" ")
+        if kind in ("native", "export", "healed"):
+            tokens = int(rest[1]) if kind == "healed" else 0
+            yield float(rest[0]), kind, tokens, r
+
+
+def markdown(args, res: dict) -> str:
+    src = res["source"]
+    intro = (f"Dev suite: first {args.windows} windows of {args.seq_len} tokens of each domain's evaluation part; "
+             "ratio = ppl / source ppl; copy = the copy probe's accuracy as a share of the source's; passkey at "
+             f"{args.passkey or '-'} tokens. `export` = `convert --target deepseek_v3` (default flags); `healed` = "
+             f"`heal` of that model on the domain mixture ({args.batch_size} x {args.train_seq_len}-token windows per "
+             f"step, lr {args.lr}, attention weights). verify = `verify-export` (stock transformers vs our runtime: "
+             "max abs logit diff, greedy output identical). *: the suite numbers come from `benchmarks/domains.py` "
+             "(--reuse; same protocol and the same conversion, its calibration fingerprint checked).")
+    lines = ["| budget | form | heal tokens | " + " | ".join(DEV_DOMAINS) + " | worst / wt2 | copy | passkey | verify "
+             "| convert s | heal s |", "|---:|---|---:|" + "---:|" * (len(DEV_DOMAINS) + 3) + "---|---:|---:|"]
+    s = src["domains"]
+    lines.append(f"| - | source{'*' if 'measured_by' in src else ''} | - | " + " | ".join(f"{s[d]['ppl']:.2f}" for d in DEV_DOMAINS)
+                 + f" | 1.00 | {src['copy']['accuracy']:.1%} | {passkey_cell(src)} | - | - | - |")
+    for budget, kind, tokens, r in sorted(rows(res), key=lambda x: (-x[0], ("native", "export", "healed").index(x[1]),
+                                                                    x[2])):
+        ratio = {d: r["domains"][d]["ppl"] / s[d]["ppl"] for d in DEV_DOMAINS}
+        cells = " | ".join(f"{r['domains'][d]['ppl']:.2f} (x{ratio[d]:.2f})" for d in DEV_DOMAINS)
+        v = r.get("verify")
+        verify = "-" if v is None else (f"{'passed' if v['passed'] else 'FAILED'} ({v['max_abs_diff']:.1e}"
+                                        + ("" if v["generation_match"] else ", generation differs") + ")")
+        heal_s = r.get("heal_s", "-")
+        split = r.get("split") or res.get(f"export {budget}", {}).get("split", "")
+        star = "*" if "measured_by" in r else ""
+        lines.append(f"| {budget:.1%} | {kind}{star} {split} | {tokens or '-'} | {cells} | "
+                     f"{max(ratio.values()) / ratio['wikitext2']:.2f} | "
+                     f"{r['copy']['accuracy'] / src['copy']['accuracy']:.0%} | {passkey_cell(r)} | {verify} | "
+                     f"{r.get('convert_s', r.get('convert_seconds')) or '-'} | {heal_s} |")
+    if "throughput" in res:
+        lines += ["", step_times(res["throughput"])]
+    lines += ["", f"Plot: `{args.plot}` (WikiText-2 ratio against healing tokens, per budget; dashed: native)."]
+    return section(args.section, f"Deployable quality per budget: {args.teacher}", intro, lines)
+
+
+def passkey_cell(r: dict) -> str:
+    return f"{r['passkey']['accuracy']:.0%}" if "passkey" in r else "-"
+
+
+def plot(res: dict, path: Path) -> None:
+    src = res["source"]["domains"]["wikitext2"]["ppl"]
+    by_budget: dict[float, dict] = {}
+    for budget, kind, tokens, r in rows(res):
+        by_budget.setdefault(budget, {"native": None, "curve": []})
+        ratio = r["domains"]["wikitext2"]["ppl"] / src
+        if kind == "native":
+            by_budget[budget]["native"] = ratio
+        else:
+            by_budget[budget]["curve"].append((tokens, ratio))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with figure(path) as (plt, ax):
+        for i, (budget, d) in enumerate(sorted(by_budget.items(), reverse=True)):
+            color = f"C{i}"
+            if d["curve"]:
+                xs, ys = zip(*sorted(d["curve"]))
+                ax.plot(xs, ys, "o-", color=color, label=f"{budget:.1%} export-grade")
+            if d["native"] is not None:
+                ax.axhline(d["native"], color=color, ls="--", lw=1, label=f"{budget:.1%} native, training-free")
+        ax.set_xlabel("healing tokens (0: training-free)")
+        ax.set_ylabel("WikiText-2 ppl / source ppl")
+        ax.set_yscale("log")
+        if by_budget:
+            ax.legend(fontsize=8)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--teacher", default="smollm2-135m", help="the source model (and distillation teacher)")
+    p.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.25, 0.125])
+    p.add_argument("--tokens", type=int, nargs="*", default=[131072, 500000], help="one healing run per count")
+    p.add_argument("--windows", type=int, default=16, help="perplexity windows per domain")
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--passkey", type=int, default=4096, help="passkey context (0: skip)")
+    p.add_argument("--trials", type=int, default=3)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--train-seq-len", type=int, default=512)
+    p.add_argument("--save-every", type=int, default=8)
+    p.add_argument("--reuse", help="a benchmarks/domains.py json whose rows of the same protocol stand in for "
+                   "measuring source, lowrank:B and lowrank:B+target again")
+    p.add_argument("--no-throughput", action="store_true", help="skip the step-time comparison")
+    p.add_argument("--work", default="runs/deploy")
+    p.add_argument("--plot", default="docs/deploy.png")
+    add_output_args(p, "deploy", json_out="runs/deploy.json", resume="skip stages already in --json-out")
+    args = p.parse_args()
+    run(args)
+
+
+if __name__ == "__main__":
+    main()
