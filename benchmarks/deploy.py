@@ -210,9 +210,9 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--passkey", type=int, default=4096, help="passkey context (0: skip)")
     p.add_argument("--trials", type=int, default=3)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--train-seq-len", type=int, default=512)
+    p.add_argument("--lr", type=float, default=HealConfig.lr, help="default: heal's")
+    p.add_argument("--batch-size", type=int, default=HealConfig.batch_size, help="default: heal's")
+    p.add_argument("--train-seq-len", type=int, default=HealConfig.seq_len, help="default: heal's")
     p.add_argument("--save-every", type=int, default=8)
     p.add_argument("--reuse", help="a benchmarks/domains.py json whose rows of the same protocol stand in for "
                    "measuring source, lowrank:B and lowrank:B+target again")
