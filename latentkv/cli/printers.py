@@ -122,10 +122,11 @@ def _split_search(v: dict | None) -> None:
         print("split search: not run (dims given, or a method without calibration)")
     else:
         print("split search on held-out calibration windows (lowest score wins):")
-        print(f"  {'rope':>5} {'latent':>7} {'held-out NLL':>13} {'copy NLL':>9} {'score':>8}")
+        print(f"  {'strategy':<13} {'rope':>5} {'latent':>7} {'held-out NLL':>13} {'copy NLL':>9} {'score':>8}")
+        key = ("rope", "kv_lora_rank", "qk_rope_head_dim")
         for c in v.get("candidates") or [v]:
-            pick = (c["kv_lora_rank"], c["qk_rope_head_dim"]) == (v["kv_lora_rank"], v["qk_rope_head_dim"])
-            print(f"  {c['qk_rope_head_dim']:>5} {c['kv_lora_rank']:>7} {c['heldout_nll']:>13.4f} "
+            pick = all(c.get(k) == v.get(k) for k in key)
+            print(f"  {c.get('rope', '-'):<13} {c['qk_rope_head_dim']:>5} {c['kv_lora_rank']:>7} {c['heldout_nll']:>13.4f} "
                   f"{c.get('copy_nll', float('nan')):>9.4f} {c.get('score', c['heldout_nll']):>8.4f}"
                   f"{'  <- chosen' if pick else ''}")
     alloc = v.get("allocation")

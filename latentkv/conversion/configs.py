@@ -102,11 +102,16 @@ class LowRankConfig(CacheSize):
     # rorope-export: how many rope pairs are first components (slot 0); the rest are second components of
     # the fastest frequencies (YaRN, factor < 1, in the export). None: chosen by kept energy over all layers
     rope_slot0: int | None = None
+    # more RoPE strategies the split search tries at every candidate split; the lowest held-out score
+    # becomes `rope` (make_config sets AUTO_ROPES when --rope is not given and the split is searched)
+    rope_choices: tuple[str, ...] = ()
 
     def __post_init__(self):
         super().__post_init__()
-        if self.rope not in ROPE_STRATEGIES:
-            raise LatentKVError(f"unknown --rope {self.rope!r}; choose one of: {', '.join(ROPE_STRATEGIES)}")
+        object.__setattr__(self, "rope_choices", tuple(self.rope_choices))  # a record's JSON list reads back equal
+        for rope in (self.rope, *self.rope_choices):
+            if rope not in ROPE_STRATEGIES:
+                raise LatentKVError(f"unknown --rope {rope!r}; choose one of: {', '.join(ROPE_STRATEGIES)}")
         if self.factorizer not in FACTORIZERS:
             raise LatentKVError(f"unknown --factorizer {self.factorizer!r}; choose one of: {', '.join(FACTORIZERS)}")
         if not 0.0 <= self.attn_moment <= 1.0:
@@ -144,6 +149,9 @@ def config_from_dict(data: dict):
 
 
 TARGETS = {"deepseek_v3": {"rope": "rorope-export", "latent_norm": True, "rank_allocation": "uniform"}}
+# Native conversions without --rope: the split search also tries folding neighbouring frequencies,
+# which kept more score energy at low budgets; held-out calibration windows decide per budget.
+AUTO_ROPES = ("rorope", "rorope-fold2")
 
 
 def make_config(kv_budget: float | None = None, kv_lora_rank: int | None = None,
@@ -175,6 +183,9 @@ def make_config(kv_budget: float | None = None, kv_lora_rank: int | None = None,
         return ExactConfig()
     if method == "svd":
         return SVDConfig(**sized)
+    searched = kv_lora_rank is None and qk_rope_head_dim is None
+    if searched and target is None and lowrank.get("rope") is None and "rope_choices" not in lowrank:
+        lowrank = {**lowrank, "rope": AUTO_ROPES[0], "rope_choices": AUTO_ROPES[1:]}
     return LowRankConfig(**sized, **{k: v for k, v in lowrank.items() if v is not None})
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 
 import torch
 
@@ -39,7 +40,7 @@ def convert(model, config, *, tokenizer=None, calib_ids: torch.Tensor | None = N
     if calibrated:
         if calib_ids is None:
             calib_ids, info = calibration_ids(tokenizer, config)
-        new, choice = convert_calibrated(model, layout, config, calib_ids, progress, calib_cache)
+        new, choice, config = convert_calibrated(model, layout, config, calib_ids, progress, calib_cache)
     else:
         dims = checked(config, layout, fixed_dims(config, layout))
         new, choice = convert_oneshot(model, layout, config, dims, None, progress, f"convert ({config.method})"), None
@@ -55,7 +56,8 @@ def convert(model, config, *, tokenizer=None, calib_ids: torch.Tensor | None = N
 
 def convert_calibrated(model, layout: SourceLayout, config: LowRankConfig, ids: torch.Tensor, progress: bool,
                        cache: dict | None = None):
-    """ids (N, T) calibration windows -> (converted model, the record's split_search entry or None)."""
+    """ids (N, T) calibration windows -> (converted model, the record's split_search entry or None, the
+    config as applied: `rope` is the strategy the split search chose)."""
     fit, held = split_ids(ids)
     oneshot = oneshot_stats(model, ids, cache, progress, attention=config.attn_moment > 0)
     choice = None
@@ -63,6 +65,7 @@ def convert_calibrated(model, layout: SourceLayout, config: LowRankConfig, ids: 
     if dims is None:
         choice = search_split(model, layout, config, oneshot, held, progress)
         dims = (choice["kv_lora_rank"], choice["qk_rope_head_dim"])
+        config = replace(config, rope=choice["rope"])  # the record names the strategy that won
     dims = checked(config, layout, dims)
     if config.rope == "rorope-export" and config.rope_slot0 is None:
         config = export_schedule(model, layout, config, dims[1], oneshot)
@@ -77,4 +80,4 @@ def convert_calibrated(model, layout: SourceLayout, config: LowRankConfig, ids: 
         new = convert_oneshot(model, layout, config, dims, oneshot, progress)
     if config.latent_norm:
         choice = {**(choice or {}), "latent_norm": add_latent_norm(new, fit, progress)}
-    return new, choice
+    return new, choice, config

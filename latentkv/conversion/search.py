@@ -9,6 +9,7 @@ from dataclasses import replace
 import torch
 from tqdm.auto import tqdm
 
+from ..errors import LatentKVError
 from ..families import SourceLayout, attention_layers, plain_frequencies, read_attention
 from .calibration import held_out_score
 from .configs import LowRankConfig
@@ -22,20 +23,27 @@ log = logging.getLogger(__name__)
 @torch.no_grad()
 def search_split(model, layout: SourceLayout, config: LowRankConfig, stats, held: torch.Tensor,
                  progress: bool) -> dict:
-    """-> {kv_lora_rank, qk_rope_head_dim, heldout_nll, copy_nll, score} of the best split, plus `values`
-    and every candidate's scores (the record's `split_search`)."""
+    """-> {rope, kv_lora_rank, qk_rope_head_dim, heldout_nll, copy_nll, score} of the best (RoPE strategy,
+    split) among `config.rope` and `config.rope_choices`, plus `values` and every candidate's scores (the
+    record's `split_search`)."""
     values = budget_values(config, layout)
+    tries = [(config.rope, r, p) for r, p in candidate_splits(layout, config.rope, values)]
+    for rope in dict.fromkeys(config.rope_choices):
+        try:
+            tries += [(rope, r, p) for r, p in candidate_splits(layout, rope, values) if rope != config.rope]
+        except LatentKVError:  # an extra choice that cannot hold this budget is skipped, not an error
+            log.info("split search: %s cannot hold %d values per token; not tried", rope, values)
     scores = []
-    for r, p in tqdm(candidate_splits(layout, config.rope, values), desc="search split", disable=not progress):
-        chosen = export_schedule(model, layout, config, p, stats)
+    for rope, r, p in tqdm(tries, desc="search split", disable=not progress):
+        chosen = export_schedule(model, layout, replace(config, rope=rope), p, stats)
         conv = convert_oneshot(model, layout, chosen, (r, p), stats)
         slot0 = {} if chosen.rope_slot0 is None else {"rope_slot0": chosen.rope_slot0}
-        scores.append({"kv_lora_rank": r, "qk_rope_head_dim": p, **slot0, **held_out_score(conv, held)})
+        scores.append({"rope": rope, "kv_lora_rank": r, "qk_rope_head_dim": p, **slot0, **held_out_score(conv, held)})
     best = min(scores, key=lambda s: s["score"])
-    why = ", ".join(f"rope {s['qk_rope_head_dim']}+latent {s['kv_lora_rank']}: nll {s['heldout_nll']:.4f} "
+    why = ", ".join(f"{s['rope']} {s['qk_rope_head_dim']}+latent {s['kv_lora_rank']}: nll {s['heldout_nll']:.4f} "
                     f"copy {s['copy_nll']:.4f}" for s in scores)
-    log.info("split for %d values/token: rope %d + latent %d (lowest held-out NLL + copy NLL; tried %s)",
-             values, best["qk_rope_head_dim"], best["kv_lora_rank"], why)
+    log.info("split for %d values/token: %s, rope %d + latent %d (lowest held-out NLL + copy NLL; tried %s)",
+             values, best["rope"], best["qk_rope_head_dim"], best["kv_lora_rank"], why)
     return {**best, "values": values, "candidates": scores}
 
 

@@ -40,7 +40,7 @@ class Work:
     def resume(self, stream) -> int:
         """-> the first layer to convert (0 = start clean, discarding other runs' leftovers)."""
         run, state = self.dir / "run.json", self.dir / "state.json"
-        if run.is_file() and state.is_file() and json.loads(run.read_text()) == self.plan:
+        if run.is_file() and state.is_file() and json.loads(run.read_text()) == json.loads(json.dumps(self.plan)):
             done = json.loads(state.read_text())
             self._relist(done["done"])
             self.layers = done["layers"]

@@ -93,6 +93,30 @@ def test_split_search_is_recorded(calib_ids):
     assert (dims.kv_lora_rank, dims.qk_rope_head_dim) == (best["kv_lora_rank"], best["qk_rope_head_dim"])
 
 
+def test_default_rope_is_chosen_on_held_out_windows_and_recorded(calib_ids):
+    """Without --rope the split search tries every AUTO_ROPES strategy at every split; the record names
+    the winner (as `conversion.rope`) and keeps each candidate's held-out NLL. An explicit --rope, the
+    export target and fixed ranks try one strategy only."""
+    from latentkv.conversion.configs import AUTO_ROPES, config_from_dict, make_config
+
+    config = make_config(kv_budget=0.5)
+    assert (config.rope, *config.rope_choices) == AUTO_ROPES
+    conv = convert(make_tiny("llama-gqa"), config, calib_ids=calib_ids, progress=False)
+    record = record_of(conv)
+    search = record["split_search"]
+    assert {c["rope"] for c in search["candidates"]} == set(AUTO_ROPES)
+    best = min(search["candidates"], key=lambda c: c["score"])
+    assert record["conversion"]["rope"] == search["rope"] == best["rope"]
+    assert all("heldout_nll" in c for c in search["candidates"])
+    assert config_from_dict(record["conversion"]).rope == best["rope"]  # the record reads back as applied
+    assert make_config(kv_budget=0.5, rope="rorope").rope_choices == ()
+    assert make_config(kv_budget=0.5, target="deepseek_v3").rope_choices == ()
+    assert make_config(kv_lora_rank=8, qk_rope_head_dim=4).rope_choices == ()
+    one = convert(make_tiny("llama-gqa"), make_config(kv_budget=0.5, rope="rorope"), calib_ids=calib_ids,
+                  progress=False)
+    assert {c["rope"] for c in record_of(one)["split_search"]["candidates"]} == {"rorope"}
+
+
 def test_sequential_and_one_shot_differ_but_both_work(calib_ids):
     model = make_tiny("llama-gqa", layers=3)
     outs = []
