@@ -46,7 +46,7 @@ def converted(source, tok, budget: float, target: bool, out: Path, cache: dict) 
     first = model.config.latentkv["layers"][0]
     slot0 = (model.config.latentkv.get("split_search") or {}).get("rope_slot0")
     return {"convert_s": seconds, "split": f"{first['qk_rope_head_dim']}+{first['kv_lora_rank']}"
-            + (f" (a={slot0})" if slot0 else "")}
+            + (f" (a={slot0})" if slot0 else ""), "calib_fingerprint": model.config.latentkv.get("calibration")}
 
 
 def exported(model_dir: Path) -> dict:
@@ -122,8 +122,7 @@ def run(args) -> dict:
 def export_stage(source, tok, budget: float, out: Path, cache: dict, old: dict | None, args) -> dict:
     """Convert export-grade, export, verify; measure unless `old` measured this same conversion."""
     row = {**converted(source, tok, budget, True, out, cache), "verify": exported(out)}
-    record = load_model(out, progress=False)[0].config.latentkv
-    if old is not None and old.get("calib_fingerprint") == record.get("calibration"):
+    if old is not None and old.get("calib_fingerprint") == row["calib_fingerprint"]:
         return {**row, **{k: v for k, v in old.items() if k not in ("variant", "convert_seconds", "split")}}
     return {**row, **measured(out, args)}
 

@@ -28,9 +28,9 @@ def search_split(model, layout: SourceLayout, config: LowRankConfig, stats, held
     record's `split_search`)."""
     values = budget_values(config, layout)
     tries = [(config.rope, r, p) for r, p in candidate_splits(layout, config.rope, values)]
-    for rope in dict.fromkeys(config.rope_choices):
+    for rope in [r for r in dict.fromkeys(config.rope_choices) if r != config.rope]:  # in order: reproducible
         try:
-            tries += [(rope, r, p) for r, p in candidate_splits(layout, rope, values) if rope != config.rope]
+            tries += [(rope, r, p) for r, p in candidate_splits(layout, rope, values)]
         except LatentKVError:  # an extra choice that cannot hold this budget is skipped, not an error
             log.info("split search: %s cannot hold %d values per token; not tried", rope, values)
     scores = []
