@@ -13,6 +13,8 @@ ones, and an interrupted heal continues from its last checkpoint):
   export B          `convert --kv-budget B --target deepseek_v3`, exported, verified
   healed B N        `heal` of `export B` on the domain mixture (`heal --data mix`) for N tokens, exported,
                     verified; all runs share one teacher top-k cache, so the teacher runs once per window
+  protocol ROW      after the others, for every row: WikiText-2 and PTB test on --protocol-windows windows
+                    (the issue's headline protocol), passkey at --protocol-passkey tokens
 Measured for every row: the dev suite (each domain's evaluation part, --windows x --seq-len), the copy
 probe, passkey at --passkey tokens (0: skip). Healing and calibration never read evaluation text.
 """
@@ -27,6 +29,8 @@ from pathlib import Path
 
 from latentkv import HealConfig, convert, export, heal, load_model, save
 from latentkv.conversion.configs import make_config
+from latentkv.evaluation.passkey import passkey
+from latentkv.evaluation.suite import dev_suite
 from latentkv.io.domains import DEV_DOMAINS
 from latentkv.io.plots import figure
 from latentkv.reports.verify import verify_export
@@ -34,6 +38,8 @@ from latentkv.reports.verify import verify_export
 from common import add_output_args, section, write_section
 from domains import measure
 from heal import step_times, throughput
+
+PROTOCOL = ("wikitext2", "ptb")  # the issue's headline protocol, beside the dev suite
 
 
 def converted(source, tok, budget: float, target: bool, out: Path, cache: dict) -> dict:
@@ -107,8 +113,7 @@ def run(args) -> dict:
     first = args.budgets[0]
     for b in args.budgets:
         nat, exp = work / f"native-{b}", work / f"export-{b}"
-        stage(f"native {b}", lambda: old.get(f"lowrank:{b}") or {**converted(source, tok, b, False, nat, cache),
-                                                                   **measured(nat, args)})
+        stage(f"native {b}", lambda: native_stage(source, tok, b, nat, cache, old.get(f"lowrank:{b}"), args))
         stage(f"export {b}", lambda: export_stage(source, tok, b, exp, cache, old.get(f"lowrank:{b}+target"), args))
         if b == first and not args.no_throughput:
             stage("throughput", lambda: throughput(args, exp))
@@ -116,15 +121,51 @@ def run(args) -> dict:
             out = work / f"export-{b}-healed-{n}"
             stage(f"healed {b} {n}", lambda: {**healed(exp, out, n, args), "verify": exported(out),
                                               **measured(out, args)})
+    if args.protocol_windows:
+        for name in [n for n in list(res) if n == "source" or n.split(" ")[0] in ("native", "export", "healed")]:
+            stage(f"protocol {name}", lambda: protocol(row_model(name, source, tok, cache, args), tok, args))
     return res
+
+
+def row_model(name: str, source, tok, cache: dict, args):
+    """The model a row measured: the source, or its saved directory (a reused native row is converted
+    again, with the same defaults)."""
+    if name == "source":
+        return source
+    kind, budget, *tokens = name.split(" ")
+    path = Path(args.work) / (f"{kind}-{budget}" + (f"-healed-{tokens[0]}" if tokens else ""))
+    if not path.is_dir():
+        converted(source, tok, float(budget), kind != "native", path, cache)
+    return load_model(path, progress=False)[0]
+
+
+def protocol(model, tok, args) -> dict:
+    """The issue's headline numbers: WikiText-2 and PTB test on --protocol-windows x --seq-len, passkey."""
+    row = dev_suite(model, tok, domains=PROTOCOL, seq_len=args.seq_len, max_windows=args.protocol_windows,
+                    copy=False, progress=False)
+    if args.protocol_passkey:
+        row["passkey"] = passkey(model, tok, contexts=(args.protocol_passkey,), trials=args.trials, progress=False)
+    return row
+
+
+def native_stage(source, tok, budget: float, out: Path, cache: dict, old: dict | None, args) -> dict:
+    """Convert with default flags; measure unless `old` measured this same conversion."""
+    row = converted(source, tok, budget, False, out, cache)
+    return {**row, **(same_measure(row, old) or measured(out, args))}
 
 
 def export_stage(source, tok, budget: float, out: Path, cache: dict, old: dict | None, args) -> dict:
     """Convert export-grade, export, verify; measure unless `old` measured this same conversion."""
     row = {**converted(source, tok, budget, True, out, cache), "verify": exported(out)}
-    if old is not None and old.get("calib_fingerprint") == row["calib_fingerprint"]:
-        return {**row, **{k: v for k, v in old.items() if k not in ("variant", "convert_seconds", "split")}}
-    return {**row, **measured(out, args)}
+    return {**row, **(same_measure(row, old) or measured(out, args))}
+
+
+def same_measure(row: dict, old: dict | None) -> dict | None:
+    """`old`'s measurements when it is the same conversion: same calibration text and the same split
+    (a changed default, e.g. the RoPE strategy or the rotary schedule, changes the split string)."""
+    if old is None or (old.get("calib_fingerprint"), old.get("split")) != (row["calib_fingerprint"], row["split"]):
+        return None
+    return {k: v for k, v in old.items() if k not in ("variant", "convert_seconds", "split")}
 
 
 def rows(res: dict):
@@ -134,6 +175,11 @@ def rows(res: dict):
         if kind in ("native", "export", "healed"):
             tokens = int(rest[1]) if kind == "healed" else 0
             yield float(rest[0]), kind, tokens, r
+
+
+def ordered(res: dict):
+    """rows() by budget (largest first), then native / export / healed, then healing tokens."""
+    return sorted(rows(res), key=lambda x: (-x[0], ("native", "export", "healed").index(x[1]), x[2]))
 
 
 def markdown(args, res: dict) -> str:
@@ -150,8 +196,7 @@ def markdown(args, res: dict) -> str:
     s = src["domains"]
     lines.append(f"| - | source{'*' if 'measured_by' in src else ''} | - | " + " | ".join(f"{s[d]['ppl']:.2f}" for d in DEV_DOMAINS)
                  + f" | 1.00 | {src['copy']['accuracy']:.1%} | {passkey_cell(src)} | - | - | - |")
-    for budget, kind, tokens, r in sorted(rows(res), key=lambda x: (-x[0], ("native", "export", "healed").index(x[1]),
-                                                                    x[2])):
+    for budget, kind, tokens, r in ordered(res):
         ratio = {d: r["domains"][d]["ppl"] / s[d]["ppl"] for d in DEV_DOMAINS}
         cells = " | ".join(f"{r['domains'][d]['ppl']:.2f} (x{ratio[d]:.2f})" for d in DEV_DOMAINS)
         v = r.get("verify")
@@ -164,10 +209,33 @@ def markdown(args, res: dict) -> str:
                      f"{max(ratio.values()) / ratio['wikitext2']:.2f} | "
                      f"{r['copy']['accuracy'] / src['copy']['accuracy']:.0%} | {passkey_cell(r)} | {verify} | "
                      f"{r.get('convert_s', r.get('convert_seconds')) or '-'} | {heal_s} |")
+    lines += protocol_table(args, res)
     if "throughput" in res:
         lines += ["", step_times(res["throughput"])]
     lines += ["", f"Plot: `{args.plot}` (WikiText-2 ratio against healing tokens, per budget; dashed: native)."]
     return section(args.section, f"Deployable quality per budget: {args.teacher}", intro, lines)
+
+
+def protocol_table(args, res: dict) -> list[str]:
+    """WikiText-2 and PTB test on more windows, and passkey, for every row measured so far."""
+    src = res.get("protocol source")
+    if src is None:
+        return []
+    w = src["max_windows"]
+    lines = ["", f"Headline protocol (stage `protocol`): WikiText-2 and PTB test, first {w} windows of "
+             f"{src['seq_len']} tokens; passkey at {args.protocol_passkey or '-'} tokens ({args.trials} trials per depth).", "",
+             "| budget | form | heal tokens | wikitext2 | ptb | passkey |", "|---:|---|---:|---:|---:|---:|"]
+    s = src["domains"]
+    lines.append("| - | source | - | " + " | ".join(f"{s[d]['ppl']:.2f}" for d in PROTOCOL)
+                 + f" | {passkey_cell(src)} |")
+    for budget, kind, tokens, r in ordered(res):
+        p = res.get(f"protocol {kind} {budget}" + (f" {tokens}" if kind == "healed" else ""))
+        if p is not None:
+            cells = " | ".join(f"{p['domains'][d]['ppl']:.2f} (x{p['domains'][d]['ppl'] / s[d]['ppl']:.3f})"
+                               for d in PROTOCOL)
+            lines.append(f"| {budget:.1%} | {kind} {r.get('split', '')} | {tokens or '-'} | {cells} | "
+                         f"{passkey_cell(p)} |")
+    return lines
 
 
 def passkey_cell(r: dict) -> str:
@@ -215,6 +283,9 @@ def main() -> None:
     p.add_argument("--save-every", type=int, default=8)
     p.add_argument("--reuse", help="a benchmarks/domains.py json whose rows of the same protocol stand in for "
                    "measuring source, lowrank:B and lowrank:B+target again")
+    p.add_argument("--protocol-windows", type=int, default=16, help="WikiText-2 and PTB windows of the headline "
+                   "protocol, measured for every row after the others (0: skip)")
+    p.add_argument("--protocol-passkey", type=int, default=4096, help="its passkey context (0: skip)")
     p.add_argument("--no-throughput", action="store_true", help="skip the step-time comparison")
     p.add_argument("--work", default="runs/deploy")
     p.add_argument("--plot", default="docs/deploy.png")
