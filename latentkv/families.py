@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+import copy
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
@@ -10,7 +11,11 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from .errors import LatentKVError
 
 # model_type -> human name. SmolLM/SmolLM2 are Llama checkpoints (model_type "llama").
-SUPPORTED_FAMILIES = {"llama": "Llama/SmolLM", "mistral": "Mistral", "qwen2": "Qwen2", "gemma2": "Gemma-2"}
+SUPPORTED_FAMILIES = {"llama": "Llama/SmolLM", "mistral": "Mistral", "qwen2": "Qwen2", "gemma2": "Gemma-2",
+                      "qwen3": "Qwen3", "gemma3_text": "Gemma-3", "olmo2": "OLMo-2"}
+# QK-norm families -> where their q/k RMSNorm acts: "head" (each head's d dims, one weight shared by
+# heads: Qwen3, Gemma-3) or "proj" (the whole q or k projection: OLMo-2). See `QKNorm`.
+QK_NORM = {"qwen3": "head", "gemma3_text": "head", "olmo2": "proj"}
 
 # The one table from source names to DeepSeek-V3's. Attention is recomputed, not renamed: each source
 # projection's rows land in the MLA modules listed (q_proj: per head qk_nope_head_dim | qk_rope_head_dim
@@ -29,11 +34,10 @@ LAYER_PREFIX, EMBED_PREFIX = "model.layers.", "model.embed"
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
 
 # Families refused on purpose, with the reason (model_type -> why).
-_QK_NORM = ("applies a per-head RMSNorm to q and k between the projection and RoPE (QK-norm): the key "
-            "is then not a linear function of the hidden state, so no latent factorization reproduces it, "
-            "and MLA engines have no slot for that norm")
 REFUSED_FAMILIES = {
-    "qwen3": _QK_NORM, "qwen3_moe": _QK_NORM, "gemma3": _QK_NORM, "gemma3_text": _QK_NORM, "olmo2": _QK_NORM,
+    "qwen3_moe": "is a mixture-of-experts model, which latentkv has not been tested on (its attention is Qwen3's)",
+    "gemma3": "is Gemma-3's multimodal wrapper; convert its text model (model_type gemma3_text, e.g. "
+              "google/gemma-3-270m or gemma3-270m)",
 }
 
 
@@ -48,7 +52,10 @@ class SourceLayout:
     head_dim: int  # d
     num_layers: int
     rms_norm_eps: float
-    inv_freq: tuple[float, ...]  # (d/2,) RoPE frequency of each pair, scaling included
+    inv_freq: tuple[float, ...]  # (d/2,) RoPE frequency of each pair, scaling included (layer 0's)
+    qk_norm: str | None = None  # QK_NORM's "head" | "proj", None without QK-norm
+    # per layer, when layers rotate at different frequencies (Gemma-3: local vs global); else ()
+    layer_inv_freq: tuple[tuple[float, ...], ...] = ()
 
     @property
     def kv_values_per_token(self) -> int:
@@ -59,14 +66,40 @@ class SourceLayout:
     def group_size(self) -> int:
         return self.num_heads // self.num_kv_heads
 
+    @property
+    def key_scales(self) -> int:
+        """Per-token key-norm scales the latent cache holds beside c_kv and k_pe: one per KV head
+        ("head" QK-norm), one per token ("proj"), none without QK-norm."""
+        return {"head": self.num_kv_heads, "proj": 1}.get(self.qk_norm, 0)
+
+    def for_layer(self, i: int) -> SourceLayout:
+        """This layout with layer i's RoPE frequencies."""
+        return replace(self, inv_freq=self.layer_inv_freq[i]) if self.layer_inv_freq else self
+
     def to_record(self, name_or_path: str) -> dict:
         """The `source` entry of a conversion record."""
-        return {"name_or_path": name_or_path, **asdict(self), "kv_values_per_token_per_layer": self.kv_values_per_token}
+        rec = {k: v for k, v in asdict(self).items() if k != "layer_inv_freq"}
+        return {"name_or_path": name_or_path, **rec, "kv_values_per_token_per_layer": self.kv_values_per_token}
 
 
-def rope_type(config) -> str:
-    """The source's RoPE scaling type ('default', 'llama3', ...), from either config spelling."""
+def layer_rope_types(config) -> list[str | None]:
+    """Per layer, the key of its own RoPE parameters (Gemma-3: 'sliding_attention' / 'full_attention'),
+    or None for every layer when the model has one set."""
+    params = getattr(config, "rope_parameters", None) or {}
+    types = getattr(config, "layer_types", None)
+    if types and params and all(t in params for t in set(types)):
+        return list(types)
+    return [None] * config.num_hidden_layers
+
+
+def rope_params(config, layer_type: str | None = None) -> dict:
     params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    return params[layer_type] if layer_type is not None else params
+
+
+def rope_type(config, layer_type: str | None = None) -> str:
+    """The source's RoPE scaling type ('default', 'llama3', ...), from either config spelling."""
+    params = rope_params(config, layer_type)
     return params.get("rope_type", params.get("type", "default")) or "default"
 
 
@@ -80,9 +113,9 @@ def check_supported(config) -> None:
         arch = (getattr(config, "architectures", None) or [mt])[0]
         names = ", ".join(SUPPORTED_FAMILIES.values())
         raise LatentKVError(f"unsupported architecture {arch!r} (model_type {mt!r}); supported: {names}")
-    rope = rope_type(config)
-    if rope not in SUPPORTED_ROPE_TYPES:
-        raise LatentKVError(f"unsupported RoPE scaling {rope!r} in {mt}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+    for rope in {rope_type(config, t) for t in layer_rope_types(config)}:
+        if rope not in SUPPORTED_ROPE_TYPES:
+            raise LatentKVError(f"unsupported RoPE scaling {rope!r} in {mt}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
 
 
 def source_layout(config) -> SourceLayout:
@@ -96,16 +129,29 @@ def source_layout(config) -> SourceLayout:
         head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
         num_layers=config.num_hidden_layers,
         rms_norm_eps=getattr(config, "rms_norm_eps", 1e-6),
-        inv_freq=tuple(rope_frequencies(config).tolist()),
+        inv_freq=tuple(rope_frequencies(config, layer_rope_types(config)[0]).tolist()),
+        qk_norm=QK_NORM.get(config.model_type),
+        layer_inv_freq=per_layer_frequencies(config),
     )
 
 
-def rope_frequencies(config) -> torch.Tensor:
-    """(d/2,) inverse frequencies exactly as the source model rotates (llama3 scaling applied)."""
-    rope = rope_type(config)
+def per_layer_frequencies(config) -> tuple[tuple[float, ...], ...]:
+    """Every layer's (d/2,) frequencies when layer types rotate differently, else ()."""
+    types = layer_rope_types(config)
+    if len(set(types)) < 2:
+        return ()
+    freqs = {t: tuple(rope_frequencies(config, t).tolist()) for t in set(types)}
+    return tuple(freqs[t] for t in types)
+
+
+def rope_frequencies(config, layer_type: str | None = None) -> torch.Tensor:
+    """(d/2,) inverse frequencies exactly as the source model rotates (llama3 scaling applied);
+    `layer_type`: whose parameters, for models with one set per layer type (Gemma-3)."""
+    rope = rope_type(config, layer_type)
     if rope != "default":
-        return ROPE_INIT_FUNCTIONS[rope](config, "cpu")[0].double()
-    params = getattr(config, "rope_parameters", None) or {}
+        extra = {} if layer_type is None else {"layer_type": layer_type}
+        return ROPE_INIT_FUNCTIONS[rope](config, "cpu", **extra)[0].double()
+    params = rope_params(config, layer_type)
     base = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
     d = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return 1.0 / base ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
@@ -124,10 +170,36 @@ def plain_frequencies(config) -> int:
 
 
 @dataclass(frozen=True)
+class QKNorm:
+    """A QK-norm source's norms. The source computes q = w_q_norm * n(W_q x + b_q), n(u) = u / rms(u)
+    over each head's d dims ("head": Qwen3, Gemma-3) or the whole projection ("proj": OLMo-2), and k
+    alike. SourceAttention's w_q/w_k hold the weight-folded linear parts diag(w_norm) W, which the
+    factorizations see; the raw projections here compute the per-token rms at run time.
+
+    q_weight (d,) | (H*d,), k_weight (d,) | (G*d,): effective weights (Gemma's 1 + w already added);
+    w_q (H*d, D), w_k (G*d, D), biases (out,) or None.
+    """
+
+    mode: str
+    q_weight: torch.Tensor
+    k_weight: torch.Tensor
+    eps: float
+    w_q: torch.Tensor
+    b_q: torch.Tensor | None
+    w_k: torch.Tensor
+    b_k: torch.Tensor | None
+
+    def at_least_float32(self) -> QKNorm:
+        return replace(self, **{f.name: _up(getattr(self, f.name)) for f in fields(self)
+                                if f.name not in ("mode", "eps")})
+
+
+@dataclass(frozen=True)
 class SourceAttention:
     """One source layer's attention weights (nn.Linear layout: out x in).
 
-    w_q (H*d, D), w_k (G*d, D), w_v (G*d, D), w_o (D, H*d); biases (out,) or None.
+    w_q (H*d, D), w_k (G*d, D), w_v (G*d, D), w_o (D, H*d); biases (out,) or None. With QK-norm
+    (`qk_norm`), w_q/w_k/b_q/b_k are the norm-weight-folded linear parts (see QKNorm).
     """
 
     w_q: torch.Tensor
@@ -139,12 +211,16 @@ class SourceAttention:
     b_v: torch.Tensor | None
     b_o: torch.Tensor | None
     softmax_scale: float
+    qk_norm: QKNorm | None = None
 
     def at_least_float32(self) -> SourceAttention:
         """The same weights in fp32 at least: bf16 has no SVD, and the exact embedding needs fp32."""
-        up = lambda t: None if t is None else t.float()  # noqa: E731
-        return SourceAttention(*(up(getattr(self, f.name)) for f in fields(self) if f.name != "softmax_scale"),
-                               self.softmax_scale)
+        ups = {f.name: _up(getattr(self, f.name)) for f in fields(self) if f.name not in ("softmax_scale", "qk_norm")}
+        return replace(self, **ups, qk_norm=self.qk_norm and self.qk_norm.at_least_float32())
+
+
+def _up(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.float()
 
 
 def attention_layers(model) -> list:
@@ -157,7 +233,35 @@ def read_attention(attn) -> SourceAttention:
     lins = [getattr(attn, name) for name in SOURCE_TO_MLA]  # q, k, v, o
     weights = [lin.weight.detach() for lin in lins]
     biases = [None if lin.bias is None else lin.bias.detach() for lin in lins]
-    return SourceAttention(*weights, *biases, float(attn.scaling))
+    src = SourceAttention(*weights, *biases, float(attn.scaling))
+    return src if getattr(attn, "k_norm", None) is None else fold_qk_norm(src, attn)
+
+
+def fold_qk_norm(src: SourceAttention, attn) -> SourceAttention:
+    """`src` with the q/k norm weights folded into w_q/w_k (and biases), the raw parts in `qk_norm`."""
+    q_w, eps = norm_weight(attn.q_norm), norm_eps(attn.k_norm)
+    k_w = norm_weight(attn.k_norm)
+    mode = "head" if q_w.numel() < src.w_q.shape[0] else "proj"  # (MQA's key norm spans its projection either way)
+    rows = lambda w, n: w.repeat(n // w.numel()).to(src.w_q.dtype)  # noqa: E731  (out,) scale of each row
+    qs, ks = rows(q_w, src.w_q.shape[0]), rows(k_w, src.w_k.shape[0])
+    scaled = lambda w, b, r: (w * r[:, None], None if b is None else b * r)  # noqa: E731
+    (w_q, b_q), (w_k, b_k) = scaled(src.w_q, src.b_q, qs), scaled(src.w_k, src.b_k, ks)
+    norm = QKNorm(mode, q_w, k_w, eps, src.w_q, src.b_q, src.w_k, src.b_k)
+    return replace(src, w_q=w_q, b_q=b_q, w_k=w_k, b_k=b_k, qk_norm=norm)
+
+
+def norm_weight(norm) -> torch.Tensor:
+    """An RMSNorm's effective elementwise weight (Gemma's 1 + w included), read by applying it in fp64
+    to a vector of ones (rms 1, so the output is the weight over sqrt(1 + eps))."""
+    width = norm.weight.numel()
+    probe = copy.deepcopy(norm).double()
+    with torch.no_grad():
+        out = probe(torch.ones(1, width, dtype=torch.float64))[0]
+    return (out * (1 + norm_eps(norm)) ** 0.5).detach()
+
+
+def norm_eps(norm) -> float:
+    return float(getattr(norm, "eps", None) or getattr(norm, "variance_epsilon", 1e-6))
 
 
 def logit_softcap(config) -> float | None:

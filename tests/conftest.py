@@ -10,13 +10,19 @@ import torch
 from transformers import (
     Gemma2Config,
     Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    Olmo2Config,
+    Olmo2ForCausalLM,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 VOCAB = 320
@@ -43,6 +49,14 @@ TINY = {
     "gemma2-softcap": (Gemma2Config, Gemma2ForCausalLM, dict(num_key_value_heads=2, attn_logit_softcapping=1.0,
                                                              final_logit_softcapping=30.0, query_pre_attn_scalar=24,
                                                              sliding_window=8, attn_implementation="eager")),
+    # QK-norm (random norm weights, so folding them is tested): Qwen3 per head with GQA; Gemma-3 per head,
+    # MQA, (1 + w) norms, local/global RoPE bases and sliding layers; OLMo-2 over the whole projection.
+    "qwen3-qknorm": (Qwen3Config, Qwen3ForCausalLM, dict(num_key_value_heads=2)),
+    "gemma3-qknorm": (Gemma3TextConfig, Gemma3ForCausalLM, dict(num_key_value_heads=1, query_pre_attn_scalar=24,
+                                                                sliding_window=8, layer_types=["sliding_attention",
+                                                                                               "full_attention"],
+                                                                attn_implementation="eager")),
+    "olmo2-qknorm": (Olmo2Config, Olmo2ForCausalLM, dict(num_key_value_heads=2)),
 }
 
 

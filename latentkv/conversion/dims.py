@@ -10,6 +10,7 @@ values (`max_rank`), since wider latents would only store zeros.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 from ..errors import LatentKVError
 from ..families import SourceLayout
@@ -24,15 +25,38 @@ STREAM_SPLIT = 3 / 8
 
 
 def budget_values(config, layout: SourceLayout) -> int | None:
-    """Cache values per token per layer the config asks for; None when dims are explicit (or exact)."""
+    """Cache values per token per layer the config leaves for kv_lora_rank + qk_rope_head_dim; None when
+    dims are explicit (or exact). A QK-norm source's key scales (`layout.key_scales`) count in it."""
     if getattr(config, "kv_budget", None) is not None:
-        return round(config.kv_budget * layout.kv_values_per_token)
+        return round(config.kv_budget * layout.kv_values_per_token) - layout.key_scales
     if getattr(config, "kv_values", None) is not None:
         if config.kv_values > layout.kv_values_per_token:
             raise LatentKVError(f"--kv-values {config.kv_values} exceeds the source's {layout.kv_values_per_token} "
                                 "cache values per token per layer")
-        return config.kv_values
+        return config.kv_values - layout.key_scales
     return None
+
+
+def fit_qk_norm(config, layout: SourceLayout):
+    """`config` as a QK-norm source can take it. Each KV head's key is scaled by its own per-token
+    1 / rms, so a RoPE strategy that mixes KV heads (RoRoPE) would mix differently scaled keys: the
+    default then chooses among those that keep heads apart; an explicit one is refused. A DeepSeek-V3
+    export has no slot for the scale, so export-grade conversions are refused."""
+    rope = rope_of(config)
+    if layout.qk_norm is None:
+        return config
+    if getattr(config, "latent_norm", False) or rope == "rorope-export":
+        raise LatentKVError(f"cannot convert {layout.model_type} export-grade (--target deepseek_v3): its QK-norm "
+                            "scales every key by a per-token 1/rms that DeepSeek-V3 engines cannot express; convert "
+                            "without --target and serve with latentkv's runtime (the scales are cached beside c_kv)")
+    if layout.qk_norm != "head" or layout.num_kv_heads == 1 or not rope.startswith("rorope"):
+        return config
+    if getattr(config, "rope_choices", ()):
+        log.info("QK-norm with %d KV heads: RoRoPE would mix differently scaled keys; using --rope 2norm",
+                 layout.num_kv_heads)
+        return replace(config, rope="2norm", rope_choices=())
+    raise LatentKVError(f"--rope {rope} mixes KV heads, but {layout.model_type}'s QK-norm scales each KV head's key "
+                        "by its own per-token factor, so the mix would not be exact; use --rope 2norm or --rope high")
 
 
 def rope_of(config) -> str:

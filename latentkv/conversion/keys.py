@@ -52,11 +52,16 @@ def split_keys(src: SourceAttention, layout: SourceLayout, split: KeySplit, hori
         # the mean rotation belongs to each source pair's own frequency, so it goes before the mix
         q_map[h] = head_query(mean_rotated(eye, layout, horizon), g, split.mix, layout, nope[group[h]])
     parts = dict(kr=wk[rope], q_rope=q_rope, k_nope=wk[nope], nope_group=group,
-                 freq_idx=torch.tensor([i for _, i in split.kept]))
+                 freq_idx=torch.tensor([i for _, i in split.kept]), pair_slot=torch.tensor([j for j, _ in split.kept]))
     if nope.shape[1] > d:  # a shared nope group (RoRoPE): keep the head's d source rows and the map
         parts.update(q_nope=wq_all, q_map=q_map)
     else:
         parts.update(q_nope=q_map @ wq_all, q_map=None)
+    if src.qk_norm is not None:  # the same maps on the normalised source query instead of on W_q
+        q_rope_map = torch.stack([head_query(eye, h // layout.group_size, split.mix, layout, rope)
+                                  for h in range(H)])  # (H, p, d)
+        nope_map = eye.expand(H, d, d) if parts["q_map"] is not None else q_map
+        parts["q_head"] = torch.cat((nope_map, q_rope_map), 1)  # (H, n + p, d)
     return parts
 
 
@@ -144,4 +149,22 @@ def assemble(layout: SourceLayout, src: SourceAttention, parts: dict, a: torch.T
     sd = {k: v.to(torch.float32, copy=True) for k, v in sd.items()}  # own memory, one copy each
     sd["q_proj.weight"] = q.flatten(0, 1)  # (H*(n+p), D)
     sd["rope_freq_idx"] = parts["freq_idx"].clone()
+    return sd if src.qk_norm is None else qk_norm_state(sd, src, layout, parts)
+
+
+def qk_norm_state(sd: dict, src: SourceAttention, layout: SourceLayout, parts: dict) -> dict:
+    """A QK-norm layer's query and key-scale weights in place of q_proj (see `runtime.mla`):
+    q_src_proj (H*d, D) = the raw W_q, normalised per head (or whole) at run time, then q_head_map
+    (H, n + p, d) per head with the norm weight folded in; k_src_proj (G*d, D) = the raw W_k, whose
+    per-token rms scales the keys; key_scale_of_pair (p/2,) the scale each rope pair takes."""
+    qk, H, d = src.qk_norm, layout.num_heads, layout.head_dim
+    w = qk.q_weight.view(-1, d).expand(H, d).to(parts["q_head"].dtype)  # (H, d)
+    sd = {k: v for k, v in sd.items() if not k.startswith("q_proj.")}
+    sd["q_head_map"] = (parts["q_head"] * w[:, None, :]).float()
+    for name, wt, b in (("q_src_proj", qk.w_q, qk.b_q), ("k_src_proj", qk.w_k, qk.b_k)):
+        sd[f"{name}.weight"] = wt.float().clone()
+        if b is not None:
+            sd[f"{name}.bias"] = b.float().clone()
+    per_head = qk.mode == "head" and layout.num_kv_heads > 1
+    sd["key_scale_of_pair"] = parts["pair_slot"].clone() if per_head else torch.zeros_like(parts["pair_slot"])
     return sd

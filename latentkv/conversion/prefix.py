@@ -13,7 +13,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from ..families import sliding_window
+from ..families import layer_rope_types, sliding_window
 
 CHUNK = 4  # windows per forward: bounds the (CHUNK, H, T, T) attention memory
 
@@ -56,8 +56,11 @@ class PrefixWalk:
         first = next(h for h in self.h if h is not None)  # (N, T, D)
         t, dev = first.shape[1], device or first.device
         self.pos = torch.arange(t, device=dev)[None]
-        # the rotary embedding reads only its input's dtype and device
-        self.rope = model.model.rotary_emb.to(dev)(torch.zeros(1, t, 1, device=dev, dtype=first.dtype), self.pos)
+        # the rotary embedding reads only its input's dtype and device; Gemma-3 has one per layer type
+        rotary, x = model.model.rotary_emb.to(dev), torch.zeros(1, t, 1, device=dev, dtype=first.dtype)
+        types = layer_rope_types(model.config)
+        by_type = {k: rotary(x, self.pos) if k is None else rotary(x, self.pos, k) for k in set(types)}
+        self.ropes = [by_type[k] for k in types]  # per layer: (cos, sin), each (1, T, d)
         self.seq_len = t
 
     @classmethod
@@ -76,7 +79,7 @@ class PrefixWalk:
 
     def advance(self, k: int, layer, mask: torch.Tensor) -> None:
         """Move stream k on through `layer` (the layer as it is now: converted in the loop body, say)."""
-        self.h[k] = advance(layer, self.h[k], self.rope, self.pos, mask, self.device)
+        self.h[k] = advance(layer, self.h[k], self.ropes[layer.self_attn.layer_idx], self.pos, mask, self.device)
 
     def inputs(self, layer, *ks: int) -> Iterator[tuple[torch.Tensor, ...]]:
         """`layer`'s attention inputs (its input norm applied) of streams ks, CHUNK windows at a time."""

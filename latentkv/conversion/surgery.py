@@ -18,19 +18,22 @@ def layer_dims(layout: SourceLayout, sd: dict, src: SourceAttention, latent_norm
     """The MLADims of a converted layer's state dict (DeepSeek-V3 names)."""
     p = sd["rope_freq_idx"].numel() * 2
     r = sd["kv_a_proj_with_mqa.weight"].shape[0] - p
-    qk = sd["q_proj.weight"].shape[0] // layout.num_heads
+    qk = sd["q_head_map"].shape[1] if "q_head_map" in sd else sd["q_proj.weight"].shape[0] // layout.num_heads
+    norm = {} if src.qk_norm is None else dict(
+        qk_norm=src.qk_norm.mode, key_scales=layout.key_scales, src_head_dim=layout.head_dim,
+        src_kv_heads=layout.num_kv_heads, k_src_bias="k_src_proj.bias" in sd, qk_norm_eps=src.qk_norm.eps)
     return MLADims(
         hidden_size=layout.hidden_size, num_heads=layout.num_heads, kv_lora_rank=r, qk_rope_head_dim=p,
         qk_nope_head_dim=qk - p, v_head_dim=layout.head_dim, softmax_scale=src.softmax_scale,
-        q_bias="q_proj.bias" in sd, kv_a_bias="kv_a_proj_with_mqa.bias" in sd, o_bias="o_proj.bias" in sd,
-        latent_norm=latent_norm, rms_norm_eps=layout.rms_norm_eps,
+        q_bias="q_proj.bias" in sd or "q_src_proj.bias" in sd, kv_a_bias="kv_a_proj_with_mqa.bias" in sd,
+        o_bias="o_proj.bias" in sd, latent_norm=latent_norm, rms_norm_eps=layout.rms_norm_eps, **norm,
     )
 
 
 def convert_attention(model, i: int, source_attn, layout: SourceLayout, config, dims, stats) -> MLADims:
     """Compute MLA weights from `source_attn` (layer i's source attention) and install them as layer i
     of `model` -> the new layer's dims."""
-    src = read_attention(source_attn)
+    src, layout = read_attention(source_attn), layout.for_layer(i)
     with torch.no_grad():
         sd = converter_for(config).layer(src.at_least_float32(), layout, config, dims, stats)
     return install_layer(model, i, layer_dims(layout, sd, src), sd)

@@ -43,6 +43,9 @@ def exportable_dims(model):
     if logit_softcap(model.config) is not None or embedding_scale(model) != 1.0:
         raise LatentKVError(f"{model.config.model_type} layers soft-cap attention scores, scale embeddings and carry "
                             "extra norms, none of which DeepSeek-V3 has; use the native latentkv checkpoint instead")
+    if any(a.dims.qk_norm for a in layers):
+        raise LatentKVError(f"{model.config.model_type}'s QK-norm scales every key by a per-token 1/rms (cached beside "
+                            "c_kv here), which DeepSeek-V3 engines cannot express; use the native latentkv checkpoint")
     dims = {a.dims for a in layers}
     if len(dims) > 1:
         raise LatentKVError("per-layer ranks (--rank-allocation) have no DeepSeek-V3 form; convert with uniform ranks")

@@ -40,10 +40,11 @@ def local_heal(student, teacher, ids: torch.Tensor, steps: int = 200, lr: float 
     for i in tqdm(range(len(student.model.layers)), desc="local heal", disable=not progress):
         src, new = teacher.model.layers[i], student.model.layers[i]
         mask = walk.mask(i)
-        y = chunked(lambda h: src.self_attn(src.input_layernorm(h), position_embeddings=walk.rope,
+        rope = walk.ropes[i]
+        y = chunked(lambda h: src.self_attn(src.input_layernorm(h), position_embeddings=rope,
                                             attention_mask=mask)[0], walk.h[TEACHER])
         x = chunked(new.input_layernorm, walk.h[STUDENT])
-        report.append(fit_attention(new.self_attn, x, y, walk.rope, mask, steps, lr, batch, gen))
+        report.append(fit_attention(new.self_attn, x, y, rope, mask, steps, lr, batch, gen))
         walk.advance(TEACHER, src, mask)
         walk.advance(STUDENT, new, mask)
     return {"layers": report, "steps_per_layer": steps, "windows": int(ids.shape[0]),

@@ -44,6 +44,15 @@ class MLADims:
     o_bias: bool = False
     latent_norm: bool = False  # RMSNorm on c_kv (`kv_a_layernorm`), as stock DeepSeek-V3 engines apply
     rms_norm_eps: float = 1e-6
+    # QK-norm sources (Qwen3, Gemma-3: "head"; OLMo-2: "proj"): the query is normalised in the source's
+    # own basis, then mapped per head; keys are scaled per token by 1 / rms of the source key, one scale
+    # per KV head ("head") or per token ("proj"), computed when the token is written and cached.
+    qk_norm: str | None = None
+    key_scales: int = 0  # S: scales cached per token
+    src_head_dim: int = 0  # d: the source's head dim (query and key norms act on it)
+    src_kv_heads: int = 0  # G: the source's KV heads (k_src_proj has G*d rows)
+    k_src_bias: bool = False
+    qk_norm_eps: float = 1e-6
 
     def __post_init__(self):
         if self.qk_rope_head_dim % 2:
@@ -53,7 +62,7 @@ class MLADims:
 
     @property
     def cache_values_per_token(self) -> int:
-        return self.kv_lora_rank + self.qk_rope_head_dim
+        return self.kv_lora_rank + self.qk_rope_head_dim + self.key_scales
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -115,7 +124,12 @@ class MLAAttention(nn.Module):
         self.sliding_window = sliding_window
         d, h = dims, dims.num_heads
         qk_head = d.qk_nope_head_dim + d.qk_rope_head_dim
-        if d.q_lora_rank is None:
+        if d.qk_norm is not None:  # source query -> its norm -> per-head map; source key rows for the scale
+            self.q_src_proj = nn.Linear(d.hidden_size, h * d.src_head_dim, bias=d.q_bias)
+            self.q_head_map = nn.Parameter(torch.empty(h, qk_head, d.src_head_dim))
+            self.k_src_proj = nn.Linear(d.hidden_size, d.src_kv_heads * d.src_head_dim, bias=d.k_src_bias)
+            self.register_buffer("key_scale_of_pair", torch.zeros(d.qk_rope_head_dim // 2, dtype=torch.long))
+        elif d.q_lora_rank is None:
             self.q_proj = nn.Linear(d.hidden_size, h * qk_head, bias=d.q_bias)
         else:
             self.q_a_proj = nn.Linear(d.hidden_size, d.q_lora_rank, bias=False)
@@ -131,16 +145,28 @@ class MLAAttention(nn.Module):
 
     def _query(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, t, D) -> (B, h, t, n + p)."""
-        q = self.q_proj(x) if self.dims.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         b, t, _ = x.shape
+        if self.dims.qk_norm is not None:
+            q = self.q_src_proj(x)  # (B, t, h*d): normalised per head, or as a whole (OLMo-2)
+            q = unit_rms(q.view(b, t, self.dims.num_heads, -1) if self.dims.qk_norm == "head" else q,
+                         self.dims.qk_norm_eps)
+            return torch.einsum("bthd,hkd->bhtk", q.view(b, t, self.dims.num_heads, -1), self.q_head_map)
+        q = self.q_proj(x) if self.dims.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         return q.view(b, t, self.dims.num_heads, -1).transpose(1, 2)
 
     def _latent(self, x: torch.Tensor):
-        """x (B, t, D) -> c_kv (B, 1, t, r), k_pe (B, 1, t, p), before RoPE."""
+        """x (B, t, D) -> c_kv (B, 1, t, r), k_pe (B, 1, t, p) before RoPE, key scales (B, 1, t, S) or None."""
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.dims.kv_lora_rank, self.dims.qk_rope_head_dim], -1)
         if self.kv_a_layernorm is not None:
             c_kv = self.kv_a_layernorm(c_kv)
-        return c_kv.unsqueeze(1), k_pe.unsqueeze(1)
+        scales = None
+        if self.dims.qk_norm is not None:  # 1 / rms of the exact source key, per KV head or per token
+            b, t, _ = x.shape
+            k = self.k_src_proj(x).view(b, t, self.dims.key_scales, -1)
+            scales = torch.rsqrt(k.float().pow(2).mean(-1) + self.dims.qk_norm_eps).to(x.dtype)  # (B, t, S)
+            k_pe = k_pe * scales[..., self.key_scale_of_pair.repeat(2)]
+            scales = scales.unsqueeze(1)
+        return c_kv.unsqueeze(1), k_pe.unsqueeze(1), scales
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Views of `kv_b_proj`: W_uk (h, n, r) and W_uv (h, v, r); no copy, so always in sync."""
@@ -155,22 +181,26 @@ class MLAAttention(nn.Module):
         this call only; "auto" decodes absorbed and prefills by `absorbed_is_cheaper`."""
         d = self.dims
         path: MLAPath = kwargs.pop("mla_path", None) or "auto"
-        c_kv, k_pe = self._latent(hidden_states)
+        c_kv, k_pe, scales = self._latent(hidden_states)
         cos, sin = select_rope(*position_embeddings, self.rope_freq_idx)
         k_pe = k_pe * cos + rotate_half(k_pe) * sin  # (B, 1, t, p)
+        if scales is not None:  # the scales ride in the rope key's slot: (B, 1, t, p + S)
+            k_pe = torch.cat((k_pe, scales), -1)
         joint = None
         if cache is not None:
-            c_kv, k_pe = cache.update(c_kv, k_pe, self.layer_idx)  # (B, 1, s, r), (B, 1, s, p)
+            c_kv, k_pe = cache.update(c_kv, k_pe, self.layer_idx)  # (B, 1, s, r), (B, 1, s, p [+ S])
             joint = cache.joint(self.layer_idx) if hasattr(cache, "joint") else None
+        if scales is not None:
+            k_pe, scales = k_pe.split([d.qk_rope_head_dim, d.key_scales], -1)
         b, t = hidden_states.shape[:2]
         if path == "auto":
             path = "absorbed" if (t == 1 and c_kv.shape[2] > 1) or self.absorbed_is_cheaper() else "expanded"
-        if path == "absorbed" and t == 1 and not kwargs.get("output_attentions"):
+        if path == "absorbed" and t == 1 and scales is None and not kwargs.get("output_attentions"):
             return self._decode(hidden_states, cos, sin, c_kv, k_pe, joint, attention_mask), None
         q_nope, q_pe = self._query(hidden_states).split([d.qk_nope_head_dim, d.qk_rope_head_dim], -1)
         q_pe = q_pe * cos + rotate_half(q_pe) * sin  # (B, h, t, p)
         attend = self._absorbed if path == "absorbed" else self._expanded
-        out, weights = attend(q_nope, q_pe, c_kv, k_pe, attention_mask, **kwargs)
+        out, weights = attend(q_nope, q_pe, c_kv, k_pe, attention_mask, scales=scales, **kwargs)
         return self.o_proj(out.reshape(b, t, -1)), weights
 
     def absorbed_is_cheaper(self) -> bool:
@@ -184,26 +214,39 @@ class MLAAttention(nn.Module):
             return eager_attention  # SDPA has no soft-capping and would silently skip it
         return ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention)
 
-    def _expanded(self, q_nope, q_pe, c_kv, k_pe, mask, **kwargs):
+    def _head_scales(self, scales: torch.Tensor) -> torch.Tensor:
+        """Key scales (B, 1, s, S) -> each query head's (B, h, s, 1): heads are in KV-group order."""
+        idx = torch.arange(self.dims.num_heads, device=scales.device) // (self.dims.num_heads // self.dims.key_scales)
+        return scales[..., idx].permute(0, 3, 2, 1)
+
+    def _expanded(self, q_nope, q_pe, c_kv, k_pe, mask, scales=None, **kwargs):
         """Decompress every cached latent into per-head K/V, then ordinary attention -> (B, t, h, v)."""
         d = self.dims
         b, _, s, _ = c_kv.shape
         kv = self.kv_b_proj(c_kv.squeeze(1)).view(b, s, d.num_heads, -1).transpose(1, 2)  # (B, h, s, n + v)
         k_nope, value = kv.split([d.qk_nope_head_dim, d.v_head_dim], -1)
+        if scales is not None:
+            k_nope = k_nope * self._head_scales(scales)
         key = torch.cat((k_nope, k_pe.expand(b, d.num_heads, s, -1)), -1)  # (B, h, s, n + p)
         query = torch.cat((q_nope, q_pe), -1)  # (B, h, t, n + p)
         return self._kernel()(_KernelView(1), query, key, value, mask, scaling=d.softmax_scale,
                               softcap=self.softcap, **kwargs)
 
-    def _absorbed(self, q_nope, q_pe, c_kv, k_pe, mask, **kwargs):
-        """Attend over latents: score = (W_uk^T q_nope)·c + q_pe·k_pe; out = W_uv (P c) -> (B, t, h, v)."""
+    def _absorbed(self, q_nope, q_pe, c_kv, k_pe, mask, scales=None, **kwargs):
+        """Attend over latents: score = (W_uk^T q_nope)·c + q_pe·k_pe; out = W_uv (P c) -> (B, t, h, v).
+        With key scales the latent part of the key is s_g c per KV group g (one MQA read per scale)."""
         d = self.dims
         w_uk, w_uv = self.absorbed_weights()
         q_lat = torch.einsum("bhtn,hnr->bhtr", q_nope, w_uk)
         query = torch.cat((q_lat, q_pe), -1)  # (B, h, t, r + p)
-        key = torch.cat((c_kv, k_pe), -1)  # (B, 1, s, r + p)
-        view = _KernelView(d.num_heads)
-        o_lat, weights = self._kernel()(view, query, key, c_kv, mask, scaling=d.softmax_scale, softcap=self.softcap,
+        key, value, view = torch.cat((c_kv, k_pe), -1), c_kv, _KernelView(d.num_heads)  # (B, 1, s, r + p)
+        if scales is not None:
+            scaled = c_kv * (scales.transpose(1, 3) if d.key_scales > 1 else scales)  # (B, S, s, r)
+            key = torch.cat((scaled, k_pe.expand(-1, scaled.shape[1], -1, -1)), -1)  # (B, S, s, r + p)
+            if d.key_scales > 1:  # one key per head: `eager_attention` broadcasts 1 or h key heads
+                key = key.repeat_interleave(d.num_heads // d.key_scales, 1)
+                value, view = c_kv.expand(-1, d.num_heads, -1, -1), _KernelView(1)
+        o_lat, weights = self._kernel()(view, query, key, value, mask, scaling=d.softmax_scale, softcap=self.softcap,
                                         **kwargs)
         return torch.einsum("bthr,hvr->bthv", o_lat, w_uv), weights  # o_lat (B, t, h, r)
 
@@ -252,7 +295,7 @@ class MLAAttention(nn.Module):
         storage): q (h*(r + p), D_q) = [W_uk^T W_q_nope; W_q_rope] per head, o (D, h*r) = W_o W_uv.
         Each is None where folding would read more bytes than the views (or while autograd is on,
         so training sees the real parameters)."""
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or self.dims.qk_norm is not None:  # QK-norm: the query's norm sits in between
             return {"q": None, "q_factor": None, "q_bias": None, "o": None}
         lin = self.q_proj if self.dims.q_lora_rank is None else self.q_b_proj
         params = (lin.weight, lin.bias, self.kv_b_proj.weight, self.o_proj.weight)
@@ -290,18 +333,25 @@ class MLAAttention(nn.Module):
         with torch.no_grad():
             folds = self.decode_folds()
         d = self.dims
-        lin = self.q_proj if d.q_lora_rank is None else self.q_b_proj
         size = lambda t: 0 if t is None else t.numel() * t.element_size()  # noqa: E731
-        if folds["q_factor"] is not None:
+        if d.qk_norm is not None:  # q_src_proj, q_head_map and k_src_proj are counted in `rest`
+            q = size(self.absorbed_weights()[0])
+        elif folds["q_factor"] is not None:
             q = sum(size(t) for t in folds["q_factor"]) + size(folds["q_bias"])
         elif folds["q"] is not None:
             q = size(folds["q"]) + size(folds["q_bias"])
         else:
+            lin = self.q_proj if d.q_lora_rank is None else self.q_b_proj
             q = size(lin.weight) + size(lin.bias) + size(self.absorbed_weights()[0])
         o = size(folds["o"]) if folds["o"] is not None else size(self.o_proj.weight) + size(self.absorbed_weights()[1])
         rest = sum(size(p) for name, p in self.named_parameters()
                    if not name.startswith(("q_proj", "q_b_proj", "kv_b_proj", "o_proj.weight")))
         return q + o + rest
+
+
+def unit_rms(u: torch.Tensor, eps: float) -> torch.Tensor:
+    """u / rms(u) over the last dim, in fp32 at least as the source norms compute it."""
+    return (u.float() * torch.rsqrt(u.float().pow(2).mean(-1, keepdim=True) + eps)).to(u.dtype)
 
 
 def _factor_heads(w: torch.Tensor, rtol: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:

@@ -113,12 +113,35 @@ def test_every_family_is_covered():
     assert set(SUPPORTED_FAMILIES) == {TINY[n][0].model_type for n in TINY}
 
 
-@pytest.mark.parametrize("family", ["qwen3", "gemma3_text", "olmo2"])
-def test_refused_families_say_why(family):
+def test_refused_families_say_why():
     from transformers import AutoConfig
 
-    config = AutoConfig.for_model(family, vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                  num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    config = AutoConfig.for_model("qwen3_moe", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=2)
     model = __import__("transformers").AutoModelForCausalLM.from_config(config)
-    with pytest.raises(LatentKVError, match="QK-norm"):
+    with pytest.raises(LatentKVError, match="mixture-of-experts"):
         convert(model, ExactConfig(), progress=False)
+
+
+@pytest.mark.parametrize("name", ["qwen3-qknorm", "gemma3-qknorm", "olmo2-qknorm"])
+def test_qk_norm_cannot_be_export_grade(name):
+    """DeepSeek-V3 has no slot for the per-token key scale: --target deepseek_v3 is refused with the reason."""
+    from latentkv.conversion.configs import make_config
+
+    with pytest.raises(LatentKVError, match="per-token 1/rms"):
+        convert(make_tiny(name), make_config(kv_budget=0.5, target="deepseek_v3"), progress=False)
+
+
+def test_qk_norm_with_gqa_keeps_kv_heads_apart():
+    """Qwen3 scales each KV head's key separately: an explicit head-mixing RoPE strategy is refused; the
+    default falls back to one that keeps heads apart (and is then exact at the full budget)."""
+    from latentkv import LowRankConfig
+    from latentkv.conversion.configs import make_config
+    from latentkv.conversion.dims import fit_qk_norm
+
+    model = make_tiny("qwen3-qknorm")
+    with pytest.raises(LatentKVError, match="mixes KV heads"):
+        convert(model, LowRankConfig(kv_budget=0.5, rope="rorope"), calib_ids=torch.zeros(4, 16, dtype=torch.long),
+                progress=False)
+    assert fit_qk_norm(make_config(kv_budget=0.5), _layout(model)).rope == "2norm"
+    assert fit_qk_norm(make_config(kv_budget=0.5), _layout(make_tiny("gemma3-qknorm"))).rope == "rorope"  # MQA

@@ -16,29 +16,39 @@ SETTINGS = settings(max_examples=12, deadline=None, suppress_health_check=[Healt
 
 # family -> (config class, model class), the classes conftest's tiny models use
 FAMILIES = {family: TINY[name][:2] for family, name in
-            (("llama", "llama-gqa"), ("qwen2", "qwen2-bias"), ("mistral", "mistral-gqa"), ("gemma2", "gemma2-softcap"))}
+            (("llama", "llama-gqa"), ("qwen2", "qwen2-bias"), ("mistral", "mistral-gqa"), ("gemma2", "gemma2-softcap"),
+             ("qwen3", "qwen3-qknorm"), ("gemma3", "gemma3-qknorm"), ("olmo2", "olmo2-qknorm"))}
 
 
 @st.composite
 def configs(draw):
     """A random attention shape (heads, KV heads dividing them, head_dim) of a random family:
-    Llama, Qwen2 (biases), Mistral (a window or none), Gemma-2 (soft-cap, query scale, windows)."""
+    Llama, Qwen2 (biases), Mistral (a window or none), Gemma-2 (soft-cap, query scale, windows),
+    Qwen3 and OLMo-2 (QK-norm per head / over the projection), Gemma-3 (QK-norm, local and global
+    RoPE bases, windows on some layers)."""
     kv = draw(st.sampled_from([1, 2, 4]))
     heads = kv * draw(st.sampled_from([1, 2, 3]))
     head_dim = draw(st.sampled_from([8, 16]))
     family = draw(st.sampled_from(sorted(FAMILIES)))
     extra = {}
-    if family in ("mistral", "gemma2"):
+    theta = draw(st.sampled_from([10000.0, 500000.0]))
+    if family in ("mistral", "gemma2", "gemma3"):
         extra["sliding_window"] = draw(st.sampled_from([4, 16] + ([None] if family == "mistral" else [])))
+    if family in ("gemma2", "gemma3"):
+        extra.update(query_pre_attn_scalar=draw(st.sampled_from([head_dim, 2 * head_dim])), attn_implementation="eager")
     if family == "gemma2":
-        extra.update(attn_logit_softcapping=draw(st.sampled_from([0.5, 2.0, 50.0])),
-                     query_pre_attn_scalar=draw(st.sampled_from([head_dim, 2 * head_dim])),
-                     attn_implementation="eager")
+        extra["attn_logit_softcapping"] = draw(st.sampled_from([0.5, 2.0, 50.0]))
+    if family == "gemma3":
+        kinds = ("sliding_attention", "full_attention")
+        extra.update(layer_types=[draw(st.sampled_from(kinds)) for _ in range(2)], rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "default", "rope_theta": theta}})
+    else:
+        extra["rope_theta"] = theta
     cfg_cls, model_cls = FAMILIES[family]
     config = cfg_cls(vocab_size=97, hidden_size=heads * head_dim, intermediate_size=64, num_hidden_layers=2,
                      num_attention_heads=heads, num_key_value_heads=kv, head_dim=head_dim,
-                     max_position_embeddings=256, tie_word_embeddings=draw(st.booleans()),
-                     rope_theta=draw(st.sampled_from([10000.0, 500000.0])), **extra)
+                     max_position_embeddings=256, tie_word_embeddings=draw(st.booleans()), **extra)
     torch.manual_seed(draw(st.integers(0, 2**16)))
     model = model_cls(config).eval()
     with torch.no_grad():
@@ -83,7 +93,9 @@ def test_reduced_budget_invariants(model, budget):
         conv(ids[:, :-1], cache=cache)
         step = conv(ids[:, -1:], cache=cache).logits[:, -1]
     assert (step - a[:, -1]).abs().max().item() <= 1e-4 * max(1.0, a.abs().max().item())
-    assert cache.bytes_per_token() == 2 * values * 4  # 2 layers, fp32
+    scales = rec["layers"][0]["key_scales"]  # QK-norm: per-token key scales, cached and counted in the budget
+    assert values + scales <= round(budget * src)
+    assert cache.bytes_per_token() == 2 * (values + scales) * 4  # 2 layers, fp32
     assert cache.nbytes() == held_bytes(conv, batch=ids.shape[0], tokens=ids.shape[1])  # windows keep window - 1
 
 

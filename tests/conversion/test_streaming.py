@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 
 import pytest
 import torch
 
 from latentkv import convert
-from latentkv.conversion.configs import ExactConfig, LowRankConfig, SVDConfig
+from latentkv.conversion.configs import ExactConfig, LowRankConfig, SVDConfig, make_config
 from latentkv.conversion.streaming import Stream, convert_streaming
 from latentkv.errors import LatentKVError
 from latentkv.families import sliding_window
@@ -71,10 +72,13 @@ def test_streaming_equals_in_memory(tmp_path, tiny_tokenizer, calib, ids, case):
         assert (logits_of(model, ids) - b).abs().max() < 1e-4 * a.abs().max()
 
 
-@pytest.mark.parametrize("family", ["qwen2-bias", "mistral-sliding", "llama3-rope", "llama-mha", "gemma2-softcap"])
+@pytest.mark.parametrize("family", ["qwen2-bias", "mistral-sliding", "llama3-rope", "llama-mha", "gemma2-softcap",
+                                    "qwen3-qknorm", "gemma3-qknorm", "olmo2-qknorm"])
 def test_streaming_families(tmp_path, tiny_tokenizer, calib, ids, family):
     model, src = sharded(tmp_path, family, layers=2, tokenizer=tiny_tokenizer)
     config = lowrank(calib)
+    if family == "qwen3-qknorm":  # per-KV-head key scales: RoRoPE's head mixing is refused
+        config = replace(config, rope="2norm")
     ref = convert(model, config, tokenizer=tiny_tokenizer, progress=False)
     convert_streaming(src, config, tmp_path / "out", progress=False)
     got, _ = load(tmp_path / "out")
@@ -82,7 +86,7 @@ def test_streaming_families(tmp_path, tiny_tokenizer, calib, ids, family):
     assert (a - b).abs().max() < 2e-4 * a.abs().max()
     for i, layer in enumerate(model.model.layers):  # each layer keeps its own window (Gemma-2 alternates)
         assert got.model.layers[i].self_attn.sliding_window == sliding_window(model.config, layer.self_attn, i)
-    if family == "gemma2-softcap":
+    if family in ("gemma2-softcap", "gemma3-qknorm"):
         assert [a.self_attn.sliding_window for a in got.model.layers] == [8, None]
 
 
@@ -199,13 +203,10 @@ def test_bad_inputs(tmp_path, tiny_tokenizer, calib):
         convert_streaming(tmp_path / "nan", ExactConfig(), tmp_path / "o3", progress=False)
     with pytest.raises(LatentKVError, match="no tokenizer files"):
         convert_streaming(tmp_path / "nan", lowrank(calib), tmp_path / "o4", progress=False)
-    with pytest.raises(LatentKVError, match="cannot convert model_type 'qwen3'"):
-        from transformers import Qwen3Config, Qwen3ForCausalLM
-
-        Qwen3ForCausalLM(Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                     num_attention_heads=2, num_key_value_heads=1, head_dim=16)
-                         ).save_pretrained(tmp_path / "qwen3")
-        convert_streaming(tmp_path / "qwen3", ExactConfig(), tmp_path / "o5", progress=False)
+    with pytest.raises(LatentKVError, match="export-grade .*per-token 1/rms"):
+        make_tiny("qwen3-qknorm").save_pretrained(tmp_path / "qwen3")
+        convert_streaming(tmp_path / "qwen3", make_config(kv_budget=0.5, target="deepseek_v3"), tmp_path / "o5",
+                          progress=False)
 
 
 def test_cli_stream_disk_full_then_resume(tmp_path, tiny_tokenizer, calib, monkeypatch, capsys):
