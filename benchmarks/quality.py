@@ -1,6 +1,7 @@
 """Perplexity, cache size (and passkey retrieval) of a source model and its conversions -> BENCHMARKS.md.
 
     python benchmarks/quality.py --variants source,exact,svd:0.5 --text wikitext2 --seq-len 2048
+    python benchmarks/quality.py --model gemma3-270m --also ptb --passkey 1024,2048,4096 --trials 1 ...
 
 Variants: `source`, `exact`, `svd:BUDGET`, `lowrank:BUDGET` (the calibrated default method), and
 `lowrank:BUDGET:KEY=VALUE+KEY=VALUE` for LowRankConfig overrides (e.g. `rope=rorope-fold2`).
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from latentkv import convert, load_model, load_text
 from latentkv.conversion.configs import make_config
+from latentkv.evaluation.perplexity import perplexity
 from latentkv.reports.sweep import evaluate_row
 
 from common import add_output_args, section, write_section
@@ -48,7 +50,7 @@ def parse_options(options: str) -> dict:
 
 
 def settings(args) -> dict:
-    return {k: getattr(args, k) for k in ("model", "text", "seq_len", "max_windows", "passkey")}
+    return {k: getattr(args, k) for k in ("model", "text", "seq_len", "max_windows", "passkey", "also", "trials")}
 
 
 def load_checkpoint(args) -> list[dict]:
@@ -78,7 +80,10 @@ def run(args) -> list[dict]:
         if spec in done:
             continue
         model, conv_s = make_variant(source, tok, spec, cache)
-        row = evaluate_row(model, tok, text, args.seq_len, args.max_windows, contexts)
+        row = evaluate_row(model, tok, text, args.seq_len, args.max_windows, contexts, trials=args.trials)
+        for name in filter(None, (args.also or "").split(",")):  # more texts, same windows
+            row[f"ppl_{name}"] = perplexity(model, tok, load_text(name), seq_len=args.seq_len,
+                                            max_windows=args.max_windows).ppl
         rows.append({"variant": spec, **row, "convert_seconds": conv_s and round(conv_s, 1),
                      "ppl_ratio": row["ppl"] / rows[0]["ppl"] if rows else 1.0})
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
@@ -89,15 +94,20 @@ def run(args) -> list[dict]:
 
 def markdown(args, rows: list[dict]) -> str:
     passkey = "passkey_accuracy" in rows[0]
-    intro = (f"Protocol: `latentkv.perplexity` (seq_len {args.seq_len}, non-overlapping, token-weighted); "
-             "ratio = ppl / source ppl.")
+    also = [k for k in rows[0] if k.startswith("ppl_")]
+    intro = (f"Protocol: `latentkv.perplexity` (seq_len {args.seq_len}, non-overlapping, token-weighted; "
+             f"{args.max_windows or 'all'} windows per text); ratio = ppl / source ppl."
+             + (f" Passkey: contexts {args.passkey}, 5 depths x {args.trials} trials each." if passkey else ""))
+    extra = "".join(f" {k[4:]} ppl (ratio) |" for k in also)
     lines = ["| variant | rope + latent | cache values/token/layer | cache bytes/token (fp32) | ppl | ratio | tokens "
-             f"| windows | convert s |{' passkey |' if passkey else ''}", "|---|---|" + "---:|" * (7 + passkey)]
+             f"| windows | convert s |{extra}{' passkey |' if passkey else ''}",
+             "|---|---|" + "---:|" * (7 + len(also) + passkey)]
     for r in rows:
         split = f"{r['qk_rope_head_dim']} + {r['kv_lora_rank']}" if r["kv_lora_rank"] else "-"
+        cells = "".join(f" {r[k]:.3f} (x{r[k] / rows[0][k]:.3f}) |" for k in also)
         lines.append(f"| {r['variant']} | {split} | {r['cache_values_per_token_per_layer']} | "
                      f"{r['cache_bytes_per_token']:,} | {r['ppl']:.4f} | {r['ppl_ratio']:.3f} | {r['tokens']:,} | "
-                     f"{r['windows']} | {r['convert_seconds'] if r['convert_seconds'] is not None else '-'} |"
+                     f"{r['windows']} | {r['convert_seconds'] if r['convert_seconds'] is not None else '-'} |{cells}"
                      + (f" {r['passkey_accuracy']:.0%} |" if passkey else ""))
     return section(args.section, f"{args.model} on {args.text}: perplexity and cache size", intro, lines)
 
@@ -110,6 +120,8 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--max-windows", type=int)
     p.add_argument("--passkey", help="also passkey accuracy at these contexts, e.g. 1024,2048,4096")
+    p.add_argument("--trials", type=int, default=3, help="passkey trials per context and depth")
+    p.add_argument("--also", help="more texts measured on the same windows, e.g. ptb")
     add_output_args(p, "wikitext2-full", json_out="runs/quality.json",
                     resume="skip variants already in --json-out with the same settings")
     args = p.parse_args()

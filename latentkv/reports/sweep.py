@@ -64,7 +64,8 @@ def latent_spectra(model, conv, config, ids, cache: dict) -> dict:
             "latent_error_share": [round(tail_share(s, d.kv_lora_rank), 6) for s, d in zip(spectra, dims)]}
 
 
-def evaluate_row(model, tokenizer, corpus: str, seq_len: int, max_windows, passkey_contexts=(), progress=True) -> dict:
+def evaluate_row(model, tokenizer, corpus: str, seq_len: int, max_windows, passkey_contexts=(), progress=True,
+                 trials: int = 3) -> dict:
     """Cache size, perplexity (and passkey accuracy) of one model, as one table row."""
     rep = cache_report(model)
     ppl = perplexity(model, tokenizer, corpus, seq_len=seq_len, max_windows=max_windows, progress=progress)
@@ -76,7 +77,8 @@ def evaluate_row(model, tokenizer, corpus: str, seq_len: int, max_windows, passk
            "cache_bytes_per_token": rep["model"]["bytes_per_token"], "ppl": ppl.ppl, "tokens": ppl.tokens,
            "windows": ppl.windows, "ppl_ratio": 1.0}
     if passkey_contexts:
-        row["passkey_accuracy"] = passkey(model, tokenizer, contexts=passkey_contexts, progress=progress)["accuracy"]
+        row["passkey_accuracy"] = passkey(model, tokenizer, contexts=passkey_contexts, trials=trials,
+                                          progress=progress)["accuracy"]
     return row
 
 

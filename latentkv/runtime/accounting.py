@@ -21,7 +21,7 @@ def cache_report(model) -> dict:
     else:
         src = record["source"]
         src_values = src["kv_values_per_token_per_layer"]
-        layers = [d["kv_lora_rank"] + d["qk_rope_head_dim"] for d in record["layers"]]
+        layers = [d["kv_lora_rank"] + d["qk_rope_head_dim"] + d.get("key_scales", 0) for d in record["layers"]]  # QK-norm scales too
         arch = f"MLA converted from {src['model_type']} ({record['conversion']['method']})"
     n = len(layers)
     return {

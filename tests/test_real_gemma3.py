@@ -1,0 +1,47 @@
+"""The bundled Gemma-3-270M: a real QK-norm model (MQA, head_dim 256, (1 + w) norms, sliding-window
+layers with a local RoPE base between global ones, scaled embeddings)."""
+
+import pytest
+import torch
+
+from latentkv import ExactConfig, LatentCache, SVDConfig, convert
+
+from test_real_model import PARAGRAPH
+
+pytestmark = pytest.mark.real
+
+
+def test_full_budget_logits_match(gemma3):
+    """Eager kernel on both sides: the full-budget conversion gives the source's logits to 1e-4, on the
+    expanded and the absorbed path, over more tokens than a sliding window holds."""
+    model, tok = gemma3
+    conv = convert(model, ExactConfig(), progress=False)
+    ids = tok(PARAGRAPH * 7, return_tensors="pt").input_ids[:, :600]  # > the 512-token window
+    assert ids.shape[1] > 512
+    with torch.no_grad():
+        ref = model(ids).logits
+        for path in ("expanded", "absorbed"):
+            diff = (conv(ids, mla_path=path).logits - ref).abs().max().item()
+            assert diff <= 1e-4, f"{path}: max abs logit diff {diff:.2e}"
+
+
+def test_reduced_budget_cache_holds_windows_and_scales(gemma3):
+    """At 50 %: cached decode equals the uncached forward; a sliding layer keeps only its window of
+    latents; every token's latent, rope key and key scale are counted in the cache's bytes."""
+    model, tok = gemma3
+    conv = convert(model, SVDConfig(kv_budget=0.5), progress=False)
+    ids = tok(PARAGRAPH * 7, return_tensors="pt").input_ids[:, :600]
+    cache = LatentCache(conv)
+    with torch.no_grad():
+        full = conv(ids).logits[:, -1]
+        conv(ids[:, :-1], cache=cache)
+        step = conv(ids[:, -1:], cache=cache).logits[:, -1]
+    assert (step - full).abs().max().item() <= 1e-3
+    attns = [layer.self_attn for layer in conv.model.layers]
+    assert {a.sliding_window for a in attns} == {512, None}
+    width = attns[0].dims.kv_lora_rank + attns[0].dims.qk_rope_head_dim + 1  # + the MQA key scale
+    assert attns[0].dims.cache_values_per_token == width <= 256  # half of the source's 2 x 256
+    n = ids.shape[1]
+    assert n > 512
+    held = sum(4 * a.dims.cache_values_per_token * (511 if a.sliding_window else n) for a in attns)
+    assert cache.nbytes() == held
