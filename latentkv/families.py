@@ -12,7 +12,8 @@ from .errors import LatentKVError
 
 # model_type -> human name. SmolLM/SmolLM2 are Llama checkpoints (model_type "llama").
 SUPPORTED_FAMILIES = {"llama": "Llama/SmolLM", "mistral": "Mistral", "qwen2": "Qwen2", "gemma2": "Gemma-2",
-                      "qwen3": "Qwen3", "gemma3_text": "Gemma-3", "olmo2": "OLMo-2"}
+                      "qwen3": "Qwen3", "gemma3_text": "Gemma-3", "olmo2": "OLMo-2", "phi3": "Phi-3",
+                      "smollm3": "SmolLM3"}
 # QK-norm families -> where their q/k RMSNorm acts: "head" (each head's d dims, one weight shared by
 # heads: Qwen3, Gemma-3) or "proj" (the whole q or k projection: OLMo-2). See `QKNorm`.
 QK_NORM = {"qwen3": "head", "gemma3_text": "head", "olmo2": "proj"}
@@ -113,6 +114,9 @@ def check_supported(config) -> None:
         arch = (getattr(config, "architectures", None) or [mt])[0]
         names = ", ".join(SUPPORTED_FAMILIES.values())
         raise LatentKVError(f"unsupported architecture {arch!r} (model_type {mt!r}); supported: {names}")
+    if getattr(config, "partial_rotary_factor", 1.0) != 1.0:
+        raise LatentKVError(f"{mt} rotates only {config.partial_rotary_factor:.0%} of each head's dims (partial "
+                            "rotary), which latentkv does not convert yet; supported: fully rotary heads")
     for rope in {rope_type(config, t) for t in layer_rope_types(config)}:
         if rope not in SUPPORTED_ROPE_TYPES:
             raise LatentKVError(f"unsupported RoPE scaling {rope!r} in {mt}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
@@ -136,12 +140,19 @@ def source_layout(config) -> SourceLayout:
 
 
 def per_layer_frequencies(config) -> tuple[tuple[float, ...], ...]:
-    """Every layer's (d/2,) frequencies when layer types rotate differently, else ()."""
+    """Every layer's (d/2,) frequencies when layers rotate differently (Gemma-3's local and global bases;
+    SmolLM3's NoPE layers, which do not rotate: frequency 0), else ()."""
     types = layer_rope_types(config)
-    if len(set(types)) < 2:
+    rotates = getattr(config, "no_rope_layers", None) or [1] * config.num_hidden_layers
+    if len(set(types)) < 2 and all(rotates):
         return ()
-    freqs = {t: tuple(rope_frequencies(config, t).tolist()) for t in set(types)}
-    return tuple(freqs[t] for t in types)
+    freqs = {t: rope_frequencies(config, t) for t in set(types)}
+    return tuple(tuple((freqs[t] * bool(r)).tolist()) for t, r in zip(types, rotates))
+
+
+def rotates(layout: SourceLayout) -> bool:
+    """False for a layout (of one layer) whose keys never rotate (a NoPE layer)."""
+    return any(layout.inv_freq)
 
 
 def rope_frequencies(config, layer_type: str | None = None) -> torch.Tensor:
@@ -229,10 +240,19 @@ def attention_layers(model) -> list:
 
 
 def read_attention(attn) -> SourceAttention:
-    """The weights of a source `self_attn`, read by the names in SOURCE_TO_MLA."""
-    lins = [getattr(attn, name) for name in SOURCE_TO_MLA]  # q, k, v, o
-    weights = [lin.weight.detach() for lin in lins]
-    biases = [None if lin.bias is None else lin.bias.detach() for lin in lins]
+    """The weights of a source `self_attn`, read by the names in SOURCE_TO_MLA (Phi-3's fused
+    `qkv_proj` is split into its q, k, v rows)."""
+    if hasattr(attn, "qkv_proj"):
+        q_rows = attn.config.num_attention_heads * attn.head_dim
+        kv_rows = (attn.qkv_proj.weight.shape[0] - q_rows) // 2
+        split = lambda t: (None,) * 3 if t is None else t.detach().split([q_rows, kv_rows, kv_rows])  # noqa: E731
+        o_bias = attn.o_proj.bias
+        weights = [*split(attn.qkv_proj.weight), attn.o_proj.weight.detach()]
+        biases = [*split(attn.qkv_proj.bias), None if o_bias is None else o_bias.detach()]
+    else:
+        lins = [getattr(attn, name) for name in SOURCE_TO_MLA]  # q, k, v, o
+        weights = [lin.weight.detach() for lin in lins]
+        biases = [None if lin.bias is None else lin.bias.detach() for lin in lins]
     src = SourceAttention(*weights, *biases, float(attn.scaling))
     return src if getattr(attn, "k_norm", None) is None else fold_qk_norm(src, attn)
 

@@ -18,11 +18,15 @@ from transformers import (
     MistralForCausalLM,
     Olmo2Config,
     Olmo2ForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
+    SmolLM3Config,
+    SmolLM3ForCausalLM,
 )
 
 VOCAB = 320
@@ -57,6 +61,10 @@ TINY = {
                                                                                                "full_attention"],
                                                                 attn_implementation="eager")),
     "olmo2-qknorm": (Olmo2Config, Olmo2ForCausalLM, dict(num_key_value_heads=2)),
+    # Phi-3: one fused qkv_proj (and gate_up_proj); SmolLM3: the second layer uses no RoPE at all (NoPE).
+    "phi3-fused": (Phi3Config, Phi3ForCausalLM, dict(num_key_value_heads=2, pad_token_id=0)),
+    "smollm3-nope": (SmolLM3Config, SmolLM3ForCausalLM, dict(num_key_value_heads=2, no_rope_layers=[1, 0],
+                                                             pad_token_id=0)),
 }
 
 

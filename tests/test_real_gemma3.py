@@ -6,7 +6,9 @@ import torch
 
 from latentkv import ExactConfig, LatentCache, SVDConfig, convert
 
-from test_real_model import PARAGRAPH
+PARAGRAPH = ("Robert Boulter is an English film, television and theatre actor. He had a guest-starring role on the "
+             "television series The Bill in 2000. This was followed by a starring role in the play Herons written "
+             "by Simon Stephens, which was performed in 2001 at the Royal Court Theatre. ")
 
 pytestmark = pytest.mark.real
 
@@ -16,7 +18,7 @@ def test_full_budget_logits_match(gemma3):
     expanded and the absorbed path, over more tokens than a sliding window holds."""
     model, tok = gemma3
     conv = convert(model, ExactConfig(), progress=False)
-    ids = tok(PARAGRAPH * 7, return_tensors="pt").input_ids[:, :600]  # > the 512-token window
+    ids = tok(PARAGRAPH * 12, return_tensors="pt").input_ids[:, :600]  # > the 512-token window
     assert ids.shape[1] > 512
     with torch.no_grad():
         ref = model(ids).logits
@@ -30,7 +32,7 @@ def test_reduced_budget_cache_holds_windows_and_scales(gemma3):
     latents; every token's latent, rope key and key scale are counted in the cache's bytes."""
     model, tok = gemma3
     conv = convert(model, SVDConfig(kv_budget=0.5), progress=False)
-    ids = tok(PARAGRAPH * 7, return_tensors="pt").input_ids[:, :600]
+    ids = tok(PARAGRAPH * 12, return_tensors="pt").input_ids[:, :600]
     cache = LatentCache(conv)
     with torch.no_grad():
         full = conv(ids).logits[:, -1]

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 from ..errors import LatentKVError
-from ..families import SourceAttention, SourceLayout
+from ..families import SourceAttention, SourceLayout, rotates
 from .configs import ExactConfig, LowRankConfig, SVDConfig
 from .keys import assemble, split_keys, stack_nope_kv
 from .linalg import low_rank, spectrum
@@ -22,8 +22,10 @@ from .rope import ROPE_STRATEGIES, HighFrequencies
 
 
 def exact_layer(src: SourceAttention, layout: SourceLayout, config: ExactConfig, dims, stats=None) -> dict:
-    """Every key dim rotated, so Y = V and the latent is V itself: A = W_v, B = I."""
-    split = HighFrequencies().split(src, layout, layout.num_kv_heads * layout.head_dim // 2)
+    """Every key dim rotated, so Y = V and the latent is V itself: A = W_v, B = I (a NoPE layer rotates
+    nothing: Y = [K; V] is the latent)."""
+    pairs = layout.num_kv_heads * layout.head_dim // 2 if rotates(layout) else 0
+    split = HighFrequencies().split(src, layout, pairs)
     parts = split_keys(src, layout, split)
     y = stack_nope_kv(parts, src)
     return assemble(layout, src, parts, y, torch.eye(y.shape[0], dtype=torch.float64))

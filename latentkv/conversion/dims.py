@@ -37,15 +37,20 @@ def budget_values(config, layout: SourceLayout) -> int | None:
     return None
 
 
-def fit_qk_norm(config, layout: SourceLayout):
-    """`config` as a QK-norm source can take it. Each KV head's key is scaled by its own per-token
+def fit_to_source(config, layout: SourceLayout):
+    """`config` as the source can take it. QK-norm: each KV head's key is scaled by its own per-token
     1 / rms, so a RoPE strategy that mixes KV heads (RoRoPE) would mix differently scaled keys: the
     default then chooses among those that keep heads apart; an explicit one is refused. A DeepSeek-V3
-    export has no slot for the scale, so export-grade conversions are refused."""
+    export has no slot for the scale, nor for layers without RoPE (SmolLM3): export-grade is refused."""
     rope = rope_of(config)
+    export_grade = getattr(config, "latent_norm", False) or rope == "rorope-export"
+    if export_grade and layout.layer_inv_freq and not all(any(f) for f in layout.layer_inv_freq):
+        raise LatentKVError(f"cannot convert {layout.model_type} export-grade (--target deepseek_v3): its NoPE layers "
+                            "rotate nothing, while DeepSeek-V3 rotates a rope key in every layer with one shape; "
+                            "convert without --target and serve with latentkv's runtime")
     if layout.qk_norm is None:
         return config
-    if getattr(config, "latent_norm", False) or rope == "rorope-export":
+    if export_grade:
         raise LatentKVError(f"cannot convert {layout.model_type} export-grade (--target deepseek_v3): its QK-norm "
                             "scales every key by a per-token 1/rms that DeepSeek-V3 engines cannot express; convert "
                             "without --target and serve with latentkv's runtime (the scales are cached beside c_kv)")

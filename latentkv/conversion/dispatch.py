@@ -14,7 +14,7 @@ from .allocate import allocate_search
 from .calibration import calibration_ids, calibration_record, oneshot_stats, split_ids
 from .configs import LowRankConfig, config_to_dict
 from .converters import converter_for
-from .dims import check_config, checked, fit_qk_norm, fixed_dims
+from .dims import check_config, checked, fit_to_source, fixed_dims
 from .latent_norm import add_latent_norm
 from .search import export_schedule, search_split
 from .sequential import convert_sequential
@@ -34,7 +34,7 @@ def convert(model, config, *, tokenizer=None, calib_ids: torch.Tensor | None = N
     calibrated = converter_for(config).calibrated
     layout = source_layout(model.config)
     check_finite(model)
-    config = fit_qk_norm(config, layout)
+    config = fit_to_source(config, layout)
     check_config(config, layout)
     start = time.perf_counter()
     info = None

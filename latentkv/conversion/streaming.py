@@ -34,7 +34,7 @@ from ..io.shards import INDEX, SINGLE, ShardedCheckpoint
 from ..io.text import fingerprint
 from .calibration import calibration_ids, calibration_record, split_ids
 from .configs import LowRankConfig, config_to_dict
-from .dims import fit_qk_norm, stream_dims
+from .dims import fit_to_source, stream_dims
 from .latent_norm import norm_layer
 from .prefix import PrefixWalk
 from .statistics import InputStats, Moments, record_attention_inputs
@@ -95,7 +95,7 @@ class Stream:
                                 "point to a Hugging Face checkpoint directory") from None
         self.layout = source_layout(hf)  # refuses unsupported families with the reason
         _tied_embeddings(self.ckpt, hf)
-        config = fit_qk_norm(config, self.layout)
+        config = fit_to_source(config, self.layout)
         self.config, self.device, self.store_dtype = config, torch.device(device), self.ckpt.dtype()
         self.calibrated = isinstance(config, LowRankConfig)
         self.sequential = self.calibrated and config.sequential
@@ -221,7 +221,7 @@ def _convert_streaming(source: Path, config, out: Path, tokenizer, calib_ids, de
     """convert_streaming, holding OUT's lock (two runs must not share OUT.partial)."""
     start = time.perf_counter()
     stream = Stream(source, config, device)
-    config = stream.config  # as the source can take it (`fit_qk_norm`)
+    config = stream.config  # as the source can take it (`fit_to_source`)
     dims = stream_dims(stream.layout, config)
     ids, tokenizer, calibration = _calibration(stream, source, config, tokenizer, calib_ids)
     calib = None if ids is None else f"{fingerprint(ids)}-{list(ids.shape)}"

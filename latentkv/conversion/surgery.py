@@ -8,10 +8,11 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import LatentKVError
-from ..families import SourceAttention, SourceLayout, attention_layers, read_attention
+from ..families import SourceAttention, SourceLayout, attention_layers, read_attention, rotates
 from ..runtime.install import install_layer
 from ..runtime.mla import MLADims
 from .converters import converter_for
+from .dims import latent_cap
 
 
 def layer_dims(layout: SourceLayout, sd: dict, src: SourceAttention, latent_norm: bool = False) -> MLADims:
@@ -34,6 +35,8 @@ def convert_attention(model, i: int, source_attn, layout: SourceLayout, config, 
     """Compute MLA weights from `source_attn` (layer i's source attention) and install them as layer i
     of `model` -> the new layer's dims."""
     src, layout = read_attention(source_attn), layout.for_layer(i)
+    if not rotates(layout):  # a NoPE layer (SmolLM3): nothing to rotate, every cache value goes to the latent
+        dims = (min(sum(dims), latent_cap(layout, "high", 0)), 0)
     with torch.no_grad():
         sd = converter_for(config).layer(src.at_least_float32(), layout, config, dims, stats)
     return install_layer(model, i, layer_dims(layout, sd, src), sd)

@@ -46,6 +46,9 @@ def exportable_dims(model):
     if any(a.dims.qk_norm for a in layers):
         raise LatentKVError(f"{model.config.model_type}'s QK-norm scales every key by a per-token 1/rms (cached beside "
                             "c_kv here), which DeepSeek-V3 engines cannot express; use the native latentkv checkpoint")
+    if any(a.dims.qk_rope_head_dim == 0 for a in layers):
+        raise LatentKVError("some layers use no RoPE (SmolLM3's NoPE layers) and cache no rope key, while DeepSeek-V3 "
+                            "rotates a rope key in every layer with one shape; use the native latentkv checkpoint")
     dims = {a.dims for a in layers}
     if len(dims) > 1:
         raise LatentKVError("per-layer ranks (--rank-allocation) have no DeepSeek-V3 form; convert with uniform ranks")
@@ -84,6 +87,9 @@ def engine_state(model, dims, freq_idx: torch.Tensor) -> dict[str, torch.Tensor]
         t = reorder_rope_rows(name, t.detach(), dims, order).clone().contiguous()
         if name.endswith(("self_attn.q_proj.weight", "self_attn.q_b_proj.weight")):
             t *= alpha
+        if name.endswith("mlp.gate_up_proj.weight"):  # Phi-3's fused MLP: DeepSeek-V3 names its halves apart
+            out[name.replace("gate_up_proj", "gate_proj")], out[name.replace("gate_up_proj", "up_proj")] = t.chunk(2)
+            continue
         out[name] = t
     if "lm_head.weight" not in out:  # tied: vLLM's DeepSeek loader reads lm_head.weight itself
         out["lm_head.weight"] = out["model.embed_tokens.weight"].clone()

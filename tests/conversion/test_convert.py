@@ -137,11 +137,36 @@ def test_qk_norm_with_gqa_keeps_kv_heads_apart():
     default falls back to one that keeps heads apart (and is then exact at the full budget)."""
     from latentkv import LowRankConfig
     from latentkv.conversion.configs import make_config
-    from latentkv.conversion.dims import fit_qk_norm
+    from latentkv.conversion.dims import fit_to_source
 
     model = make_tiny("qwen3-qknorm")
     with pytest.raises(LatentKVError, match="mixes KV heads"):
         convert(model, LowRankConfig(kv_budget=0.5, rope="rorope"), calib_ids=torch.zeros(4, 16, dtype=torch.long),
                 progress=False)
-    assert fit_qk_norm(make_config(kv_budget=0.5), _layout(model)).rope == "2norm"
-    assert fit_qk_norm(make_config(kv_budget=0.5), _layout(make_tiny("gemma3-qknorm"))).rope == "rorope"  # MQA
+    assert fit_to_source(make_config(kv_budget=0.5), _layout(model)).rope == "2norm"
+    assert fit_to_source(make_config(kv_budget=0.5), _layout(make_tiny("gemma3-qknorm"))).rope == "rorope"  # MQA
+
+
+def test_nope_layers_cache_no_rope_key(calib_free_budget=0.5):
+    """SmolLM3's NoPE layers rotate nothing: their whole budget goes to the latent (qk_rope_head_dim 0),
+    while rotary layers keep a rope key; the cache formula follows each layer."""
+    from latentkv import LatentCache
+
+    model = make_tiny("smollm3-nope")
+    conv = convert(model, SVDConfig(kv_budget=calib_free_budget), progress=False)
+    rope, nope = (layer.self_attn.dims for layer in conv.model.layers)
+    assert rope.qk_rope_head_dim > 0 and nope.qk_rope_head_dim == 0
+    assert nope.kv_lora_rank == rope.kv_lora_rank + rope.qk_rope_head_dim
+    cache = LatentCache(conv)
+    with torch.no_grad():
+        conv(torch.arange(10)[None], cache=cache)
+    assert cache.nbytes() == 4 * 10 * (rope.cache_values_per_token + nope.cache_values_per_token)
+
+
+def test_phi3_fused_projection_is_read_by_rows():
+    from latentkv.families import read_attention
+
+    attn = make_tiny("phi3-fused").model.layers[0].self_attn
+    src = read_attention(attn)
+    q, k, v = attn.qkv_proj.weight.split([64, 32, 32])
+    assert torch.equal(src.w_q, q) and torch.equal(src.w_k, k) and torch.equal(src.w_v, v)

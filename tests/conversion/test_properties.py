@@ -17,7 +17,8 @@ SETTINGS = settings(max_examples=12, deadline=None, suppress_health_check=[Healt
 # family -> (config class, model class), the classes conftest's tiny models use
 FAMILIES = {family: TINY[name][:2] for family, name in
             (("llama", "llama-gqa"), ("qwen2", "qwen2-bias"), ("mistral", "mistral-gqa"), ("gemma2", "gemma2-softcap"),
-             ("qwen3", "qwen3-qknorm"), ("gemma3", "gemma3-qknorm"), ("olmo2", "olmo2-qknorm"))}
+             ("qwen3", "qwen3-qknorm"), ("gemma3", "gemma3-qknorm"), ("olmo2", "olmo2-qknorm"), ("phi3", "phi3-fused"),
+             ("smollm3", "smollm3-nope"))}
 
 
 @st.composite
@@ -25,7 +26,7 @@ def configs(draw):
     """A random attention shape (heads, KV heads dividing them, head_dim) of a random family:
     Llama, Qwen2 (biases), Mistral (a window or none), Gemma-2 (soft-cap, query scale, windows),
     Qwen3 and OLMo-2 (QK-norm per head / over the projection), Gemma-3 (QK-norm, local and global
-    RoPE bases, windows on some layers)."""
+    RoPE bases, windows on some layers), Phi-3 (fused qkv_proj), SmolLM3 (NoPE layers)."""
     kv = draw(st.sampled_from([1, 2, 4]))
     heads = kv * draw(st.sampled_from([1, 2, 3]))
     head_dim = draw(st.sampled_from([8, 16]))
@@ -45,6 +46,10 @@ def configs(draw):
             "full_attention": {"rope_type": "default", "rope_theta": theta}})
     else:
         extra["rope_theta"] = theta
+    if family == "smollm3":
+        extra["no_rope_layers"] = [draw(st.sampled_from([0, 1])) for _ in range(2)]
+    if family in ("phi3", "smollm3"):
+        extra["pad_token_id"] = 0
     cfg_cls, model_cls = FAMILIES[family]
     config = cfg_cls(vocab_size=97, hidden_size=heads * head_dim, intermediate_size=64, num_hidden_layers=2,
                      num_attention_heads=heads, num_key_value_heads=kv, head_dim=head_dim,

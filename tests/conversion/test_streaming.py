@@ -73,7 +73,7 @@ def test_streaming_equals_in_memory(tmp_path, tiny_tokenizer, calib, ids, case):
 
 
 @pytest.mark.parametrize("family", ["qwen2-bias", "mistral-sliding", "llama3-rope", "llama-mha", "gemma2-softcap",
-                                    "qwen3-qknorm", "gemma3-qknorm", "olmo2-qknorm"])
+                                    "qwen3-qknorm", "gemma3-qknorm", "olmo2-qknorm", "phi3-fused", "smollm3-nope"])
 def test_streaming_families(tmp_path, tiny_tokenizer, calib, ids, family):
     model, src = sharded(tmp_path, family, layers=2, tokenizer=tiny_tokenizer)
     config = lowrank(calib)

@@ -15,7 +15,7 @@ from latentkv.reports.verify import load_stock
 
 from conftest import make_tiny
 
-EXPORTABLE = ["llama-gqa", "llama-mha", "llama-mqa", "llama3-rope", "mistral-gqa"]
+EXPORTABLE = ["llama-gqa", "llama-mha", "llama-mqa", "llama3-rope", "mistral-gqa", "phi3-fused"]
 
 
 def calib():
@@ -159,6 +159,11 @@ REFUSALS = {
     "sliding": (lambda: target_model("mistral-sliding"), "sliding-window"),
     "gemma2": (lambda: target_model("gemma2-softcap"), "soft-cap attention scores"),
     "per-layer ranks": (lambda: _per_layer_ranks(target_model("llama-gqa")), "per-layer ranks"),
+    "nope layers": (lambda: target_model("smollm3-nope"), "NoPE"),
+    "nope layers, native": (lambda: convert(make_tiny("smollm3-nope"), LowRankConfig(kv_budget=0.5), calib_ids=calib(),
+                                            progress=False), "NoPE"),
+    "qk-norm": (lambda: convert(make_tiny("olmo2-qknorm"), LowRankConfig(kv_budget=0.5), calib_ids=calib(),
+                                progress=False), "QK-norm"),
 }
 
 
