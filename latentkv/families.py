@@ -271,13 +271,17 @@ def fold_qk_norm(src: SourceAttention, attn) -> SourceAttention:
 
 
 def norm_weight(norm) -> torch.Tensor:
-    """An RMSNorm's effective elementwise weight (Gemma's 1 + w included), read by applying it in fp64
-    to a vector of ones (rms 1, so the output is the weight over sqrt(1 + eps))."""
-    width = norm.weight.numel()
+    """An RMSNorm's effective elementwise weight: w, or Gemma's 1 + w, told apart by applying the norm
+    to a vector of ones (rms 1, so it returns the weight over sqrt(1 + eps)); exact in fp64 even though
+    the norms compute in fp32. A norm of neither form gets the measured weight."""
+    w = norm.weight.detach().double()
     probe = copy.deepcopy(norm).double()
     with torch.no_grad():
-        out = probe(torch.ones(1, width, dtype=torch.float64))[0]
-    return (out * (1 + norm_eps(norm)) ** 0.5).detach()
+        out = probe(torch.ones(1, w.numel(), dtype=torch.float64))[0] * (1 + norm_eps(norm)) ** 0.5
+    for form in (w, 1 + w):
+        if torch.allclose(out, form, rtol=1e-5, atol=1e-6):
+            return form
+    return out
 
 
 def norm_eps(norm) -> float:
