@@ -40,12 +40,14 @@ def exportable_dims(model):
     layers = [layer.self_attn for layer in model.model.layers]
     if record_of(model) is None or not is_mla(model):
         raise LatentKVError("export needs a model converted by latentkv; run `latentkv convert` first")
-    if logit_softcap(model.config) is not None or embedding_scale(model) != 1.0:
-        raise LatentKVError(f"{model.config.model_type} layers soft-cap attention scores, scale embeddings and carry "
-                            "extra norms, none of which DeepSeek-V3 has; use the native latentkv checkpoint instead")
     if any(a.dims.qk_norm for a in layers):
         raise LatentKVError(f"{model.config.model_type}'s QK-norm scales every key by a per-token 1/rms (cached beside "
                             "c_kv here), which DeepSeek-V3 engines cannot express; use the native latentkv checkpoint")
+    extras = [what for what, has in (("soft-cap attention scores", logit_softcap(model.config) is not None),
+                                     ("scale embeddings", embedding_scale(model) != 1.0)) if has]
+    if extras:
+        raise LatentKVError(f"{model.config.model_type} models {' and '.join(extras)} and carry extra norms, none of "
+                            "which DeepSeek-V3 has; use the native latentkv checkpoint instead")
     if any(a.dims.qk_rope_head_dim == 0 for a in layers):
         raise LatentKVError("some layers use no RoPE (SmolLM3's NoPE layers) and cache no rope key, while DeepSeek-V3 "
                             "rotates a rope key in every layer with one shape; use the native latentkv checkpoint")
