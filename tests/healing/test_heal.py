@@ -19,6 +19,7 @@ from latentkv.errors import LatentKVError
 from latentkv.healing.data import WindowOrder, pack
 from latentkv.healing.losses import kl_full, kl_topk, teacher_topk
 from latentkv.healing.run import HealConfig, heal
+from latentkv.loading import load_model
 from latentkv.runtime.checkpoint import load
 
 from conftest import SAMPLE, VOCAB, make_tiny
@@ -326,3 +327,26 @@ def test_healed_export_grade_model_keeps_layout_exports_and_verifies(dirs, tmp_p
     assert main(["export", str(healed), "--out", str(ds)]) == 0
     res = verify_export(ds, healed, tokens=48, progress=False)
     assert res["passed"] and res["max_abs_diff"] <= 1e-4 and res["generation_match"], res
+
+
+def test_qk_norm_student_heals(tmp_path, tiny_tokenizer, dirs):
+    """A Qwen3 (QK-norm per KV head) conversion heals like any other: the source query and key projections
+    train with the rest of the attention, the KL to the teacher falls, the healed model loads."""
+    src = tmp_path / "q3"
+    model = make_tiny("qwen3-qknorm", layers=2)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(25)
+    model.save_pretrained(src)
+    tiny_tokenizer.save_pretrained(src)
+    assert main(["convert", str(src), "--out", str(tmp_path / "low"), "--kv-budget", "0.25", "--method", "svd"]) == 0
+    heal(tmp_path / "low", src, dirs / "data", tmp_path / "healed", small(), progress=False)
+    teacher = load_model(src, progress=False)[0]
+    ids = torch.tensor(tiny_tokenizer(SAMPLE)["input_ids"][:64])[None]
+
+    def kl(path) -> float:
+        with torch.no_grad():
+            return float(kl_full(load(path)[0](input_ids=ids).logits, teacher(input_ids=ids).logits))
+    assert kl(tmp_path / "healed") < 0.8 * kl(tmp_path / "low")
+    changed = {k for k, v in state(tmp_path / "healed").items() if not torch.equal(v, state(tmp_path / "low")[k])}
+    assert any("q_src_proj" in k for k in changed) and any("k_src_proj" in k for k in changed)
+    assert load(tmp_path / "healed")[0].model.layers[0].self_attn.dims.key_scales == 2
