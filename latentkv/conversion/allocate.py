@@ -61,7 +61,7 @@ def tail_share(s: torch.Tensor, rank: int) -> float:
 @torch.no_grad()
 def layer_spectra(model, layout, config, rope: int, stats) -> list[torch.Tensor]:
     """Per layer, the singular values of its weighted latent problem at `rope` rotated dims."""
-    return [lowrank_spectrum(read_attention(a).at_least_float32(), layout, config, rope, stats[i])
+    return [lowrank_spectrum(read_attention(a).at_least_float32(), layout.for_layer(i), config, rope, stats[i])
             for i, a in enumerate(attention_layers(model))]
 
 

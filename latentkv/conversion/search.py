@@ -56,6 +56,7 @@ def export_schedule(model, layout: SourceLayout, config, rope: int, stats) -> Lo
     strategy, energies = ROPE_STRATEGIES["rorope-export"], []
     for i, attn in enumerate(attention_layers(model)):
         sigma = None if stats is None else stats[i].blended(config.attn_moment).sigma
-        energies.append(strategy.energy(read_attention(attn).at_least_float32(), layout, sigma, config.rope_horizon))
+        energies.append(strategy.energy(read_attention(attn).at_least_float32(), layout.for_layer(i), sigma,
+                                        config.rope_horizon))
     # engines run DeepSeek-V3 RoPE as plain or YaRN only: keep to the source's plain (unscaled) frequencies
     return replace(config, rope_slot0=best_slot0(energies, layout, rope // 2, most=plain_frequencies(model.config)))
