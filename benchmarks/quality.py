@@ -94,7 +94,7 @@ def run(args) -> list[dict]:
 
 def markdown(args, rows: list[dict]) -> str:
     passkey = "passkey_accuracy" in rows[0]
-    also = [k for k in rows[0] if k.startswith("ppl_")]
+    also = [k for k in rows[0] if k.startswith("ppl_") and k != "ppl_ratio"]
     intro = (f"Protocol: `latentkv.perplexity` (seq_len {args.seq_len}, non-overlapping, token-weighted; "
              f"{args.max_windows or 'all'} windows per text); ratio = ppl / source ppl."
              + (f" Passkey: contexts {args.passkey}, 5 depths x {args.trials} trials each." if passkey else ""))
