@@ -165,6 +165,6 @@ def qk_norm_state(sd: dict, src: SourceAttention, layout: SourceLayout, parts: d
         sd[f"{name}.weight"] = wt.float().clone()
         if b is not None:
             sd[f"{name}.bias"] = b.float().clone()
-    per_head = qk.mode == "head" and layout.num_kv_heads > 1
-    sd["key_scale_of_pair"] = parts["pair_slot"].clone() if per_head else torch.zeros_like(parts["pair_slot"])
+    # per head: a rope pair's KV head is its slot (heads are never mixed then); "proj": one scale for all
+    sd["key_scale_of_pair"] = parts["pair_slot"].clone() if qk.mode == "head" else torch.zeros_like(parts["pair_slot"])
     return sd

@@ -163,8 +163,7 @@ class MLAAttention(nn.Module):
         if self.dims.qk_norm is not None:  # 1 / rms of the exact source key, per KV head or per token
             b, t, _ = x.shape
             k = self.k_src_proj(x).view(b, t, self.dims.key_scales, -1)
-            k = k.to(torch.promote_types(k.dtype, torch.float32))
-            scales = torch.rsqrt(k.pow(2).mean(-1) + self.dims.qk_norm_eps).to(x.dtype)  # (B, t, S)
+            scales = inv_rms(k, self.dims.qk_norm_eps)[..., 0].to(x.dtype)  # (B, t, S)
             k_pe = k_pe * scales[..., self.key_scale_of_pair.repeat(2)]
             scales = scales.unsqueeze(1)
         return c_kv.unsqueeze(1), k_pe.unsqueeze(1), scales
@@ -350,10 +349,15 @@ class MLAAttention(nn.Module):
         return q + o + rest
 
 
-def unit_rms(u: torch.Tensor, eps: float) -> torch.Tensor:
-    """u / rms(u) over the last dim, in fp32 at least as the source norms compute it."""
+def inv_rms(u: torch.Tensor, eps: float) -> torch.Tensor:
+    """1 / rms(u) over the last dim (kept, size 1), in fp32 at least as the source norms compute it."""
     f = u.to(torch.promote_types(u.dtype, torch.float32))
-    return (f * torch.rsqrt(f.pow(2).mean(-1, keepdim=True) + eps)).to(u.dtype)
+    return torch.rsqrt(f.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def unit_rms(u: torch.Tensor, eps: float) -> torch.Tensor:
+    """u / rms(u) over the last dim, in fp32 at least."""
+    return (u.to(torch.promote_types(u.dtype, torch.float32)) * inv_rms(u, eps)).to(u.dtype)
 
 
 def _factor_heads(w: torch.Tensor, rtol: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
