@@ -87,8 +87,9 @@ def test_reduced_budget_invariants(model, budget):
     conv = convert(model, SVDConfig(kv_budget=budget), progress=False)
     rec = record_of(conv)
     src = rec["source"]["kv_values_per_token_per_layer"]
-    values = rec["layers"][0]["kv_lora_rank"] + rec["layers"][0]["qk_rope_head_dim"]
-    assert values <= round(budget * src) and values < src
+    # per layer: NoPE layers (SmolLM3) put their whole budget in the latent, capped at the rank the input allows
+    per_layer = [d["kv_lora_rank"] + d["qk_rope_head_dim"] + d["key_scales"] for d in rec["layers"]]
+    assert all(v <= round(budget * src) and v < src for v in per_layer)
     ids = _ids(model)
     with torch.no_grad():
         a = conv(ids, mla_path="expanded").logits
@@ -98,9 +99,8 @@ def test_reduced_budget_invariants(model, budget):
         conv(ids[:, :-1], cache=cache)
         step = conv(ids[:, -1:], cache=cache).logits[:, -1]
     assert (step - a[:, -1]).abs().max().item() <= 1e-4 * max(1.0, a.abs().max().item())
-    scales = rec["layers"][0]["key_scales"]  # QK-norm: per-token key scales, cached and counted in the budget
-    assert values + scales <= round(budget * src)
-    assert cache.bytes_per_token() == 2 * (values + scales) * 4  # 2 layers, fp32
+    # QK-norm's per-token key scales are cached, so they are counted in the budget and in the bytes
+    assert cache.bytes_per_token() == sum(per_layer) * 4  # fp32
     assert cache.nbytes() == held_bytes(conv, batch=ids.shape[0], tokens=ids.shape[1])  # windows keep window - 1
 
 
