@@ -41,3 +41,30 @@ def record_summary(record: dict) -> dict:
             "qk_nope_head_dim": first["qk_nope_head_dim"], "cache_values_per_token_per_layer": values[0],
             "source_values_per_token_per_layer": src, "ratio": sum(values) / (src * len(values)),
             "convert_seconds": record["convert_seconds"], "split_search": record.get("split_search")}
+
+
+def bias_folds(record: dict | None) -> dict | None:
+    """What an export-grade conversion approximated of the source's attention biases (`conversion.biases`),
+    from the latent-norm fit reports wherever the record keeps them: None when nothing was folded.
+
+    -> {"layers": how many layers had biases, "query_bias"/"rope_key_bias"/"value_bias": how each went
+    (folded / carrier), "constant_residual": mean over those layers of E(1 - a.x)^2, the share of a
+    folded bias the export misses; "kv_b_relative_error": mean refit error there (the value bias
+    rides the carrier in it)}."""
+    if not record:
+        return None
+    fits = [*((record.get("latent_norm") or (record.get("split_search") or {}).get("latent_norm") or {})
+              .get("layers", [])),
+            *(x["latent_norm"] for x in (record.get("streaming") or {}).get("layers", []) if "latent_norm" in x)]
+    folded = [f for f in fits if f and f.get("biases")]
+    if not folded:
+        return None
+    out = {"layers": len(folded)}
+    for kind in ("query_bias", "rope_key_bias", "value_bias"):
+        ways = sorted({f["biases"][kind] for f in folded if kind in f["biases"]})
+        if ways:
+            out[kind] = "/".join(ways)
+    for key, where in (("constant_residual", "biases"), ("kv_b_relative_error", None)):
+        vals = [(f[where] if where else f)[key] for f in folded]
+        out[key] = sum(vals) / len(vals)
+    return out

@@ -48,6 +48,14 @@ def print_verify(result: dict, command: str) -> None:
           f"{result['tokens']} tokens, greedy agreement {result['greedy_agreement']:.1%}, greedy generation "
           f"{'identical' if result['generation_match'] else 'DIFFERS'}, stock cache "
           f"{result['cache_bytes_per_token']:,} bytes/token (latent: {result['expected_cache_bytes_per_token']:,})")
+    folds = result.get("folded_biases")
+    if folds:
+        ways = ", ".join(f"{k.replace('_', ' ')}: {folds[k]}" for k in ("query_bias", "rope_key_bias", "value_bias")
+                         if k in folds)
+        print(f"approximated in the conversion, not by the engine: the source's attention biases in {folds['layers']} "
+              f"layers ({ways}); a linear fold misses {folds['constant_residual']:.1%} of a bias on calibration "
+              f"inputs, kv_b refit error {folds['kv_b_relative_error']:.2%}; compare `latentkv eval` of the export "
+              f"with the source for its cost")
 
 
 def print_cache(result: dict, command: str) -> None:

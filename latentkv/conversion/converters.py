@@ -14,6 +14,7 @@ import torch
 
 from ..errors import LatentKVError
 from ..families import SourceAttention, SourceLayout, rotates
+from .biases import move_exact_biases
 from .configs import ExactConfig, LowRankConfig, SVDConfig
 from .keys import assemble, split_keys, stack_nope_kv
 from .linalg import low_rank, spectrum
@@ -52,9 +53,13 @@ def lowrank_problem(src: SourceAttention, layout: SourceLayout, config: LowRankC
 def lowrank_layer(src: SourceAttention, layout: SourceLayout, config: LowRankConfig, dims, stats) -> dict:
     rank, rope = dims
     parts, y, use_stats, metric = lowrank_problem(src, layout, config, rope, stats)
-    # a latent bias has no place in stock engines: keep the latent bias-free for the export choices
+    # a latent bias has no place in stock engines: for the export choices the key and value biases
+    # leave the latent exactly (`biases`), and the latent is kept bias-free
     exporting = config.latent_norm or config.rope == "rorope-export"
-    bias_free = exporting and not y[:, -1].any() and not parts["kr"][:, -1].any()
+    if exporting:
+        src, parts = move_exact_biases(src, layout, parts)
+        y = stack_nope_kv(parts, src)
+    bias_free = exporting and not y[:, -1].any()
     return assemble(layout, src, parts, *low_rank(y, rank, use_stats, metric, bias_free))
 
 

@@ -12,7 +12,8 @@ makes it vanish; the best we can do without training is, per layer, on calibrati
 - set g = 1 and refit `kv_b_proj` by least squares, W' = W E[c u^T] E[u u^T]^-1 with
   u = c / rms(c): the closest linear read-out of the normed latent to the old one. Keys and
   values are rows of W, and a row-wise least-squares solution does not depend on how the rows'
-  errors are weighted, so this also minimises the query- and o_proj-weighted errors.
+  errors are weighted, so this also minimises the query- and o_proj-weighted errors;
+- drop every bias (Qwen2-style sources; `biases`): stock DeepSeek-V3 projections have none.
 
 Layers are fitted in order on activations that flow through the already-normed prefix, so later
 layers see the inputs they will get (one pass over the calibration windows in total).
@@ -28,6 +29,7 @@ from tqdm.auto import tqdm
 from ..errors import LatentKVError
 from ..record import record_of
 from ..runtime.install import install_layer, is_mla
+from .biases import strip_biases
 from .prefix import PrefixWalk
 
 NORM_EPS = 1e-6  # DeepseekV3RMSNorm's default, which transformers uses for kv_a_layernorm
@@ -61,41 +63,50 @@ def norm_layer(model, i: int, x: torch.Tensor) -> dict:
     """Fit layer i's latent norm on its attention inputs x (tokens, D) and install it -> fit report."""
     attn = model.model.layers[i].self_attn
     state, fit = fit_layer(attn, x)
-    install_layer(model, i, dataclasses.replace(attn.dims, latent_norm=True, rms_norm_eps=NORM_EPS), state)
+    flags = {"q_bias": any(f"{k}.bias" in state for k in ("q_proj", "q_b_proj", "q_src_proj")),
+             "kv_a_bias": "kv_a_proj_with_mqa.bias" in state, "o_bias": "o_proj.bias" in state}
+    install_layer(model, i, dataclasses.replace(attn.dims, latent_norm=True, rms_norm_eps=NORM_EPS, **flags), state)
     return fit
 
 
 def fit_layer(attn, x: torch.Tensor) -> tuple[dict, dict]:
-    """x (tokens, D) attention inputs -> (state dict of the layer with a norm, fit report)."""
-    r = attn.dims.kv_lora_rank
+    """x (tokens, D) attention inputs -> (state dict of the layer with a norm and no biases, fit report).
+
+    The biases go first (`biases.strip_biases`): the query and rope-key biases fold into their weights,
+    o_proj's bias (a moved value bias) and any latent bias become targets of the kv_b_proj refit, which
+    gives them to the carrier slot."""
+    d = attn.dims
+    r = d.kv_lora_rank
     state = {k: v.clone() for k, v in attn.state_dict().items()}
+    state, offset, folds = strip_biases(state, x, r, d.v_head_dim, d.num_heads)
     w_a, w_b = state["kv_a_proj_with_mqa.weight"], state["kv_b_proj.weight"]  # (r+p, D), (h*(n+v), r)
-    bias = state.get("kv_a_proj_with_mqa.bias")
-    c0 = attn.kv_a_proj_with_mqa(x)[:, :r].double()  # (N, r), before any norm
-    rows, c, slot = w_a[:r].double(), c0, None
+    bias = state.pop("kv_a_proj_with_mqa.bias", None)
+    x = x.double()
+    rows = w_a[:r].double()
+    c = x @ rows.T  # (N, r): what bias-free rows produce, before any norm
+    c0 = c if bias is None else c + bias[:r].double()  # the latent the refit must reproduce
+    slot = None
     if r > 1:
-        slot, carrier, t = carrier_row(x.double(), c0, w_b.double())
-        rows, c = rows.clone(), c0.clone()
+        slot, carrier, t = carrier_row(x, c, w_b.double())
+        rows, c = rows.clone(), c.clone()
         rows[slot], c[:, slot] = carrier, t
     scale = c.pow(2).mean(-1).mean().sqrt().clamp(min=1e-12)
     c = c / scale  # what the new kv_a rows will produce
     u = c * torch.rsqrt(c.pow(2).mean(-1, keepdim=True) + NORM_EPS)  # what the norm will output (g = 1)
-    uu, cu = u.T @ u / len(u), c0.T @ u / len(u)  # (r, r)
+    target = c0 @ w_b.double().T  # (N, h*(n+v))
+    if offset is not None:
+        target = target + offset.double()
+    uu, tu = u.T @ u / len(u), target.T @ u / len(u)  # (r, r), (h*(n+v), r)
     damp = 1e-8 * uu.diagonal().mean() * torch.eye(r, dtype=uu.dtype)
-    new_b = w_b.double() @ torch.linalg.solve(uu + damp, cu.T).T  # W E[c0 u^T] E[u u^T]^-1
-    target = c0 @ w_b.double().T
+    new_b = torch.linalg.solve(uu + damp, tu.T).T  # E[T u^T] E[u u^T]^-1
     err = (target - u @ new_b.T).pow(2).mean() / target.pow(2).mean().clamp(min=1e-30)
     dtype = w_b.dtype
     state["kv_b_proj.weight"] = new_b.to(dtype)
     state["kv_a_proj_with_mqa.weight"][:r] = (rows / scale).to(dtype)
-    if bias is not None:
-        bias[:r] /= scale.to(dtype)
-        if slot is not None:
-            bias[slot] = 0
     state["kv_a_layernorm.weight"] = torch.ones(r, dtype=dtype)
     rms = c.pow(2).mean(-1).sqrt()
     return state, {"latent_rms_scale": float(scale), "rms_spread": float(rms.std() / rms.mean()),
-                   "carrier_slot": slot, "kv_b_relative_error": float(err)}
+                   "carrier_slot": slot, "kv_b_relative_error": float(err), **({"biases": folds} if folds else {})}
 
 
 def carrier_row(x: torch.Tensor, c0: torch.Tensor, w_b: torch.Tensor, share: float = 100.0):

@@ -8,8 +8,9 @@ What makes the export compute the same function as our runtime:
   them exactly (and llama3 scaling, a function of the wavelength only, carries over unchanged).
   Our half-split rows are permuted to the interleaved layout (`layout.py`);
 - the latent RMSNorm (`kv_a_layernorm`) must be in the model (see conversion/latent_norm.py);
-- no q/kv/o biases, no sliding windows, one (r, p) for every layer, SiLU MLPs: otherwise the
-  export refuses with the reason.
+- no q/kv/o biases (an export-grade conversion has folded a source's biases away, with a measured
+  cost: conversion/biases.py), no sliding windows, one (r, p) for every layer, SiLU MLPs: otherwise
+  the export refuses with the reason.
 The MLP, norms and embeddings keep their names (Llama/Mistral/Qwen2 and a dense DeepSeek-V3 layer
 share them). `config.json` carries our conversion record under `latentkv`, which engines ignore.
 """
@@ -59,8 +60,8 @@ def exportable_dims(model):
         raise LatentKVError("stock DeepSeek-V3 engines always normalise the latent, and this model has no latent norm; "
                             "convert with --latent-norm (or --target deepseek_v3)")
     if d.q_bias or d.kv_a_bias or d.o_bias:
-        raise LatentKVError("the model has attention biases (Qwen2-style); DeepSeek-V3 projections in vLLM/SGLang have "
-                            "none and a rotated key bias cannot be folded into weights, so it cannot be exported")
+        raise LatentKVError("the model still has attention biases (Qwen2-style), which DeepSeek-V3 projections in "
+                            "vLLM/SGLang lack; convert with --target deepseek_v3, which folds them away (and reports the cost)")
     if any(a.sliding_window for a in layers):
         raise LatentKVError("sliding-window layers have no DeepSeek-V3 form (it attends globally); export refuses "
                             "rather than change the function")

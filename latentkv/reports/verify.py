@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM
 from ..errors import LatentKVError
 from ..io.shards import check_weights
 from ..loading import load_model
+from ..record import bias_folds, record_of
 from ..runtime.accounting import cache_report
 from ..runtime.generation import cache_tensor_bytes, generate
 
@@ -82,4 +83,6 @@ def verify_export(out, against, text: str | None = None, tokens: int = 128, new_
     return {"out": str(out), "against": str(against), "tokens": int(ids.shape[1]), "max_abs_diff": diff,
             "greedy_agreement": agree, "generation_match": match, "cache_bytes_per_token": held,
             "expected_cache_bytes_per_token": expected, "atol": atol,
-            "passed": bool(diff <= atol and agree == 1.0 and match and held == expected)}
+            "passed": bool(diff <= atol and agree == 1.0 and match and held == expected),
+            # what the export-grade conversion approximated of the source (both sides compute it alike)
+            "folded_biases": bias_folds(record_of(ours))}
