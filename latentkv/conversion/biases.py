@@ -24,7 +24,8 @@ from dataclasses import replace
 
 import torch
 
-from ..families import SourceAttention, SourceLayout
+from ..families import SourceAttention, SourceLayout, attention_layers, read_attention
+from .prefix import PrefixWalk
 
 
 def move_exact_biases(src: SourceAttention, layout: SourceLayout, parts: dict) -> tuple[SourceAttention, dict]:
@@ -105,3 +106,34 @@ def strip_biases(state: dict, x: torch.Tensor, r: int, v_head_dim: int, num_head
         state["kv_a_proj_with_mqa.weight"] = w
         report["rope_key_bias"] = "folded"
     return state, offset, report
+
+
+@torch.no_grad()
+def fold_costs(model, ids: torch.Tensor) -> list[dict]:
+    """What folding biases would cost a source `model`, layer by layer, on calibration windows ids (N, T):
+    the read a is fitted on the first half of the windows and scored on the second (held out: with D
+    weights, a fit on few tokens reads a constant out of almost anything).
+
+    -> per layer {"constant_residual": E(1 - a.x)^2 of its held-out attention inputs; for a source with
+    biases also "query_error" / "key_error": E|b (1 - a.x)|^2 / E|W x + b|^2, the relative error the fold
+    leaves in the query and (an upper bound: every key dim rotated) the key}. A source without biases
+    still answers the first: how much of a bias its hidden states could carry."""
+    if ids.shape[0] < 2:
+        raise ValueError("fold_costs needs at least 2 windows: one half fits the read, the other scores it")
+    half = ids.shape[0] // 2
+    walk = PrefixWalk.embedded(model, ids)
+    out = []
+    for i, layer in enumerate(model.model.layers):
+        x = torch.cat([x for (x,) in walk.inputs(layer, 0)]).double()  # (N, T, D)
+        fit, held = x[:half].reshape(-1, x.shape[-1]), x[half:].reshape(-1, x.shape[-1])
+        a, _ = constant_read(fit)
+        missed = float((1 - held @ a).pow(2).mean())
+        row = {"constant_residual": missed}
+        src = read_attention(attention_layers(model)[i])
+        for name, w, b in (("query_error", src.w_q, src.b_q), ("key_error", src.w_k, src.b_k)):
+            if b is not None:
+                full = (held @ w.double().T + b.double()).pow(2).sum(-1).mean()
+                row[name] = float(b.double().pow(2).sum() * missed / full.clamp(min=1e-30))
+        out.append(row)
+        walk.advance(0, layer, walk.mask(i))
+    return out

@@ -105,7 +105,9 @@ def fit_layer(attn, x: torch.Tensor) -> tuple[dict, dict]:
     state["kv_a_proj_with_mqa.weight"][:r] = (rows / scale).to(dtype)
     state["kv_a_layernorm.weight"] = torch.ones(r, dtype=dtype)
     rms = c.pow(2).mean(-1).sqrt()
-    return state, {"latent_rms_scale": float(scale), "rms_spread": float(rms.std() / rms.mean()),
+    # how constant the normed carrier is: the relative error of a value bias it carries
+    steady = {} if slot is None else {"carrier_spread": float(u[:, slot].std() / u[:, slot].mean().abs().clamp(min=1e-30))}
+    return state, {"latent_rms_scale": float(scale), "rms_spread": float(rms.std() / rms.mean()), **steady,
                    "carrier_slot": slot, "kv_b_relative_error": float(err), **({"biases": folds} if folds else {})}
 
 

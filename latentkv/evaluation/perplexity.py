@@ -5,6 +5,10 @@ non-overlapping windows of `seq_len` tokens; in each, every token but the first 
 With `stride` s < seq_len: windows start every s tokens and only tokens not scored by an earlier
 window are scored, so each predicted token sees >= seq_len - s tokens of context (the usual
 sliding protocol). NLL is averaged over every scored token (token-weighted), ppl = exp(NLL).
+
+With `cache_factory` (a quantized latent cache, `LatentCache(model, cache_dtype=...)`), each window
+runs with a fresh cache from it: every token's latent is written to the cache first and every query
+reads the stored (quantized) latents, its own token's included, as a decode over that cache would.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -49,15 +54,19 @@ def windows(n_tokens: int, seq_len: int, stride: int | None) -> list[tuple[int, 
 
 
 @torch.no_grad()
-def window_nll(model, ids: torch.Tensor, first: int) -> float:
+def window_nll(model, ids: torch.Tensor, first: int, cache_factory: Callable | None = None) -> float:
     """Summed NLL of tokens ids[first:] of one window (T,), each given the tokens before it."""
-    logits = model(ids[None], use_cache=False).logits[0, first - 1: -1].float()  # (T - first, V)
+    if cache_factory is None:
+        out = model(ids[None], use_cache=False)
+    else:
+        out = model(ids[None], cache=cache_factory(), use_cache=True)
+    logits = out.logits[0, first - 1: -1].float()  # (T - first, V)
     return torch.nn.functional.cross_entropy(logits, ids[first:], reduction="sum").item()
 
 
 @torch.no_grad()
 def perplexity(model, tokenizer, text: str, seq_len: int = 2048, stride: int | None = None,
-               max_windows: int | None = None, progress: bool = True) -> Perplexity:
+               max_windows: int | None = None, progress: bool = True, cache_factory: Callable | None = None) -> Perplexity:
     """Token-weighted perplexity of `model` on `text` (see module docstring for the protocol)."""
     if seq_len < 2:
         raise LatentKVError(f"--seq-len must be at least 2, got {seq_len}")
@@ -75,7 +84,7 @@ def perplexity(model, tokenizer, text: str, seq_len: int = 2048, stride: int | N
     device = next(model.parameters()).device
     total, count, start = 0.0, 0, time.perf_counter()
     for begin, end, first in tqdm(spans, desc="perplexity", disable=not progress):
-        total += window_nll(model, ids[begin:end].to(device), first - begin)
+        total += window_nll(model, ids[begin:end].to(device), first - begin, cache_factory)
         count += end - first
     nll = total / count
     return Perplexity(math.exp(nll), nll, count, len(spans), seq_len, stride, time.perf_counter() - start)

@@ -7,6 +7,12 @@ Per layer: `c_kv (B, 1, T, r)` and `k_pe (B, 1, T, p)`, nothing else. Two ways t
   absorbed path reads `[c_kv, k_pe]` as one tensor (`LatentLayer.joint`).
 Either way the bytes held are `bytes_per_token() * B * T` once T reaches the capacity.
 
+With `cache_dtype` (a `quant.CacheFormat` or its name: fp8_e4m3, int8, int4) each token's latent is
+written quantized, as bytes, and every read dequantizes the whole cache to the model's dtype: a query
+reads the stored latents of every token, its own included (the perplexity protocol of a quantized
+cache, `evaluation.perplexity`). The rope key stays in the model's dtype unless the format says
+`rope`; QK-norm key scales always do. Quantized layers grow by concatenation (no `capacity` buffer).
+
 Sliding-window layers (Mistral, Qwen2 upper layers, Gemma-2's every other layer) keep only the
 last `window - 1` tokens, as transformers' own sliding layers do, when the cache is built from
 the model (`LatentCache(model)`): their bytes stop growing at the window.
@@ -19,14 +25,16 @@ from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLa
 
 from ..errors import LatentKVError
 from .install import mla_layers
+from .quant import CacheFormat
 
 
 class LatentLayer(DynamicLayer):
     """One layer's latent cache. `keys` holds `c_kv`, `values` holds `k_pe` (transformers' slot names)."""
 
-    def __init__(self, capacity: int | None = None):
+    def __init__(self, capacity: int | None = None, fmt: CacheFormat | None = None, rope_dims: int = 0):
         super().__init__()
-        self.capacity, self.buffer, self.length = capacity, None, 0
+        self.capacity, self.buffer, self.length = (None if fmt else capacity), None, 0
+        self.fmt, self.rope_dims = fmt, rope_dims  # rope_dims: k_pe's rotated width p (QK-norm scales follow)
 
     @property
     def c_kv(self) -> torch.Tensor | None:
@@ -38,6 +46,8 @@ class LatentLayer(DynamicLayer):
 
     def update(self, c_kv: torch.Tensor, k_pe: torch.Tensor, *args, **kwargs):
         """c_kv (B, 1, t, r), k_pe (B, 1, t, p) -> every cached c_kv (B, 1, T, r) and k_pe (B, 1, T, p)."""
+        if self.fmt is not None:
+            return packed_update(self, super().update, c_kv, k_pe)
         if self.capacity is None:
             return super().update(c_kv, k_pe)
         if self.buffer is None:
@@ -96,6 +106,15 @@ class LatentWindowLayer(DynamicSlidingWindowLayer):
     c_kv = LatentLayer.c_kv
     k_pe = LatentLayer.k_pe
 
+    def __init__(self, sliding_window: int, fmt: CacheFormat | None = None, rope_dims: int = 0):
+        super().__init__(sliding_window)
+        self.fmt, self.rope_dims = fmt, rope_dims
+
+    def update(self, c_kv: torch.Tensor, k_pe: torch.Tensor, *args, **kwargs):
+        if self.fmt is not None:
+            return packed_update(self, super().update, c_kv, k_pe)
+        return super().update(c_kv, k_pe, *args, **kwargs)
+
     def joint(self) -> None:
         return None
 
@@ -107,18 +126,24 @@ class LatentCache(Cache):
     """Latent KV cache for models converted by latentkv; pass as `cache=` to `model(...)`/`generate`.
 
     `model` (optional) lets the cache report `bytes_per_token()` before anything is stored;
-    `capacity` (tokens per sequence) preallocates each layer's buffer (see the module docstring).
+    `capacity` (tokens per sequence) preallocates each layer's buffer (see the module docstring);
+    `cache_dtype` stores latents quantized (needs `model`).
     """
 
-    def __init__(self, model=None, capacity: int | None = None):
+    def __init__(self, model=None, capacity: int | None = None, cache_dtype: str | CacheFormat = "model"):
         self.capacity = capacity
+        self.format = cache_dtype if isinstance(cache_dtype, CacheFormat) else CacheFormat(cache_dtype)
+        fmt = self.format if self.format.quantized else None
         if model is None:  # layers appear as they are used; windows are then applied by the mask alone
+            if fmt is not None:
+                raise LatentKVError("a quantized latent cache needs the model: LatentCache(model, cache_dtype=...)")
             super().__init__(layer_class_to_replicate=LatentLayer)
-            self._widths = None
+            self._token_bytes = None
             return
-        self._widths = _latent_widths(model)
-        super().__init__(layers=[LatentWindowLayer(a.sliding_window) if a.sliding_window else LatentLayer(capacity)
-                                 for a in _mla_layers(model)])
+        attns = _mla_layers(model)
+        self._token_bytes = [token_bytes(a.dims, self.format, next(model.parameters()).element_size()) for a in attns]
+        super().__init__(layers=[LatentWindowLayer(a.sliding_window, fmt, a.dims.qk_rope_head_dim) if a.sliding_window
+                                 else LatentLayer(capacity, fmt, a.dims.qk_rope_head_dim) for a in attns])
 
     def update(self, c_kv, k_pe, layer_idx: int, *args, **kwargs):
         while len(self.layers) <= layer_idx:
@@ -130,9 +155,8 @@ class LatentCache(Cache):
 
     def bytes_per_token(self) -> int:
         """Bytes one token (one sequence) occupies across all layers."""
-        if self._widths is not None:
-            widths, size = self._widths
-            return sum(widths) * size
+        if self._token_bytes is not None:
+            return sum(self._token_bytes)
         return sum(layer.keys.shape[-1] * layer.keys.element_size() + layer.values.shape[-1] * layer.values.element_size()
                    for layer in self.layers if layer.is_initialized)
 
@@ -160,6 +184,30 @@ def _mla_layers(model) -> list:
     return attns
 
 
-def _latent_widths(model) -> tuple[list[int], int]:
-    size = next(model.parameters()).element_size()
-    return [a.dims.cache_values_per_token for a in _mla_layers(model)], size
+def token_bytes(dims, fmt: CacheFormat, value_bytes: int) -> int:
+    """Bytes one token takes in one layer's cache: the latent in `fmt` (scales included), the rope key in
+    `fmt` or at `value_bytes` each, QK-norm key scales at `value_bytes` each."""
+    if not fmt.quantized:
+        return dims.cache_values_per_token * value_bytes
+    p = dims.qk_rope_head_dim
+    rope = fmt.nbytes(p) if fmt.rope and p else p * value_bytes
+    return fmt.nbytes(dims.kv_lora_rank) + rope + dims.key_scales * value_bytes
+
+
+def packed_update(layer, store, c_kv: torch.Tensor, k_pe: torch.Tensor):
+    """Write a quantized layer's new tokens through `store` (its base class's update, which grows or
+    trims along the token axis) as bytes, and read every stored token back in the model's dtype.
+    c_kv (B, 1, t, r), k_pe (B, 1, t, p [+ S]) -> (B, 1, T, r), (B, 1, T, p [+ S])."""
+    fmt, p, dtype, r = layer.fmt, layer.rope_dims, c_kv.dtype, c_kv.shape[-1]
+    rope, scales = fmt.rope and p > 0, k_pe.shape[-1] - p
+    if rope:  # the rotated dims go quantized, the key scales after them stay exact (as raw bytes)
+        parts = [fmt.quantize(k_pe[..., :p])] + ([k_pe[..., p:].contiguous().view(torch.uint8)] if scales else [])
+        k_pe = torch.cat(parts, -1)
+    keys, values = store(fmt.quantize(c_kv), k_pe)
+    if rope:
+        head = fmt.nbytes(p)
+        parts = [fmt.dequantize(values[..., :head], p, dtype)]
+        if scales:
+            parts.append(values[..., head:].clone(memory_format=torch.contiguous_format).view(dtype))
+        values = torch.cat(parts, -1)
+    return fmt.dequantize(keys, r, dtype), values

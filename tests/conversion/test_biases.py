@@ -81,3 +81,15 @@ def test_no_biases_no_report():
     conv = convert(make_tiny("llama-gqa"), LowRankConfig(kv_budget=0.5, rope="rorope-export", latent_norm=True),
                    calib_ids=calib(), progress=False)
     assert bias_folds(record_of(conv)) is None
+
+
+def test_fold_costs_on_a_biased_source():
+    from latentkv.conversion.biases import fold_costs
+
+    model = make_tiny("qwen2-bias")
+    rows = fold_costs(model, calib())
+    assert len(rows) == 2
+    for row in rows:
+        assert row["constant_residual"] >= 0  # held out, so a random tiny model may even exceed 1
+        assert 0 <= row["query_error"] and 0 <= row["key_error"]
+    assert "query_error" not in fold_costs(make_tiny("llama-gqa"), calib())[0]  # no bias, nothing to fold

@@ -1,0 +1,117 @@
+"""A quantized latent cache (runtime/quant.py): error bounds, bytes == formula, decode == decode over the
+dequantized tensors, the perplexity protocol, and one-line refusals."""
+
+import pytest
+import torch
+
+from latentkv import LatentCache, LatentKVError, SVDConfig, convert
+from latentkv.evaluation.perplexity import perplexity
+from latentkv.runtime.quant import CacheFormat
+
+from conftest import make_tiny
+
+FORMATS = [CacheFormat("int8"), CacheFormat("int4"), CacheFormat("int8", group=8), CacheFormat("int4", group=4),
+           CacheFormat("fp8_e4m3"), CacheFormat("int4", rope=True), CacheFormat("fp8_e4m3", rope=True)]
+
+
+def _id(f: CacheFormat) -> str:
+    return f"{f.name}-g{f.group}-rope{int(f.rope)}"
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=_id)
+def test_round_trip_error_is_bounded(fmt):
+    torch.manual_seed(0)
+    x = torch.randn(3, 1, 7, 37) * torch.logspace(-2, 1, 7)[:, None]  # tokens of very different sizes
+    y = fmt.dequantize(fmt.quantize(x), 37, torch.float32)
+    assert fmt.quantize(x).dtype == torch.uint8 and fmt.quantize(x).shape[-1] == fmt.nbytes(37)
+    err = (y - x).abs()
+    if fmt.name == "fp8_e4m3":  # 3 mantissa bits: half an ulp is 2^-4 of the value; subnormal steps 2^-9
+        assert (err <= x.abs() / 16 + 2.0 ** -10).all()
+        return
+    g = fmt.group or 37
+    blocks = torch.nn.functional.pad(x, (0, -37 % g)).unflatten(-1, (-1, g)).abs().amax(-1)
+    bound = blocks.repeat_interleave(g, -1)[..., :37] / {"int8": 127, "int4": 7}[fmt.name]
+    assert (err <= 0.502 * bound + 1e-7).all()  # half a step (the fp16 scale rounds by at most 2^-11)
+
+
+def test_fp8_saturates_instead_of_nan():
+    x = torch.tensor([1000.0, -1000.0, 0.5])
+    y = CacheFormat("fp8_e4m3").dequantize(CacheFormat("fp8_e4m3").quantize(x), 3, torch.float32)
+    assert torch.isfinite(y).all() and y[0] == 448 and y[1] == -448
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=_id)
+@pytest.mark.parametrize("name", ["llama-gqa", "qwen3-qknorm"])
+def test_bytes_equal_the_formula(fmt, name):
+    conv = convert(make_tiny(name), SVDConfig(kv_budget=0.5), progress=False)
+    cache = LatentCache(conv, cache_dtype=fmt)
+    with torch.no_grad():
+        conv(torch.randint(0, 320, (2, 11)), cache=cache)
+    d = conv.model.layers[0].self_attn.dims
+    r, p, s = d.kv_lora_rank, d.qk_rope_head_dim, d.key_scales
+    scales = 2 * (1 if fmt.group is None else -(-r // fmt.group)) if fmt.name != "fp8_e4m3" else 0
+    codes = r if fmt.name != "int4" else (r + 1) // 2
+    rope = (p if fmt.name == "fp8_e4m3" else (p + 1) // 2 + 2) if fmt.rope else 4 * p
+    per_layer = codes + scales + rope + 4 * s
+    assert cache.bytes_per_token() == 2 * per_layer
+    assert cache.nbytes() == cache.bytes_per_token() * 2 * 11
+
+
+class DequantizedCache(LatentCache):
+    """The reference: a plain fp32 cache that stores each written token's dequantized values."""
+
+    def __init__(self, model, fmt: CacheFormat):
+        super().__init__(model)
+        self.fmt, self.rope = fmt, [a.self_attn.dims.qk_rope_head_dim for a in model.model.layers]
+
+    def update(self, c_kv, k_pe, layer_idx, *args, **kwargs):
+        fake = lambda x: self.fmt.dequantize(self.fmt.quantize(x), x.shape[-1], x.dtype)  # noqa: E731
+        if self.fmt.rope:
+            p = self.rope[layer_idx]
+            k_pe = torch.cat((fake(k_pe[..., :p]), k_pe[..., p:]), -1)
+        return super().update(fake(c_kv), k_pe, layer_idx, *args, **kwargs)
+
+
+@pytest.mark.parametrize("fmt", [CacheFormat("int4", group=8), CacheFormat("fp8_e4m3", rope=True),
+                                 CacheFormat("int8", rope=True)], ids=_id)
+@pytest.mark.parametrize("name", ["llama-gqa", "mistral-sliding", "qwen3-qknorm"])
+def test_decode_reads_the_dequantized_cache(fmt, name):
+    """Prefill and steps over the quantized (packed) cache == the same over a plain cache holding the
+    dequantized tensors; and the quantization shows against an unquantized run."""
+    conv = convert(make_tiny(name), SVDConfig(kv_budget=0.5), progress=False)
+    ids = torch.randint(0, 320, (2, 21), generator=torch.Generator().manual_seed(1))
+    quant, ref = LatentCache(conv, cache_dtype=fmt), DequantizedCache(conv, fmt)
+    with torch.no_grad():
+        a, b = conv(ids[:, :-3], cache=quant).logits, conv(ids[:, :-3], cache=ref).logits
+        assert (a - b).abs().max().item() <= 1e-5
+        for t in range(-3, 0):
+            step = ids[:, t:t + 1] if t < -1 else ids[:, -1:]
+            got, want = conv(step, cache=quant).logits, conv(step, cache=ref).logits
+            assert (got - want).abs().max().item() <= 1e-5
+        exact = conv(ids).logits[:, -1:]
+    assert 0 < (got - exact).abs().max().item() < 0.1
+
+
+def test_perplexity_protocol_reads_the_quantized_cache(tiny_tokenizer):
+    conv = convert(make_tiny("llama-gqa"), SVDConfig(kv_budget=0.5), progress=False)
+    text = "the quick brown fox jumps over the lazy dog " * 20
+    plain = perplexity(conv, tiny_tokenizer, text, seq_len=32, max_windows=3, progress=False)
+    same = perplexity(conv, tiny_tokenizer, text, seq_len=32, max_windows=3, progress=False,
+                      cache_factory=lambda: LatentCache(conv))
+    int4 = perplexity(conv, tiny_tokenizer, text, seq_len=32, max_windows=3, progress=False,
+                      cache_factory=lambda: LatentCache(conv, cache_dtype="int4"))
+    assert abs(same.nll - plain.nll) < 1e-5  # an unquantized cache changes nothing
+    assert int4.nll != plain.nll and abs(int4.nll - plain.nll) < 0.5
+
+
+@pytest.mark.parametrize("bad, match", [(dict(name="int3"), "unknown --cache-dtype 'int3'"),
+                                        (dict(name="fp8_e4m3", group=8), "--cache-group 8 needs an int"),
+                                        (dict(name="int8", group=0), "--cache-group 0")])
+def test_bad_formats_are_one_line(bad, match):
+    with pytest.raises(LatentKVError, match=match):
+        CacheFormat(**bad)
+
+
+def test_quantized_cache_needs_the_model():
+    with pytest.raises(LatentKVError, match="needs the model"):
+        LatentCache(cache_dtype="int8")
