@@ -20,7 +20,7 @@ from .errors import LatentKVError
 from .families import check_supported
 from .io.atomic import atomic_output_dir
 from .io.checkpoint import META
-from .io.shards import check_weights
+from .io.shards import ShardedCheckpoint, check_weights
 from .record import record_of
 from .runtime.checkpoint import load
 
@@ -83,11 +83,45 @@ def _assembled(b: Bundled) -> Path:
     return path
 
 
-def load_model(source: str | os.PathLike, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype | str:
+    """A `--dtype` value -> a torch dtype, or "auto" (the source's stored dtype, `stored_dtype`)."""
+    if isinstance(name, torch.dtype) or name == "auto":
+        return name
+    if name not in DTYPES:
+        raise LatentKVError(f"unknown --dtype {name!r}; choose one of: auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def stored_dtype(source: str | os.PathLike, trust_remote_code: bool = False) -> torch.dtype:
+    """The dtype a model's weights are stored in: the first floating tensor of a local safetensors
+    checkpoint, a hub config's `dtype`; float32 for GGUF (it is dequantized to float32)."""
+    src = str(source)
+    path = Path(src).expanduser()
+    if src in BUNDLED or src.endswith(".gguf"):
+        return torch.float32
+    if path.is_dir():
+        check_weights(path)
+        return ShardedCheckpoint(path).dtype()
+    try:
+        config = AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        return torch.float32  # the load that follows names the problem
+    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    return stored if isinstance(stored, torch.dtype) else DTYPES.get(str(stored), torch.float32)
+
+
+def load_model(source: str | os.PathLike, *, dtype: torch.dtype | str = torch.float32, trust_remote_code: bool = False,
                progress: bool = True):
     """-> (model in eval mode, tokenizer). Converted dirs (with `latentkv.json`) and DeepSeek-V3
-    checkpoints (our exports or anyone's) load into our MLA runtime. Weights holding NaN/Inf are
-    refused here, naming the tensor, so no command prints `ppl: nan` or fails later in an SVD."""
+    checkpoints (our exports or anyone's) load into our MLA runtime. `dtype`: a torch dtype, its name,
+    or "auto" (as stored). Weights holding NaN/Inf are refused here, naming the tensor, so no command
+    prints `ppl: nan` or fails later in an SVD."""
+    dtype = parse_dtype(dtype)
+    if dtype == "auto":
+        dtype = stored_dtype(source, trust_remote_code)
     model, tok = _load(str(source), dtype, trust_remote_code, progress)
     check_finite_weights(model, str(source))
     return model, tok

@@ -27,14 +27,16 @@ from ..evaluation.suite import SUITE_WINDOWS, dev_suite
 from ..healing.run import HealConfig, heal
 from ..io.atomic import check_output_dir
 from ..io.text import load_text
-from ..loading import load_model
+from ..loading import load_model, parse_dtype, stored_dtype
 from ..record import record_of, record_summary
 from ..reports.bench import bench, write_bench
 from ..reports.sweep import run_sweep, write_sweep
 from ..reports.verify import verify_export
 from ..runtime.accounting import cache_report
+from ..runtime.cache import LatentCache
 from ..runtime.checkpoint import save
 from ..runtime.generation import generate
+from ..runtime.quant import CacheFormat
 from .demo import run_demo
 from .doctor import doctor
 
@@ -49,6 +51,8 @@ def convert_cmd(a) -> dict:
     check_output_dir(a.out, a.overwrite, inputs=(a.source, a.calib))
     t0 = time.perf_counter()
     if a.stream:
+        if a.dtype != "auto":
+            raise LatentKVError("--stream writes the source's stored dtype (--dtype auto); convert in memory for another")
         record = convert_streaming(a.source, config, a.out, overwrite=a.overwrite, device=a.device, progress=a.progress)
         return {"out": a.out, "method": config.method, **record_summary(record),
                 "streaming": {k: v for k, v in record["streaming"].items() if k != "layers"},
@@ -56,6 +60,8 @@ def convert_cmd(a) -> dict:
     check_fits_in_memory(a.source)
     model, tok = load_model(a.source, trust_remote_code=a.trust_remote_code, progress=a.progress)
     converted = convert(model, config, tokenizer=tok, progress=a.progress)
+    out_dtype = stored_dtype(a.source, a.trust_remote_code) if a.dtype == "auto" else parse_dtype(a.dtype)
+    converted.to(out_dtype)  # the math ran in float32/float64; the checkpoint keeps the source's dtype
     if a.target:
         warning = kernel_warning(exportable_dims(converted))
         if warning:
@@ -68,12 +74,20 @@ def convert_cmd(a) -> dict:
 def eval_cmd(a) -> dict:
     if not (a.ppl or a.passkey or a.copy or a.suite):
         raise LatentKVError("eval needs --ppl FILE, --passkey, --copy and/or --suite")
+    fmt = cache_format(a)
+    if fmt.quantized and (a.passkey or a.copy or a.suite or not a.ppl):
+        raise LatentKVError("--cache-dtype applies to --ppl (and to generate and bench); run --passkey, --copy and "
+                            "--suite without it")
     text = load_text(a.ppl) if a.ppl else None
     model, tok = _with_tokenizer(a.model, a)
-    out = {"model": a.model}
+    out = {"model": a.model, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+           "cache_dtype": fmt.name}
     if text is not None:
+        factory = (lambda: LatentCache(model, cache_dtype=fmt)) if fmt.quantized else None
+        if factory is not None:
+            factory()  # a source model is refused here, before any window runs
         result = perplexity(model, tok, text, seq_len=a.seq_len, stride=a.stride, max_windows=a.max_windows,
-                            progress=a.progress)
+                            progress=a.progress, cache_factory=factory)
         out.update(text=a.ppl, **result.to_dict())
     if a.passkey:
         out["passkey"] = passkey(model, tok, contexts=numbers(a.context, int), depths=numbers(a.depths, float),
@@ -87,8 +101,12 @@ def eval_cmd(a) -> dict:
     return out
 
 
+def cache_format(a) -> CacheFormat:
+    return CacheFormat(a.cache_dtype, a.cache_group, a.cache_rope)
+
+
 def _with_tokenizer(name: str, a):
-    model, tok = load_model(name, trust_remote_code=a.trust_remote_code, progress=a.progress)
+    model, tok = load_model(name, dtype=a.dtype, trust_remote_code=a.trust_remote_code, progress=a.progress)
     if tok is None:
         raise LatentKVError(f"{name} has no tokenizer files; re-run `latentkv convert` from a source with one")
     return model, tok
@@ -102,7 +120,7 @@ def numbers(csv: str, kind):
 
 
 def info_cmd(a) -> dict:
-    return cache_report(load_model(a.model, trust_remote_code=a.trust_remote_code, progress=a.progress)[0])
+    return cache_report(load_model(a.model, dtype=a.dtype, trust_remote_code=a.trust_remote_code, progress=a.progress)[0])
 
 
 def demo_cmd(a) -> dict:
@@ -138,7 +156,7 @@ def generate_cmd(a) -> dict:
     live = not a.json and len(prompts) == 1
     stream = (lambda i, text: print(text, end="", flush=True)) if live else None
     out = generate(model, tok, prompts, a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
-                   stop=tuple(a.stop or ()), seed=a.seed, stream=stream)
+                   stop=tuple(a.stop or ()), seed=a.seed, stream=stream, cache_dtype=cache_format(a))
     if live:
         print()
     return {"prompts": prompts, **out.to_dict(), "streamed": live}
@@ -147,23 +165,29 @@ def generate_cmd(a) -> dict:
 def bench_cmd(a) -> dict:
     contexts, batches = numbers(a.context, int), numbers(a.batch, int)
     check_output_dir(a.out, a.overwrite, inputs=(a.model, a.against))
-    model, _ = load_model(a.model, trust_remote_code=a.trust_remote_code, progress=a.progress)
-    against = load_model(a.against, trust_remote_code=a.trust_remote_code, progress=a.progress)[0] if a.against else None
-    result = bench(model, against, contexts, batches, a.new_tokens, progress=a.progress)
+    fmt = cache_format(a)
+    model, _ = load_model(a.model, dtype=a.dtype, trust_remote_code=a.trust_remote_code, progress=a.progress)
+    if fmt.quantized and record_of(model) is None:
+        raise LatentKVError("--cache-dtype quantizes a latentkv latent cache and MODEL is a source model; bench a "
+                            "conversion (with --against SOURCE for the comparison)")
+    against = (load_model(a.against, dtype=a.dtype, trust_remote_code=a.trust_remote_code, progress=a.progress)[0]
+               if a.against else None)
+    result = bench(model, against, contexts, batches, a.new_tokens, progress=a.progress, cache_dtype=fmt)
     write_bench(result, a.out, overwrite=a.overwrite)
     return {**result, "out": a.out}
 
 
 def export_cmd(a) -> dict:
     check_output_dir(a.out, a.overwrite, inputs=(a.model,))
-    model, tok = load_model(a.model, progress=a.progress)
+    model, tok = load_model(a.model, dtype=a.dtype, progress=a.progress)
     export(model, a.out, tokenizer=tok, fmt=a.format, overwrite=a.overwrite, max_shard_size=a.max_shard_size)
     return {"out": a.out, "format": a.format}
 
 
 def verify_export_cmd(a) -> dict:
     text = load_text(a.text) if a.text else None
-    result = verify_export(a.out, a.against, text=text, tokens=a.tokens, atol=a.atol, progress=a.progress)
+    result = verify_export(a.out, a.against, text=text, tokens=a.tokens, atol=a.atol, progress=a.progress,
+                           dtype=parse_dtype(a.dtype))
     if not result["passed"]:
         a.exit_code = 1
     return result
@@ -173,7 +197,7 @@ def load_cmd(a) -> dict:
     require_engine_checkpoint(a.model)
     if a.out:
         check_output_dir(a.out, a.overwrite, inputs=(a.model,))
-    model, tok = load_model(a.model, progress=a.progress)
+    model, tok = load_model(a.model, dtype=a.dtype, progress=a.progress)
     if a.out:
         save(model, tok, a.out, overwrite=a.overwrite)
     return {**cache_report(model), "out": a.out}

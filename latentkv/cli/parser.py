@@ -9,6 +9,8 @@ from ..conversion.metrics import FACTORIZERS
 from ..conversion.rope import ROPE_STRATEGIES
 from ..deepseek.export import FORMATS
 from ..healing.run import PRECISIONS, TRAINABLE, HealConfig
+from ..loading import DTYPES
+from ..runtime.quant import CACHE_DTYPES
 from . import commands
 
 
@@ -48,10 +50,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _dtype(p, what: str = "dtype the model is loaded and run in") -> None:
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                   help=f"{what}; auto: as the weights are stored (GGUF: float32)")
+
+
+def _cache(p) -> None:
+    p.add_argument("--cache-dtype", default="model", choices=list(CACHE_DTYPES),
+                   help="store a converted model's latents as: model (its dtype), fp8_e4m3 (one scale per tensor, as "
+                        "vLLM's fp8 MLA cache), int8 or int4 (fp16 scale per token, or per --cache-group values)")
+    p.add_argument("--cache-group", type=int, help="int cache dtypes: values per scale (default: one per token)")
+    p.add_argument("--cache-rope", action="store_true",
+                   help="store the rope key in --cache-dtype too (default: the model's dtype; vLLM's fp8 does this)")
+
+
 def _add_convert(add) -> None:
     c = add("convert", commands.convert_cmd, "convert SOURCE (hub id, HF dir, .gguf, smollm2-135m) to MLA and save it to --out",
             out=dict(required=True, help="output directory (written atomically)"))
     c.add_argument("source")
+    _dtype(c, "dtype of the converted checkpoint (the math runs in float32/float64)")
     c.add_argument("--kv-budget", type=float, help="fraction of the source's cache values to keep, in (0, 1]")
     c.add_argument("--kv-lora-rank", type=int, help="latent width r (with --qk-rope-head-dim)")
     c.add_argument("--qk-rope-head-dim", type=int, help="shared rotated key width (multiple of 2*num_key_value_heads)")
@@ -95,6 +112,7 @@ def _add_export(add) -> None:
     x = add("export", commands.export_cmd, "write a converted DIR as a stock DeepSeek-V3 checkpoint (transformers, vLLM, SGLang)",
             out=dict(required=True, help="output directory (written atomically)"))
     x.add_argument("model", help="a latentkv convert output")
+    _dtype(x, "dtype of the exported weights")
     x.add_argument("--format", default="deepseek_v3", choices=list(FORMATS))
     x.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB or 500MB")
 
@@ -105,18 +123,23 @@ def _add_verify_export(add) -> None:
     v.add_argument("--against", required=True, help="the latentkv convert output it was exported from")
     v.add_argument("--text", help="sample text file or name (default: a built-in paragraph)")
     v.add_argument("--tokens", type=int, default=128, help="sample tokens compared")
-    v.add_argument("--atol", type=float, default=1e-3, help="largest logit difference that passes (fp32)")
+    v.add_argument("--atol", type=float, default=1e-3, help="largest logit difference that passes (fp32; bf16 "
+                   "needs ~0.5)")
+    v.add_argument("--dtype", default="float32", choices=list(DTYPES), help="dtype both sides run in")
 
 
 def _add_load(add) -> None:
     lo = add("load", commands.load_cmd, "read a DeepSeek-V3 checkpoint (an export or anyone's) into the latentkv runtime",
              out=dict(help="also save it in latentkv's native format here"))
     lo.add_argument("model")
+    _dtype(lo)
 
 
 def _add_eval(add) -> None:
     e = add("eval", commands.eval_cmd, "perplexity and/or passkey retrieval of MODEL_OR_DIR")
     e.add_argument("model")
+    _dtype(e)
+    _cache(e)
     e.add_argument("--ppl", help="perplexity on a UTF-8 text file, or wikitext2 / wikitext2-valid / ptb")
     e.add_argument("--seq-len", type=int, default=2048, help="window length in tokens")
     e.add_argument("--stride", type=int, help="slide windows by this many tokens (default: non-overlapping)")
@@ -136,6 +159,7 @@ def _add_eval(add) -> None:
 def _add_info(add) -> None:
     i = add("info", commands.info_cmd, "architecture and cache values/bytes per token of a model vs its source")
     i.add_argument("model")
+    _dtype(i)
 
 
 def _add_sweep(add) -> None:
@@ -160,6 +184,8 @@ def _add_generate(add) -> None:
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--seed", type=int, default=0)
+    _dtype(g)
+    _cache(g)
 
 
 def _add_bench(add) -> None:
@@ -170,6 +196,8 @@ def _add_bench(add) -> None:
     b.add_argument("--context", default="1024,4096,8192,16384", help="context lengths in tokens")
     b.add_argument("--batch", default="1,4,16", help="batch sizes")
     b.add_argument("--new-tokens", type=int, default=64, help="decode steps timed per row")
+    _dtype(b, "dtype both models are loaded and run in")
+    _cache(b)
 
 
 def _add_demo(add) -> None:

@@ -27,8 +27,10 @@ from ..io.machine import available_memory, peak_rss, reset_peak_rss
 from ..io.plots import figure
 from ..record import record_of
 from ..runtime.accounting import cache_report
+from ..runtime.cache import LatentCache
 from ..runtime.generation import cache_tensor_bytes, decode_n_tokens, new_cache, prefill
 from ..runtime.install import mla_layers
+from ..runtime.quant import CacheFormat, as_format
 
 PREFILL_CHUNK = 1024  # tokens per prefill forward: bounds the (chunk x context) attention scores
 HEADROOM = 0.8  # share of MemAvailable a row may plan to use
@@ -99,17 +101,20 @@ def step_weight_bytes(model, variant: str) -> int:
     return total
 
 
-def cache_bytes_per_token(model) -> int:
-    """Cache bytes one token of one sequence occupies: latent for converted models, K/V otherwise."""
+def cache_bytes_per_token(model, cache_dtype: str | CacheFormat = "model") -> int:
+    """Cache bytes one token of one sequence occupies: latent for converted models (in `cache_dtype`),
+    K/V otherwise."""
+    if record_of(model) is not None:
+        return LatentCache(model, cache_dtype=cache_dtype).bytes_per_token()
     return cache_report(model)["model"]["bytes_per_token"]
 
 
-def plan(model, context: int, batch: int, new_tokens: int, dynamic: bool) -> str | None:
+def plan(model, context: int, batch: int, new_tokens: int, dynamic: bool, cache_dtype="model") -> str | None:
     """Why this row cannot run here, or None."""
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit and context + new_tokens > limit:
         return f"context {context} + {new_tokens} new tokens exceeds the model's {limit} positions"
-    cache = cache_bytes_per_token(model) * batch * (context + new_tokens) * (2 if dynamic else 1)  # cat copies
+    cache = cache_bytes_per_token(model, cache_dtype) * batch * (context + new_tokens) * (2 if dynamic else 1)  # cat copies
     heads = model.config.num_attention_heads
     scores = 4 * heads * PREFILL_CHUNK * (context + new_tokens) * 3  # fp32 scores, softmax, grads-free temps
     need = cache + scores  # the weights are already resident
@@ -141,16 +146,18 @@ def decode(model, cache, batch: int, context: int, steps: int, vocab: int, mla_p
 
 
 def measure(model, names: list[str], context: int, batches, new_tokens: int, roofs: tuple[float, float],
-            seed: int = 0) -> list[dict]:
+            seed: int = 0, cache_dtype: str | CacheFormat = "model") -> list[dict]:
     """Rows for one model at one context: one batch-1 prefill (the model's own path choice), then decode
-    at each batch size for each variant name (`source`, `latent-expanded`, `latent-absorbed`)."""
-    rows, dynamic = [], names == ["source"]
-    reasons = {b: plan(model, context, b, new_tokens, dynamic) for b in batches}
+    at each batch size for each variant name (`source`, `latent-expanded`, `latent-absorbed`); a
+    converted model's latents stored as `cache_dtype` (a quantized cache grows instead of preallocating)."""
+    fmt = CacheFormat() if names == ["source"] else as_format(cache_dtype)
+    rows, dynamic, cache_dtype = [], names == ["source"] or fmt.quantized, fmt
+    reasons = {b: plan(model, context, b, new_tokens, dynamic, cache_dtype) for b in batches}
     if all(reasons.values()):
         return [{"variant": n, "context": context, "batch": b, "skipped": reasons[b]} for n in names for b in batches]
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (1, context), generator=torch.Generator().manual_seed(seed))
-    first = new_cache(model, context + new_tokens)
+    first = new_cache(model, context + new_tokens, cache_dtype)
     start = time.perf_counter()
     prefill(model, ids, first, chunk=PREFILL_CHUNK)
     prefill_s = time.perf_counter() - start
@@ -164,22 +171,23 @@ def measure(model, names: list[str], context: int, batches, new_tokens: int, roo
                 cache.batch_repeat_interleave(b)
             reset_peak_rss()
             times = decode(model, cache, b, context, new_tokens, vocab, MLA_PATHS[name])
-            rows.append(_row(model, name, context, b, new_tokens, prefill_s, times, cache, roofs))
+            rows.append(_row(model, name, context, b, new_tokens, prefill_s, times, cache, roofs, cache_dtype))
             del cache
     return rows
 
 
-def _row(model, name, context, batch, new_tokens, prefill_s, times, cache, roofs) -> dict:
+def _row(model, name, context, batch, new_tokens, prefill_s, times, cache, roofs, cache_dtype="model") -> dict:
     """One decode row. floor_s: the bytes a step reads at the measured bandwidth (the bandwidth floor);
     compute_floor_s: its FLOPs at the measured matmul rate; roofline_fraction: the larger of the two
     over the step time."""
     bandwidth, flops = roofs
     step = statistics.median(times)
-    per_token = cache_bytes_per_token(model)
+    per_token = cache_bytes_per_token(model, cache_dtype)
     held = cache_tensor_bytes(cache)
     step_bytes = step_weight_bytes(model, name) + per_token * batch * context
     flop = step_flops(model, name, batch, context)
     return {"variant": name, "context": context, "batch": batch, "new_tokens": new_tokens,
+            "cache_dtype": as_format(cache_dtype).name,
             "prefill_s": round(prefill_s, 4), "prefill_batch": 1, "decode_step_s": step,
             "decode_tokens_per_s": batch / step, "cache_bytes": held,
             "cache_bytes_formula": per_token * batch * (context + new_tokens), "cache_bytes_per_token": per_token,
@@ -189,7 +197,7 @@ def _row(model, name, context, batch, new_tokens, prefill_s, times, cache, roofs
 
 
 def bench(model, against=None, contexts=(1024, 4096, 8192, 16384), batches=(1, 4, 16), new_tokens: int = 64,
-          progress: bool = True) -> dict:
+          progress: bool = True, cache_dtype: str | CacheFormat = "model") -> dict:
     """-> {"bandwidth_bytes_per_s", "threads", "rows": [...]}, rows as in `measure` (or `skipped`)."""
     if not contexts or not batches or min(contexts) < 1 or min(batches) < 1 or new_tokens < 1:
         raise LatentKVError("bench needs positive --context, --batch and --new-tokens values, e.g. --context 1024,4096 "
@@ -201,7 +209,7 @@ def bench(model, against=None, contexts=(1024, 4096, 8192, 16384), batches=(1, 4
     roofs = measure_bandwidth(), measure_flops()
     rows = []
     for m, names, context in tqdm(todo, desc="bench", disable=not progress):
-        rows += measure(m, names, context, batches, new_tokens, roofs)
+        rows += measure(m, names, context, batches, new_tokens, roofs, cache_dtype=cache_dtype)
     if all("skipped" in r for r in rows):
         raise LatentKVError(f"no row of the grid fits this machine ({rows[0]['skipped']}); lower --context or --batch")
     return {"bandwidth_bytes_per_s": roofs[0], "flops_per_s": roofs[1], "threads": torch.get_num_threads(),

@@ -1,7 +1,7 @@
 """`verify-export`: does a stock engine load our export and compute what our runtime computes?
 
 Loads OUT with stock `AutoModelForCausalLM` (no remote code, safetensors only) and the native
-conversion with our runtime, runs both on the same tokens (fp32), and reports the largest logit
+conversion with our runtime, runs both on the same tokens (fp32 unless `dtype`), and reports the largest logit
 difference, teacher-forced greedy agreement, whether greedy generation gives the same tokens, and
 the bytes per token the stock model's own cache holds (it must be latent-sized).
 """
@@ -34,10 +34,10 @@ def check_export_dir(out) -> None:
     check_weights(out)
 
 
-def load_stock(out) -> torch.nn.Module:
+def load_stock(out, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     check_export_dir(out)
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, use_safetensors=True,
+        model, info = AutoModelForCausalLM.from_pretrained(out, dtype=dtype, use_safetensors=True,
                                                            local_files_only=True, output_loading_info=True)
     except (OSError, ValueError) as e:
         raise LatentKVError(f"stock transformers cannot load {out}: {str(e).splitlines()[0][:160]}") from None
@@ -52,16 +52,15 @@ def load_stock(out) -> torch.nn.Module:
 
 @torch.no_grad()
 def verify_export(out, against, text: str | None = None, tokens: int = 128, new_tokens: int = 16,
-                  atol: float = 1e-3, progress: bool = True) -> dict:
+                  atol: float = 1e-3, progress: bool = True, dtype: torch.dtype = torch.float32) -> dict:
     """-> {max_abs_diff, greedy_agreement, generation_match, cache_bytes_per_token, expected_..., passed}."""
     check_export_dir(out)  # a missing or broken export is one error line, with no bar before it
     with tqdm(total=3, desc="verify-export", disable=not progress) as bar:  # closed (its line ended) on errors too
         bar.set_postfix_str("loading the export with stock transformers and ours")
-        stock = load_stock(out)
-        ours, tok = load_model(against, progress=False)
+        stock = load_stock(out, dtype)
+        ours, tok = load_model(against, dtype=dtype, progress=False)
         if tok is None:
             raise LatentKVError(f"{against} has no tokenizer files; verify-export needs one to make sample tokens")
-        ours.float()
         bar.update()
         bar.set_postfix_str("comparing logits")
         ids = tok(text or SAMPLE_TEXT * 4, return_tensors="pt").input_ids[:, :tokens]  # (1, T)
@@ -82,7 +81,7 @@ def verify_export(out, against, text: str | None = None, tokens: int = 128, new_
     match = stock_new[0, prompt_ids.shape[1]:].tolist() == ours_new.tokens[0]
     return {"out": str(out), "against": str(against), "tokens": int(ids.shape[1]), "max_abs_diff": diff,
             "greedy_agreement": agree, "generation_match": match, "cache_bytes_per_token": held,
-            "expected_cache_bytes_per_token": expected, "atol": atol,
+            "expected_cache_bytes_per_token": expected, "atol": atol, "dtype": str(dtype).removeprefix("torch."),
             "passed": bool(diff <= atol and agree == 1.0 and match and held == expected),
             # what the export-grade conversion approximated of the source (both sides compute it alike)
             "folded_biases": bias_folds(record_of(ours))}

@@ -25,7 +25,7 @@ from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLa
 
 from ..errors import LatentKVError
 from .install import mla_layers
-from .quant import CacheFormat
+from .quant import CacheFormat, as_format
 
 
 class LatentLayer(DynamicLayer):
@@ -132,7 +132,7 @@ class LatentCache(Cache):
 
     def __init__(self, model=None, capacity: int | None = None, cache_dtype: str | CacheFormat = "model"):
         self.capacity = capacity
-        self.format = cache_dtype if isinstance(cache_dtype, CacheFormat) else CacheFormat(cache_dtype)
+        self.format = as_format(cache_dtype)
         fmt = self.format if self.format.quantized else None
         if model is None:  # layers appear as they are used; windows are then applied by the mask alone
             if fmt is not None:

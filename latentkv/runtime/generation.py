@@ -19,6 +19,7 @@ from transformers import DynamicCache
 from ..errors import LatentKVError
 from ..record import record_of
 from .cache import LatentCache
+from .quant import CacheFormat, as_format
 
 
 @dataclass
@@ -56,10 +57,14 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     return ids, mask
 
 
-def new_cache(model, capacity: int):
-    """A LatentCache of exactly `capacity` tokens for converted models, a DynamicCache otherwise."""
+def new_cache(model, capacity: int, cache_dtype: str | CacheFormat = "model"):
+    """A LatentCache of exactly `capacity` tokens for converted models (latents stored as `cache_dtype`),
+    a DynamicCache otherwise."""
     if record_of(model) is not None:
-        return LatentCache(model, capacity=capacity)
+        return LatentCache(model, capacity=capacity, cache_dtype=cache_dtype)
+    if as_format(cache_dtype).quantized:
+        raise LatentKVError("--cache-dtype quantizes a latentkv latent cache and this is a source model; convert it "
+                            "first (for its own K/V, transformers' QuantizedCache is the tool)")
 
     return DynamicCache(config=model.config)
 
@@ -146,7 +151,7 @@ def decode_n_tokens(model, cache, logits: torch.Tensor | None, positions: torch.
 @torch.no_grad()
 def generate(model, tokenizer, prompts: str | list[str], max_new_tokens: int = 64, *, temperature: float = 0.0,
              top_p: float = 1.0, stop: tuple[str, ...] = (), use_eos: bool = True, seed: int = 0,
-             stream: Callable[[int, str], None] | None = None) -> Generation:
+             stream: Callable[[int, str], None] | None = None, cache_dtype: str | CacheFormat = "model") -> Generation:
     """Generate up to `max_new_tokens` per prompt. Greedy at temperature 0 (the same tokens as
     transformers' `generate`), nucleus sampling otherwise (seeded). `stream(i, text)` receives
     each prompt's new text as it becomes final."""
@@ -164,7 +169,7 @@ def generate(model, tokenizer, prompts: str | list[str], max_new_tokens: int = 6
     ids, mask = left_pad(rows, pad)
     out = Generation([""] * len(rows), [[] for _ in rows], [len(r) for r in rows], [""] * len(rows), 0.0, 0.0, 0, 0)
     rng = torch.Generator().manual_seed(seed) if temperature > 0 else None
-    cache = new_cache(model, ids.shape[1] + max_new_tokens)
+    cache = new_cache(model, ids.shape[1] + max_new_tokens, cache_dtype)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     start = time.perf_counter()
     logits = prefill(model, ids, cache, attention_mask=mask, position_ids=pos)

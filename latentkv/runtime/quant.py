@@ -96,3 +96,8 @@ class CacheFormat:
         g = n if self.group is None else self.group
         per_value = scale.repeat_interleave(g, -1)[..., :n]
         return (q * per_value).to(dtype)
+
+
+def as_format(cache_dtype: str | CacheFormat) -> CacheFormat:
+    """A `--cache-dtype` name or a CacheFormat -> the CacheFormat."""
+    return cache_dtype if isinstance(cache_dtype, CacheFormat) else CacheFormat(cache_dtype)

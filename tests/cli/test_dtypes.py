@@ -1,0 +1,109 @@
+"""--dtype and --cache-dtype through the CLI: bf16 checkpoints round-trip and export, quantized caches in
+eval/generate/bench, one-line refusals."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from latentkv import load_model
+from latentkv.cli import main
+
+from conftest import SAMPLE, make_tiny
+
+
+@pytest.fixture(scope="module")
+def bf16_source(tmp_path_factory, tiny_tokenizer):
+    """A tiny source stored in bf16, as most hub checkpoints are."""
+    d = tmp_path_factory.mktemp("src") / "tiny-bf16"
+    make_tiny("llama-gqa", layers=2).to(torch.bfloat16).save_pretrained(d)
+    tiny_tokenizer.save_pretrained(d)
+    (d.parent / "sample.txt").write_text(SAMPLE * 3)
+    return d
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def stored(path) -> set:
+    with safe_open(str(next(path.glob("*.safetensors"))), framework="pt") as f:
+        return {f.get_slice(k).get_dtype() for k in f.keys()} - {"I64", "I32"}  # index buffers keep their type
+
+
+def test_bf16_source_converts_exports_and_loads_stock_as_bf16(capsys, bf16_source, tmp_path):
+    conv, ds = tmp_path / "mla", tmp_path / "ds"
+    text = bf16_source.parent / "sample.txt"
+    code, _, err = run(capsys, "convert", bf16_source, "--out", conv, "--kv-budget", 0.5, "--target", "deepseek_v3",
+                       "--calib", text, "--calib-samples", 4, "--calib-seq-len", 32)
+    assert code == 0, err
+    assert stored(conv) == {"BF16"}  # the checkpoint keeps the source's dtype (auto)
+    model, _ = load_model(conv, dtype="auto")
+    assert next(model.parameters()).dtype == torch.bfloat16
+    assert run(capsys, "export", conv, "--out", ds)[0] == 0
+    assert stored(ds) == {"BF16"}
+    code, stdout, err = run(capsys, "verify-export", ds, "--against", conv, "--dtype", "bfloat16", "--atol", 0.5,
+                            "--tokens", 32, "--json")
+    res = json.loads(stdout)
+    assert code == 0 and res["dtype"] == "bfloat16" and res["passed"], res
+    code, stdout, _ = run(capsys, "convert", bf16_source, "--out", tmp_path / "f32", "--kv-budget", 0.5,
+                          "--method", "svd", "--dtype", "float32", "--json")
+    assert code == 0 and stored(tmp_path / "f32") == {"F32"}
+
+
+def test_eval_in_bf16_and_with_a_quantized_cache(capsys, bf16_source, tmp_path):
+    conv = tmp_path / "mla"
+    assert run(capsys, "convert", bf16_source, "--out", conv, "--kv-budget", 0.5, "--method", "svd")[0] == 0
+    text = bf16_source.parent / "sample.txt"
+    rows = {}
+    for args in (["--dtype", "float32"], ["--dtype", "bfloat16"], ["--dtype", "float32", "--cache-dtype", "int8"],
+                 ["--dtype", "float32", "--cache-dtype", "int4", "--cache-group", 8, "--cache-rope"]):
+        code, stdout, err = run(capsys, "eval", conv, "--ppl", text, "--seq-len", 32, "--max-windows", 2, "--json", *args)
+        assert code == 0, err
+        rows[" ".join(map(str, args))] = json.loads(stdout)
+    f32 = rows["--dtype float32"]
+    assert rows["--dtype bfloat16"]["dtype"] == "bfloat16" and f32["dtype"] == "float32"
+    for key, row in rows.items():
+        assert abs(row["nll"] - f32["nll"]) < 0.1, key  # close, and the int8 cache closest
+    assert rows["--dtype float32 --cache-dtype int8"]["cache_dtype"] == "int8"
+    assert abs(rows["--dtype float32 --cache-dtype int8"]["nll"] - f32["nll"]) < 0.01
+
+
+def test_generate_and_bench_over_a_quantized_cache(capsys, bf16_source, tmp_path):
+    conv = tmp_path / "mla"
+    assert run(capsys, "convert", bf16_source, "--out", conv, "--kv-budget", 0.5, "--method", "svd")[0] == 0
+    code, stdout, err = run(capsys, "generate", conv, "The quick brown", "--max-new-tokens", 4, "--cache-dtype", "fp8_e4m3",
+                            "--json")
+    assert code == 0 and len(json.loads(stdout)["tokens"][0]) == 4, err
+    code, stdout, err = run(capsys, "bench", conv, "--context", 16, "--batch", 1, "--new-tokens", 2, "--cache-dtype",
+                            "int8", "--out", tmp_path / "b", "--json", "--dtype", "float32")
+    assert code == 0, err
+    rows = [r for r in json.loads(stdout)["rows"] if "skipped" not in r]
+    for r in rows:  # int8 latent: r codes + one fp16 scale per token and layer; the rope key stays fp32
+        assert r["cache_dtype"] == "int8" and r["cache_bytes"] == r["cache_bytes_formula"]
+    d = load_model(conv, dtype="float32")[0].model.layers[0].self_attn.dims
+    assert rows[0]["cache_bytes_per_token"] == 2 * (d.kv_lora_rank + 2 + 4 * d.qk_rope_head_dim)
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["eval", "{conv}", "--passkey", "--cache-dtype", "int8"], "--cache-dtype applies to --ppl"),
+    (["generate", "{src}", "hi", "--cache-dtype", "int8"], "source model"),
+    (["eval", "{conv}", "--ppl", "{text}", "--cache-dtype", "fp8_e4m3", "--cache-group", "8"], "needs an int"),
+    (["convert", "{src}", "--out", "{tmp}/o", "--stream", "--dtype", "float32"], "--stream writes"),
+])
+def test_dtype_errors_are_one_line(capsys, bf16_source, tmp_path, argv, match):
+    conv = tmp_path / "mla"
+    assert run(capsys, "convert", bf16_source, "--out", conv, "--kv-budget", 0.5, "--method", "svd")[0] == 0
+    argv = [a.format(conv=conv, src=bf16_source, text=bf16_source.parent / "sample.txt", tmp=tmp_path) for a in argv]
+    code, _, err = run(capsys, *argv)
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(lines) == 1 and match in lines[0] and "Traceback" not in err, err
+
+
+def test_bad_dtype_is_refused_by_the_parser(capsys, bf16_source):
+    with pytest.raises(SystemExit) as e:
+        main(["eval", str(bf16_source), "--ppl", "x", "--dtype", "float8"])
+    assert e.value.code == 2 and "invalid choice: 'float8'" in capsys.readouterr().err
