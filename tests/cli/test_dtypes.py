@@ -34,7 +34,15 @@ def stored(path) -> set:
         return {f.get_slice(k).get_dtype() for k in f.keys()} - {"I64", "I32"}  # index buffers keep their type
 
 
-def test_bf16_source_converts_exports_and_loads_stock_as_bf16(capsys, bf16_source, tmp_path):
+@pytest.mark.parametrize("name", ["llama-gqa", "qwen2-bias"])
+def test_bf16_source_converts_exports_and_loads_stock_as_bf16(capsys, bf16_source, tmp_path, tiny_tokenizer, name):
+    """A bf16 source (Qwen2: with its biases folded for the export) -> a bf16 conversion and export that
+    stock transformers loads as bf16 and computes as our runtime does."""
+    if name != "llama-gqa":
+        bf16_source = tmp_path / name
+        make_tiny(name, layers=2).to(torch.bfloat16).save_pretrained(bf16_source)
+        tiny_tokenizer.save_pretrained(bf16_source)
+        (tmp_path / "sample.txt").write_text(SAMPLE * 3)
     conv, ds = tmp_path / "mla", tmp_path / "ds"
     text = bf16_source.parent / "sample.txt"
     code, _, err = run(capsys, "convert", bf16_source, "--out", conv, "--kv-budget", 0.5, "--target", "deepseek_v3",
