@@ -21,9 +21,10 @@ the model (`LatentCache(model)`): their bytes stop growing at the window.
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
 from ..errors import LatentKVError
+from ..families import source_layout
 from .install import mla_layers
 from .quant import CacheFormat, as_format
 
@@ -211,3 +212,24 @@ def packed_update(layer, store, c_kv: torch.Tensor, k_pe: torch.Tensor):
             parts.append(values[..., head:].clone(memory_format=torch.contiguous_format).view(dtype))
         values = torch.cat(parts, -1)
     return fmt.dequantize(keys, r, dtype), values
+
+
+class QuantizedKVCache(DynamicCache):
+    """A source (GQA/MHA) model's own K/V stored in a `CacheFormat`, the baseline a latent cache competes
+    with at equal bytes: keys (after RoPE) and values of each KV head and token quantized over the head
+    dim (one scale per head and token, or per `group`), read back dequantized. The codes are not kept:
+    the layers hold the dequantized tensors, and `bytes_per_token()` counts what the format would store."""
+
+    def __init__(self, model, cache_dtype: str | CacheFormat):
+        super().__init__(config=model.config)
+        self.format = as_format(cache_dtype)
+        layout = source_layout(model.config)
+        self._token_bytes = 2 * layout.num_kv_heads * self.format.nbytes(layout.head_dim) * layout.num_layers
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        """key_states, value_states (B, G, t, d)."""
+        fake = lambda x: self.format.dequantize(self.format.quantize(x), x.shape[-1], x.dtype)  # noqa: E731
+        return super().update(fake(key_states), fake(value_states), layer_idx, *args, **kwargs)
+
+    def bytes_per_token(self) -> int:
+        return self._token_bytes

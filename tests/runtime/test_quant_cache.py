@@ -115,3 +115,16 @@ def test_bad_formats_are_one_line(bad, match):
 def test_quantized_cache_needs_the_model():
     with pytest.raises(LatentKVError, match="needs the model"):
         LatentCache(cache_dtype="int8")
+
+
+def test_source_kv_baseline_quantizes_keys_and_values():
+    from latentkv.runtime.cache import QuantizedKVCache
+
+    model = make_tiny("llama-gqa")  # 2 layers, 2 KV heads of 16
+    ids = torch.randint(0, 320, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(ids).logits
+        got = model(ids, cache=QuantizedKVCache(model, "int4"), use_cache=True).logits
+        fine = model(ids, cache=QuantizedKVCache(model, "int8"), use_cache=True).logits
+    assert 0 < (fine - ref).abs().max() < (got - ref).abs().max() < 0.1
+    assert QuantizedKVCache(model, "int4").bytes_per_token() == 2 * 2 * 2 * (8 + 2)  # layers x K/V x heads x (codes + scale)
