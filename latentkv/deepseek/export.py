@@ -21,10 +21,10 @@ import json
 import math
 import warnings
 from pathlib import Path
+from typing import Iterator
 
 import safetensors.torch
 import torch
-from huggingface_hub import split_torch_state_dict_into_shards
 
 from ..errors import LatentKVError
 from ..families import embedding_scale, logit_softcap
@@ -79,24 +79,26 @@ def kept_frequencies(model) -> torch.Tensor:
     return idx[0]
 
 
-def engine_state(model, dims, freq_idx: torch.Tensor) -> dict[str, torch.Tensor]:
-    """DeepSeek-V3 tensors: attention rows folded/permuted, everything else under its own name."""
+def engine_tensors(model, dims, freq_idx: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+    """DeepSeek-V3 tensors one at a time: attention rows folded/permuted (new tensors), everything else
+    under its own name as the model holds it (no copy), so an export never holds a second whole state."""
     order = interleave_order(freq_idx)
     alpha = dims.softmax_scale * math.sqrt(dims.qk_nope_head_dim + dims.qk_rope_head_dim)  # ours / engine's scale
-    out = {}
-    for name, t in model.state_dict().items():
+    state = model.state_dict()
+    for name, t in state.items():
         if name.endswith(("rope_freq_idx", "rotary_emb.inv_freq")):
             continue
-        t = reorder_rope_rows(name, t.detach(), dims, order).clone().contiguous()
+        t = reorder_rope_rows(name, t.detach(), dims, order)
         if name.endswith(("self_attn.q_proj.weight", "self_attn.q_b_proj.weight")):
-            t *= alpha
+            t = t * alpha
         if name.endswith("mlp.gate_up_proj.weight"):  # Phi-3's fused MLP: DeepSeek-V3 names its halves apart
-            out[name.replace("gate_up_proj", "gate_proj")], out[name.replace("gate_up_proj", "up_proj")] = t.chunk(2)
+            gate, up = t.chunk(2)
+            yield name.replace("gate_up_proj", "gate_proj"), gate.contiguous()
+            yield name.replace("gate_up_proj", "up_proj"), up.contiguous()
             continue
-        out[name] = t
-    if "lm_head.weight" not in out:  # tied: vLLM's DeepSeek loader reads lm_head.weight itself
-        out["lm_head.weight"] = out["model.embed_tokens.weight"].clone()
-    return out
+        yield name, t.contiguous()
+    if "lm_head.weight" not in state:  # tied: vLLM's DeepSeek loader reads lm_head.weight itself
+        yield "lm_head.weight", state["model.embed_tokens.weight"].detach().clone()
 
 
 def export(model, out: str | Path, tokenizer=None, fmt: str = "deepseek_v3", overwrite: bool = False,
@@ -114,9 +116,8 @@ def export(model, out: str | Path, tokenizer=None, fmt: str = "deepseek_v3", ove
     warning = kernel_warning(dims)
     if warning:
         warnings.warn(warning, stacklevel=2)
-    state = engine_state(model, dims, freq_idx)
     with atomic_output_dir(out, overwrite) as tmp:
-        _write_shards(state, tmp, max_shard_size)
+        write_shards(engine_tensors(model, dims, freq_idx), tmp, parse_size(max_shard_size))
         (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
         model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
@@ -124,11 +125,50 @@ def export(model, out: str | Path, tokenizer=None, fmt: str = "deepseek_v3", ove
     return Path(out)
 
 
-def _write_shards(state: dict, folder: Path, max_shard_size) -> None:
-    split = split_torch_state_dict_into_shards(state, max_shard_size=max_shard_size)
-    for filename, names in split.filename_to_tensors.items():
-        safetensors.torch.save_file({k: state[k] for k in names}, str(folder / filename), metadata={"format": "pt"})
-    if split.is_sharded:
-        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
-                 "weight_map": split.tensor_to_filename}
-        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+def parse_size(size: str | int) -> int:
+    """"5GB", "500MB", "100KB" or a byte count -> bytes."""
+    if isinstance(size, int):
+        return size
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+    text = size.strip().upper()
+    for unit, factor in units.items():
+        if text.endswith(unit) and text[: -len(unit)].strip().replace(".", "", 1).isdigit():
+            return int(float(text[: -len(unit)]) * factor)
+    if text.isdigit():
+        return int(text)
+    raise LatentKVError(f"--max-shard-size {size!r}: give a size like 5GB, 500MB or 100KB")
+
+
+def write_shards(tensors: Iterator[tuple[str, torch.Tensor]], folder: Path, max_bytes: int) -> None:
+    """Write (name, tensor) pairs as safetensors shards of at most `max_bytes` (a larger tensor gets its
+    own), holding one shard at a time; named model.safetensors, or model-0000k-of-0000n.safetensors with
+    an index when there is more than one (the names transformers writes)."""
+    shards, current, size = [], {}, 0
+
+    def flush():
+        nonlocal current, size
+        if current:
+            file = f".shard-{len(shards):05d}.tmp"
+            safetensors.torch.save_file(current, str(folder / file), metadata={"format": "pt"})
+            shards.append((file, {k: v.numel() * v.element_size() for k, v in current.items()}))
+        current, size = {}, 0
+
+    for name, t in tensors:
+        nbytes = t.numel() * t.element_size()
+        if current and size + nbytes > max_bytes:
+            flush()
+        if any(t.data_ptr() == v.data_ptr() for v in current.values()):
+            t = t.clone()  # safetensors refuses two names on one storage
+        current[name], size = t, size + nbytes
+    flush()
+    if len(shards) == 1:
+        (folder / shards[0][0]).rename(folder / "model.safetensors")
+        return
+    weight_map, total = {}, 0
+    for k, (file, sizes) in enumerate(shards, 1):
+        final = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+        (folder / file).rename(folder / final)
+        weight_map.update({name: final for name in sizes})
+        total += sum(sizes.values())
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))

@@ -325,3 +325,21 @@ def test_llama3_source_exports_a_schedule_every_engine_runs(tmp_path):
     x = torch.randint(0, 320, (1, 40))
     with torch.no_grad():
         assert (load_stock(tmp_path / "ds")(x).logits - conv(x).logits).abs().max() < 1e-4
+
+
+def test_export_streams_tensors_without_copying_the_state():
+    """Only the folded/permuted attention tensors are new; the rest is written from the model's own memory."""
+    from latentkv.deepseek.export import engine_tensors, exportable_dims, kept_frequencies, parse_size
+
+    conv = target_model("llama-gqa")
+    held = {p.data_ptr() for p in conv.state_dict().values()}
+    names, shared = [], 0
+    for name, t in engine_tensors(conv, exportable_dims(conv), kept_frequencies(conv)):
+        names.append(name)
+        shared += t.data_ptr() in held
+        if name.endswith(("q_proj.weight", "kv_a_proj_with_mqa.weight")):
+            assert t.data_ptr() not in held
+    assert shared >= len(names) - 2 * len(conv.model.layers)  # all but q_proj and kv_a_proj per layer
+    assert parse_size("100KB") == 100_000 and parse_size("5GB") == 5 * 10**9
+    with pytest.raises(LatentKVError, match="--max-shard-size"):
+        parse_size("lots")
