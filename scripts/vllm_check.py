@@ -31,22 +31,26 @@ def skip_reason() -> str | None:
     return None
 
 
-def vllm_tokens(out: str, prompts: list[str], new_tokens: int, dtype: str) -> list[list[int]]:
+def vllm_tokens(out: str, prompts: list[str], new_tokens: int, dtype: str, kv_cache_dtype: str) -> list[list[int]]:
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=out, dtype=dtype, trust_remote_code=False, enforce_eager=True, max_model_len=2048, seed=0)
+    llm = LLM(model=out, dtype=dtype, trust_remote_code=False, enforce_eager=True, max_model_len=2048, seed=0,
+              kv_cache_dtype=kv_cache_dtype)
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
     return [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params)]
 
 
-def our_tokens(against: str, prompts: list[str], new_tokens: int, dtype: str) -> list[list[int]]:
+def our_tokens(against: str, prompts: list[str], new_tokens: int, dtype: str, kv_cache_dtype: str) -> list[list[int]]:
     import torch
 
     from latentkv import generate, load_model
+    from latentkv.runtime.quant import CacheFormat
 
     model, tok = load_model(against)
     model.to(device="cuda", dtype=getattr(torch, dtype))
-    return [generate(model, tok, p, new_tokens, use_eos=False).tokens[0] for p in prompts]
+    # vLLM's fp8 MLA cache: latent and rope key in e4m3 with one per-tensor scale of 1.0
+    fmt = CacheFormat("fp8_e4m3", rope=True) if kv_cache_dtype.startswith("fp8") else CacheFormat()
+    return [generate(model, tok, p, new_tokens, use_eos=False, cache_dtype=fmt).tokens[0] for p in prompts]
 
 
 def agreement(a: list[int], b: list[int]) -> int:
@@ -67,6 +71,8 @@ def main() -> int:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--must-agree", type=int, default=8, help="leading tokens that must match for every prompt")
     p.add_argument("--attention-backend", help="sets VLLM_ATTENTION_BACKEND, e.g. TRITON_MLA or FLASHMLA")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3"],
+                   help="vLLM's cache dtype; fp8 is compared with our runtime's emulation of it")
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
     reason = skip_reason()
@@ -76,8 +82,8 @@ def main() -> int:
     if a.attention_backend:
         os.environ["VLLM_ATTENTION_BACKEND"] = a.attention_backend
     prompts = PROMPTS if not a.prompts else [x for x in open(a.prompts, encoding="utf-8").read().splitlines() if x]
-    theirs = vllm_tokens(a.out, prompts, a.max_new_tokens, a.dtype)
-    ours = our_tokens(a.against, prompts, a.max_new_tokens, a.dtype)
+    theirs = vllm_tokens(a.out, prompts, a.max_new_tokens, a.dtype, a.kv_cache_dtype)
+    ours = our_tokens(a.against, prompts, a.max_new_tokens, a.dtype, a.kv_cache_dtype)
     rows = [{"prompt": q, "agree": agreement(x, y), "identical": x == y} for q, x, y in zip(prompts, theirs, ours)]
     result = {"rows": rows, "identical": sum(r["identical"] for r in rows), "prompts": len(rows),
               "passed": all(r["agree"] >= min(a.must_agree, a.max_new_tokens) for r in rows)}

@@ -57,3 +57,18 @@ def test_wheel_converts_and_reports_without_the_repository(installed, tiny_token
     assert info["ratio"] == pytest.approx(out["ratio"]) and info["record"]["layers"]
     path = run([tmp / "venv" / "bin" / "latentkv", "accelerate-config", "fsdp-8gpu"], cwd=work, env=env).stdout.strip()
     assert Path(path).is_file() and "fsdp" in Path(path).read_text().lower()
+
+
+def test_gpu_check_skips_cleanly_without_gpu():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the script runs for real there")
+    script = Path(__file__).parents[1] / "scripts" / "gpu_check.sh"
+    done = subprocess.run(["bash", str(script)], capture_output=True, text=True, env={"PYTHON": sys.executable,
+                                                                                      "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0 and done.stdout.strip() == "skipped: no CUDA GPU on this machine", done.stderr
