@@ -6,8 +6,11 @@ BENCHMARKS.md ("cache-quant") and docs/cache_quant.png.
 
 Rows:
   source K/V, DTYPE   the source with its own post-RoPE keys and values stored as DTYPE (one fp16 scale per
-                      KV head and token; our implementation, `runtime.cache.QuantizedKVCache`: quanto/HQQ
-                      do not install here)
+                      KV head and token; our implementation, `runtime.cache.QuantizedKVCache`), same protocol
+  source quanto intN  transformers' `QuantizedCache` (quanto backend, group 64, the last 128 tokens kept
+                      in bf16), as transformers serves it: the window goes in 128-token chunks, each reading
+                      the quantized past; only when `optimum-quanto` is installed (pip install --no-deps
+                      optimum-quanto ninja)
   B, DTYPE            the default conversion at budget B (1 = the exact one) with its latents stored as DTYPE
                       (`LatentCache(cache_dtype=...)`; "+rope": the rope key too, else it stays bf16)
 Bytes per token are counted as served: the unquantized parts in bf16, relative to the source's bf16 K/V.
@@ -18,9 +21,13 @@ Perplexity: WikiText-2 test, first --windows windows, with the cache protocol of
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
+
+import torch
 
 from latentkv import ExactConfig, LatentCache, LowRankConfig, convert, load_model, load_text
 from latentkv.evaluation.perplexity import perplexity
@@ -48,6 +55,35 @@ def ppl(model, tok, text: str, args, factory=None) -> float:
                       cache_factory=factory).ppl
 
 
+QUANTO = {"source quanto int4": 4, "source quanto int2": 2}
+QUANTO_GROUP, QUANTO_RESIDUAL = 64, 128
+
+
+def quanto_share(bits: int, head_dim: int) -> float:
+    """Bytes of one quanto-quantized head vector (codes, fp16 scale and zero point per group of 64) over
+    bf16; the bf16 residual of 128 tokens is left out (it vanishes at long context)."""
+    groups = -(-head_dim // QUANTO_GROUP)
+    return (head_dim * bits / 8 + 4 * groups) / (2 * head_dim)
+
+
+@torch.no_grad()
+def chunked_ppl(model, tok, text: str, args, bits: int) -> float:
+    """Perplexity with transformers' QuantizedCache as it serves: each window in QUANTO_RESIDUAL-token chunks."""
+    from transformers import QuantizedCache
+
+    ids = tok(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
+    total, count = 0.0, 0
+    for w in range(args.windows):
+        x = ids[w * args.seq_len:(w + 1) * args.seq_len][None]
+        cache = QuantizedCache(backend="quanto", config=model.config, nbits=bits, q_group_size=QUANTO_GROUP,
+                               residual_length=QUANTO_RESIDUAL)
+        logits = torch.cat([model(x[:, i:i + QUANTO_RESIDUAL], cache=cache, use_cache=True).logits
+                            for i in range(0, x.shape[1], QUANTO_RESIDUAL)], 1)
+        total += torch.nn.functional.cross_entropy(logits[0, :-1].float(), x[0, 1:], reduction="sum").item()
+        count += x.shape[1] - 1
+    return math.exp(total / count)
+
+
 def run(args) -> dict:
     path = Path(args.json_out)
     res = json.loads(path.read_text()) if args.resume and path.is_file() else {}
@@ -67,6 +103,10 @@ def run(args) -> dict:
         factory = None if fmt is None else (lambda f=fmt: QuantizedKVCache(source, f))
         kv_bytes = src_bytes if fmt is None else QuantizedKVCache(source, fmt).bytes_per_token()
         row(f"source K/V {name}", lambda: {"share": kv_bytes / src_bytes, "ppl": ppl(source, tok, text, args, factory)})
+    if importlib.util.find_spec("optimum") and importlib.util.find_spec("optimum.quanto"):
+        for name, bits in QUANTO.items():
+            row(name, lambda: {"share": quanto_share(bits, layout.head_dim), "protocol": "128-token chunks",
+                               "ppl": chunked_ppl(source, tok, text, args, bits)})
     reuse = dict(item.split("=", 1) for item in args.reuse)
     for budget in args.budgets:
         names = [f"{budget:g} {n}" for n in args.formats]
@@ -94,7 +134,9 @@ def markdown(args, res: dict) -> str:
              "stored cache; share = cache bytes per token over the source's bf16 K/V (unquantized parts counted "
              "as bf16); ratio = ppl / source ppl. `source K/V` rows: the source's own keys and values quantized "
              "(ours, one fp16 scale per KV head and token); the others: the default conversion at that budget "
-             "(1 = exact) with its latent stored as the dtype (+rope: the rope key too).")
+             "(1 = exact) with its latent stored as the dtype (+rope: the rope key too). `source quanto` rows: "
+             "transformers' QuantizedCache (quanto, group 64, last 128 tokens in bf16) fed 128-token chunks, as it "
+             "serves (a kinder protocol: each chunk's own tokens and the residual stay bf16).")
     lines = ["| cache | share of bf16 K/V | ppl | ratio |", "|---|---:|---:|---:|"]
     for name, r in sorted(res.items(), key=lambda kv: (-kv[1]["share"], kv[1]["ppl"])):
         lines.append(f"| {name} | {r['share']:.1%} | {r['ppl']:.2f} | x{r['ppl'] / src:.2f} |")
