@@ -13,6 +13,8 @@ import warnings
 from importlib.resources import files
 from pathlib import Path
 
+import torch
+
 from ..conversion.configs import make_config
 from ..conversion.dispatch import convert
 from ..conversion.streaming import check_fits_in_memory, convert_streaming
@@ -105,8 +107,20 @@ def cache_format(a) -> CacheFormat:
     return CacheFormat(a.cache_dtype, a.cache_group, a.cache_rope)
 
 
+def on_device(model, device: str):
+    """`model` moved to --device, or one line saying why it cannot go there."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise LatentKVError(f"unknown --device {device!r}; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise LatentKVError(f"--device {device}: no CUDA GPU is visible here (torch.cuda.is_available() is False)")
+    return model.to(dev)
+
+
 def _with_tokenizer(name: str, a):
     model, tok = load_model(name, dtype=a.dtype, trust_remote_code=a.trust_remote_code, progress=a.progress)
+    model = on_device(model, getattr(a, "device", "cpu"))
     if tok is None:
         raise LatentKVError(f"{name} has no tokenizer files; re-run `latentkv convert` from a source with one")
     return model, tok
@@ -167,11 +181,12 @@ def bench_cmd(a) -> dict:
     check_output_dir(a.out, a.overwrite, inputs=(a.model, a.against))
     fmt = cache_format(a)
     model, _ = load_model(a.model, dtype=a.dtype, trust_remote_code=a.trust_remote_code, progress=a.progress)
+    model = on_device(model, a.device)
     if fmt.quantized and record_of(model) is None:
         raise LatentKVError("--cache-dtype quantizes a latentkv latent cache and MODEL is a source model; bench a "
                             "conversion (with --against SOURCE for the comparison)")
-    against = (load_model(a.against, dtype=a.dtype, trust_remote_code=a.trust_remote_code, progress=a.progress)[0]
-               if a.against else None)
+    against = (on_device(load_model(a.against, dtype=a.dtype, trust_remote_code=a.trust_remote_code,
+                                    progress=a.progress)[0], a.device) if a.against else None)
     result = bench(model, against, contexts, batches, a.new_tokens, progress=a.progress, cache_dtype=fmt)
     write_bench(result, a.out, overwrite=a.overwrite)
     return {**result, "out": a.out}

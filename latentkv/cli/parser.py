@@ -55,6 +55,10 @@ def _dtype(p, what: str = "dtype the model is loaded and run in") -> None:
                    help=f"{what}; auto: as the weights are stored (GGUF: float32)")
 
 
+def _device(p) -> None:
+    p.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda or cuda:N")
+
+
 def _cache(p) -> None:
     p.add_argument("--cache-dtype", default="model", choices=list(CACHE_DTYPES),
                    help="store a converted model's latents as: model (its dtype), fp8_e4m3 (one scale per tensor, as "
@@ -140,6 +144,7 @@ def _add_eval(add) -> None:
     e.add_argument("model")
     _dtype(e)
     _cache(e)
+    _device(e)
     e.add_argument("--ppl", help="perplexity on a UTF-8 text file, or wikitext2 / wikitext2-valid / ptb")
     e.add_argument("--seq-len", type=int, default=2048, help="window length in tokens")
     e.add_argument("--stride", type=int, help="slide windows by this many tokens (default: non-overlapping)")
@@ -186,6 +191,7 @@ def _add_generate(add) -> None:
     g.add_argument("--seed", type=int, default=0)
     _dtype(g)
     _cache(g)
+    _device(g)
 
 
 def _add_bench(add) -> None:
@@ -198,6 +204,7 @@ def _add_bench(add) -> None:
     b.add_argument("--new-tokens", type=int, default=64, help="decode steps timed per row")
     _dtype(b, "dtype both models are loaded and run in")
     _cache(b)
+    _device(b)
 
 
 def _add_demo(add) -> None:

@@ -140,9 +140,10 @@ MLA_PATHS = {"source": None, "latent-expanded": "expanded", "latent-absorbed": "
 
 def decode(model, cache, batch: int, context: int, steps: int, vocab: int, mla_path: str | None = None) -> list[float]:
     """`steps` one-token forwards of random tokens after `context` cached tokens -> seconds per step."""
-    gen = torch.Generator().manual_seed(1)
-    choose = lambda _: torch.randint(0, vocab, (batch,), generator=gen)  # noqa: E731 - tokens do not matter here
-    return decode_n_tokens(model, cache, None, torch.full((batch, 1), context - 1), steps, choose, mla_path=mla_path)
+    gen, device = torch.Generator().manual_seed(1), next(model.parameters()).device
+    choose = lambda _: torch.randint(0, vocab, (batch,), generator=gen).to(device)  # noqa: E731 - any tokens do
+    return decode_n_tokens(model, cache, None, torch.full((batch, 1), context - 1, device=device), steps, choose,
+                           mla_path=mla_path)
 
 
 def measure(model, names: list[str], context: int, batches, new_tokens: int, roofs: tuple[float, float],
@@ -157,6 +158,7 @@ def measure(model, names: list[str], context: int, batches, new_tokens: int, roo
         return [{"variant": n, "context": context, "batch": b, "skipped": reasons[b]} for n in names for b in batches]
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (1, context), generator=torch.Generator().manual_seed(seed))
+    ids = ids.to(next(model.parameters()).device)
     first = new_cache(model, context + new_tokens, cache_dtype)
     start = time.perf_counter()
     prefill(model, ids, first, chunk=PREFILL_CHUNK)

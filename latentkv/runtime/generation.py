@@ -79,7 +79,8 @@ def pick(logits: torch.Tensor, temperature: float, top_p: float, rng: torch.Gene
         drop = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest prefix reaching top_p
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-    return torch.multinomial(probs, 1, generator=rng)[:, 0]
+    # the seeded generator lives on the CPU, so the draw does too (B x V, small) and the tokens go back
+    return torch.multinomial(probs.cpu(), 1, generator=rng)[:, 0].to(logits.device)
 
 
 def eos_ids(model, tokenizer) -> set[int]:
@@ -106,13 +107,20 @@ def prefill(model, ids: torch.Tensor, cache, *, attention_mask: torch.Tensor | N
     """ids (B, T) into `cache`, `chunk` tokens per forward (all at once by default; chunks bound the
     (chunk x context) attention scores) -> the last token's logits (B, V)."""
     b, t = ids.shape
-    pos = position_ids if position_ids is not None else torch.arange(t)[None].expand(b, -1)
+    pos = position_ids if position_ids is not None else torch.arange(t, device=ids.device)[None].expand(b, -1)
     step = chunk or t
     for c in range(0, t, step):
         mask = {} if attention_mask is None else {"attention_mask": attention_mask[:, : c + step]}
         logits = model(input_ids=ids[:, c: c + step], position_ids=pos[:, c: c + step], cache=cache, use_cache=True,
                        logits_to_keep=1, **mask).logits[:, -1]
+    sync(logits)
     return logits
+
+
+def sync(t: torch.Tensor) -> None:
+    """Wait for a GPU's queued work on t's device, so a wall-clock time covers it (no-op on the CPU)."""
+    if t.is_cuda:
+        torch.cuda.synchronize(t.device)
 
 
 @torch.no_grad()
@@ -144,6 +152,7 @@ def decode_n_tokens(model, cache, logits: torch.Tensor | None, positions: torch.
             attention_mask = torch.cat((attention_mask, attention_mask.new_ones(len(tokens), 1)), 1)
         positions = positions[:, -1:] + 1
         logits = decode_one_token(model, tokens, positions, cache, attention_mask=attention_mask, mla_path=mla_path)
+        sync(logits)
         times.append(time.perf_counter() - t)
     return times
 
@@ -167,6 +176,8 @@ def generate(model, tokenizer, prompts: str | list[str], max_new_tokens: int = 6
     eos = eos_ids(model, tokenizer) if use_eos else set()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos, default=0)
     ids, mask = left_pad(rows, pad)
+    device = next(model.parameters()).device
+    ids, mask = ids.to(device), mask.to(device)
     out = Generation([""] * len(rows), [[] for _ in rows], [len(r) for r in rows], [""] * len(rows), 0.0, 0.0, 0, 0)
     rng = torch.Generator().manual_seed(seed) if temperature > 0 else None
     cache = new_cache(model, ids.shape[1] + max_new_tokens, cache_dtype)

@@ -101,6 +101,8 @@ def test_generate_and_bench_over_a_quantized_cache(capsys, bf16_source, tmp_path
     (["generate", "{src}", "hi", "--cache-dtype", "int8"], "source model"),
     (["eval", "{conv}", "--ppl", "{text}", "--cache-dtype", "fp8_e4m3", "--cache-group", "8"], "needs an int"),
     (["convert", "{src}", "--out", "{tmp}/o", "--stream", "--dtype", "float32"], "--stream writes"),
+    (["generate", "{conv}", "hi", "--device", "cuda"], "no CUDA GPU is visible"),
+    (["eval", "{conv}", "--ppl", "{text}", "--device", "gpu0"], "unknown --device 'gpu0'"),
 ])
 def test_dtype_errors_are_one_line(capsys, bf16_source, tmp_path, argv, match):
     conv = tmp_path / "mla"
