@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+from transformers import StaticCache
 
 from ..errors import LatentKVError
 from ..io.atomic import atomic_output_dir
@@ -130,12 +131,15 @@ def variants(model, against=None) -> list[tuple[str, object]]:
     if record_of(model) is None:
         if against is not None:
             raise LatentKVError("bench MODEL --against SOURCE: MODEL must be a latentkv conversion")
-        return [("source", model)]
-    return ([("source", against)] if against is not None else []) + [("latent-expanded", model),
-                                                                     ("latent-absorbed", model)]
+        return [("source", model), ("source-static", model)]
+    return ([("source", against), ("source-static", against)] if against is not None else []) + [
+        ("latent-expanded", model), ("latent-absorbed", model)]
 
 
-MLA_PATHS = {"source": None, "latent-expanded": "expanded", "latent-absorbed": "auto"}  # variant -> mla_path
+# variant -> mla_path; `source` decodes over transformers' DynamicCache, `source-static` over its StaticCache
+# (preallocated, no per-step concatenation): the fair baseline is the faster of the two
+MLA_PATHS = {"source": None, "source-static": None, "latent-expanded": "expanded", "latent-absorbed": "auto"}
+SOURCE_VARIANTS = ("source", "source-static")
 
 
 def decode(model, cache, batch: int, context: int, steps: int, vocab: int, mla_path: str | None = None) -> list[float]:
@@ -151,31 +155,54 @@ def measure(model, names: list[str], context: int, batches, new_tokens: int, roo
     """Rows for one model at one context: one batch-1 prefill (the model's own path choice), then decode
     at each batch size for each variant name (`source`, `latent-expanded`, `latent-absorbed`); a
     converted model's latents stored as `cache_dtype` (a quantized cache grows instead of preallocating)."""
-    fmt = CacheFormat() if names == ["source"] else as_format(cache_dtype)
-    rows, dynamic, cache_dtype = [], names == ["source"] or fmt.quantized, fmt
+    source = all(n in SOURCE_VARIANTS for n in names)
+    fmt = CacheFormat() if source else as_format(cache_dtype)
+    rows, dynamic, cache_dtype = [], source or fmt.quantized, fmt
     reasons = {b: plan(model, context, b, new_tokens, dynamic, cache_dtype) for b in batches}
     if all(reasons.values()):
         return [{"variant": n, "context": context, "batch": b, "skipped": reasons[b]} for n in names for b in batches]
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (1, context), generator=torch.Generator().manual_seed(seed))
     ids = ids.to(next(model.parameters()).device)
-    first = new_cache(model, context + new_tokens, cache_dtype)
-    start = time.perf_counter()
-    prefill(model, ids, first, chunk=PREFILL_CHUNK)
-    prefill_s = time.perf_counter() - start
+    prefilled: dict[str, tuple] = {}  # cache kind -> (prefilled cache, prefill seconds)
     for name in names:
+        kind = "static" if name == "source-static" else "own"
+        if kind not in prefilled:
+            prefilled[kind] = prefilled_cache(model, ids, context + new_tokens, cache_dtype, kind)
+        first, prefill_s = prefilled[kind]
         for b in batches:
             if reasons[b]:
                 rows.append({"variant": name, "context": context, "batch": b, "skipped": reasons[b]})
                 continue
             cache = copy.deepcopy(first)
             if b > 1:
-                cache.batch_repeat_interleave(b)
+                repeat_batch(cache, b)
             reset_peak_rss()
             times = decode(model, cache, b, context, new_tokens, vocab, MLA_PATHS[name])
             rows.append(_row(model, name, context, b, new_tokens, prefill_s, times, cache, roofs, cache_dtype))
             del cache
     return rows
+
+
+def prefilled_cache(model, ids: torch.Tensor, capacity: int, cache_dtype, kind: str) -> tuple:
+    """ids (1, T) prefilled (PREFILL_CHUNK tokens per forward) into the model's own cache (`new_cache`) or
+    transformers' StaticCache ("static") -> (cache, seconds)."""
+    cache = (StaticCache(config=model.config, max_cache_len=capacity) if kind == "static"
+             else new_cache(model, capacity, cache_dtype))
+    start = time.perf_counter()
+    prefill(model, ids, cache, chunk=PREFILL_CHUNK)
+    return cache, time.perf_counter() - start
+
+
+def repeat_batch(cache, b: int) -> None:
+    """Every sequence of a prefilled cache repeated b times (transformers' StaticLayer has no
+    batch_repeat_interleave: its fixed buffers are repeated directly)."""
+    if not isinstance(cache, StaticCache):
+        cache.batch_repeat_interleave(b)
+        return
+    for layer in cache.layers:
+        layer.keys, layer.values = layer.keys.repeat_interleave(b, 0), layer.values.repeat_interleave(b, 0)
+        layer.batch_size = layer.keys.shape[0]
 
 
 def _row(model, name, context, batch, new_tokens, prefill_s, times, cache, roofs, cache_dtype="model") -> dict:

@@ -155,14 +155,17 @@ def test_bench_end_to_end(capsys, converted_dir, source_dir, tmp_path):
     assert code == 0, err
     res = json.loads(stdout)
     done = [r for r in res["rows"] if "skipped" not in r]
-    assert {r["variant"] for r in done} == {"source", "latent-expanded", "latent-absorbed"}
+    assert {r["variant"] for r in done} == {"source", "source-static", "latent-expanded", "latent-absorbed"}
     for r in done:
         assert {"variant", "context", "batch", "decode_tokens_per_s", "prefill_s", "cache_bytes",
                 "peak_rss_bytes"} <= set(r)
         assert r["cache_bytes"] == r["cache_bytes_formula"] and r["decode_tokens_per_s"] > 0
         assert r["compute_floor_s"] > 0 and r["roofline_fraction"] >= r["floor_fraction"] > 0
-    latent = {r["cache_bytes"] for r in done if r["variant"] != "source" and r["batch"] == 2 and r["context"] == 16}
+    latent = {r["cache_bytes"] for r in done if r["variant"].startswith("latent") and r["batch"] == 2
+              and r["context"] == 16}
     source = [r["cache_bytes"] for r in done if r["variant"] == "source" and r["batch"] == 2 and r["context"] == 16]
+    static = [r["cache_bytes"] for r in done if r["variant"] == "source-static" and r["batch"] == 2 and r["context"] == 16]
+    assert static == source  # both hold context + new tokens of K/V for both sequences
     assert len(latent) == 1 and latent.pop() * 4 == source[0]  # 25 % budget
     assert all("exceeds the model's 512 positions" in r["skipped"] for r in res["rows"] if r["context"] == 600)
     assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG" and (out / "bench.json").is_file()

@@ -172,3 +172,20 @@ def test_path_is_per_call_and_nothing_stays_changed_after_an_error(conv, monkeyp
             conv(seq[:, 5:], cache=copy.deepcopy(cache), use_cache=True, mla_path="expanded")
         conv(seq[:, 5:], cache=cache, use_cache=True)
     assert used, "a plain decode step after the failed forced call did not take the absorbed path"
+
+
+def test_static_baseline_decodes_like_the_dynamic_cache():
+    """bench's fair baseline: a prefilled StaticCache repeated over the batch decodes what DynamicCache does."""
+    import copy
+
+    from latentkv.reports.bench import prefilled_cache, repeat_batch
+    from latentkv.runtime.generation import decode_one_token
+
+    model = make_tiny("llama-gqa")
+    ids = torch.randint(0, 320, (1, 12), generator=torch.Generator().manual_seed(0))
+    steps = {}
+    for kind in ("own", "static"):
+        cache = copy.deepcopy(prefilled_cache(model, ids, 16, "model", kind)[0])
+        repeat_batch(cache, 3)
+        steps[kind] = decode_one_token(model, torch.tensor([5, 6, 7]), torch.full((3, 1), 12), cache)
+    assert torch.allclose(steps["own"], steps["static"], atol=1e-5)
