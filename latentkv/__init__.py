@@ -11,6 +11,8 @@ _EXPORTS = {
     "load_model": "latentkv.loading",
     "load_text": "latentkv.io.text",
     "convert": "latentkv.conversion.dispatch",
+    "to_gqa": "latentkv.conversion.gqa",
+    "CacheFormat": "latentkv.runtime.quant",
     "record_of": "latentkv.record",
     "ExactConfig": "latentkv.conversion.configs",
     "SVDConfig": "latentkv.conversion.configs",

@@ -17,6 +17,7 @@ import torch
 
 from ..conversion.configs import make_config
 from ..conversion.dispatch import convert
+from ..conversion.gqa import to_gqa
 from ..conversion.streaming import check_fits_in_memory, convert_streaming
 from ..deepseek.export import export, exportable_dims
 from ..deepseek.layout import kernel_warning
@@ -27,7 +28,7 @@ from ..evaluation.passkey import passkey
 from ..evaluation.perplexity import perplexity
 from ..evaluation.suite import SUITE_WINDOWS, dev_suite
 from ..healing.run import HealConfig, heal
-from ..io.atomic import check_output_dir
+from ..io.atomic import atomic_output_dir, check_output_dir
 from ..io.text import load_text
 from ..loading import load_model, parse_dtype, stored_dtype
 from ..record import record_of, record_summary
@@ -44,6 +45,8 @@ from .doctor import doctor
 
 
 def convert_cmd(a) -> dict:
+    if a.target == "gqa" or a.kv_heads is not None:
+        return gqa_cmd(a)
     config = make_config(a.kv_budget, a.kv_lora_rank, a.qk_rope_head_dim, a.method, a.kv_values, rope=a.rope,
                          factorizer=a.factorizer, sequential=True if a.sequential else None, calib=a.calib,
                          calib_samples=a.calib_samples, calib_seq_len=a.calib_seq_len,
@@ -70,6 +73,29 @@ def convert_cmd(a) -> dict:
             warnings.warn(warning, stacklevel=1)
     save(converted, tok, a.out, overwrite=a.overwrite)
     return {"out": a.out, "method": config.method, **record_summary(record_of(converted)),
+            "total_seconds": round(time.perf_counter() - t0, 2)}
+
+
+def gqa_cmd(a) -> dict:
+    """convert --target gqa --kv-heads K: the source with fewer KV heads, as a stock checkpoint."""
+    if a.target != "gqa" or a.kv_heads is None:
+        raise LatentKVError("--kv-heads goes with --target gqa (and --target gqa needs --kv-heads K)")
+    if a.stream or a.kv_budget is not None or a.kv_lora_rank is not None or a.preset or a.method:
+        raise LatentKVError("--target gqa takes --kv-heads (and --calib options) only; budgets, ranks, presets, "
+                            "methods and --stream belong to MLA conversions")
+    check_output_dir(a.out, a.overwrite, inputs=(a.source, a.calib))
+    t0 = time.perf_counter()
+    model, tok = load_model(a.source, trust_remote_code=a.trust_remote_code, progress=a.progress)
+    calib = make_config(kv_budget=0.5, calib=a.calib, calib_samples=a.calib_samples, calib_seq_len=a.calib_seq_len)
+    merged = to_gqa(model, a.kv_heads, tokenizer=tok, calib=calib, progress=a.progress)
+    merged.to(stored_dtype(a.source, a.trust_remote_code) if a.dtype == "auto" else parse_dtype(a.dtype))
+    with atomic_output_dir(a.out, a.overwrite) as tmp:
+        merged.save_pretrained(tmp)
+        if tok is not None:
+            tok.save_pretrained(tmp)
+    source_heads = model.config.num_key_value_heads
+    return {"out": a.out, "target": "gqa", "kv_heads": a.kv_heads, "source_kv_heads": source_heads,
+            "ratio": a.kv_heads / source_heads, "architecture": type(merged).__name__,
             "total_seconds": round(time.perf_counter() - t0, 2)}
 
 

@@ -104,9 +104,11 @@ def _add_convert(add) -> None:
                    help="lowrank: query-key distances over which a pair that loses RoPE is averaged (default 512)")
     c.add_argument("--latent-norm", action="store_true",
                    help="lowrank: fit the latent RMSNorm (kv_a_layernorm) stock DeepSeek-V3 engines apply")
-    c.add_argument("--target", choices=list(TARGETS),
-                   help="make every choice the export to this format can express (deepseek_v3: rope rorope-export, "
-                        "latent norm, uniform ranks, no latent bias)")
+    c.add_argument("--target", choices=[*TARGETS, "gqa"],
+                   help="deepseek_v3: make every choice the export to it can express (rope rorope-export, latent norm, "
+                        "uniform ranks, no latent bias); gqa: no MLA, merge the KV heads into --kv-heads and write the "
+                        "source's own architecture")
+    c.add_argument("--kv-heads", type=int, help="--target gqa: KV heads of the result (must divide the source's)")
     c.add_argument("--stream", action="store_true", help="convert a local sharded safetensors checkpoint layer by "
                    "layer in bounded memory (resumes if interrupted)")
     c.add_argument("--device", default="cpu", help="--stream: where the layers' calibration passes run (cpu, cuda)")
