@@ -15,6 +15,7 @@ from dataclasses import replace
 from ..errors import LatentKVError
 from ..families import SourceLayout
 from .configs import PRESETS, ExactConfig, SVDConfig
+from .rope import PER_HEAD
 
 log = logging.getLogger(__name__)
 
@@ -78,14 +79,16 @@ def max_rank(layout: SourceLayout, rope: int, shared_nope: bool) -> int:
 
 def latent_cap(layout: SourceLayout, rope_strategy: str, rope: int) -> int:
     """The widest useful latent next to `rope` rotated dims under a RoPE strategy."""
-    return max_rank(layout, rope, shared_nope=rope_strategy != "high")
+    return max_rank(layout, rope, shared_nope=rope_strategy not in PER_HEAD)
 
 
 def rope_grid(layout: SourceLayout, rope: str) -> tuple[int, int]:
     """(step, most) for qk_rope_head_dim under a RoPE strategy: S_high keeps pairs uniformly per KV head,
     the export-compatible RoRoPE at most two components per frequency (rope.export_kept), the others any pair."""
     g, d = layout.num_kv_heads, layout.head_dim
-    return {"high": (2 * g, g * d), "rorope-export": (2, min(g, 2) * d)}.get(rope, (2, g * d))
+    if rope in PER_HEAD:
+        return 2 * g, g * d
+    return {"rorope-export": (2, min(g, 2) * d)}.get(rope, (2, g * d))
 
 
 def fixed_dims(config, layout: SourceLayout) -> tuple[int, int] | None:

@@ -131,17 +131,33 @@ def mixed_key_weights(src: SourceAttention, layout: SourceLayout, mix) -> torch.
 
 
 @dataclass(frozen=True)
-class HighFrequencies:
-    """MHA2MLA's S_high: keep the fastest-rotating pairs (i = 0 first) of every KV head. Exportable
-    only with one KV head (a repeated frequency has no DeepSeek-V3 form)."""
+class PerHeadPairs:
+    """MHA2MLA's per-head strategies, the same pairs in every KV head: S_high keeps the fastest-rotating
+    pairs (i = 0 first), S_low the slowest, S_uniform pairs spread evenly over the spectrum (i = 0, s,
+    2s, ... with s = d/2 / kept). Exportable only as S_high with one KV head (a repeated frequency has
+    no DeepSeek-V3 form)."""
 
-    name = "high"
+    which: str = "high"
+
+    @property
+    def name(self) -> str:
+        return self.which
 
     def split(self, src, layout: SourceLayout, pairs: int, sigma=None, horizon: int = 0) -> KeySplit:
-        G = layout.num_kv_heads
+        G, half = layout.num_kv_heads, layout.head_dim // 2
         if pairs % G:
-            raise ValueError(f"S_high keeps pairs uniformly: {pairs} pairs is not a multiple of {G} KV heads")
-        return KeySplit(tuple((g, i) for g in range(G) for i in range(pairs // G)))
+            raise ValueError(f"S_{self.which} keeps pairs uniformly: {pairs} pairs is not a multiple of {G} KV heads")
+        n = pairs // G
+        kept = {"high": range(n), "low": range(half - n, half),
+                "uniform": sorted({int(k * half / n) for k in range(n)}) if n else []}[self.which]
+        return KeySplit(tuple((g, i) for g in range(G) for i in kept))
+
+
+@dataclass(frozen=True)
+class HighFrequencies(PerHeadPairs):
+    """S_high (see PerHeadPairs): what the exact and weight-SVD conversions rotate."""
+
+    which: str = "high"
 
 
 @dataclass(frozen=True)
@@ -220,6 +236,8 @@ class RoRoPE:
         return mix
 
 
-ROPE_STRATEGIES = {"high": HighFrequencies(), "2norm": TwoNorm(), "rorope": RoRoPE(),
+PER_HEAD = ("high", "low", "uniform")  # strategies that keep the same pairs in every KV head
+ROPE_STRATEGIES = {"high": HighFrequencies(), "low": PerHeadPairs("low"), "uniform": PerHeadPairs("uniform"),
+                   "2norm": TwoNorm(), "rorope": RoRoPE(),
                    "rorope-export": RoRoPE(exportable=True), "rorope-fold2": RoRoPE(fold=2),
                    "rorope-fold4": RoRoPE(fold=4)}

@@ -247,3 +247,14 @@ def test_group_sum_of_mapped_query_moments():
     want = sum(m[h] @ a[h] @ m[h].T for h in (0, 2, 3))
     assert torch.allclose(_group_sum(a, m, heads), want, atol=1e-12)
     assert torch.allclose(_group_sum(a, None, heads), a[[0, 2, 3]].sum(0))
+
+
+def test_per_head_strategies_keep_their_pairs():
+    """MHA2MLA's S_high, S_low and S_uniform: the same pairs in every KV head (8 pairs per head here)."""
+    lay = source_layout(make_tiny("llama-gqa").config)  # 2 KV heads, head_dim 16
+    kept = {name: ROPE_STRATEGIES[name].split(None, lay, 8).kept for name in ("high", "low", "uniform")}
+    assert kept["high"] == tuple((g, i) for g in range(2) for i in range(4))
+    assert kept["low"] == tuple((g, i) for g in range(2) for i in range(4, 8))
+    assert kept["uniform"] == tuple((g, i) for g in range(2) for i in (0, 2, 4, 6))
+    with pytest.raises(ValueError, match="multiple of 2 KV heads"):
+        ROPE_STRATEGIES["low"].split(None, lay, 3)
