@@ -29,6 +29,7 @@ from ..evaluation.perplexity import perplexity
 from ..evaluation.suite import SUITE_WINDOWS, dev_suite
 from ..healing.run import HealConfig, heal
 from ..io.atomic import atomic_output_dir, check_output_dir
+from ..io.hub import push
 from ..io.text import load_text
 from ..loading import load_model, parse_dtype, stored_dtype
 from ..record import record_of, record_summary
@@ -250,6 +251,10 @@ def heal_cmd(a) -> dict:
     config = HealConfig(**{k: v for k, v in vars(a).items() if k in fields and v is not None})
     return heal(a.model, a.teacher, a.data, a.out, config, overwrite=a.overwrite, resume=a.resume,
                 work_dir=a.work_dir, teacher_cache=a.teacher_cache, progress=a.progress and not a.json)
+
+
+def push_cmd(a) -> dict:
+    return push(a.folder, a.repo_id, private=a.private, dry_run=a.dry_run)
 
 
 def doctor_cmd(a) -> dict:

@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sweep(add)
     _add_generate(add)
     _add_bench(add)
+    _add_push(add)
     add_heal_parser(add)
     add_doctor_parser(add)
     ac = add("accelerate-config", commands.accelerate_config_cmd,
@@ -207,6 +208,14 @@ def _add_bench(add) -> None:
     _dtype(b, "dtype both models are loaded and run in")
     _cache(b)
     _device(b)
+
+
+def _add_push(add) -> None:
+    u = add("push", commands.push_cmd, "upload a directory (an export) to the Hugging Face Hub as a model repo")
+    u.add_argument("folder", help="e.g. a `latentkv export` output (its README.md is the model card)")
+    u.add_argument("--repo-id", required=True, help="OWNER/NAME")
+    u.add_argument("--private", action="store_true")
+    u.add_argument("--dry-run", action="store_true", help="list what would be uploaded; no network")
 
 
 def _add_demo(add) -> None:

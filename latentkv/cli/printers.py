@@ -171,6 +171,14 @@ def print_demo(result: dict, command: str) -> None:
                   f"the lowrank row is training-free (calibrated on {calib}), before any healing.")
 
 
-PRINTERS = {"generate": print_generate, "bench": print_bench, "sweep": print_sweep, "verify-export": print_verify,
+def print_push(r: dict, command: str) -> None:
+    for f in r["files"]:
+        print(f"{f['bytes']:>14,}  {f['path']}")
+    verb = "would upload" if r["dry_run"] else "uploaded"
+    print(f"{verb} {len(r['files'])} files, {r['bytes']:,} bytes, to {'private ' if r['private'] else ''}model repo "
+          f"{r['repo_id']}" + (f": {r['url']}" if r.get("url") else ""))
+
+
+PRINTERS = {"push": print_push, "generate": print_generate, "bench": print_bench, "sweep": print_sweep, "verify-export": print_verify,
             "info": print_cache, "load": print_cache, "heal": print_heal, "doctor": print_doctor,
             "demo": print_demo, "accelerate-config": print_accelerate_config}

@@ -31,6 +31,7 @@ from ..families import embedding_scale, logit_softcap
 from ..io.atomic import atomic_output_dir, check_output_dir
 from ..record import record_of
 from ..runtime.install import is_mla
+from .card import model_card
 from .layout import engine_config, interleave_order, kernel_warning, reorder_rope_rows, rope_parameters
 
 FORMATS = ("deepseek_v3",)
@@ -119,6 +120,8 @@ def export(model, out: str | Path, tokenizer=None, fmt: str = "deepseek_v3", ove
     with atomic_output_dir(out, overwrite) as tmp:
         write_shards(engine_tensors(model, dims, freq_idx), tmp, parse_size(max_shard_size))
         (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
+        (tmp / "README.md").write_text(model_card(config["latentkv"], dims, model.config.num_hidden_layers,
+                                                  value_bytes=next(model.parameters()).element_size()))
         model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

@@ -117,3 +117,24 @@ def test_bad_dtype_is_refused_by_the_parser(capsys, bf16_source):
     with pytest.raises(SystemExit) as e:
         main(["eval", str(bf16_source), "--ppl", "x", "--dtype", "float8"])
     assert e.value.code == 2 and "invalid choice: 'float8'" in capsys.readouterr().err
+
+
+def test_push_dry_run_lists_and_offline_is_one_line(capsys, tmp_path, monkeypatch):
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"x" * 100)
+    (folder / ".lock").write_text("")  # hidden: never uploaded
+    code, stdout, err = run(capsys, "push", folder, "--repo-id", "me/tiny-mla", "--dry-run", "--json")
+    res = json.loads(stdout)
+    assert code == 0 and res["dry_run"] and [f["path"] for f in res["files"]] == ["config.json", "model.safetensors"]
+    assert res["bytes"] == 102
+    code, _, err = run(capsys, "push", folder, "--repo-id", "nonsense")
+    assert code == 2 and "OWNER/NAME" in err
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    code, _, err = run(capsys, "push", folder, "--repo-id", "me/tiny-mla")
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(lines) == 1 and "could not push to me/tiny-mla" in lines[0] and "Traceback" not in err

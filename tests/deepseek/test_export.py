@@ -343,3 +343,16 @@ def test_export_streams_tensors_without_copying_the_state():
     assert parse_size("100KB") == 100_000 and parse_size("5GB") == 5 * 10**9
     with pytest.raises(LatentKVError, match="--max-shard-size"):
         parse_size("lots")
+
+
+def test_export_writes_a_model_card(tmp_path):
+    conv = target_model("llama-gqa")
+    export(conv, tmp_path / "ds")
+    card = (tmp_path / "ds" / "README.md").read_text()
+    d = conv.model.layers[0].self_attn.dims
+    assert card.startswith("---\n") and "license:" in card and "- mla" in card
+    assert f"kv_lora_rank {d.kv_lora_rank}, qk_rope_head_dim {d.qk_rope_head_dim}" in card
+    latent, source = d.kv_lora_rank + d.qk_rope_head_dim, conv.config.latentkv["source"]["kv_values_per_token_per_layer"]
+    assert f"{latent * 4 * 2:,} bytes against the base model's {source * 4 * 2:,}" in card  # fp32, 2 layers
+    assert "vllm serve" in card and "sglang" in card and "--target deepseek_v3" in card
+    assert "not a shape the fast MLA kernels" in card  # tiny ranks: the kernel note says so

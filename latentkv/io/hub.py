@@ -1,0 +1,42 @@
+"""Publishing a directory (an export, a conversion) to the Hugging Face Hub."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import LatentKVError
+
+
+def upload_listing(folder: Path) -> list[dict]:
+    """The files `push` uploads: every file under `folder` but hidden ones (temporaries, locks)."""
+    files = [p for p in sorted(folder.rglob("*")) if p.is_file()
+             and not any(part.startswith(".") for part in p.relative_to(folder).parts)]
+    return [{"path": str(p.relative_to(folder)), "bytes": p.stat().st_size} for p in files]
+
+
+def push(folder, repo_id: str, private: bool = False, dry_run: bool = False) -> dict:
+    """Create (or reuse) the model repo `repo_id` and upload `folder` in one commit.
+    -> {repo_id, private, files [{path, bytes}], bytes, dry_run, url (after an upload)}."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise LatentKVError(f"{folder} is not a directory; pass the folder `latentkv export` (or convert) wrote")
+    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        raise LatentKVError(f"--repo-id {repo_id!r}: give it as OWNER/NAME, e.g. me/smollm2-135m-mla50")
+    files = upload_listing(folder)
+    if not files:
+        raise LatentKVError(f"{folder} holds no files to upload")
+    out = {"repo_id": repo_id, "private": private, "files": files, "bytes": sum(f["bytes"] for f in files),
+           "dry_run": dry_run}
+    if dry_run:
+        return out
+    from huggingface_hub import create_repo, upload_folder
+
+    try:
+        create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        commit = upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model",
+                               ignore_patterns=[".*", "**/.*"], commit_message="Upload with latentkv push")
+    except Exception as e:  # network, auth and offline errors all come from deep inside huggingface_hub/requests
+        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise LatentKVError(f"could not push to {repo_id} ({reason}); check the network, `hf auth login` or HF_TOKEN, "
+                            "and that HF_HUB_OFFLINE is unset") from None
+    return {**out, "url": str(getattr(commit, "commit_url", commit))}
