@@ -29,7 +29,7 @@ from ..evaluation.perplexity import perplexity
 from ..evaluation.suite import SUITE_WINDOWS, dev_suite
 from ..healing.run import HealConfig, heal
 from ..io.atomic import atomic_output_dir, check_output_dir
-from ..io.hub import push
+from ..io.hub import local_snapshot, push
 from ..io.text import load_text
 from ..loading import load_model, parse_dtype, stored_dtype
 from ..record import record_of, record_summary
@@ -59,7 +59,7 @@ def convert_cmd(a) -> dict:
     if a.stream:
         if a.dtype != "auto":
             raise LatentKVError("--stream writes the source's stored dtype (--dtype auto); convert in memory for another")
-        record = convert_streaming(a.source, config, a.out, overwrite=a.overwrite, device=a.device, progress=a.progress)
+        record = convert_streaming(local_snapshot(a.source), config, a.out, overwrite=a.overwrite, device=a.device, progress=a.progress)
         return {"out": a.out, "method": config.method, **record_summary(record),
                 "streaming": {k: v for k, v in record["streaming"].items() if k != "layers"},
                 "total_seconds": round(time.perf_counter() - t0, 2)}

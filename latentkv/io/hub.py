@@ -40,3 +40,25 @@ def push(folder, repo_id: str, private: bool = False, dry_run: bool = False) -> 
         raise LatentKVError(f"could not push to {repo_id} ({reason}); check the network, `hf auth login` or HF_TOKEN, "
                             "and that HF_HUB_OFFLINE is unset") from None
     return {**out, "url": str(getattr(commit, "commit_url", commit))}
+
+
+# what a streaming conversion reads of a hub repo: weights as safetensors only (no pickles), configs, tokenizer
+SNAPSHOT_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.json", "tokenizer*", "*.model", "*.txt"]
+
+
+def local_snapshot(source: str) -> Path:
+    """A local directory for `source`: itself when it is one, else the hub repo's snapshot (downloaded into
+    the Hugging Face cache, or found there when HF_HUB_OFFLINE=1), safetensors weights only."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    if source.count("/") != 1 or source.startswith((".", "/", "~")):
+        raise LatentKVError(f"{source} is neither a local directory nor a hub id (OWNER/NAME); check the path")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(source, allow_patterns=SNAPSHOT_PATTERNS))
+    except Exception as e:  # offline with nothing cached, unknown repo, gated repo, no network
+        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise LatentKVError(f"could not get {source} from the hub ({reason}); download it once with network "
+                            "(`hf download ID`), or pass a local directory; HF_HUB_OFFLINE=1 uses the cache only") from None

@@ -138,3 +138,32 @@ def test_push_dry_run_lists_and_offline_is_one_line(capsys, tmp_path, monkeypatc
     code, _, err = run(capsys, "push", folder, "--repo-id", "me/tiny-mla")
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert code == 2 and len(lines) == 1 and "could not push to me/tiny-mla" in lines[0] and "Traceback" not in err
+
+
+def test_stream_hub_id_offline_is_one_line(capsys, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    code, _, err = run(capsys, "convert", "nobody/no-such-model", "--stream", "--kv-budget", 0.5, "--out", tmp_path / "o")
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(lines) == 1 and "could not get nobody/no-such-model from the hub" in lines[0]
+    assert "HF_HUB_OFFLINE=1" in lines[0] and "Traceback" not in err
+
+
+def test_stream_takes_a_hub_snapshot(monkeypatch, tmp_path):
+    """A hub id resolves to its snapshot directory (safetensors and configs only)."""
+    import huggingface_hub
+
+    from latentkv.io.hub import SNAPSHOT_PATTERNS, local_snapshot
+
+    seen = {}
+
+    def fake(repo_id, allow_patterns):
+        seen.update(repo_id=repo_id, patterns=allow_patterns)
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
+    assert local_snapshot("org/model") == tmp_path
+    assert seen == {"repo_id": "org/model", "patterns": SNAPSHOT_PATTERNS} and "*.bin" not in SNAPSHOT_PATTERNS
