@@ -2,7 +2,9 @@
 
 Sources: a UTF-8 text file, a folder of `.txt` files (sorted, recursive), `mix` (every domain's
 calibration part, `io.domains.healing_mixture`: never an evaluation document), a `datasets` dataset
-object (or `hf:NAME[:CONFIG]:SPLIT[:COLUMN]`, needs the hub), or any iterable of strings.
+object, `hf:NAME[:CONFIG]:SPLIT[:COLUMN]` (streamed through `datasets`, `streaming=True`, and read
+only as far as the run needs: `pack(..., max_windows)`; NAME may be a local dataset folder), or any
+iterable of strings.
 Documents are joined with the tokenizer's EOS token and cut into `seq_len` windows; the order
 in which windows are visited is a seeded permutation per epoch, so the position in the stream
 is one integer (the number of windows consumed) and a resumed run sees the same windows.
@@ -11,6 +13,7 @@ is one integer (the number of windows consumed) and a resumed run sees the same 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import torch
 
@@ -19,8 +22,9 @@ from ..errors import LatentKVError
 from ..io.domains import healing_mixture
 
 
-def read_documents(source) -> list[str]:
-    """source (path, folder, `mix`, `hf:` spec, `datasets.Dataset` or iterable of str) -> documents."""
+def read_documents(source) -> Iterable[str]:
+    """source (path, folder, `mix`, `hf:` spec, `datasets.Dataset` or iterable of str) -> documents
+    (a list, or a lazy stream for `hf:` specs)."""
     if isinstance(source, (str, Path)):
         src = str(source)
         if src.startswith("hf:"):
@@ -51,30 +55,38 @@ def _read(path: Path) -> str:
                             "convert it with `iconv -t utf-8`") from None
 
 
-def _hub_documents(spec: str) -> list[str]:
+def is_stream(source) -> bool:
+    return isinstance(source, (str, Path)) and str(source).startswith("hf:")
+
+
+def _hub_documents(spec: str) -> Iterator[str]:
     parts = spec[3:].split(":")
     if len(parts) < 2:
         raise LatentKVError(f"bad dataset spec {spec!r}; write hf:NAME[:CONFIG]:SPLIT[:COLUMN], "
                             "e.g. hf:wikitext:wikitext-103-raw-v1:train:text")
     name, rest = parts[0], parts[1:]
-    config = rest.pop(0) if len(rest) >= 2 else None
+    config = (rest.pop(0) or None) if len(rest) >= 2 else None  # hf:NAME::SPLIT:COLUMN leaves it out
     split, column = rest[0], (rest[1] if len(rest) > 1 else "text")
     try:
         import datasets
     except ImportError:
         raise LatentKVError("hf: data needs the `datasets` package (pip install 'latentkv[datasets]')") from None
     try:
-        rows = datasets.load_dataset(name, config, split=split)
+        rows = datasets.load_dataset(name, config, split=split, streaming=True)
+        first = next(iter(rows))
+    except StopIteration:
+        raise LatentKVError(f"dataset {name} ({split}) is empty; pick another split or dataset") from None
     except Exception as e:  # hub/network errors come in many types
         raise LatentKVError(f"could not load dataset {name} ({type(e).__name__}); the hub may be unreachable: "
                             "pass a local text file or folder") from None
-    if column not in rows.column_names:
-        raise LatentKVError(f"dataset {name} has no column {column!r}; it has {rows.column_names}")
-    return [str(t) for t in rows[column]]
+    if column not in first:
+        raise LatentKVError(f"dataset {name} has no column {column!r}; it has {sorted(first)}")
+    return (str(row[column]) for row in rows)
 
 
-def pack(tokenizer, documents: list[str], seq_len: int) -> torch.Tensor:
-    """documents -> (N, seq_len) long: EOS-joined token stream cut into windows, tail dropped."""
+def pack(tokenizer, documents: Iterable[str], seq_len: int, max_windows: int | None = None) -> torch.Tensor:
+    """documents -> (N, seq_len) long: EOS-joined token stream cut into windows, tail dropped; with
+    `max_windows`, the documents are read only until that many windows are full."""
     if tokenizer.eos_token_id is None:
         raise LatentKVError("the tokenizer has no EOS token to separate documents; use a tokenizer with one")
     ids: list[int] = []
@@ -82,7 +94,9 @@ def pack(tokenizer, documents: list[str], seq_len: int) -> torch.Tensor:
         if doc.strip():
             ids.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
             ids.append(tokenizer.eos_token_id)
-    n = len(ids) // seq_len
+        if max_windows is not None and len(ids) >= max_windows * seq_len:
+            break
+    n = len(ids) // seq_len if max_windows is None else min(len(ids) // seq_len, max_windows)
     if n == 0:
         raise LatentKVError(f"the training data is empty or shorter than one sequence ({len(ids)} tokens < "
                             f"--seq-len {seq_len}); give more text or a shorter --seq-len")

@@ -34,7 +34,7 @@ from ..io.text import fingerprint
 from ..loading import load_model
 from ..record import record_of
 from ..runtime.checkpoint import save
-from .data import WindowOrder, pack, read_documents
+from .data import WindowOrder, is_stream, pack, read_documents
 from .local import local_heal
 from .loop import select_trainable, train
 from .state import latest_checkpoint, plot_losses, prepare_work_dir, read_log
@@ -119,7 +119,9 @@ def heal(student, teacher, data, out, config: HealConfig = HealConfig(), *, over
         raise LatentKVError("--tokens 0 and no --local-steps: nothing to do; give --tokens N or --local-steps N")
     t_dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32  # frozen: no fp32 master needed
     model, tok, teacher_model = load_pair(student, teacher, acc.device, t_dtype)
-    windows = pack(tok, read_documents(data), config.seq_len)
+    # a streamed dataset is read only as far as the run's windows (every process reads the same ones)
+    needed = max(steps * config.batch_size, 1) if is_stream(data) else None
+    windows = pack(tok, read_documents(data), config.seq_len, max_windows=needed)
     run = {"config": dataclasses.asdict(config), "data": fingerprint(windows), "windows": int(windows.shape[0]),
            "student": _name(student), "teacher": _name(teacher), "processes": acc.num_processes}
     work = Path(work_dir) if work_dir else out.with_name(out.name + ".heal")
