@@ -1,65 +1,20 @@
-"""Serve a `latentkv export` with stock vLLM and compare its greedy outputs with our runtime.
+"""Serve a `latentkv export` with stock vLLM and compare its greedy outputs with our runtime
+(`latentkv verify-export OUT --against DIR --engine vllm` is the same check; this script keeps the flags
+scripts/gpu_check.sh uses).
 
     python scripts/vllm_check.py OUT --against DIR [--prompts FILE] [--max-new-tokens 32] [--json]
 
-Needs a CUDA GPU and `pip install vllm`; elsewhere it prints why it skipped and exits 0, so it
-can sit in any pipeline. Both sides run greedy in the same dtype on the GPU (default bfloat16,
-which vLLM's MLA backends require); bf16 rounding may make long continuations diverge late, so
-the report gives, per prompt, the tokens that agree before the first difference.
+Needs a CUDA GPU and `pip install vllm`; elsewhere it prints why it skipped and exits 0.
 Exit code 1 when a prompt's first `--must-agree` tokens differ.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import os
 import sys
 
-PROMPTS = ["The capital of France is", "def fibonacci(n):", "In 1969, the first humans to walk on the Moon were",
-           "A latent cache stores", "Water boils at a temperature of"]
-
-
-def skip_reason() -> str | None:
-    import torch
-
-    if not torch.cuda.is_available():
-        return "no CUDA GPU on this machine"
-    if importlib.util.find_spec("vllm") is None:
-        return "vllm is not installed (pip install vllm)"
-    return None
-
-
-def vllm_tokens(out: str, prompts: list[str], new_tokens: int, dtype: str, kv_cache_dtype: str) -> list[list[int]]:
-    from vllm import LLM, SamplingParams
-
-    llm = LLM(model=out, dtype=dtype, trust_remote_code=False, enforce_eager=True, max_model_len=2048, seed=0,
-              kv_cache_dtype=kv_cache_dtype)
-    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
-    return [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params)]
-
-
-def our_tokens(against: str, prompts: list[str], new_tokens: int, dtype: str, kv_cache_dtype: str) -> list[list[int]]:
-    import torch
-
-    from latentkv import generate, load_model
-    from latentkv.runtime.quant import CacheFormat
-
-    model, tok = load_model(against)
-    model.to(device="cuda", dtype=getattr(torch, dtype))
-    # vLLM's fp8 MLA cache: latent and rope key in e4m3 with one per-tensor scale of 1.0
-    fmt = CacheFormat("fp8_e4m3", rope=True) if kv_cache_dtype.startswith("fp8") else CacheFormat()
-    return [generate(model, tok, p, new_tokens, use_eos=False, cache_dtype=fmt).tokens[0] for p in prompts]
-
-
-def agreement(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
+from latentkv.reports.engine import verify_with_vllm
 
 
 def main() -> int:
@@ -75,24 +30,17 @@ def main() -> int:
                    help="vLLM's cache dtype; fp8 is compared with our runtime's emulation of it")
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
-    reason = skip_reason()
-    if reason:
-        print(json.dumps({"skipped": reason}) if a.json else f"skipped: {reason}")
-        return 0
-    if a.attention_backend:
-        os.environ["VLLM_ATTENTION_BACKEND"] = a.attention_backend
-    prompts = PROMPTS if not a.prompts else [x for x in open(a.prompts, encoding="utf-8").read().splitlines() if x]
-    theirs = vllm_tokens(a.out, prompts, a.max_new_tokens, a.dtype, a.kv_cache_dtype)
-    ours = our_tokens(a.against, prompts, a.max_new_tokens, a.dtype, a.kv_cache_dtype)
-    rows = [{"prompt": q, "agree": agreement(x, y), "identical": x == y} for q, x, y in zip(prompts, theirs, ours)]
-    result = {"rows": rows, "identical": sum(r["identical"] for r in rows), "prompts": len(rows),
-              "passed": all(r["agree"] >= min(a.must_agree, a.max_new_tokens) for r in rows)}
+    prompts = None if not a.prompts else [x for x in open(a.prompts, encoding="utf-8").read().splitlines() if x]
+    result = verify_with_vllm(a.out, a.against, prompts, a.max_new_tokens, a.dtype, a.must_agree, a.kv_cache_dtype,
+                              a.attention_backend)
     if a.json:
         print(json.dumps(result))
+    elif "skipped" in result:
+        print(f"skipped: {result['skipped']}")
     else:
-        for r in rows:
+        for r in result["rows"]:
             print(f"{r['agree']:>3}/{a.max_new_tokens} tokens agree  {r['prompt']!r}")
-        print(f"{result['identical']}/{len(rows)} identical; {'PASSED' if result['passed'] else 'FAILED'}")
+        print(f"{result['identical']}/{len(result['rows'])} identical; {'PASSED' if result['passed'] else 'FAILED'}")
     return 0 if result["passed"] else 1
 
 

@@ -34,6 +34,7 @@ from ..io.text import load_text
 from ..loading import load_model, parse_dtype, stored_dtype
 from ..record import record_of, record_summary
 from ..reports.bench import bench, write_bench
+from ..reports.engine import verify_with_vllm
 from ..reports.sweep import run_sweep, write_sweep
 from ..reports.verify import verify_export
 from ..runtime.accounting import cache_report
@@ -227,6 +228,11 @@ def export_cmd(a) -> dict:
 
 
 def verify_export_cmd(a) -> dict:
+    if a.engine == "vllm":
+        result = verify_with_vllm(a.out, a.against, dtype=a.dtype if a.dtype != "float32" else "bfloat16",
+                                  kv_cache_dtype=a.kv_cache_dtype)
+        a.exit_code = 0 if result["passed"] else 1
+        return result
     text = load_text(a.text) if a.text else None
     result = verify_export(a.out, a.against, text=text, tokens=a.tokens, atol=a.atol, progress=a.progress,
                            dtype=parse_dtype(a.dtype))

@@ -133,6 +133,10 @@ def _add_verify_export(add) -> None:
     v.add_argument("--atol", type=float, default=1e-3, help="largest logit difference that passes (fp32; bf16 "
                    "needs ~0.5)")
     v.add_argument("--dtype", default="float32", choices=list(DTYPES), help="dtype both sides run in")
+    v.add_argument("--engine", default="transformers", choices=["transformers", "vllm"],
+                   help="vllm: serve OUT with stock vLLM on a GPU and compare greedy tokens (skips without one)")
+    v.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
+                   help="--engine vllm: vLLM's cache dtype; fp8 is compared with our emulation of it")
 
 
 def _add_load(add) -> None:

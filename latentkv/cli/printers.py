@@ -43,6 +43,14 @@ def print_sweep(result: dict, command: str) -> None:
 
 
 def print_verify(result: dict, command: str) -> None:
+    if "skipped" in result:
+        print(f"skipped: {result['skipped']}")
+        return
+    if result.get("engine") == "vllm":
+        for r in result["rows"]:
+            print(f"{r['agree']:>3} tokens agree  {r['prompt']!r}")
+        print(f"vLLM: {result['identical']}/{result['prompts']} identical; {'PASSED' if result['passed'] else 'FAILED'}")
+        return
     verdict = "PASSED" if result["passed"] else "FAILED"
     print(f"{verdict}: max |logit diff| {result['max_abs_diff']:.2e} (atol {result['atol']:g}) over "
           f"{result['tokens']} tokens, greedy agreement {result['greedy_agreement']:.1%}, greedy generation "

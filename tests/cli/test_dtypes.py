@@ -167,3 +167,11 @@ def test_stream_takes_a_hub_snapshot(monkeypatch, tmp_path):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
     assert local_snapshot("org/model") == tmp_path
     assert seen == {"repo_id": "org/model", "patterns": SNAPSHOT_PATTERNS} and "*.bin" not in SNAPSHOT_PATTERNS
+
+
+def test_verify_with_vllm_skips_without_a_gpu(capsys, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the check runs for real there")
+    code, stdout, _ = run(capsys, "verify-export", tmp_path / "ds", "--against", tmp_path / "mla", "--engine", "vllm",
+                          "--kv-cache-dtype", "fp8", "--json")
+    assert code == 0 and json.loads(stdout)["skipped"] == "no CUDA GPU on this machine"
