@@ -103,6 +103,9 @@ def _add_convert(add) -> None:
     c.add_argument("--calib-seq-len", type=int, help="lowrank: tokens per calibration window (default 512)")
     c.add_argument("--rope-horizon", type=int,
                    help="lowrank: query-key distances over which a pair that loses RoPE is averaged (default 512)")
+    c.add_argument("--kv-separate", action="store_true",
+                   help="lowrank: separate key and value latents (DiffQKV-style; an ablation: the joint latent is "
+                        "the least-squares optimum), their widths split by the two spectra")
     c.add_argument("--latent-norm", action="store_true",
                    help="lowrank: fit the latent RMSNorm (kv_a_layernorm) stock DeepSeek-V3 engines apply")
     c.add_argument("--target", choices=[*TARGETS, "gqa"],

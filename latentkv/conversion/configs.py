@@ -105,6 +105,9 @@ class LowRankConfig(CacheSize):
     # more RoPE strategies the split search tries at every candidate split; the lowest held-out score
     # becomes `rope` (make_config sets AUTO_ROPES when --rope is not given and the split is searched)
     rope_choices: tuple[str, ...] = ()
+    # DiffQKV-style: separate key and value latents (one block each in kv_b_proj), their widths split by the
+    # two spectra; the cache holds both (r = r_k + r_v). The joint latent is the default
+    kv_separate: bool = False
 
     def __post_init__(self):
         super().__post_init__()

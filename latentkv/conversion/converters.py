@@ -60,7 +60,51 @@ def lowrank_layer(src: SourceAttention, layout: SourceLayout, config: LowRankCon
         src, parts = move_exact_biases(src, layout, parts)
         y = stack_nope_kv(parts, src)
     bias_free = exporting and not y[:, -1].any()
+    if config.kv_separate:
+        return assemble(layout, src, parts, *separate_low_rank(y, parts["k_nope"].shape[0] * parts["k_nope"].shape[1],
+                                                               rank, use_stats, metric, bias_free))
     return assemble(layout, src, parts, *low_rank(y, rank, use_stats, metric, bias_free))
+
+
+def separate_low_rank(y: torch.Tensor, nk: int, rank: int, stats, metric, bias_free: bool):
+    """DiffQKV-style latents: keys (the first nk rows of Y) and values factored apart, A = [A_k; A_v],
+    B = [[B_k, 0], [0, B_v]]; the rank goes where the larger singular values are (the top `rank` of
+    both spectra together, which minimises the summed tail). -> A (r, D+1), B (m, r)."""
+    halves = (slice(0, nk), slice(nk, y.shape[0]))
+    metrics = split_metric(metric, nk, len(parts_of(metric, nk)))
+    spectra = [spectrum(y[h], stats, m) if h.stop > h.start else y.new_zeros(0) for h, m in zip(halves, metrics)]
+    top = torch.cat(spectra).topk(min(rank, sum(len(s) for s in spectra))).indices
+    ranks = [int((top < len(spectra[0])).sum()), int((top >= len(spectra[0])).sum())]
+    a = y.new_zeros(rank, y.shape[1])
+    b = y.new_zeros(y.shape[0], rank)
+    at = 0
+    for h, m, r in zip(halves, metrics, ranks):
+        if r:
+            a[at:at + r], b[h, at:at + r] = low_rank(y[h], r, stats, m, bias_free)
+        at += r
+    return a, b
+
+
+def parts_of(metric, nk: int) -> list:
+    """The key-side blocks of a block-diagonal metric (their rows add up to nk)."""
+    if not isinstance(metric, list):
+        return []
+    out, rows = [], 0
+    for blk in metric:
+        if rows >= nk:
+            break
+        out.append(blk)
+        rows += blk.shape[0]
+    return out
+
+
+def split_metric(metric, nk: int, key_blocks: int):
+    """A row metric (None, one matrix, or a list of diagonal blocks) -> (key part, value part)."""
+    if metric is None:
+        return None, None
+    if isinstance(metric, torch.Tensor):
+        return metric[:nk, :nk], metric[nk:, nk:]
+    return metric[:key_blocks], metric[key_blocks:]
 
 
 def lowrank_spectrum(src: SourceAttention, layout: SourceLayout, config: LowRankConfig, rope: int, stats):

@@ -258,3 +258,22 @@ def test_per_head_strategies_keep_their_pairs():
     assert kept["uniform"] == tuple((g, i) for g in range(2) for i in (0, 2, 4, 6))
     with pytest.raises(ValueError, match="multiple of 2 KV heads"):
         ROPE_STRATEGIES["low"].split(None, lay, 3)
+
+
+def test_separate_key_and_value_latents(calib_ids):
+    """DiffQKV-style latents: at full rank the same function as the joint latent; below it, kv_b_proj is
+    block-diagonal (keys read only their latent dims, values theirs) and the cache counts both."""
+    model = make_tiny("llama-gqa")  # 2 KV heads of 16: 8 rope dims leave 24 nope rows and 32 value rows
+    kw = dict(qk_rope_head_dim=8, rope="rorope-export", rope_slot0=4)
+    joint = convert(model, LowRankConfig(kv_lora_rank=56, **kw), calib_ids=calib_ids, progress=False)
+    apart = convert(model, LowRankConfig(kv_lora_rank=56, kv_separate=True, **kw), calib_ids=calib_ids, progress=False)
+    with torch.no_grad():
+        assert (joint(_x()).logits - apart(_x()).logits).abs().max().item() < 1e-5
+    small = convert(model, LowRankConfig(kv_lora_rank=40, kv_separate=True, **kw), calib_ids=calib_ids, progress=False)
+    attn = small.model.layers[0].self_attn
+    d = attn.dims
+    w = attn.kv_b_proj.weight.view(d.num_heads, d.qk_nope_head_dim + d.v_head_dim, d.kv_lora_rank)
+    key_cols = w[:, : d.qk_nope_head_dim].abs().sum((0, 1)) > 0  # latent dims the keys read
+    val_cols = w[:, d.qk_nope_head_dim:].abs().sum((0, 1)) > 0
+    assert not (key_cols & val_cols).any() and key_cols.any() and val_cols.any()
+    assert d.kv_lora_rank == 40 and small.config.latentkv["conversion"]["kv_separate"]
