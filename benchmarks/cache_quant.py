@@ -32,7 +32,7 @@ import torch
 from latentkv import ExactConfig, LatentCache, LowRankConfig, convert, load_model, load_text
 from latentkv.evaluation.perplexity import perplexity
 from latentkv.families import source_layout
-from latentkv.io.plots import figure
+from latentkv.io.plots import figure, plot_title
 from latentkv.runtime.cache import QuantizedKVCache, token_bytes
 from latentkv.runtime.install import mla_layers
 from latentkv.runtime.quant import CacheFormat
@@ -150,9 +150,11 @@ def markdown(args, res: dict) -> str:
 def plot(res: dict, path: Path) -> None:
     src = res["source K/V bf16"]["ppl"]
     path.parent.mkdir(parents=True, exist_ok=True)
-    with figure(path) as (plt, ax):
+    with figure(path, figsize=(7, 4.4), title=plot_title(res.get("_model", "smollm2-135m"), "bytes counted as bf16")) as (plt, ax):
         groups: dict[str, list] = {}
         for name, r in res.items():
+            if name.startswith("_"):
+                continue
             key = "source K/V" if name.startswith("source") else f"budget {name.split()[0]}"
             groups.setdefault(key, []).append((r["share"], r["ppl"] / src, name.split(" ", 2)[-1]))
         for i, (key, pts) in enumerate(sorted(groups.items())):
@@ -179,7 +181,7 @@ def main() -> None:
     args = p.parse_args()
     res = run(args)
     write_outputs(args, res, markdown(args, res))
-    plot(res, Path(args.plot))
+    plot({**res, "_model": args.model}, Path(args.plot))
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from safetensors.torch import save as to_bytes
 
 from ..errors import LatentKVError
 from ..io.atomic import check_output_dir, write_file_atomic
+from ..io.plots import plot_title
 from ..io.text import fingerprint
 from ..loading import load_model
 from ..record import record_of
@@ -215,7 +216,9 @@ def save_healed(model, tok, out: Path, overwrite: bool, report: dict, work: Path
     def add_log(tmp: Path) -> None:
         if log.is_file():
             shutil.copy(log, tmp / "heal_log.jsonl")
-            plot_losses(read_log(log), tmp / "heal_loss.png", f"healing {out.name}")
+            dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+            plot_losses(read_log(log), tmp / "heal_loss.png", f"healing {out.name}\n" + plot_title(
+                f"teacher {report.get('teacher', '?')}", dtype))
 
     save(model, tok, out, overwrite=overwrite, extra=add_log)
     shutil.rmtree(work, ignore_errors=True)  # the output is whole: checkpoints are no longer needed

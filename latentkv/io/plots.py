@@ -7,15 +7,27 @@ import contextlib
 from pathlib import Path
 
 
+def plot_title(model: str, dtype: str) -> str:
+    """The line every figure carries on top: what model, in what dtype, on what machine."""
+    import platform
+
+    import torch
+
+    return f"{model} - {dtype} - {platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
 @contextlib.contextmanager
-def figure(path: str | Path, ncols: int = 1, figsize: tuple[float, float] = (7, 4)):
-    """Yield (pyplot, axes): one Axes, or a tuple of `ncols`; the figure is saved to `path` and closed."""
+def figure(path: str | Path, ncols: int = 1, figsize: tuple[float, float] = (7, 4), title: str | None = None):
+    """Yield (pyplot, axes): one Axes, or a tuple of `ncols`; the figure is saved to `path` and closed.
+    `title` (e.g. `plot_title(...)`) goes above every axes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, ncols, figsize=figsize)
+    if title:
+        fig.suptitle(title, fontsize=9)
     try:
         yield plt, axes
         fig.tight_layout()

@@ -25,7 +25,7 @@ from transformers import StaticCache
 from ..errors import LatentKVError
 from ..io.atomic import atomic_output_dir
 from ..io.machine import available_memory, peak_rss, reset_peak_rss
-from ..io.plots import figure
+from ..io.plots import figure, plot_title
 from ..record import record_of
 from ..runtime.accounting import cache_report
 from ..runtime.cache import LatentCache
@@ -242,12 +242,14 @@ def bench(model, against=None, contexts=(1024, 4096, 8192, 16384), batches=(1, 4
     if all("skipped" in r for r in rows):
         raise LatentKVError(f"no row of the grid fits this machine ({rows[0]['skipped']}); lower --context or --batch")
     return {"bandwidth_bytes_per_s": roofs[0], "flops_per_s": roofs[1], "threads": torch.get_num_threads(),
-            "rows": rows}
+            "model": str(getattr(model.config, "_name_or_path", "") or type(model).__name__),
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "rows": rows}
 
 
 def plot(result: dict, path: Path) -> None:
     """Decode tokens/s and cache GiB vs context, one line per variant and batch."""
-    with figure(path, ncols=2, figsize=(11, 4)) as (_, (speed, mem)):
+    title = plot_title(result.get("model", "model"), result.get("dtype", "float32"))
+    with figure(path, ncols=2, figsize=(11, 4.4), title=title) as (_, (speed, mem)):
         done = [r for r in result["rows"] if "skipped" not in r]
         key_of = lambda r: (r["variant"], r["batch"], r.get("budget"))  # noqa: E731 - budget: several conversions
         for key in dict.fromkeys(key_of(r) for r in done):

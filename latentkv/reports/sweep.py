@@ -20,7 +20,7 @@ from ..evaluation.passkey import passkey
 from ..evaluation.perplexity import perplexity
 from ..families import source_layout
 from ..io.atomic import atomic_output_dir
-from ..io.plots import figure
+from ..io.plots import figure, plot_title
 from ..io.text import load_text
 from ..runtime.accounting import cache_report
 
@@ -50,7 +50,9 @@ def run_sweep(model, tokenizer, budgets, methods, text: str, seq_len: int = 2048
             if isinstance(config, LowRankConfig):
                 row.update(latent_spectra(model, conv, config, ids, cache))
             rows.append(row)
-    return {"source": source, "rows": rows, "text": text, "seq_len": seq_len, "max_windows": max_windows}
+    return {"source": source, "rows": rows, "text": text, "seq_len": seq_len, "max_windows": max_windows,
+            "model": str(getattr(model.config, "_name_or_path", "") or type(model).__name__),
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
 
 
 def latent_spectra(model, conv, config, ids, cache: dict) -> dict:
@@ -106,7 +108,7 @@ def markdown(result: dict, command: str) -> str:
 
 def plot(result: dict, path: Path) -> None:
     """Perplexity vs cache bytes per token, one line per method, the source as a reference point."""
-    with figure(path, figsize=(6, 4)) as (_, ax):
+    with figure(path, figsize=(6.5, 4.4), title=plot_title(result.get("model", "model"), result.get("dtype", "float32"))) as (_, ax):
         _plot_ppl(ax, result)
 
 
@@ -131,7 +133,8 @@ def plot_spectra(result: dict, path: Path) -> bool:
     rows = [r for r in result["rows"] if "latent_energy" in r]
     if not rows:
         return False
-    with figure(path, ncols=2, figsize=(11, 4)) as (plt, (left, right)):
+    title = plot_title(result.get("model", "model"), result.get("dtype", "float32"))
+    with figure(path, ncols=2, figsize=(11, 4.4), title=title) as (plt, (left, right)):
         _plot_spectra(plt, left, right, rows)
     return True
 
