@@ -118,6 +118,19 @@ def allocate_search(model, layout, config, dims, stats, held: torch.Tensor, choi
                                    for s, (k, q) in zip(spectra, final)]}
 
 
+@torch.no_grad()
+def allocate_spectrum(model, layout, config, dims, stats) -> dict:
+    """CARE-style allocation: the uniform split's total latent rank goes to the largest marginal errors
+    s_lk^2 of every layer's weighted (covariance- and output-aware) spectrum, in those units directly,
+    with no held-out measurement (the `sensitivity` search rescales them by measured cost instead)."""
+    r, p = dims
+    spectra = layer_spectra(model, layout, config, p, stats)
+    caps = [latent_cap(layout.for_layer(i), config.rope, p) for i in range(layout.num_layers)]
+    ranks = allocate_ranks(spectra, r * layout.num_layers, floor=1, caps=caps)
+    return {"ranks": ranks, "protected": [], "used": "spectrum", "dims": [(k, p) for k in ranks],
+            "latent_error_share": [round(tail_share(s, k), 6) for s, k in zip(spectra, ranks)]}
+
+
 def _costliest(cost: list[float], k: int) -> list[int]:
     return sorted(range(len(cost)), key=lambda i: -cost[i])[:k]
 

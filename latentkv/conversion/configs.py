@@ -16,7 +16,7 @@ from .metrics import FACTORIZERS
 from .mixture import MIX
 from .rope import ROPE_STRATEGIES
 
-RANK_ALLOCATIONS = ("uniform", "sensitivity")
+RANK_ALLOCATIONS = ("uniform", "sensitivity", "spectrum")
 # (kv_lora_rank, qk_rope_head_dim) the fast MLA decode kernels take: FlashMLA (and CUTLASS MLA) need
 # DeepSeek-V3's own 512 + 64; FlashInfer's MLA kernels also take 256 + 64. Other shapes fall back.
 PRESETS = {"flashmla": (512, 64), "flashinfer": (256, 64)}

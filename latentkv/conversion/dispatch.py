@@ -10,7 +10,7 @@ import torch
 
 from ..families import SourceLayout, source_layout
 from ..record import make_record
-from .allocate import allocate_search
+from .allocate import allocate_search, allocate_spectrum
 from .calibration import calibration_ids, calibration_record, oneshot_stats, split_ids
 from .configs import LowRankConfig, config_to_dict
 from .converters import converter_for
@@ -72,7 +72,8 @@ def convert_calibrated(model, layout: SourceLayout, config: LowRankConfig, ids: 
         config = export_schedule(model, layout, config, dims[1], oneshot)
         choice = {**(choice or {}), "rope_slot0": config.rope_slot0}
     if config.rank_allocation != "uniform":
-        alloc = allocate_search(model, layout, config, dims, oneshot, held, choice, progress)
+        alloc = (allocate_spectrum(model, layout, config, dims, oneshot) if config.rank_allocation == "spectrum"
+                 else allocate_search(model, layout, config, dims, oneshot, held, choice, progress))
         choice = {**(choice or {}), "allocation": alloc}
         dims = [tuple(d) for d in alloc["dims"]]
     if config.sequential:

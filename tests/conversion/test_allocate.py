@@ -144,3 +144,20 @@ def test_protected_layers_are_exact_and_the_rest_pays(calib_ids):
     x = torch.randint(0, 320, (2, 20))
     with torch.no_grad():
         assert torch.allclose(exact(x).logits, model(x).logits, atol=1e-4)
+
+
+def test_spectrum_allocation_water_fills_the_weighted_spectra(calib_ids):
+    """CARE-style: the uniform split's total rank goes to the largest marginal errors of the layers' own
+    weighted spectra (no held-out measurement); the cache keeps the budget."""
+    from latentkv.conversion.allocate import layer_spectra
+
+    model = make_tiny("llama-gqa", layers=3)
+    layout = source_layout(model.config)
+    cfg = LowRankConfig(kv_lora_rank=12, qk_rope_head_dim=8, rank_allocation="spectrum")
+    conv = convert(model, cfg, calib_ids=calib_ids, progress=False)
+    alloc = record_of(conv)["split_search"]["allocation"]
+    assert alloc["used"] == "spectrum" and sum(alloc["ranks"]) == 12 * layout.num_layers
+    stats = oneshot_stats(model, calib_ids, attention=True)
+    spectra = layer_spectra(model, layout, cfg, 8, stats)
+    assert _tail(spectra, alloc["ranks"]) <= _tail(spectra, [12] * layout.num_layers) + 1e-9
+    assert [layer.self_attn.dims.kv_lora_rank for layer in conv.model.layers] == alloc["ranks"]
