@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import huggingface_hub
+
 from ..errors import LatentKVError
 
 
@@ -29,11 +31,9 @@ def push(folder, repo_id: str, private: bool = False, dry_run: bool = False) -> 
            "dry_run": dry_run}
     if dry_run:
         return out
-    from huggingface_hub import create_repo, upload_folder
-
     try:
-        create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        commit = upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model",
+        huggingface_hub.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        commit = huggingface_hub.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model",
                                ignore_patterns=[".*", "**/.*"], commit_message="Upload with latentkv push")
     except Exception as e:  # network, auth and offline errors all come from deep inside huggingface_hub/requests
         reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
@@ -54,10 +54,8 @@ def local_snapshot(source: str) -> Path:
         return path
     if source.count("/") != 1 or source.startswith((".", "/", "~")):
         raise LatentKVError(f"{source} is neither a local directory nor a hub id (OWNER/NAME); check the path")
-    from huggingface_hub import snapshot_download
-
     try:
-        return Path(snapshot_download(source, allow_patterns=SNAPSHOT_PATTERNS))
+        return Path(huggingface_hub.snapshot_download(source, allow_patterns=SNAPSHOT_PATTERNS))
     except Exception as e:  # offline with nothing cached, unknown repo, gated repo, no network
         reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         raise LatentKVError(f"could not get {source} from the hub ({reason}); download it once with network "

@@ -4,15 +4,14 @@ matplotlib is imported only when a plot is drawn."""
 from __future__ import annotations
 
 import contextlib
+import platform
 from pathlib import Path
+
+import torch
 
 
 def plot_title(model: str, dtype: str) -> str:
     """The line every figure carries on top: what model, in what dtype, on what machine."""
-    import platform
-
-    import torch
-
     return f"{model} - {dtype} - {platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 

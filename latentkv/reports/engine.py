@@ -13,6 +13,8 @@ from __future__ import annotations
 import importlib.util
 import os
 
+import torch
+
 from ..loading import load_model
 from ..runtime.generation import generate
 from ..runtime.quant import CacheFormat
@@ -22,8 +24,6 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):", "In 1969, the first 
 
 
 def skip_reason() -> str | None:
-    import torch
-
     if not torch.cuda.is_available():
         return "no CUDA GPU on this machine"
     if importlib.util.find_spec("vllm") is None:
