@@ -155,11 +155,12 @@ def plot(res: dict, path: Path) -> None:
         for name, r in res.items():
             if name.startswith("_"):
                 continue
-            key = "source K/V" if name.startswith("source") else f"budget {name.split()[0]}"
+            key = ("source K/V, quanto (served in chunks)" if name.startswith("source quanto") else
+                   "source K/V, ours" if name.startswith("source") else f"latent, budget {name.split()[0]}")
             groups.setdefault(key, []).append((r["share"], r["ppl"] / src, name.split(" ", 2)[-1]))
         for i, (key, pts) in enumerate(sorted(groups.items())):
             pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-" if key != "source K/V" else "s--", color=f"C{i}",
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "s--" if key.startswith("source") else "o-", color=f"C{i}",
                     label=key)
         ax.set_xscale("log")
         ax.set_yscale("log")
