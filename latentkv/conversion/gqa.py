@@ -129,7 +129,7 @@ def to_gqa(model, kv_heads: int, *, tokenizer=None, calib_ids: torch.Tensor | No
     if any(hasattr(a, "qkv_proj") for a in attns):
         raise LatentKVError("--target gqa: fused qkv_proj (Phi-3) is not supported; convert it to MLA instead")
     if calib_ids is None:
-        calib_ids = calibration_ids(tokenizer, calib or LowRankConfig())[0]
+        calib_ids = calibration_ids(tokenizer, calib or LowRankConfig(kv_budget=0.5))[0]  # only its calib fields count
     stats = oneshot_stats(model, calib_ids, progress=progress, attention=False)
     state = dict(model.state_dict())
     for i, (attn, st) in enumerate(tqdm(list(zip(attns, stats)), desc="merge KV heads", disable=not progress)):

@@ -82,3 +82,15 @@ def test_cli_writes_a_stock_checkpoint(capsys, tmp_path, tiny_tokenizer, ids):
         assert (stock(ids).logits - model(ids).logits).abs().max() < 0.5  # a merge, not a different model
     code = main(["convert", str(src), "--target", "gqa", "--out", str(tmp_path / "h")])
     assert code == 2 and "--kv-heads" in capsys.readouterr().err
+
+
+def test_default_calibration_reads_the_mixture(tiny_tokenizer, ids):
+    """No calib_ids: the default mixture, read with the tokenizer (as `convert` does)."""
+    from latentkv.conversion.configs import LowRankConfig
+
+    model = make_tiny("llama-gqa")
+    merged = to_gqa(model, 1, tokenizer=tiny_tokenizer, calib=LowRankConfig(kv_budget=0.5, calib_samples=4,
+                                                                          calib_seq_len=32), progress=False)
+    assert merged.config.num_key_value_heads == 1
+    with pytest.raises(LatentKVError, match="tokenizer"):
+        to_gqa(model, 1, progress=False)
