@@ -53,7 +53,7 @@ def local_snapshot(source: str) -> Path:
     if path.is_dir():
         return path
     if source.count("/") != 1 or source.startswith((".", "/", "~")):
-        raise LatentKVError(f"{source} is neither a local directory nor a hub id (OWNER/NAME); check the path")
+        raise LatentKVError(f"{source} not found: no such directory, and not a hub id (OWNER/NAME); check the path")
     try:
         return Path(huggingface_hub.snapshot_download(source, allow_patterns=SNAPSHOT_PATTERNS))
     except Exception as e:  # offline with nothing cached, unknown repo, gated repo, no network
