@@ -151,3 +151,12 @@ def smollm2():
     from latentkv import load_model
 
     return load_model("smollm2-135m", progress=False)
+
+
+def run_cli(capsys, *argv):
+    """latentkv's CLI in-process -> (exit code, stdout, stderr); arguments are str()-ed."""
+    from latentkv.cli import main
+
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err

@@ -67,8 +67,7 @@ def convert_cmd(a) -> dict:
     check_fits_in_memory(a.source)
     model, tok = load_model(a.source, trust_remote_code=a.trust_remote_code, progress=a.progress)
     converted = convert(model, config, tokenizer=tok, progress=a.progress)
-    out_dtype = stored_dtype(a.source, a.trust_remote_code) if a.dtype == "auto" else parse_dtype(a.dtype)
-    converted.to(out_dtype)  # the math ran in float32/float64; the checkpoint keeps the source's dtype
+    converted.to(output_dtype(a))  # the math ran in float32/float64; the checkpoint keeps the source's dtype
     if a.target:
         warning = kernel_warning(exportable_dims(converted))
         if warning:
@@ -76,6 +75,11 @@ def convert_cmd(a) -> dict:
     save(converted, tok, a.out, overwrite=a.overwrite)
     return {"out": a.out, "method": config.method, **record_summary(record_of(converted)),
             "total_seconds": round(time.perf_counter() - t0, 2)}
+
+
+def output_dtype(a):
+    """The dtype `convert` writes: --dtype, or (auto) the one the source is stored in."""
+    return stored_dtype(a.source, a.trust_remote_code) if a.dtype == "auto" else parse_dtype(a.dtype)
 
 
 def gqa_cmd(a) -> dict:
@@ -90,7 +94,7 @@ def gqa_cmd(a) -> dict:
     model, tok = load_model(a.source, trust_remote_code=a.trust_remote_code, progress=a.progress)
     calib = make_config(kv_budget=0.5, calib=a.calib, calib_samples=a.calib_samples, calib_seq_len=a.calib_seq_len)
     merged = to_gqa(model, a.kv_heads, tokenizer=tok, calib=calib, progress=a.progress)
-    merged.to(stored_dtype(a.source, a.trust_remote_code) if a.dtype == "auto" else parse_dtype(a.dtype))
+    merged.to(output_dtype(a))
     with atomic_output_dir(a.out, a.overwrite) as tmp:
         merged.save_pretrained(tmp)
         if tok is not None:

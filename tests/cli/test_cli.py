@@ -9,7 +9,7 @@ import pytest
 
 from latentkv.cli import main
 
-from conftest import SAMPLE, make_tiny
+from conftest import SAMPLE, make_tiny, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -21,10 +21,7 @@ def source_dir(tmp_path_factory, tiny_tokenizer):
     return d
 
 
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
+run = run_cli
 
 
 def test_convert_info_eval(capsys, source_dir, tmp_path):

@@ -10,7 +10,7 @@ from safetensors import safe_open
 from latentkv import load_model
 from latentkv.cli import main
 
-from conftest import SAMPLE, make_tiny
+from conftest import SAMPLE, make_tiny, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -23,10 +23,7 @@ def bf16_source(tmp_path_factory, tiny_tokenizer):
     return d
 
 
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
+run = run_cli
 
 
 def stored(path) -> set:
