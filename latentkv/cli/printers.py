@@ -137,7 +137,7 @@ def _split_search(v: dict | None) -> None:
     if "kv_lora_rank" not in v:
         print("split search: not run (dims given, or a method without calibration)")
     else:
-        print("split search on held-out calibration windows (lowest score wins):")
+        print("split search on held-out calibration windows (lowest NLL wins; copy NLL breaks near-ties):")
         print(f"  {'strategy':<13} {'rope':>5} {'latent':>7} {'held-out NLL':>13} {'copy NLL':>9} {'score':>8}")
         key = ("rope", "kv_lora_rank", "qk_rope_head_dim")
         for c in v.get("candidates") or [v]:

@@ -214,6 +214,20 @@ class MLAAttention(nn.Module):
             return eager_attention  # SDPA has no soft-capping and would silently skip it
         return ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention)
 
+    def _attend(self, view, query, key, value, mask, **kwargs):
+        """query (B, h, t, k), key (B, 1|h, s, k), value (B, 1|h, s, v) -> (B, t, h, v), weights.
+
+        Fused kernels (SDPA's flash path on CPU, flash-attn) take one head width for q, k and v; with
+        v < k SDPA falls back to its math path, which measured ~1.8x slower than padding v with zeros
+        to k (9 heads, 1024 x 2048, k = 136, v = 64), so the value is padded and the zeros sliced off."""
+        kernel = self._kernel()
+        v = value.shape[-1]
+        if kernel is not eager_attention and v < key.shape[-1]:
+            value = torch.nn.functional.pad(value, (0, key.shape[-1] - v))
+        out, weights = kernel(view, query, key, value, mask, scaling=self.dims.softmax_scale, softcap=self.softcap,
+                              **kwargs)
+        return out[..., :v], weights
+
     def _head_scales(self, scales: torch.Tensor) -> torch.Tensor:
         """Key scales (B, 1, s, S) -> each query head's (B, h, s, 1): heads are in KV-group order."""
         idx = torch.arange(self.dims.num_heads, device=scales.device) // (self.dims.num_heads // self.dims.key_scales)
@@ -229,8 +243,7 @@ class MLAAttention(nn.Module):
             k_nope = k_nope * self._head_scales(scales)
         key = torch.cat((k_nope, k_pe.expand(b, d.num_heads, s, -1)), -1)  # (B, h, s, n + p)
         query = torch.cat((q_nope, q_pe), -1)  # (B, h, t, n + p)
-        return self._kernel()(_KernelView(1), query, key, value, mask, scaling=d.softmax_scale,
-                              softcap=self.softcap, **kwargs)
+        return self._attend(_KernelView(1), query, key, value, mask, **kwargs)
 
     def _absorbed(self, q_nope, q_pe, c_kv, k_pe, mask, scales=None, **kwargs):
         """Attend over latents: score = (W_uk^T q_nope)·c + q_pe·k_pe; out = W_uv (P c) -> (B, t, h, v).
@@ -246,8 +259,7 @@ class MLAAttention(nn.Module):
             if d.key_scales > 1:  # one key per head: `eager_attention` broadcasts 1 or h key heads
                 key = key.repeat_interleave(d.num_heads // d.key_scales, 1)
                 value, view = c_kv.expand(-1, d.num_heads, -1, -1), _KernelView(1)
-        o_lat, weights = self._kernel()(view, query, key, value, mask, scaling=d.softmax_scale, softcap=self.softcap,
-                                        **kwargs)
+        o_lat, weights = self._attend(view, query, key, value, mask, **kwargs)
         return torch.einsum("bthr,hvr->bthv", o_lat, w_uv), weights  # o_lat (B, t, h, r)
 
     def _decode(self, x, cos, sin, c_kv, k_pe, joint, mask) -> torch.Tensor:

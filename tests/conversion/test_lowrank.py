@@ -8,6 +8,7 @@ import torch
 from latentkv import LatentCache, convert, record_of
 from latentkv.conversion.configs import LowRankConfig
 from latentkv.conversion.rope import ROPE_STRATEGIES, KeySplit, RoRoPE
+from latentkv.conversion.search import COPY_TIE_NATS, pick_split
 from latentkv.conversion.statistics import InputStats, Moments, collect_stats, record_attention_inputs
 from latentkv.errors import LatentKVError
 from latentkv.families import attention_layers, source_layout
@@ -87,10 +88,24 @@ def test_split_search_is_recorded(calib_ids):
     conv = convert(make_tiny("llama-gqa"), LowRankConfig(kv_values=24), calib_ids=calib_ids, progress=False)
     search = record_of(conv)["split_search"]
     assert search["values"] == 24 and len(search["candidates"]) >= 2
-    best = min(search["candidates"], key=lambda c: c["score"])
+    best = pick_split(search["candidates"])
     assert all(c["score"] == pytest.approx(c["heldout_nll"] + c["copy_nll"]) for c in search["candidates"])
+    assert best["heldout_nll"] <= min(c["heldout_nll"] for c in search["candidates"]) + COPY_TIE_NATS
     dims = conv.model.layers[0].self_attn.dims
     assert (dims.kv_lora_rank, dims.qk_rope_head_dim) == (best["kv_lora_rank"], best["qk_rope_head_dim"])
+
+
+def test_pick_split_ranks_by_heldout_nll_and_copy_breaks_near_ties():
+    """The sum NLL + copy NLL would take `b` (lower copy NLL); the rule takes the lowest NLL `a` unless
+    another is within COPY_TIE_NATS of it, and then the better copier among the near-ties."""
+    def cand(name, nll, copy):
+        return {"name": name, "heldout_nll": nll, "copy_nll": copy, "score": nll + copy}
+
+    far = [cand("a", 4.162, 12.50), cand("b", 4.309, 12.11)]
+    assert pick_split(far)["name"] == "a"
+    near = [cand("a", 4.162, 12.50), cand("b", 4.162 + COPY_TIE_NATS / 2, 12.11), cand("c", 5.0, 1.0)]
+    assert pick_split(near)["name"] == "b"
+    assert pick_split(near, tie=0.0)["name"] == "a"
 
 
 def test_default_rope_is_chosen_on_held_out_windows_and_recorded(calib_ids):
@@ -105,7 +120,7 @@ def test_default_rope_is_chosen_on_held_out_windows_and_recorded(calib_ids):
     record = record_of(conv)
     search = record["split_search"]
     assert {c["rope"] for c in search["candidates"]} == set(AUTO_ROPES)
-    best = min(search["candidates"], key=lambda c: c["score"])
+    best = pick_split(search["candidates"])
     assert record["conversion"]["rope"] == search["rope"] == best["rope"]
     assert all("heldout_nll" in c for c in search["candidates"])
     assert config_from_dict(record["conversion"]).rope == best["rope"]  # the record reads back as applied

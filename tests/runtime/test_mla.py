@@ -38,14 +38,19 @@ def test_left_padding_matches_unpadded(impl):
             assert (out - alone).abs().max().item() < 1e-4, path
 
 
-def test_eager_and_sdpa_agree(ids):
+@pytest.mark.parametrize("path", ["expanded", "absorbed"])
+def test_eager_and_sdpa_agree(ids, path):
+    """SDPA gets the value zero-padded to the key's width (its fused kernel needs one width); the
+    padding must not change a logit."""
     model = make_tiny("llama-gqa")
     conv = convert(model, SVDConfig(kv_budget=0.5), progress=False)
+    d = conv.model.layers[0].self_attn.dims
+    assert d.qk_nope_head_dim + d.qk_rope_head_dim > d.v_head_dim and d.qk_rope_head_dim > 0  # the padded case
     with torch.no_grad():
         conv.config._attn_implementation = "sdpa"
-        a = conv(ids).logits
+        a = conv(ids, mla_path=path).logits
         conv.config._attn_implementation = "eager"
-        b = conv(ids).logits
+        b = conv(ids, mla_path=path).logits
     assert (a - b).abs().max().item() < 1e-5
 
 
