@@ -171,15 +171,16 @@ def info_cmd(a) -> dict:
 
 def demo_cmd(a) -> dict:
     return run_demo(kv_budget=a.kv_budget, out=a.out, overwrite=a.overwrite, seq_len=a.seq_len,
-                    max_windows=a.max_windows, text=a.text, progress=a.progress)
+                    max_windows=a.max_windows, text=a.text, progress=a.progress, dtype=parse_dtype(a.dtype))
 
 
 def sweep_cmd(a) -> dict:
     check_output_dir(a.out, a.overwrite, inputs=(a.source, a.ppl))
+    dtype = output_dtype(a)  # before loading: a bad --dtype or source is one line
     model, tok = load_model(a.source, trust_remote_code=a.trust_remote_code, progress=a.progress)
     result = run_sweep(model, tok, numbers(a.budgets, float), a.methods.split(","), a.ppl, seq_len=a.seq_len,
                        max_windows=a.max_windows, passkey_contexts=numbers(a.passkey, int) if a.passkey else (),
-                       progress=a.progress)
+                       progress=a.progress, dtype=dtype)
     write_sweep(result, a.out, a.command, overwrite=a.overwrite)
     return {**result, "out": a.out}
 
@@ -260,7 +261,8 @@ def heal_cmd(a) -> dict:
     fields = {f.name for f in dataclasses.fields(HealConfig)}
     config = HealConfig(**{k: v for k, v in vars(a).items() if k in fields and v is not None})
     return heal(a.model, a.teacher, a.data, a.out, config, overwrite=a.overwrite, resume=a.resume,
-                work_dir=a.work_dir, teacher_cache=a.teacher_cache, progress=a.progress and not a.json)
+                work_dir=a.work_dir, teacher_cache=a.teacher_cache, progress=a.progress and not a.json,
+                dtype=parse_dtype(a.dtype))
 
 
 def push_cmd(a) -> dict:

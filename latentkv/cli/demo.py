@@ -5,13 +5,15 @@ from __future__ import annotations
 import logging
 import time
 
+import torch
+
 from ..conversion.configs import ExactConfig, make_config
 from ..conversion.dispatch import convert
 from ..errors import LatentKVError
 from ..evaluation.perplexity import perplexity
 from ..io.atomic import check_output_dir
 from ..io.text import load_text
-from ..loading import load_model
+from ..loading import load_model, parse_dtype, stored_dtype
 from ..runtime.accounting import cache_report
 from ..runtime.checkpoint import save
 
@@ -19,8 +21,10 @@ log = logging.getLogger(__name__)
 
 
 def run_demo(kv_budget: float = 0.5, out: str | None = None, overwrite: bool = False, seq_len: int = 1024,
-             max_windows: int = 4, text: str = "wikitext2", model: str = "smollm2-135m", progress: bool = True) -> dict:
-    """Source vs exact (100 %) vs calibrated budget conversion: cache bytes/token and perplexity."""
+             max_windows: int = 4, text: str = "wikitext2", model: str = "smollm2-135m", progress: bool = True,
+             dtype: torch.dtype | str = "auto") -> dict:
+    """Source vs exact (100 %) vs calibrated budget conversion: cache bytes/token and perplexity, each
+    evaluated in `dtype` ("auto": as the source is stored); the conversions compute in float32."""
     if out is not None:
         check_output_dir(out, overwrite)
     # built first, so a bad budget is one error line before any loading or output
@@ -40,8 +44,10 @@ def run_demo(kv_budget: float = 0.5, out: str | None = None, overwrite: bool = F
         _note(f"calibrated conversion unavailable ({e}); using the weight-SVD baseline")
         svd = convert(source, fallback, progress=progress)
         variants.append((f"MLA svd ({kv_budget:.0%})", svd))
+    dtype = stored_dtype(model) if dtype == "auto" else parse_dtype(dtype)
     rows = []
     for name, m in variants:
+        m.to(dtype)
         rep = cache_report(m)
         ppl = perplexity(m, tok, corpus, seq_len=seq_len, max_windows=max_windows, progress=progress) if corpus else None
         rows.append({"variant": name, "cache_values_per_token_per_layer": rep["model"]["values_per_token_per_layer"][0],
@@ -51,7 +57,7 @@ def run_demo(kv_budget: float = 0.5, out: str | None = None, overwrite: bool = F
     if out is not None:
         save(variants[-1][1], tok, out, overwrite=overwrite)
     record = variants[-1][1].config.latentkv
-    return {"model": model, "text": text, "calib": record["conversion"].get("calib"), "seq_len": seq_len, "max_windows": max_windows, "rows": rows,
+    return {"model": model, "dtype": str(dtype).removeprefix("torch."), "text": text, "calib": record["conversion"].get("calib"), "seq_len": seq_len, "max_windows": max_windows, "rows": rows,
             "ppl_missing_reason": why, "saved": out, "seconds": round(time.perf_counter() - t0, 1)}
 
 

@@ -187,6 +187,7 @@ def _add_sweep(add) -> None:
     w.add_argument("--seq-len", type=int, default=2048)
     w.add_argument("--max-windows", type=int, help="evaluate only the first N windows")
     w.add_argument("--passkey", help="also passkey accuracy at these contexts, e.g. 1024,2048")
+    _dtype(w, "dtype every row is evaluated in (conversions compute in float32); auto: as SOURCE is stored")
 
 
 def _add_generate(add) -> None:
@@ -232,6 +233,7 @@ def _add_demo(add) -> None:
     d.add_argument("--seq-len", type=int, default=1024)
     d.add_argument("--max-windows", type=int, default=4)
     d.add_argument("--text", default="wikitext2", help="evaluation text (file or dataset name)")
+    _dtype(d, "dtype every variant is evaluated in and the saved one written in (conversions compute in float32)")
 
 
 def add_heal_parser(add) -> None:
@@ -274,6 +276,7 @@ def add_heal_parser(add) -> None:
                                                     f"(default {d.teacher_topk})")
     h.add_argument("--work-dir", help="checkpoints and log (default OUT.heal beside the output)")
     h.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the work dir")
+    _dtype(h, "dtype of the healed checkpoint (training keeps float32 weights); auto: as MODEL is stored")
 
 
 def add_doctor_parser(add) -> None:

@@ -32,7 +32,7 @@ from ..errors import LatentKVError
 from ..io.atomic import check_output_dir, write_file_atomic
 from ..io.plots import plot_title
 from ..io.text import fingerprint
-from ..loading import load_model
+from ..loading import load_model, parse_dtype, stored_dtype
 from ..record import record_of
 from ..runtime.checkpoint import save
 from .data import WindowOrder, is_stream, pack, read_documents
@@ -101,12 +101,14 @@ class HealConfig:
 
 
 def heal(student, teacher, data, out, config: HealConfig = HealConfig(), *, overwrite: bool = False,
-         resume: bool = False, work_dir=None, teacher_cache=None, progress: bool = True) -> dict:
+         resume: bool = False, work_dir=None, teacher_cache=None, progress: bool = True,
+         dtype: torch.dtype | str = "auto") -> dict:
     """Distil `teacher` into the converted `student` (paths or names) on `data`; save to `out`.
 
     data: text file, folder of .txt, `hf:` spec, datasets.Dataset or list of str.
     -> report dict (steps, tokens, seconds, tokens/s, first/last loss, local stage); also stored in
     the output's conversion record under "heal". Checkpoints in `work_dir` (default OUT.heal).
+    dtype: of the saved checkpoint ("auto": as the student is stored); training keeps float32 weights.
     """
     acc = Accelerator(cpu=not torch.cuda.is_available(),
                       mixed_precision="bf16" if config.precision == "bf16" else "no")
@@ -116,6 +118,7 @@ def heal(student, teacher, data, out, config: HealConfig = HealConfig(), *, over
     out = Path(out)
     check_output_dir(out, overwrite, inputs=tuple(x for x in (student, teacher) if isinstance(x, (str, Path))))
     steps, accum = config.steps(), config.accumulation(acc.num_processes)
+    out_dtype = saved_dtype(student, dtype)
     if steps == 0 and config.local_steps <= 0:
         raise LatentKVError("--tokens 0 and no --local-steps: nothing to do; give --tokens N or --local-steps N")
     t_dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32  # frozen: no fp32 master needed
@@ -136,9 +139,19 @@ def heal(student, teacher, data, out, config: HealConfig = HealConfig(), *, over
     report.update(local=local, data=_name(data), teacher=_name(teacher), data_fingerprint=run["data"])
     final = gathered_model(acc, model, student, config)
     if acc.is_main_process:
-        save_healed(final, tok, out, overwrite, report, work)
+        save_healed(final.to(out_dtype), tok, out, overwrite, report, work)
     acc.wait_for_everyone()
     return report
+
+
+def saved_dtype(student, dtype) -> torch.dtype:
+    """The healed checkpoint's dtype: `dtype`, or (auto) the student's stored one."""
+    dtype = parse_dtype(dtype)
+    if dtype != "auto":
+        return dtype
+    if isinstance(student, tuple):
+        return next(student[0].parameters()).dtype
+    return stored_dtype(student)
 
 
 def gathered_model(acc, model, student, config):

@@ -5,11 +5,13 @@ Calibration windows and one-shot statistics are computed once and shared by ever
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ..conversion.allocate import layer_spectra, tail_share
 from ..conversion.calibration import calibration_ids, oneshot_stats
@@ -26,13 +28,17 @@ from ..runtime.accounting import cache_report
 
 
 def run_sweep(model, tokenizer, budgets, methods, text: str, seq_len: int = 2048, max_windows: int | None = None,
-              passkey_contexts=(), progress: bool = True, **lowrank) -> dict:
+              passkey_contexts=(), progress: bool = True, dtype: torch.dtype | None = None, **lowrank) -> dict:
     """-> {"source": row, "rows": [row per (method, budget)]}; row keys: method, budget, kv_lora_rank,
     qk_rope_head_dim, cache_values_per_token_per_layer, cache_bytes_per_token, ppl, ppl_ratio, tokens,
     windows, convert_seconds (+ passkey_accuracy; + latent_energy, latent_error_share per layer for
-    calibrated rows)."""
+    calibrated rows). `dtype`: every row is evaluated in it (cache bytes too); conversions still compute
+    from `model` as given (load it in float32), so only the deployed precision changes."""
     corpus = load_text(text)
-    source = evaluate_row(model, tokenizer, corpus, seq_len, max_windows, passkey_contexts, progress)
+    dtype = dtype or next(model.parameters()).dtype
+    shown = model if next(model.parameters()).dtype == dtype else copy.deepcopy(model).to(dtype)
+    source = evaluate_row(shown, tokenizer, corpus, seq_len, max_windows, passkey_contexts, progress)
+    del shown
     source.update(method="source", budget=1.0, convert_seconds=None)
     ids, cache, rows = None, {}, []
     for method in methods:
@@ -44,7 +50,7 @@ def run_sweep(model, tokenizer, budgets, methods, text: str, seq_len: int = 2048
                 continue  # budget 1 is the exact embedding whatever the method
             start = time.perf_counter()
             conv = convert(model, config, tokenizer=tokenizer, calib_ids=ids, calib_cache=cache, progress=progress)
-            row = evaluate_row(conv, tokenizer, corpus, seq_len, max_windows, passkey_contexts, progress)
+            row = evaluate_row(conv.to(dtype), tokenizer, corpus, seq_len, max_windows, passkey_contexts, progress)
             row.update(method=config.method, budget=budget, convert_seconds=round(time.perf_counter() - start, 1))
             row["ppl_ratio"] = row["ppl"] / source["ppl"]
             if isinstance(config, LowRankConfig):
@@ -52,7 +58,7 @@ def run_sweep(model, tokenizer, budgets, methods, text: str, seq_len: int = 2048
             rows.append(row)
     return {"source": source, "rows": rows, "text": text, "seq_len": seq_len, "max_windows": max_windows,
             "model": str(getattr(model.config, "_name_or_path", "") or type(model).__name__),
-            "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
+            "dtype": str(dtype).removeprefix("torch.")}
 
 
 def latent_spectra(model, conv, config, ids, cache: dict) -> dict:

@@ -172,3 +172,34 @@ def test_verify_with_vllm_skips_without_a_gpu(capsys, tmp_path):
     code, stdout, _ = run(capsys, "verify-export", tmp_path / "ds", "--against", tmp_path / "mla", "--engine", "vllm",
                           "--kv-cache-dtype", "fp8", "--json")
     assert code == 0 and json.loads(stdout)["skipped"] == "no CUDA GPU on this machine"
+
+
+def test_heal_sweep_and_demo_take_dtype(capsys, bf16_source, tmp_path):
+    """heal writes the student's stored dtype (auto) or --dtype, training in float32; sweep and demo
+    evaluate every row in --dtype (cache bytes follow) while the conversions compute in float32."""
+    from latentkv.cli.demo import run_demo
+
+    conv, text = tmp_path / "mla", bf16_source.parent / "sample.txt"
+    assert run(capsys, "convert", bf16_source, "--out", conv, "--kv-budget", 0.5, "--method", "svd")[0] == 0
+    assert stored(conv) == {"BF16"}
+    small = ["--teacher", bf16_source, "--data", text, "--tokens", 64, "--seq-len", 16, "--batch-size", 2, "--json"]
+    for dtype, want in (("auto", "BF16"), ("float32", "F32")):
+        code, _, err = run(capsys, "heal", conv, "--out", tmp_path / f"healed-{dtype}", "--dtype", dtype, *small)
+        assert code == 0, err
+        assert stored(tmp_path / f"healed-{dtype}") == {want}
+    values = {}
+    for dtype in ("auto", "float32"):
+        code, stdout, err = run(capsys, "sweep", bf16_source, "--out", tmp_path / f"sweep-{dtype}", "--budgets", "1,0.5",
+                                "--methods", "svd", "--ppl", text, "--seq-len", 32, "--max-windows", 2, "--json",
+                                "--dtype", dtype)
+        assert code == 0, err
+        values[dtype] = res = json.loads(stdout)
+        assert res["dtype"] == ("bfloat16" if dtype == "auto" else "float32")
+    for key in ("source", "rows"):
+        a, b = values["auto"][key], values["float32"][key]
+        for x, y in zip(a if key == "rows" else [a], b if key == "rows" else [b]):
+            assert 2 * x["cache_bytes_per_token"] == y["cache_bytes_per_token"]  # bf16 rows: half the bytes
+            assert abs(x["ppl"] / y["ppl"] - 1) < 0.05
+    demo = run_demo(kv_budget=0.5, model=str(bf16_source), text=str(text), seq_len=32, max_windows=2,
+                    out=str(tmp_path / "demo"), progress=False)
+    assert demo["dtype"] == "bfloat16" and stored(tmp_path / "demo") == {"BF16"}
