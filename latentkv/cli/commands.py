@@ -35,6 +35,7 @@ from ..loading import load_model, parse_dtype, stored_dtype
 from ..record import record_of, record_summary
 from ..reports.bench import bench, write_bench
 from ..reports.engine import verify_with_vllm
+from ..reports.harness import run_tasks, task_manager
 from ..reports.sweep import run_sweep, write_sweep
 from ..reports.verify import verify_export
 from ..runtime.accounting import cache_report
@@ -106,13 +107,15 @@ def gqa_cmd(a) -> dict:
 
 
 def eval_cmd(a) -> dict:
-    if not (a.ppl or a.passkey or a.copy or a.suite):
-        raise LatentKVError("eval needs --ppl FILE, --passkey, --copy and/or --suite")
+    if not (a.ppl or a.passkey or a.copy or a.suite or a.tasks):
+        raise LatentKVError("eval needs --ppl FILE, --passkey, --copy, --suite and/or --tasks")
     fmt = cache_format(a)
-    if fmt.quantized and (a.passkey or a.copy or a.suite or not a.ppl):
-        raise LatentKVError("--cache-dtype applies to --ppl (and to generate and bench); run --passkey, --copy and "
-                            "--suite without it")
+    if fmt.quantized and (a.passkey or a.copy or a.suite or a.tasks or not a.ppl):
+        raise LatentKVError("--cache-dtype applies to --ppl (and to generate and bench); run --passkey, --copy, "
+                            "--suite and --tasks without it")
     text = load_text(a.ppl) if a.ppl else None
+    tasks = a.tasks.split(",") if a.tasks else None
+    manager = task_manager(tasks) if tasks else None  # an unknown task is one line before any loading
     model, tok = _with_tokenizer(a.model, a)
     out = {"model": a.model, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
            "cache_dtype": fmt.name}
@@ -132,6 +135,8 @@ def eval_cmd(a) -> dict:
     if a.suite:
         out["suite"] = dev_suite(model, tok, seq_len=a.seq_len, max_windows=a.max_windows or SUITE_WINDOWS,
                                  progress=a.progress)
+    if a.tasks:
+        out["tasks"] = run_tasks(model, tok, tasks, limit=a.limit, max_length=a.seq_len, manager=manager)
     return out
 
 

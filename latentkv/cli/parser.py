@@ -169,6 +169,9 @@ def _add_eval(add) -> None:
     e.add_argument("--copy-distances", default="0,512", help="copy probe gaps between the two copies, in tokens")
     e.add_argument("--suite", action="store_true", help="the dev suite: perplexity on every domain's held-out "
                    "text (WikiText-2, PTB, fiction, code, docs; --max-windows per domain, default 8) and the copy probe")
+    e.add_argument("--tasks", help="zero-shot lm-eval-harness tasks, comma-separated: hub names (hellaswag, arc_easy, "
+                   "piqa, ...; need the hub) or the local latentkv_lastword_ptb, latentkv_cloze_fiction")
+    e.add_argument("--limit", type=int, help="--tasks: score only the first N documents of each task")
 
 
 def _add_info(add) -> None:

@@ -154,7 +154,15 @@ def _split_search(v: dict | None) -> None:
         print("  latent norm: fitted (export-grade kv_a_layernorm)")
 
 
-SECTIONS = {"passkey": _passkey, "copy": _copy, "suite": _suite, "split_search": _split_search}
+def _tasks(v: dict) -> None:
+    limit = f", first {v['limit']} documents each" if v.get("limit") else ""
+    print(f"lm-eval tasks (zero-shot{limit}):")
+    for name, scores in v["scores"].items():
+        shown = "  ".join(f"{k} {x:.4f}" for k, x in scores.items())
+        print(f"  {name:<24} {shown}  ({v['docs'].get(name, '?')} docs)")
+
+
+SECTIONS = {"passkey": _passkey, "copy": _copy, "suite": _suite, "split_search": _split_search, "tasks": _tasks}
 
 
 def print_demo(result: dict, command: str) -> None:
