@@ -32,7 +32,7 @@ import torch
 from latentkv import ExactConfig, LatentCache, LowRankConfig, convert, load_model, load_text
 from latentkv.evaluation.perplexity import perplexity
 from latentkv.families import source_layout
-from latentkv.io.plots import figure, plot_title
+from latentkv.io.plots import figure, plot_title, readable_log_axes
 from latentkv.runtime.cache import QuantizedKVCache, token_bytes
 from latentkv.runtime.install import mla_layers
 from latentkv.runtime.quant import CacheFormat
@@ -164,6 +164,7 @@ def plot(res: dict, path: Path) -> None:
                     label=key)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        readable_log_axes(ax, xticks=[p[0] for pts in groups.values() for p in pts])
         ax.set_xlabel("cache bytes per token / source bf16 K/V")
         ax.set_ylabel("WikiText-2 ppl / source ppl")
         ax.legend(fontsize=8)

@@ -18,6 +18,7 @@ from latentkv import convert, load_model
 from latentkv.conversion.configs import make_config
 from latentkv.io.machine import available_memory
 from latentkv.reports.bench import bench, plot
+from latentkv.runtime.accounting import cache_report
 
 from common import add_output_args, section, write_section
 
@@ -30,7 +31,7 @@ def run(args) -> dict:
     for i, budget in enumerate(float(b) for b in args.budgets.split(",")):
         if budget in saved["budgets"]:
             continue
-        conv = convert(source, make_config(kv_budget=budget, method=args.method), tokenizer=tok)
+        conv = reused(args, budget) or convert(source, make_config(kv_budget=budget, method=args.method), tokenizer=tok)
         against = source if not any(r["variant"].startswith("source") for r in saved["rows"]) else None
         result = bench(conv, against, ctx, batch, args.new_tokens)
         dims = conv.model.layers[0].self_attn.dims
@@ -46,6 +47,15 @@ def run(args) -> dict:
         path.with_suffix(".tmp").replace(path)
         del conv
     return saved
+
+
+def reused(args, budget: float):
+    """A saved conversion from --reuse whose cache is `budget` of the source's, or None."""
+    for folder in args.reuse or ():
+        model, _ = load_model(folder, progress=False)
+        if abs(cache_report(model)["ratio"] - budget) < 1e-3:
+            return model
+    return None
 
 
 def markdown(args, result: dict) -> str:
@@ -101,7 +111,8 @@ def main() -> None:
     p.add_argument("--context", default="512,1024,4096,8160", help="SmolLM2 has 8192 positions: 8160 + 32 new fit")
     p.add_argument("--batch", default="1,4")
     p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--plot", default="docs/decode.png")
+    p.add_argument("--reuse", nargs="*", help="converted directories to bench instead of converting (matched by budget)")
+    p.add_argument("--plot", default="docs/decode-v2.png")
     add_output_args(p, "decode", json_out="runs/decode.json", resume="skip budgets already in --json-out")
     args = p.parse_args()
     result = run(args)

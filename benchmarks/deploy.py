@@ -32,7 +32,7 @@ from latentkv.conversion.configs import make_config
 from latentkv.evaluation.passkey import passkey
 from latentkv.evaluation.suite import dev_suite
 from latentkv.io.domains import DEV_DOMAINS
-from latentkv.io.plots import figure
+from latentkv.io.plots import figure, readable_log_axes
 from latentkv.reports.verify import verify_export
 
 from common import add_output_args, section, write_section
@@ -264,6 +264,7 @@ def plot(res: dict, path: Path) -> None:
         ax.set_xlabel("healing tokens (0: training-free)")
         ax.set_ylabel("WikiText-2 ppl / source ppl")
         ax.set_yscale("log")
+        readable_log_axes(ax)
         if by_budget:
             ax.legend(fontsize=8)
 

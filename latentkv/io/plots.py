@@ -33,3 +33,17 @@ def figure(path: str | Path, ncols: int = 1, figsize: tuple[float, float] = (7, 
         fig.savefig(path, dpi=120)
     finally:
         plt.close(fig)
+
+
+def readable_log_axes(ax, xticks=None, yticks=None) -> None:
+    """Log axes without minor-tick labels (they collide: '3x10^3 4x10^3'); `xticks`/`yticks` (the measured
+    values, e.g. contexts) become the major ticks, labelled as plain numbers."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
+
+    for axis, ticks in ((ax.xaxis, xticks), (ax.yaxis, yticks)):
+        if axis.get_scale() != "log":
+            continue
+        axis.set_minor_formatter(NullFormatter())
+        if ticks:
+            axis.set_major_locator(FixedLocator(sorted(set(ticks))))
+            axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))

@@ -25,7 +25,7 @@ from transformers import StaticCache
 from ..errors import LatentKVError
 from ..io.atomic import atomic_output_dir
 from ..io.machine import available_memory, peak_rss, reset_peak_rss
-from ..io.plots import figure, plot_title
+from ..io.plots import figure, plot_title, readable_log_axes
 from ..record import record_of
 from ..runtime.accounting import cache_report
 from ..runtime.cache import LatentCache
@@ -260,8 +260,10 @@ def plot(result: dict, path: Path) -> None:
             mem.plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=label)
         speed.set(xlabel="context (tokens)", ylabel="decode tokens/s", xscale="log", yscale="log", title="decode speed")
         mem.set(xlabel="context (tokens)", ylabel="KV cache GiB held", xscale="log", yscale="log", title="cache memory")
+        contexts = [r["context"] for r in done]
         for ax in (speed, mem):
             ax.grid(alpha=0.3)
+            readable_log_axes(ax, xticks=contexts)
         speed.legend(fontsize=7)
 
 

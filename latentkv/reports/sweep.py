@@ -22,7 +22,7 @@ from ..evaluation.passkey import passkey
 from ..evaluation.perplexity import perplexity
 from ..families import source_layout
 from ..io.atomic import atomic_output_dir
-from ..io.plots import figure, plot_title
+from ..io.plots import figure, plot_title, readable_log_axes
 from ..io.text import load_text
 from ..runtime.accounting import cache_report
 
@@ -129,6 +129,7 @@ def _plot_ppl(ax, result: dict) -> None:
     ax.set(xlabel="KV cache bytes per token (all layers)", ylabel=f"perplexity ({Path(result['text']).name})",
            yscale="log", title="perplexity vs KV cache")
     ax.grid(alpha=0.3)
+    readable_log_axes(ax)
     ax.legend()
 
 
@@ -158,6 +159,7 @@ def _plot_spectra(plt, left, right, rows: list[dict]) -> None:
     right.set(xlabel="layer", ylabel="weighted error share left out", yscale="log", title="reconstruction error")
     for ax in (left, right):
         ax.grid(alpha=0.3)
+        readable_log_axes(ax)
     right.legend()
 
 
