@@ -245,7 +245,7 @@ def verify_export_cmd(a) -> dict:
         return result
     text = load_text(a.text) if a.text else None
     result = verify_export(a.out, a.against, text=text, tokens=a.tokens, atol=a.atol, progress=a.progress,
-                           dtype=parse_dtype(a.dtype))
+                           dtype=parse_dtype(a.dtype), report_to=a.report_to)
     if not result["passed"]:
         a.exit_code = 1
     return result

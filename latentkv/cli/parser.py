@@ -8,7 +8,7 @@ from ..conversion.configs import PRESETS, RANK_ALLOCATIONS, TARGETS
 from ..conversion.metrics import FACTORIZERS
 from ..conversion.rope import ROPE_STRATEGIES
 from ..deepseek.export import FORMATS
-from ..healing.run import PRECISIONS, TRAINABLE, HealConfig
+from ..healing.run import PRECISIONS, TRACKERS, TRAINABLE, HealConfig
 from ..loading import DTYPES
 from ..runtime.quant import CACHE_DTYPES
 from . import commands
@@ -279,6 +279,9 @@ def add_heal_parser(add) -> None:
                                                     f"(default {d.teacher_topk})")
     h.add_argument("--work-dir", help="checkpoints and log (default OUT.heal beside the output)")
     h.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the work dir")
+    h.add_argument("--report-to", default="none", choices=TRACKERS,
+                   help="also log every step to this tracker (accelerate's; written to OUT/trackers or wandb); "
+                        "log.jsonl and the loss plot are always written")
     _dtype(h, "dtype of the healed checkpoint (training keeps float32 weights); auto: as MODEL is stored")
 
 

@@ -72,9 +72,11 @@ def train(acc, model, teacher, windows: torch.Tensor, config, steps: int, accum:
         times.append(time.perf_counter() - t0)
         first, last = (loss if first is None else first), loss
         tps = config.tokens_per_step / times[-1]
-        log.write({"step": step + 1, "tokens": (step + 1) * config.tokens_per_step, "loss": loss, "kl": kl,
-                   "ce": ce, "lr": sched.get_last_lr()[0], "grad_norm": float(norm), "tokens_per_s": round(tps, 1),
-                   "time": round(times[-1], 3)})
+        row = {"step": step + 1, "tokens": (step + 1) * config.tokens_per_step, "loss": loss, "kl": kl, "ce": ce,
+               "lr": sched.get_last_lr()[0], "grad_norm": float(norm), "tokens_per_s": round(tps, 1),
+               "time": round(times[-1], 3)}
+        log.write(row)
+        acc.log({k: v for k, v in row.items() if k != "step"}, step=step + 1)  # a no-op without --report-to
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:.0f}")
         if (step + 1) % config.save_every == 0 and step + 1 < steps:

@@ -42,6 +42,7 @@ from .state import latest_checkpoint, plot_losses, prepare_work_dir, read_log
 
 TRAINABLE = ("attention", "all", "lora")
 PRECISIONS = ("fp32", "bf16")
+TRACKERS = ("none", "tensorboard", "wandb")  # accelerate's trackers; the JSONL log and loss plot are always written
 
 
 @dataclass(frozen=True)
@@ -102,20 +103,22 @@ class HealConfig:
 
 def heal(student, teacher, data, out, config: HealConfig = HealConfig(), *, overwrite: bool = False,
          resume: bool = False, work_dir=None, teacher_cache=None, progress: bool = True,
-         dtype: torch.dtype | str = "auto") -> dict:
+         dtype: torch.dtype | str = "auto", report_to: str = "none") -> dict:
     """Distil `teacher` into the converted `student` (paths or names) on `data`; save to `out`.
 
     data: text file, folder of .txt, `hf:` spec, datasets.Dataset or list of str.
     -> report dict (steps, tokens, seconds, tokens/s, first/last loss, local stage); also stored in
     the output's conversion record under "heal". Checkpoints in `work_dir` (default OUT.heal).
     dtype: of the saved checkpoint ("auto": as the student is stored); training keeps float32 weights.
+    report_to: an accelerate tracker that also gets every step's row (its logs: OUT/tensorboard or wandb).
     """
-    acc = Accelerator(cpu=not torch.cuda.is_available(),
-                      mixed_precision="bf16" if config.precision == "bf16" else "no")
+    out = Path(out)
+    work = Path(work_dir) if work_dir else out.with_name(out.name + ".heal")
+    acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="bf16" if config.precision == "bf16" else "no",
+                      log_with=tracker(report_to), project_dir=str(work / TRACKER_DIR))
     if config.precision == "bf16" and acc.device.type == "cpu" and acc.is_main_process:
         warnings.warn("bf16 autocast on CPU can be far slower than fp32 (BENCHMARKS.md, heal); use it on GPUs",
                       stacklevel=2)
-    out = Path(out)
     check_output_dir(out, overwrite, inputs=tuple(x for x in (student, teacher) if isinstance(x, (str, Path))))
     steps, accum = config.steps(), config.accumulation(acc.num_processes)
     out_dtype = saved_dtype(student, dtype)
@@ -128,15 +131,17 @@ def heal(student, teacher, data, out, config: HealConfig = HealConfig(), *, over
     windows = pack(tok, read_documents(data), config.seq_len, max_windows=needed)
     run = {"config": dataclasses.asdict(config), "data": fingerprint(windows), "windows": int(windows.shape[0]),
            "student": _name(student), "teacher": _name(teacher), "processes": acc.num_processes}
-    work = Path(work_dir) if work_dir else out.with_name(out.name + ".heal")
     ckpt = prepare_work_dir(work, run, resume, overwrite) if acc.is_main_process else None
     acc.wait_for_everyone()
     if not acc.is_main_process and resume:
         ckpt = latest_checkpoint(work)
+    if report_to != "none":
+        acc.init_trackers("latentkv-heal", config={k: v for k, v in run["config"].items() if v is not None})
     local = run_local_stage(model, teacher_model, windows, config, work, acc, progress)
     report, model = train(acc, model, teacher_model, windows, config, steps, accum, work, ckpt, teacher_cache,
                           progress)
     report.update(local=local, data=_name(data), teacher=_name(teacher), data_fingerprint=run["data"])
+    acc.end_training()
     final = gathered_model(acc, model, student, config)
     if acc.is_main_process:
         save_healed(final.to(out_dtype), tok, out, overwrite, report, work)
@@ -152,6 +157,22 @@ def saved_dtype(student, dtype) -> torch.dtype:
     if isinstance(student, tuple):
         return next(student[0].parameters()).dtype
     return stored_dtype(student)
+
+
+TRACKER_DIR = "trackers"  # in the work dir while training; copied into the output at the end
+
+
+def tracker(report_to: str):
+    """--report-to -> accelerate's `log_with`; one line when unknown or not installed."""
+    if report_to not in TRACKERS:
+        raise LatentKVError(f"unknown --report-to {report_to!r}; choose one of {', '.join(TRACKERS)}")
+    if report_to == "none":
+        return None
+    from accelerate.utils import is_tensorboard_available, is_wandb_available
+
+    if not {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}[report_to]():
+        raise LatentKVError(f"--report-to {report_to} needs the {report_to} package: pip install {report_to}")
+    return report_to
 
 
 def gathered_model(acc, model, student, config):
@@ -227,6 +248,8 @@ def save_healed(model, tok, out: Path, overwrite: bool, report: dict, work: Path
     log = work / "log.jsonl"
 
     def add_log(tmp: Path) -> None:
+        if (work / TRACKER_DIR).is_dir():
+            shutil.copytree(work / TRACKER_DIR, tmp / TRACKER_DIR)
         if log.is_file():
             shutil.copy(log, tmp / "heal_log.jsonl")
             dtype = str(next(model.parameters()).dtype).removeprefix("torch.")

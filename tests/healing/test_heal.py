@@ -119,6 +119,25 @@ def test_heal_lowers_kl_and_writes_log(dirs, tmp_path, tiny_tokenizer):
     assert changed and all(".self_attn." in k for k in changed)  # default: attention weights only
 
 
+def test_tensorboard_tracker_gets_every_step_and_lands_in_the_output(dirs, tmp_path):
+    """--report-to tensorboard (offline): the same rows as log.jsonl, in OUT/trackers; unknown is one line."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "tb"
+    heal(dirs / "low", dirs / "src", dirs / "data", out, small(tokens=16 * 12), progress=False, report_to="tensorboard")
+    events = list((out / "trackers").rglob("events.out.tfevents.*"))
+    assert events, list(out.rglob("*"))
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    logged = [json.loads(r) for r in (out / "heal_log.jsonl").read_text().splitlines()]
+    scalars = acc.Scalars("loss")
+    assert [e.step for e in scalars] == [r["step"] for r in logged]
+    assert [e.value for e in scalars] == pytest.approx([r["loss"] for r in logged], rel=1e-5)
+    with pytest.raises(LatentKVError, match="unknown --report-to 'mlflow'"):
+        heal(dirs / "low", dirs / "src", dirs / "data", tmp_path / "x", small(), progress=False, report_to="mlflow")
+
+
 def test_lora_merges_and_all_trains_everything(dirs, tmp_path, tiny_tokenizer):
     heal(dirs / "low", dirs / "src", dirs / "data", tmp_path / "lora", small(train="lora", lora_rank=4), progress=False)
     st = state(tmp_path / "lora")
