@@ -3,8 +3,9 @@
 Sources: a UTF-8 text file, a folder of `.txt` files (sorted, recursive), `mix` (every domain's
 calibration part, `io.domains.healing_mixture`: never an evaluation document), a `datasets` dataset
 object, `hf:NAME[:CONFIG]:SPLIT[:COLUMN]` (streamed through `datasets`, `streaming=True`, and read
-only as far as the run needs: `pack(..., max_windows)`; NAME may be a local dataset folder), or any
-iterable of strings.
+only as far as the run needs: `pack(..., max_windows)`; NAME may be a local dataset folder; under several
+processes each reads its own shard, `datasets.distributed.split_dataset_by_node`), or any iterable of
+strings.
 Documents are joined with the tokenizer's EOS token and cut into `seq_len` windows; the order
 in which windows are visited is a seeded permutation per epoch, so the position in the stream
 is one integer (the number of windows consumed) and a resumed run sees the same windows.
@@ -22,13 +23,14 @@ from ..errors import LatentKVError
 from ..io.domains import healing_mixture
 
 
-def read_documents(source) -> Iterable[str]:
+def read_documents(source, shard: tuple[int, int] | None = None) -> Iterable[str]:
     """source (path, folder, `mix`, `hf:` spec, `datasets.Dataset` or iterable of str) -> documents
-    (a list, or a lazy stream for `hf:` specs)."""
+    (a list, or a lazy stream for `hf:` specs). shard (rank, world): an `hf:` stream's part for one
+    process (whole files when they divide evenly, else every world-th example); other sources ignore it."""
     if isinstance(source, (str, Path)):
         src = str(source)
         if src.startswith("hf:"):
-            return _hub_documents(src)
+            return _hub_documents(src, shard)
         if src == MIX and not Path(src).exists():
             return healing_mixture()
         path = Path(src).expanduser()
@@ -59,7 +61,7 @@ def is_stream(source) -> bool:
     return isinstance(source, (str, Path)) and str(source).startswith("hf:")
 
 
-def _hub_documents(spec: str) -> Iterator[str]:
+def _hub_documents(spec: str, shard: tuple[int, int] | None = None) -> Iterator[str]:
     parts = spec[3:].split(":")
     if len(parts) < 2:
         raise LatentKVError(f"bad dataset spec {spec!r}; write hf:NAME[:CONFIG]:SPLIT[:COLUMN], "
@@ -73,6 +75,10 @@ def _hub_documents(spec: str) -> Iterator[str]:
         raise LatentKVError("hf: data needs the `datasets` package (pip install 'latentkv[datasets]')") from None
     try:
         rows = datasets.load_dataset(name, config, split=split, streaming=True)
+        if shard is not None and shard[1] > 1:
+            from datasets.distributed import split_dataset_by_node
+
+            rows = split_dataset_by_node(rows, rank=shard[0], world_size=shard[1])
         first = next(iter(rows))
     except StopIteration:
         raise LatentKVError(f"dataset {name} ({split}) is empty; pick another split or dataset") from None

@@ -39,8 +39,9 @@ def select_trainable(model, config):
 
 
 def train(acc, model, teacher, windows: torch.Tensor, config, steps: int, accum: int, work: Path, ckpt,
-          teacher_cache, progress: bool):
-    """-> (report, trained model as prepared by accelerate). Checkpoints every config.save_every."""
+          teacher_cache, progress: bool, sharded: bool = False):
+    """-> (report, trained model as prepared by accelerate). Checkpoints every config.save_every.
+    sharded: `windows` are this process's own (a streamed shard), else every process holds them all."""
     model = select_trainable(model, config)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -66,8 +67,7 @@ def train(acc, model, teacher, windows: torch.Tensor, config, steps: int, accum:
     times, first, last = [], None, None
     for step in range(start, steps):
         t0 = time.perf_counter()
-        idx = order.take(step * config.batch_size, config.batch_size)
-        idx = idx.view(acc.num_processes, accum, config.micro_batch)[acc.process_index]
+        idx = window_ids(order, step, config, accum, acc, sharded)
         loss, kl, ce, norm = optimizer_step(acc, model, teacher, windows, idx, config, cache, params, opt, sched)
         times.append(time.perf_counter() - t0)
         first, last = (loss if first is None else first), loss
@@ -83,6 +83,15 @@ def train(acc, model, teacher, windows: torch.Tensor, config, steps: int, accum:
             save_checkpoint(acc, work, {"step": step + 1, "tokens": (step + 1) * config.tokens_per_step})
     bar.close()
     return train_report(config, acc, steps, start, times, first, last, log.rows()), model
+
+
+def window_ids(order: WindowOrder, step: int, config, accum: int, acc, sharded: bool) -> torch.Tensor:
+    """This process's windows for global step `step` -> (accum, micro_batch) ids into its `windows`."""
+    if sharded:
+        per = accum * config.micro_batch
+        return order.take(step * per, per).view(accum, config.micro_batch)
+    idx = order.take(step * config.batch_size, config.batch_size)
+    return idx.view(acc.num_processes, accum, config.micro_batch)[acc.process_index]
 
 
 def optimizer_step(acc, model, teacher, windows, idx: torch.Tensor, config, cache, params, opt, sched):

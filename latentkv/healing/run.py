@@ -126,9 +126,12 @@ def heal(student, teacher, data, out, config: HealConfig = HealConfig(), *, over
         raise LatentKVError("--tokens 0 and no --local-steps: nothing to do; give --tokens N or --local-steps N")
     t_dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32  # frozen: no fp32 master needed
     model, tok, teacher_model = load_pair(student, teacher, acc.device, t_dtype)
-    # a streamed dataset is read only as far as the run's windows (every process reads the same ones)
-    needed = max(steps * config.batch_size, 1) if is_stream(data) else None
-    windows = pack(tok, read_documents(data), config.seq_len, max_windows=needed)
+    # a streamed dataset is read only as far as the run's windows, each process its own shard of it (then
+    # a step takes each process's share from its own windows); other data is whole on every process
+    sharded = is_stream(data) and acc.num_processes > 1
+    needed = max(steps * config.batch_size // acc.num_processes, 1) if is_stream(data) else None
+    windows = pack(tok, read_documents(data, (acc.process_index, acc.num_processes) if sharded else None),
+                   config.seq_len, max_windows=needed)
     run = {"config": dataclasses.asdict(config), "data": fingerprint(windows), "windows": int(windows.shape[0]),
            "student": _name(student), "teacher": _name(teacher), "processes": acc.num_processes}
     ckpt = prepare_work_dir(work, run, resume, overwrite) if acc.is_main_process else None
@@ -138,10 +141,13 @@ def heal(student, teacher, data, out, config: HealConfig = HealConfig(), *, over
     if report_to != "none":
         acc.init_trackers("latentkv-heal", config={k: v for k, v in run["config"].items() if v is not None})
     local = run_local_stage(model, teacher_model, windows, config, work, acc, progress)
+    if sharded and teacher_cache:  # window ids are per process: one cache folder each
+        teacher_cache = Path(teacher_cache) / f"process-{acc.process_index}-of-{acc.num_processes}"
     report, model = train(acc, model, teacher_model, windows, config, steps, accum, work, ckpt, teacher_cache,
-                          progress)
+                          progress, sharded=sharded)
     report.update(local=local, data=_name(data), teacher=_name(teacher), data_fingerprint=run["data"])
-    acc.end_training()
+    for t in acc.trackers:  # flushed before the output copies them (end_training would also end DDP)
+        t.finish()
     final = gathered_model(acc, model, student, config)
     if acc.is_main_process:
         save_healed(final.to(out_dtype), tok, out, overwrite, report, work)

@@ -35,3 +35,12 @@ def test_hf_spec_streams_and_stops_at_the_windows_needed(local_dataset, tiny_tok
 def test_bad_hf_column_is_one_line(local_dataset):
     with pytest.raises(LatentKVError, match="has no column 'body'"):
         read_documents(f"hf:{local_dataset}::train:body")
+
+
+def test_each_process_reads_its_own_shard_of_a_stream(local_dataset):
+    """Two processes' shards are disjoint and together the whole stream."""
+    spec = f"hf:{local_dataset}:train"
+    whole = list(read_documents(spec))
+    parts = [list(read_documents(spec, shard=(k, 2))) for k in range(2)]
+    assert not set(parts[0]) & set(parts[1]) and sorted(parts[0] + parts[1]) == sorted(whole)
+    assert list(read_documents(spec, shard=(0, 1))) == whole

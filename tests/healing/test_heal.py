@@ -256,6 +256,22 @@ def test_two_processes_match_one(dirs, tmp_path, one_process, launcher):
     assert moved > 1e-3 and diff < 1e-3 * moved, (diff, moved)
 
 
+def test_two_processes_stream_their_own_shards(dirs, tmp_path):
+    """`hf:` data under two processes: each packs its own shard; the run trains and saves as usual."""
+    ds = tmp_path / "ds"
+    ds.mkdir()
+    words = (dirs / "data" / "doc0.txt").read_text().split()
+    (ds / "train.txt").write_text("\n".join(" ".join(words[i: i + 40]) for i in range(0, len(words) - 40, 7)))
+    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519",
+            "-m", "latentkv", "heal", str(dirs / "low"), "--teacher", str(dirs / "src"), "--data", f"hf:{ds}:train",
+            "--out", str(tmp_path / "two"), "--seq-len", "16", "--batch-size", "4", "--tokens", str(4 * 64), "--json"]
+    two = subprocess.run(argv, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    report = json.loads([line for line in two.stdout.splitlines() if line.startswith("{")][0])
+    assert report["processes"] == 2 and report["steps"] == 4
+    assert any(not torch.equal(v, state(dirs / "low")[k]) for k, v in state(tmp_path / "two").items())
+
+
 def test_checkpoint_disk_full_keeps_previous(dirs, tmp_path, monkeypatch):
     from accelerate import Accelerator
 
