@@ -9,7 +9,8 @@ MLA projections, merged at the end). An optional local stage fits each layer to 
 One code path from a laptop to many GPUs: `accelerate` runs it as one process, or under
 `accelerate launch` / `torchrun` with DDP (or FSDP from an accelerate config). A global step
 always consumes `batch_size` windows: each process takes its share, in micro-batches, so the
-result does not depend on the number of processes (up to float summation order).
+result does not depend on the number of processes (up to float summation order) -- except for a
+streamed `hf:` dataset, where each process reads and trains on its own shard of the stream.
 """
 
 from __future__ import annotations
