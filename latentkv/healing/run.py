@@ -30,7 +30,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as to_bytes
 
 from ..errors import LatentKVError
-from ..io.atomic import check_output_dir, write_file_atomic
+from ..io.atomic import atomic_output_dir, check_output_dir, write_file_atomic
 from ..io.plots import plot_title
 from ..io.text import fingerprint
 from ..loading import load_model, parse_dtype, stored_dtype
@@ -205,15 +205,24 @@ def _name(x) -> str:
 def load_pair(student, teacher, device, teacher_dtype=torch.float32):
     """-> (student in train mode, tokenizer, frozen teacher); refuses vocabularies that differ."""
     model, tok = student if isinstance(student, tuple) else load_model(student, progress=False)
-    if record_of(model) is None:
-        raise LatentKVError(f"{student} is not a latentkv conversion; heal a `latentkv convert` output")
     if tok is None:
         raise LatentKVError(f"{student} has no tokenizer files; re-run `latentkv convert` from a source with one")
     t_model, t_tok = teacher if isinstance(teacher, tuple) else load_model(teacher, dtype=teacher_dtype,
                                                                            progress=False)
+    if record_of(model) is None and not merged_heads_of(model, t_model):
+        raise LatentKVError(f"{student} is not a latentkv conversion (nor a `--target gqa` merge of the teacher); "
+                            "heal a `latentkv convert` output")
     check_same_vocab(model, tok, t_model, t_tok)
     t_model.requires_grad_(False)
     return model.to(device), tok, t_model.to(device).eval()
+
+
+def merged_heads_of(model, teacher) -> bool:
+    """True for a stock `--target gqa` result of `teacher`: its class and shape, fewer KV heads."""
+    a, b = model.config, teacher.config
+    same = type(model) is type(teacher) and all(getattr(a, k, None) == getattr(b, k, None) for k in
+                                                 ("num_hidden_layers", "hidden_size", "num_attention_heads"))
+    return same and a.num_key_value_heads < b.num_key_value_heads
 
 
 def check_same_vocab(model, tok, t_model, t_tok) -> None:
@@ -245,13 +254,15 @@ def run_local_stage(model, teacher, windows, config: HealConfig, work: Path, acc
 
 
 def save_healed(model, tok, out: Path, overwrite: bool, report: dict, work: Path) -> None:
-    """Merge LoRA if any, record the healing in the conversion record, save natively with the log."""
+    """Merge LoRA if any, record the healing in the conversion record, save natively with the log (a
+    stock `--target gqa` student: as a stock checkpoint, the healing in `heal.json` beside it)."""
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     model.requires_grad_(False)
     model.eval()
-    record = model.config.latentkv
-    record["heal"] = {k: v for k, v in report.items() if k != "log"}
+    healing = {k: v for k, v in report.items() if k != "log"}
+    if record_of(model) is not None:
+        model.config.latentkv["heal"] = healing
     log = work / "log.jsonl"
 
     def add_log(tmp: Path) -> None:
@@ -263,7 +274,14 @@ def save_healed(model, tok, out: Path, overwrite: bool, report: dict, work: Path
             plot_losses(read_log(log), tmp / "heal_loss.png", f"healing {out.name}\n" + plot_title(
                 f"teacher {report.get('teacher', '?')}", dtype))
 
-    save(model, tok, out, overwrite=overwrite, extra=add_log)
+    if record_of(model) is not None:
+        save(model, tok, out, overwrite=overwrite, extra=add_log)
+    else:
+        with atomic_output_dir(out, overwrite) as tmp:
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            write_file_atomic(tmp / "heal.json", json.dumps(healing, indent=2, default=str))
+            add_log(tmp)
     shutil.rmtree(work, ignore_errors=True)  # the output is whole: checkpoints are no longer needed
     report["out"] = str(out)
     report["time"] = time.strftime("%Y-%m-%dT%H:%M:%S")

@@ -57,7 +57,7 @@ def small(**kw) -> HealConfig:
 
 
 def teacher_kl(student_dir, dirs, tok) -> float:
-    student, _ = load(student_dir)
+    student, _ = load_model(student_dir, progress=False)
     teacher, _ = load_teacher(dirs)
     ids = torch.tensor(tok(SAMPLE)["input_ids"][:64])[None]
     with torch.no_grad():
@@ -136,6 +136,25 @@ def test_tensorboard_tracker_gets_every_step_and_lands_in_the_output(dirs, tmp_p
     assert [e.value for e in scalars] == pytest.approx([r["loss"] for r in logged], rel=1e-5)
     with pytest.raises(LatentKVError, match="unknown --report-to 'mlflow'"):
         heal(dirs / "low", dirs / "src", dirs / "data", tmp_path / "x", small(), progress=False, report_to="mlflow")
+
+
+def test_gqa_target_heals_and_stays_a_stock_checkpoint(dirs, tmp_path, tiny_tokenizer):
+    """A `convert --target gqa` result (a stock checkpoint, no latentkv record) heals like a conversion and
+    is written back as a stock checkpoint that AutoModelForCausalLM loads, with heal.json beside it."""
+    from transformers import AutoModelForCausalLM
+
+    gqa = tmp_path / "gqa"
+    assert main(["convert", str(dirs / "src"), "--target", "gqa", "--kv-heads", "1", "--out", str(gqa),
+                 "--calib", str(dirs / "data" / "doc0.txt"), "--calib-samples", "4", "--calib-seq-len", "16"]) == 0
+    out = tmp_path / "gqa-healed"
+    report = heal(gqa, dirs / "src", dirs / "data", out, small(), progress=False)
+    assert report["steps"] == 8 and json.loads((out / "heal.json").read_text())["steps"] == 8
+    healed = AutoModelForCausalLM.from_pretrained(out)
+    assert healed.config.num_key_value_heads == 1 and (out / "heal_loss.png").is_file()
+    before = AutoModelForCausalLM.from_pretrained(gqa)
+    assert teacher_kl(out, dirs, tiny_tokenizer) < teacher_kl(gqa, dirs, tiny_tokenizer)
+    changed = [k for k, v in healed.state_dict().items() if not torch.equal(v, before.state_dict()[k])]
+    assert changed and all(".self_attn." in k for k in changed)
 
 
 def test_lora_merges_and_all_trains_everything(dirs, tmp_path, tiny_tokenizer):
