@@ -118,7 +118,7 @@ def main() -> None:
     result = run(args)
     write_section(Path(args.md), args.section, markdown(args, result))
     Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
-    plot(result, Path(args.plot))
+    plot({**result, "model": args.model}, Path(args.plot))
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from latentkv.conversion.configs import make_config
 from latentkv.evaluation.passkey import passkey
 from latentkv.evaluation.suite import dev_suite
 from latentkv.io.domains import DEV_DOMAINS
-from latentkv.io.plots import figure, readable_log_axes
+from latentkv.io.plots import figure, plot_title, readable_log_axes
 from latentkv.reports.verify import verify_export
 
 from common import add_output_args, section, write_section
@@ -107,7 +107,7 @@ def run(args) -> dict:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(res, indent=2))
             write_section(Path(args.md), args.section, markdown(args, res))
-            plot(res, Path(args.plot))
+            plot(res, Path(args.plot), args.teacher)
 
     stage("source", lambda: old.get("source") or measure(source, tok, args))
     first = args.budgets[0]
@@ -242,7 +242,7 @@ def passkey_cell(r: dict) -> str:
     return f"{r['passkey']['accuracy']:.0%}" if "passkey" in r else "-"
 
 
-def plot(res: dict, path: Path) -> None:
+def plot(res: dict, path: Path, model: str = "model") -> None:
     src = res["source"]["domains"]["wikitext2"]["ppl"]
     by_budget: dict[float, dict] = {}
     for budget, kind, tokens, r in rows(res):
@@ -253,7 +253,7 @@ def plot(res: dict, path: Path) -> None:
         else:
             by_budget[budget]["curve"].append((tokens, ratio))
     path.parent.mkdir(parents=True, exist_ok=True)
-    with figure(path) as (plt, ax):
+    with figure(path, title=plot_title(model, "float32")) as (plt, ax):
         for i, (budget, d) in enumerate(sorted(by_budget.items(), reverse=True)):
             color = f"C{i}"
             if d["curve"]:

@@ -251,20 +251,26 @@ def plot(result: dict, path: Path) -> None:
     title = plot_title(result.get("model", "model"), result.get("dtype", "float32"))
     with figure(path, ncols=2, figsize=(11, 4.4), title=title) as (_, (speed, mem)):
         done = [r for r in result["rows"] if "skipped" not in r]
-        key_of = lambda r: (r["variant"], r["batch"], r.get("budget"))  # noqa: E731 - budget: several conversions
-        for key in dict.fromkeys(key_of(r) for r in done):
+        key_of = lambda r: (r["variant"], r.get("budget"), r["batch"])  # noqa: E731 - budget: several conversions
+        keys = list(dict.fromkeys(key_of(r) for r in done))
+        lines = list(dict.fromkeys(k[:2] for k in keys))  # one color per model variant, one style per batch
+        batches = sorted({k[2] for k in keys})
+        for key in keys:
             pts = sorted((r["context"], r["decode_tokens_per_s"], r["cache_bytes"] / 2 ** 30) for r in done
                          if key_of(r) == key)
-            label = f"{key[0]} b={key[1]}" + (f" @{key[2]:g}" if key[2] is not None and key[0] != "source" else "")
-            speed.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
-            mem.plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=label)
+            own = key[0].startswith("source") or key[1] is None
+            label = f"{key[0]}" + ("" if own else f" @{key[1]:g}") + f" b={key[2]}"
+            style = dict(color=f"C{lines.index(key[:2]) % 10}", ls=("-", "--", ":", "-.")[batches.index(key[2]) % 4],
+                         marker="os^D"[batches.index(key[2]) % 4])
+            speed.plot([p[0] for p in pts], [p[1] for p in pts], label=label, **style)
+            mem.plot([p[0] for p in pts], [p[2] for p in pts], label=label, **style)
         speed.set(xlabel="context (tokens)", ylabel="decode tokens/s", xscale="log", yscale="log", title="decode speed")
         mem.set(xlabel="context (tokens)", ylabel="KV cache GiB held", xscale="log", yscale="log", title="cache memory")
         contexts = [r["context"] for r in done]
         for ax in (speed, mem):
             ax.grid(alpha=0.3)
             readable_log_axes(ax, xticks=contexts)
-        speed.legend(fontsize=7)
+        speed.legend(fontsize=6, ncol=2)
 
 
 def write_bench(result: dict, out, overwrite: bool = False) -> Path:
