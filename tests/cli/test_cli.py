@@ -92,7 +92,7 @@ def test_passkey_on_tiny_model(capsys, source_dir):
 @pytest.mark.parametrize("argv, match", [(["--passkey", "--context", "10"], "too short"),
                                          (["--passkey", "--context", "1e9x"], "comma-separated"),
                                          (["--passkey", "--context", "300", "--depths", "2"], "[0, 1]"),
-                                         (["--passkey", "--context", "4096"], "exceeds"), ([], "--copy and/or --suite")])
+                                         (["--passkey", "--context", "4096"], "exceeds"), ([], "--suite and/or --tasks")])
 def test_passkey_bad_input(capsys, source_dir, argv, match):
     code, _, err = run(capsys, "eval", source_dir, *argv)
     assert code == 2 and match in err
