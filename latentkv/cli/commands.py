@@ -245,7 +245,7 @@ def verify_export_cmd(a) -> dict:
         return result
     text = load_text(a.text) if a.text else None
     result = verify_export(a.out, a.against, text=text, tokens=a.tokens, atol=a.atol, progress=a.progress,
-                           dtype=parse_dtype(a.dtype), report_to=a.report_to)
+                           dtype=parse_dtype(a.dtype))
     if not result["passed"]:
         a.exit_code = 1
     return result
@@ -267,7 +267,7 @@ def heal_cmd(a) -> dict:
     config = HealConfig(**{k: v for k, v in vars(a).items() if k in fields and v is not None})
     return heal(a.model, a.teacher, a.data, a.out, config, overwrite=a.overwrite, resume=a.resume,
                 work_dir=a.work_dir, teacher_cache=a.teacher_cache, progress=a.progress and not a.json,
-                dtype=parse_dtype(a.dtype))
+                dtype=parse_dtype(a.dtype), report_to=a.report_to)
 
 
 def push_cmd(a) -> dict:
