@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, is_tensorboard_available, is_wandb_available
 from safetensors.torch import load_file
 from safetensors.torch import save as to_bytes
 
@@ -175,8 +175,6 @@ def tracker(report_to: str):
         raise LatentKVError(f"unknown --report-to {report_to!r}; choose one of {', '.join(TRACKERS)}")
     if report_to == "none":
         return None
-    from accelerate.utils import is_tensorboard_available, is_wandb_available
-
     if not {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}[report_to]():
         raise LatentKVError(f"--report-to {report_to} needs the {report_to} package: pip install {report_to}")
     return report_to
