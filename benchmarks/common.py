@@ -60,6 +60,17 @@ def write_section(path, name: str, body: str) -> None:
     tmp.replace(path)
 
 
+def ppl_row(model, tok, texts: dict, seq_len: int, windows: int | None) -> dict:
+    """Perplexity on each loaded text {name: text} (first `windows` windows) and the cache bytes per token."""
+    from latentkv.evaluation.perplexity import perplexity
+    from latentkv.runtime.accounting import cache_report
+
+    row = {t: perplexity(model, tok, text, seq_len=seq_len, max_windows=windows, progress=False).ppl
+           for t, text in texts.items()}
+    row["cache_bytes_per_token"] = cache_report(model)["model"]["bytes_per_token"]
+    return row
+
+
 def write_outputs(args, result, body: str) -> None:
     """The raw result to --json-out and the rendered section to --md (every script that has both)."""
     Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)

@@ -16,20 +16,16 @@ import time
 from pathlib import Path
 
 from latentkv import LowRankConfig, convert, load_model, load_text, passkey, to_gqa
-from latentkv.evaluation.perplexity import perplexity
-from latentkv.runtime.accounting import cache_report
 
-from common import add_output_args, section, write_outputs
+from common import add_output_args, ppl_row, section, write_outputs
 
 TEXTS = ("wikitext2", "ptb")
 
 
 def measure(model, tok, args) -> dict:
-    row = {t: perplexity(model, tok, load_text(t), seq_len=args.seq_len, max_windows=args.windows,
-                         progress=False).ppl for t in TEXTS}
+    row = ppl_row(model, tok, {t: load_text(t) for t in TEXTS}, args.seq_len, args.windows)
     if args.passkey:
         row["passkey"] = passkey(model, tok, contexts=(args.passkey,), trials=args.trials, progress=False)["accuracy"]
-    row["cache_bytes_per_token"] = cache_report(model)["model"]["bytes_per_token"]
     return row
 
 

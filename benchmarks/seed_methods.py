@@ -25,10 +25,8 @@ from pathlib import Path
 from latentkv import convert, load_model, load_text
 from latentkv.conversion.calibration import calibration_ids
 from latentkv.conversion.configs import LowRankConfig, make_config
-from latentkv.evaluation.perplexity import perplexity
-from latentkv.runtime.accounting import cache_report
 
-from common import add_output_args, section, write_outputs
+from common import add_output_args, ppl_row, section, write_outputs
 
 TEXTS = ("wikitext2", "ptb")
 VARIANTS = ("default", "rope=low", "rope=uniform", "rope=high", "rope=2norm", "kv_separate=true",
@@ -43,10 +41,7 @@ def knob(variant: str) -> dict:
 
 
 def measure(model, tok, args, texts: dict) -> dict:
-    row = {t: perplexity(model, tok, texts[t], seq_len=args.seq_len, max_windows=args.windows, progress=False).ppl
-           for t in TEXTS}
-    row["cache_bytes_per_token"] = cache_report(model)["model"]["bytes_per_token"]
-    return row
+    return ppl_row(model, tok, texts, args.seq_len, args.windows)
 
 
 def run(args) -> dict:
