@@ -111,7 +111,7 @@ def heal(student, teacher, data, out, config: HealConfig = HealConfig(), *, over
     -> report dict (steps, tokens, seconds, tokens/s, first/last loss, local stage); also stored in
     the output's conversion record under "heal". Checkpoints in `work_dir` (default OUT.heal).
     dtype: of the saved checkpoint ("auto": as the student is stored); training keeps float32 weights.
-    report_to: an accelerate tracker that also gets every step's row (its logs: OUT/tensorboard or wandb).
+    report_to: an accelerate tracker that also gets every step's row (TensorBoard files end in OUT/trackers).
     """
     out = Path(out)
     work = Path(work_dir) if work_dir else out.with_name(out.name + ".heal")
