@@ -88,7 +88,8 @@ def _add_convert(add) -> None:
                    help="default: exact at full budget, lowrank (calibrated) below; svd is the weight-only baseline")
     c.add_argument("--rope", choices=list(ROPE_STRATEGIES),
                    help="lowrank: which key dims keep RoPE (default rorope; -fold2/-fold4 fold neighbouring "
-                        "frequencies, not exportable)")
+                        "frequencies, not exportable; elite: EliteKV's per-head greedy choice by attention-output "
+                        "error on calibration windows)")
     c.add_argument("--factorizer", choices=list(FACTORIZERS), help="lowrank: latent factorizer (default output)")
     c.add_argument("--attn-moment", type=float,
                    help="lowrank: weight in [0, 1] of the attention-averaged input moment in the calibration "

@@ -58,13 +58,14 @@ def split_ids(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def oneshot_stats(model, ids: torch.Tensor, cache: dict | None = None, progress: bool = False,
-                  attention: bool = True) -> list[InputStats]:
+                  attention: bool = True, keep: int = 0) -> list[InputStats]:
     """The source's per-layer statistics on the fit part of `ids`, from `cache` when already collected
-    (stats with attention-averaged moments serve requests without them too)."""
+    (stats with attention-averaged moments, or kept windows, serve requests without them too).
+    keep: windows of each layer's input kept as `sample` (rope.sample_windows)."""
     cache = {} if cache is None else cache
     key = (tuple(ids.shape), int(ids.sum()))
-    if key not in cache or (attention and cache[key][0].attn_sigma is None):
-        cache[key] = collect_stats(model, split_ids(ids)[0], progress, attention)
+    if key not in cache or (attention and cache[key][0].attn_sigma is None) or (keep and cache[key][0].sample is None):
+        cache[key] = collect_stats(model, split_ids(ids)[0], progress, attention, keep)
     return cache[key]
 
 

@@ -44,6 +44,8 @@ def lowrank_problem(src: SourceAttention, layout: SourceLayout, config: LowRankC
     strategy, extra = ROPE_STRATEGIES[config.rope], {}
     if config.rope == "rorope-export":
         extra = {"slot0": config.rope_slot0}
+    elif config.rope == "elite":
+        extra = {"sample": stats.sample, "memo": stats.memo}
     split = strategy.split(src, layout, rope // 2, stats.sigma, config.rope_horizon, **extra)
     parts = split_keys(src, layout, split, config.rope_horizon)
     use_stats, metric = FACTORIZERS[config.factorizer].weights(parts, src, layout, stats)

@@ -16,6 +16,7 @@ from .configs import LowRankConfig, config_to_dict
 from .converters import converter_for
 from .dims import check_config, checked, fit_to_source, fixed_dims
 from .latent_norm import add_latent_norm
+from .rope import sample_windows
 from .search import export_schedule, search_split
 from .sequential import convert_sequential
 from .surgery import check_finite, convert_oneshot
@@ -60,7 +61,8 @@ def convert_calibrated(model, layout: SourceLayout, config: LowRankConfig, ids: 
     """ids (N, T) calibration windows -> (converted model, the record's split_search entry or None, the
     config as applied: `rope` is the strategy the split search chose)."""
     fit, held = split_ids(ids)
-    oneshot = oneshot_stats(model, ids, cache, progress, attention=config.attn_moment > 0)
+    oneshot = oneshot_stats(model, ids, cache, progress, attention=config.attn_moment > 0,
+                            keep=sample_windows(config.rope, *config.rope_choices))
     choice = None
     dims = fixed_dims(config, layout)
     if dims is None:

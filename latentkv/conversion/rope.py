@@ -236,8 +236,107 @@ class RoRoPE:
         return mix
 
 
-PER_HEAD = ("high", "low", "uniform")  # strategies that keep the same pairs in every KV head
+@dataclass(frozen=True)
+class RoPElite:
+    """EliteKV's RoPElite: per KV head, greedily add the pair whose rotation most reduces the attention-
+    output error on calibration inputs, every other pair scored without rotation (with its mean rotation
+    over `horizon`, as the conversion then builds it); the same number of pairs in every KV head. The
+    greedy order for n pairs starts the one for n + 1, so it is kept in the layer's `memo` and the split
+    search extends it instead of starting over. Needs `sample` (InputStats.sample). Not exportable."""
+
+    name = "elite"
+    sample_windows: int = 5  # one window of each calibration mixture component (mixture._arrange order)
+    query_stride: int = 8  # every 8th query position is scored: the (pairs, n, h, T/8, T) scores are the cost
+
+    def split(self, src, layout: SourceLayout, pairs: int, sigma=None, horizon: int = 0, sample=None,
+              memo: dict | None = None) -> KeySplit:
+        G = layout.num_kv_heads
+        if pairs % G:
+            raise ValueError(f"RoPElite keeps pairs uniformly: {pairs} pairs is not a multiple of {G} KV heads")
+        if sample is None:
+            raise LatentKVError("--rope elite scores pairs on calibration activations, which this conversion did "
+                                "not keep; use --method lowrank (calibrated) with the default one-shot statistics")
+        n, memo = pairs // G, {} if memo is None else memo
+        orders = [memo.setdefault(("elite", g, horizon), []) for g in range(G)]
+        if any(len(o) < n for o in orders):
+            q, k, v = head_activations(src, layout, sample)  # (S, H, T, d), (S, G, T, d), (S, G, T, d)
+            for g, order in enumerate(orders):
+                heads = slice(g * layout.group_size, (g + 1) * layout.group_size)
+                greedy_pairs(order, n, q[:, heads], k[:, g], v[:, g], layout, horizon, src.softmax_scale,
+                             self.query_stride)
+        return KeySplit(tuple((g, i) for g, order in enumerate(orders) for i in sorted(order[:n])))
+
+
+PER_HEAD = ("high", "low", "uniform", "elite")  # strategies that keep the same pairs in every KV head
 ROPE_STRATEGIES = {"high": HighFrequencies(), "low": PerHeadPairs("low"), "uniform": PerHeadPairs("uniform"),
-                   "2norm": TwoNorm(), "rorope": RoRoPE(),
+                   "2norm": TwoNorm(), "rorope": RoRoPE(), "elite": RoPElite(),
                    "rorope-export": RoRoPE(exportable=True), "rorope-fold2": RoRoPE(fold=2),
                    "rorope-fold4": RoRoPE(fold=4)}
+
+
+def sample_windows(*ropes: str) -> int:
+    """Calibration windows of layer inputs the given strategies score on (0: moments suffice)."""
+    return max((getattr(ROPE_STRATEGIES[r], "sample_windows", 0) for r in ropes if r in ROPE_STRATEGIES), default=0)
+
+
+def head_activations(src: SourceAttention, layout: SourceLayout, x: torch.Tensor):
+    """x (S, T, D) attention inputs -> q (S, H, T, d), k and v (S, G, T, d) in fp32, unrotated; with
+    QK-norm the per-token 1/rms of the raw projections applied (the folded weights hold the norm weight)."""
+    def heads(w, b, count, norm=None):
+        y = x @ w.float().T + (0 if b is None else b.float())  # (S, T, count*d)
+        if norm is not None:
+            raw = x @ norm[0].float().T + (0 if norm[1] is None else norm[1].float())
+            raw = raw.view(*raw.shape[:2], count, -1) if src.qk_norm.mode == "head" else raw[..., None, :]
+            scale = raw.pow(2).mean(-1).add(src.qk_norm.eps).rsqrt()  # (S, T, count | 1)
+            y = (y.view(*y.shape[:2], count, -1) * scale[..., None]).flatten(2)
+        return y.view(*y.shape[:2], count, -1).transpose(1, 2)
+
+    qk = src.qk_norm
+    x = x.float()
+    H, G = layout.num_heads, layout.num_kv_heads
+    return (heads(src.w_q, src.b_q, H, qk and (qk.w_q, qk.b_q)), heads(src.w_k, src.b_k, G, qk and (qk.w_k, qk.b_k)),
+            heads(src.w_v, src.b_v, G))
+
+
+def pair_scores(q: torch.Tensor, k: torch.Tensor, layout: SourceLayout, horizon: int, rows: torch.Tensor):
+    """Each pair's score term with and without rotation: q (S, h, T, d), k (S, T, d), query positions
+    `rows` (Tq,) -> (rotated, unrotated), each (d/2, S, h, Tq, T); unrotated = mean-rotated query
+    against the plain key, as `keys.mean_rotated` builds it."""
+    half, T = layout.head_dim // 2, k.shape[1]
+    angle = torch.arange(T, dtype=torch.float64)[:, None] * torch.tensor(layout.inv_freq, dtype=torch.float64)
+    cos, sin = angle.cos().float(), angle.sin().float()  # (T, d/2)
+    c, s = (t.float() for t in expected_rotation(layout, horizon))  # (d/2,)
+    qa, qb, ka, kb = q[..., :half], q[..., half:], k[..., :half], k[..., half:]
+    rq = (qa * cos - qb * sin)[:, :, rows], (qb * cos + qa * sin)[:, :, rows]
+    rk = ka * cos - kb * sin, kb * cos + ka * sin
+    mq = (c * qa - s * qb)[:, :, rows], (s * qa + c * qb)[:, :, rows]
+
+    def terms(qs, ks):
+        return sum(torch.einsum("shti,sui->ishtu", a, b) for a, b in zip(qs, ks))
+
+    return terms(rq, rk), terms(mq, (ka, kb))
+
+
+def greedy_pairs(order: list, n: int, q, k, v, layout: SourceLayout, horizon: int, scale: float, stride: int,
+                 chunk: int = 8) -> None:
+    """Extend `order` (pairs already chosen, in order) to n pairs of one KV head: each step adds the pair
+    whose rotation gives the least squared attention-output error summed over the group's query heads.
+    q (S, h, T, d); k, v (S, T, d)."""
+    T = k.shape[1]
+    rows = torch.arange(stride - 1, T, stride)
+    rot, flat = pair_scores(q, k, layout, horizon, rows)
+    delta, target = rot - flat, rot.sum(0)  # (d/2, S, h, Tq, T), (S, h, Tq, T)
+    del rot
+    hidden = ~(rows[:, None] >= torch.arange(T)[None])  # (Tq, T) future keys
+
+    def out(scores):
+        return torch.softmax((scores * scale).masked_fill(hidden, float("-inf")), -1) @ v[:, None]
+
+    want, cur = out(target), flat.sum(0) + delta[order].sum(0)
+    while len(order) < n:
+        cand = [i for i in range(delta.shape[0]) if i not in order]
+        err = torch.cat([(out(cur + delta[cand[a: a + chunk]]) - want).pow(2).flatten(1).sum(1)
+                         for a in range(0, len(cand), chunk)])
+        best = cand[int(err.argmin())]
+        order.append(best)
+        cur = cur + delta[best]

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from ..families import SourceLayout
 from .configs import LowRankConfig
 from .prefix import PrefixWalk
+from .rope import sample_windows
 from .statistics import InputStats, Moments
 from .surgery import convert_layer, per_layer
 
@@ -29,11 +30,12 @@ def convert_sequential(model, layout: SourceLayout, config: LowRankConfig, dims,
     dims = per_layer(dims, layout.num_layers)
     for i in tqdm(range(layout.num_layers), desc="convert (sequential)", disable=not progress):
         src_layer = model.model.layers[i]
-        sigma, cross = Moments.empty(layout.hidden_size), Moments.empty(layout.hidden_size)
+        sigma = Moments.empty(layout.hidden_size, sample_windows(config.rope))
+        cross = Moments.empty(layout.hidden_size)
         for (x_src,), (x_new,) in zip(walk.inputs(src_layer, SOURCE), walk.inputs(new.model.layers[i], CONVERTED)):
             sigma.add(x_new)
             cross.add(x_src, x_new)
-        convert_layer(model, new, i, layout, config, dims[i], InputStats(sigma.second(), cross.second()))
+        convert_layer(model, new, i, layout, config, dims[i], InputStats(sigma.second(), cross.second(), sample=sigma.sample()))
         mask = walk.mask(i)
         walk.advance(SOURCE, src_layer, mask)
         walk.advance(CONVERTED, new.model.layers[i], mask)

@@ -8,7 +8,7 @@ layer's input norm): queries q = W_q x, keys, values. So one `(D+1, D+1)` fp64 m
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
@@ -21,17 +21,24 @@ from .linalg import psd_factor
 
 @dataclass
 class Moments:
-    """Running `sum [x;1][y;1]^T` over tokens (y = x unless given); `second()` is the mean."""
+    """Running `sum [x;1][y;1]^T` over tokens (y = x unless given); `second()` is the mean. With `keep`
+    > 0 the first `keep` whole windows of x are kept too (`sample()`): scores that need real
+    activations (RoPElite's attention-output error) read them."""
 
     total: torch.Tensor  # (D+1, D+1) fp64
     tokens: int = 0
+    keep: int = 0
+    windows: list = field(default_factory=list)  # [(n, T, D) fp32 on CPU], at most `keep` rows in all
 
     @classmethod
-    def empty(cls, dim: int) -> Moments:
-        return cls(torch.zeros(dim + 1, dim + 1, dtype=torch.float64))
+    def empty(cls, dim: int, keep: int = 0) -> Moments:
+        return cls(torch.zeros(dim + 1, dim + 1, dtype=torch.float64), keep=keep)
 
     def add(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
         """x, y (..., D): every row is a token (padding must already be dropped)."""
+        room = self.keep - sum(w.shape[0] for w in self.windows)
+        if room > 0 and x.dim() == 3:
+            self.windows.append(x[:room].detach().float().cpu())
         ax = _augment(x)  # (N, D+1)
         # fp32 product per batch (fast BLAS), fp64 running sum (no drift over many batches)
         self.total += (ax.T @ (ax if y is None else _augment(y))).to(self.total.device, torch.float64)
@@ -41,6 +48,10 @@ class Moments:
         if self.tokens == 0:
             raise LatentKVError("calibration saw no tokens; pass a longer --calib text")
         return self.total / self.tokens
+
+    def sample(self) -> torch.Tensor | None:
+        """(n, T, D) the kept windows, or None when none were kept."""
+        return torch.cat(self.windows) if self.windows else None
 
 
 def _augment(x: torch.Tensor) -> torch.Tensor:
@@ -58,12 +69,16 @@ class InputStats:
     sigma: torch.Tensor
     cross: torch.Tensor | None = None
     attn_sigma: torch.Tensor | None = None
+    sample: torch.Tensor | None = None  # (n, T, D) whole windows of the input, when asked for (Moments.keep)
+    # what a strategy derives from `sample` once per layer and reuses across the split search's candidates
+    memo: dict = field(default_factory=dict)
 
     def blended(self, weight: float) -> InputStats:
         """Stats whose sigma is (1 - weight) sigma + weight attn_sigma (self when there is none)."""
         if weight == 0 or self.attn_sigma is None:
             return self
-        return InputStats((1 - weight) * self.sigma + weight * self.attn_sigma, self.cross)
+        return InputStats((1 - weight) * self.sigma + weight * self.attn_sigma, self.cross, sample=self.sample,
+                          memo=self.memo)
 
     @cached_property
     def factor(self) -> torch.Tensor:
@@ -72,7 +87,8 @@ class InputStats:
 
     def without_constant(self) -> InputStats:
         """The moments of x alone (the constant 1 that carries biases dropped): (D, D) each."""
-        return InputStats(self.sigma[:-1, :-1], None if self.cross is None else self.cross[:-1, :-1])
+        return InputStats(self.sigma[:-1, :-1], None if self.cross is None else self.cross[:-1, :-1],
+                          sample=self.sample, memo=self.memo)
 
 
 ATTN_STRIDE = 4  # every 4th query position feeds attn_sigma: the P @ X product is the costly part
@@ -120,12 +136,14 @@ def calibration_batches(tokenizer, text: str, samples: int, seq_len: int) -> tor
 
 
 @torch.no_grad()
-def collect_stats(model, batches: torch.Tensor, progress: bool = True, attention: bool = False) -> list[InputStats]:
+def collect_stats(model, batches: torch.Tensor, progress: bool = True, attention: bool = False,
+                  keep: int = 0) -> list[InputStats]:
     """One-shot statistics of the (source) model: run the calibration windows, hook every layer.
-    With `attention`, also attn_sigma (the model runs with eager attention meanwhile)."""
+    With `attention`, also attn_sigma (the model runs with eager attention meanwhile); with `keep`, each
+    layer's input on the first `keep` windows as `sample`."""
     attns = attention_layers(model)
     hidden = model.config.hidden_size
-    moments = [Moments.empty(hidden) for _ in attns]
+    moments = [Moments.empty(hidden, keep) for _ in attns]
     averaged = [Moments.empty(hidden) for _ in attns] if attention else None
     kernel = model.config._attn_implementation
     if attention:
@@ -137,5 +155,5 @@ def collect_stats(model, batches: torch.Tensor, progress: bool = True, attention
     finally:
         if attention:
             model.set_attn_implementation(kernel)
-    return [InputStats(m.second(), attn_sigma=a.second() if averaged else None)
+    return [InputStats(m.second(), attn_sigma=a.second() if averaged else None, sample=m.sample())
             for m, a in zip(moments, averaged or moments)]

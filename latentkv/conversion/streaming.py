@@ -37,6 +37,7 @@ from .configs import LowRankConfig, config_to_dict
 from .dims import fit_to_source, stream_dims
 from .latent_norm import norm_layer
 from .prefix import PrefixWalk
+from .rope import sample_windows
 from .statistics import InputStats, Moments, record_attention_inputs
 from .stream_work import Work
 from .surgery import check_finite_layer, convert_attention
@@ -102,6 +103,7 @@ class Stream:
         self.latent_norm = self.calibrated and config.latent_norm
         self.oneshot = self.calibrated and not config.sequential
         self.attention = self.oneshot and config.attn_moment > 0
+        self.keep = sample_windows(config.rope) if self.calibrated else 0  # layer-input windows a strategy scores
         # attention-averaged moments need the weights; SDPA cannot soft-cap (Gemma-2)
         kernel = "eager" if self.attention or logit_softcap(hf) is not None else "sdpa"
         with init_empty_weights(include_buffers=False):
@@ -177,17 +179,18 @@ class Stream:
         """Run h_src through the source layer; -> this layer's statistics (one-shot or sequential)."""
         d = self.layout.hidden_size
         if self.sequential:
-            sigma, cross = Moments.empty(d), Moments.empty(d)
+            sigma, cross = Moments.empty(d, self.keep), Moments.empty(d)
             for x_new, x_src in self.walk.inputs(layer, CONVERTED, SOURCE):
                 sigma.add(x_new)
                 cross.add(x_src, x_new)
-            stats = InputStats(sigma.second(), cross.second())
+            stats = InputStats(sigma.second(), cross.second(), sample=sigma.sample())
         layer.to(self.device)
-        moments, averaged = [Moments.empty(d)], [Moments.empty(d)] if self.attention else None
+        moments, averaged = [Moments.empty(d, self.keep)], [Moments.empty(d)] if self.attention else None
         if self.oneshot:
             with record_attention_inputs([layer.self_attn], moments, averaged):
                 self.walk.advance(SOURCE, layer, mask)
-            stats = InputStats(moments[0].second(), attn_sigma=averaged[0].second() if averaged else None)
+            stats = InputStats(moments[0].second(), attn_sigma=averaged[0].second() if averaged else None,
+                               sample=moments[0].sample())
         elif self.h_src is not None:
             self.walk.advance(SOURCE, layer, mask)
         layer.to("cpu")

@@ -53,6 +53,8 @@ CASES = {
     "svd": lambda c: SVDConfig(kv_lora_rank=20, qk_rope_head_dim=8),
     "lowrank": lambda c: lowrank(c),
     "lowrank-sequential": lambda c: lowrank(c, sequential=True),
+    "lowrank-elite": lambda c: lowrank(c, rope="elite"),  # scores pairs on kept layer-input windows
+    "lowrank-elite-sequential": lambda c: lowrank(c, rope="elite", sequential=True),
     "lowrank-target": lambda c: lowrank(c, rope="rorope-export", latent_norm=True, qk_rope_head_dim=4),
 }
 
