@@ -8,6 +8,7 @@ calibration windows and statistics shared:
   default                       rorope or rorope-fold2, chosen by the split search
   rope=low / rope=uniform       MHA2MLA's S_low and S_uniform partial-RoPE strategies (per-head pairs)
   rope=high / rope=2norm        MHA2MLA's S_high and S_2-norm
+  rope=elite                    EliteKV's RoPElite: per-head greedy pairs by attention-output error
   kv_separate=true              DiffQKV-style separate key and value latents
   rank_allocation=spectrum      CARE-style global rank allocation by covariance-weighted error
   method=svd                    joint SVD of the weights, no calibration (the baseline)
@@ -29,7 +30,7 @@ from latentkv.conversion.configs import LowRankConfig, make_config
 from common import add_output_args, ppl_row, section, write_outputs
 
 TEXTS = ("wikitext2", "ptb")
-VARIANTS = ("default", "rope=low", "rope=uniform", "rope=high", "rope=2norm", "kv_separate=true",
+VARIANTS = ("default", "rope=low", "rope=uniform", "rope=high", "rope=2norm", "rope=elite", "kv_separate=true",
             "rank_allocation=spectrum", "method=svd")
 
 
