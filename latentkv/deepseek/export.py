@@ -42,6 +42,9 @@ def exportable_dims(model):
     layers = [layer.self_attn for layer in model.model.layers]
     if record_of(model) is None or not is_mla(model):
         raise LatentKVError("export needs a model converted by latentkv; run `latentkv convert` first")
+    if any(a.local for a in layers):
+        raise LatentKVError("local layers (sinks + window) have no DeepSeek-V3 form: stock engines would attend to "
+                            "every token; export the model with all layers full (set_local_layers(model, []))")
     if any(a.dims.qk_norm for a in layers):
         raise LatentKVError(f"{model.config.model_type}'s QK-norm scales every key by a per-token 1/rms (cached beside "
                             "c_kv here), which DeepSeek-V3 engines cannot express; use the native latentkv checkpoint")

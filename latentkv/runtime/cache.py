@@ -15,7 +15,8 @@ cache, `evaluation.perplexity`). The rope key stays in the model's dtype unless 
 
 Sliding-window layers (Mistral, Qwen2 upper layers, Gemma-2's every other layer) keep only the
 last `window - 1` tokens, as transformers' own sliding layers do, when the cache is built from
-the model (`LatentCache(model)`): their bytes stop growing at the window.
+the model (`LatentCache(model)`): their bytes stop growing at the window. Local layers
+(`install.set_local_layers`, DuoAttention-style) keep their sinks and window (`local.LatentSinkLayer`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, DynamicS
 from ..errors import LatentKVError
 from ..families import source_layout
 from .install import mla_layers
+from .local import LatentSinkLayer
 from .quant import CacheFormat, as_format
 
 
@@ -142,9 +144,20 @@ class LatentCache(Cache):
             self._token_bytes = None
             return
         attns = _mla_layers(model)
+        if fmt is not None and any(a.local for a in attns):
+            raise LatentKVError("a quantized latent cache does not combine with local layers yet; use --cache-dtype "
+                                "model or make every layer full")
         self._token_bytes = [token_bytes(a.dims, self.format, next(model.parameters()).element_size()) for a in attns]
-        super().__init__(layers=[LatentWindowLayer(a.sliding_window, fmt, a.dims.qk_rope_head_dim) if a.sliding_window
-                                 else LatentLayer(capacity, fmt, a.dims.qk_rope_head_dim) for a in attns])
+        super().__init__(layers=[self._layer(a, capacity, fmt) for a in attns])
+
+    @staticmethod
+    def _layer(attn, capacity, fmt):
+        """The cache layer an MLA layer needs: local (sinks + window), sliding (window), or full."""
+        if attn.local is not None:
+            return LatentSinkLayer(attn.local)
+        if attn.sliding_window:
+            return LatentWindowLayer(attn.sliding_window, fmt, attn.dims.qk_rope_head_dim)
+        return LatentLayer(capacity, fmt, attn.dims.qk_rope_head_dim)
 
     def update(self, c_kv, k_pe, layer_idx: int, *args, **kwargs):
         while len(self.layers) <= layer_idx:

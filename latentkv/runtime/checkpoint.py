@@ -12,7 +12,7 @@ from ..errors import LatentKVError
 from ..io.atomic import atomic_output_dir
 from ..io.checkpoint import META, read_meta, read_weights, write_meta, write_weights
 from ..record import FORMAT_VERSION, record_of
-from .install import install_mla
+from .install import apply_recorded_local_layers, install_mla
 from .mla import MLADims
 
 
@@ -42,6 +42,7 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32):
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     install_mla(model, dims)
+    apply_recorded_local_layers(model)
     _load_state(model, state, path)
     model.to(dtype)
     if (path / "generation_config.json").is_file():

@@ -22,6 +22,7 @@ from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..families import logit_softcap
+from .local import LocalSpan, key_positions, local_mask
 
 MLAPath = Literal["auto", "expanded", "absorbed"]
 
@@ -122,6 +123,7 @@ class MLAAttention(nn.Module):
         self.softcap = logit_softcap(config)  # Gemma-2's tanh cap on scores; None elsewhere
         # The source layer's window, if any: the model's mask applies it; calibration and export read it.
         self.sliding_window = sliding_window
+        self.local: LocalSpan | None = None  # a local layer (sinks + window; install.set_local_layers)
         d, h = dims, dims.num_heads
         qk_head = d.qk_nope_head_dim + d.qk_rope_head_dim
         if d.qk_norm is not None:  # source query -> its norm -> per-head map; source key rows for the scale
@@ -193,6 +195,12 @@ class MLAAttention(nn.Module):
         if scales is not None:
             k_pe, scales = k_pe.split([d.qk_rope_head_dim, d.key_scales], -1)
         b, t = hidden_states.shape[:2]
+        if self.local is not None:  # its own mask, the same rule whatever the cache holds
+            s = c_kv.shape[2]
+            q_pos = kwargs.get("position_ids")
+            q_pos = torch.arange(s - t, s, device=c_kv.device)[None] if q_pos is None else q_pos
+            attention_mask = local_mask(q_pos.expand(b, -1), key_positions(cache, self.layer_idx, s, c_kv.device),
+                                        self.local)
         if path == "auto":
             path = "absorbed" if (t == 1 and c_kv.shape[2] > 1) or self.absorbed_is_cheaper() else "expanded"
         if path == "absorbed" and t == 1 and scales is None and not kwargs.get("output_attentions"):
