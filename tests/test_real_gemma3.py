@@ -8,6 +8,8 @@ import torch
 
 from latentkv import ExactConfig, LatentCache, SVDConfig, convert
 
+from conftest import reference_tolerance
+
 PARAGRAPH = ("Robert Boulter is an English film, television and theatre actor. He had a guest-starring role on the "
              "television series The Bill in 2000. This was followed by a starring role in the play Herons written "
              "by Simon Stephens, which was performed in 2001 at the Royal Court Theatre. ")
@@ -30,22 +32,23 @@ def test_full_budget_logits_match(gemma3):
             assert diff <= 1e-4, f"fp32, {path}: max abs logit diff {diff:.2e}"
 
 
-@pytest.mark.xfail(strict=False, reason="2026-12-04: fp64 beyond the 512-token window differs by 1.2e-4 (expanded) in "
-                   "a fresh environment, with transformers 5.24 and 5.25 and with the previous mla.py alike; passed in "
-                   "the previous session's environment. Under investigation (issue 18): window semantics or the GGUF "
-                   "dequantization changed.")
 def test_full_budget_logits_match_beyond_the_window_in_fp64(gemma3):
-    """The same check over 600 tokens (more than a sliding window holds), in fp64 (see above)."""
+    """The same check over 600 tokens (more than a sliding window holds), in fp64. Not to fp64 rounding:
+    transformers' Gemma3RMSNorm (the q/k norms included) and its eager kernel's softmax compute in fp32
+    even in an fp64 model, so the source itself keeps fp32 islands (2026-12-04: the conversion differs by
+    1.2e-4, and patching the norms to fp64 leaves 2.4e-5). The bound is the source's own fp32 rounding on
+    these inputs (3.2e-4 measured); a sliding window off by one token measured 0.41, a thousand times more."""
     model, tok = gemma3
     conv = convert(model, ExactConfig(), progress=False)
     ids = tok(PARAGRAPH * 12, return_tensors="pt").input_ids[:, :600]
     assert ids.shape[1] > 512  # the window
+    bound = reference_tolerance(model, ids)
     with torch.no_grad():
-        src64, conv64 = copy.deepcopy(model).double(), conv.double()
+        src64, conv64 = copy.deepcopy(model).double(), copy.deepcopy(conv).double()
         ref = src64(ids).logits
         for path in ("expanded", "absorbed"):
             diff = (conv64(ids, mla_path=path).logits - ref).abs().max().item()
-            assert diff <= 1e-4, f"fp64, {path}: max abs logit diff {diff:.2e}"
+            assert diff <= bound, f"fp64, {path}: max abs logit diff {diff:.2e} > the source's own fp32 error {bound:.2e}"
 
 
 def test_reduced_budget_cache_holds_windows_and_scales(gemma3):
