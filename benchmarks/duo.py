@@ -1,7 +1,7 @@
 """Local layers on a converted model (DuoAttention / RazorAttention with MLA): cache bytes against passkey
 accuracy -> BENCHMARKS.md ("duo") and a plot.
 
-    python benchmarks/duo.py --model runs/kv50 --context 4096 --locals 0 10 20 25 30 --resume
+    python benchmarks/duo.py --model runs/kv50 --context 4096 --probe-context 2048 --locals 0 10 20 25 30 --resume
 
 Stages (each saved to --json-out; --resume skips finished ones):
   probe     per layer, the rise of a passkey probe's answer NLL when that layer alone goes local
@@ -35,7 +35,7 @@ def run(args) -> dict:
     model, tok = load_model(args.model, progress=False)
     span = LocalSpan(args.sinks, args.window)
     if "probe" not in res:
-        res["probe"] = retrieval_scores(model, tok, args.context, span, trials=args.probe_trials)
+        res["probe"] = retrieval_scores(model, tok, args.probe_context or args.context, span, trials=args.probe_trials)
         save(path, res)
     order = local_order(res["probe"]["scores"])
     source_bytes = cache_report(model)["source"]["bytes_per_token"] * args.context
@@ -78,7 +78,7 @@ def markdown(args, res: dict) -> str:
     named = ", ".join(f"{i} (+{probe['scores'][i]:.2f})" for i in top)
     intro = (f"{args.model}; local layers keep {args.sinks} sink tokens and a window of {args.window}. Layers go "
              f"local in the order of a retrieval probe (passkey answer NLL rise with that layer alone local, "
-             f"{len(probe['scores'])} layers, its own keys and depths; base NLL {probe['base_nll']:.3f}; the most "
+             f"{probe['context']}-token prompts, its own keys and depths; base NLL {probe['base_nll']:.3f}; the most "
              f"retrieval-bearing layers: {named}). Passkey at "
              f"{args.context} tokens, {args.trials} trials per depth (0, .25, .5, .75, 1); WikiText-2 test on "
              f"{args.windows} windows of {args.seq_len}; bytes one sequence's cache holds at {args.context} tokens. "
@@ -101,6 +101,7 @@ def main() -> None:
     p.add_argument("--window", type=int, default=256)
     p.add_argument("--trials", type=int, default=2)
     p.add_argument("--probe-trials", type=int, default=1)
+    p.add_argument("--probe-context", type=int, default=0, help="the probe's prompt length (0: --context)")
     p.add_argument("--windows", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--plot", default="docs/duo.png")
