@@ -79,14 +79,13 @@ def render(res: dict, args) -> str:
     rows = ["| budget | variant | rope strategy | rope + latent (layer 0) | cache bytes/token | wikitext2 | ptb | "
             "convert s |", "|---:|---|---|---|---:|---:|---:|---:|",
             f"| - | source | - | - | {src['cache_bytes_per_token']:,} | {src['wikitext2']:.2f} | {src['ptb']:.2f} | - |"]
-    for budget in args.budgets:
-        for variant in args.variants:
-            r = res.get(f"{budget:g} {variant}")
-            if r is None:
-                continue
-            rows.append(f"| {budget:.1%} | {variant} | {r['rope'] or '-'} | {r['split']} | {r['cache_bytes_per_token']:,} "
-                        f"| {r['wikitext2']:.2f} (x{r['wikitext2'] / src['wikitext2']:.2f}) "
-                        f"| {r['ptb']:.2f} (x{r['ptb'] / src['ptb']:.2f}) | {r['convert_seconds']} |")
+    # every row measured so far, by budget then variant (a later run for a few variants keeps the others)
+    measured = [r for r in res.values() if "variant" in r]
+    order = {v: i for i, v in enumerate(VARIANTS)}
+    for r in sorted(measured, key=lambda r: (-r["budget"], order.get(r["variant"], len(order)), r["variant"])):
+        rows.append(f"| {r['budget']:.1%} | {r['variant']} | {r['rope'] or '-'} | {r['split']} | "
+                    f"{r['cache_bytes_per_token']:,} | {r['wikitext2']:.2f} (x{r['wikitext2'] / src['wikitext2']:.2f}) "
+                    f"| {r['ptb']:.2f} (x{r['ptb'] / src['ptb']:.2f}) | {r['convert_seconds']} |")
     intro = (f"WikiText-2 and PTB test, first {args.windows} windows of {args.seq_len} tokens; (x) = ratio to the "
              "source. Every variant is `convert --kv-budget B` with one option changed; the split search picks "
              "each one's rope/latent split on held-out calibration windows (default mixture), so no row sees test "
