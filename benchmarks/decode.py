@@ -16,9 +16,10 @@ from pathlib import Path
 
 from latentkv import convert, load_model
 from latentkv.conversion.configs import make_config
+from latentkv.io.checkpoint import read_meta
 from latentkv.io.machine import available_memory
+from latentkv.record import record_summary
 from latentkv.reports.bench import bench, plot
-from latentkv.runtime.accounting import cache_report
 
 from common import add_output_args, section, write_section
 
@@ -50,11 +51,11 @@ def run(args) -> dict:
 
 
 def reused(args, budget: float):
-    """A saved conversion from --reuse whose cache is `budget` of the source's, or None."""
+    """A saved conversion from --reuse whose cache is `budget` of the source's, or None (each folder's record
+    is read, and only the matching one loaded)."""
     for folder in args.reuse or ():
-        model, _ = load_model(folder, progress=False)
-        if abs(cache_report(model)["ratio"] - budget) < 1e-3:
-            return model
+        if abs(record_summary(read_meta(folder)["record"])["ratio"] - budget) < 1e-3:
+            return load_model(folder, progress=False)[0]
     return None
 
 

@@ -10,6 +10,13 @@ class LatentKVError(Exception):
     """Bad input or a broken file. The CLI prints `error: <message>` and exits with code 2."""
 
 
+def first_line(e: BaseException, width: int = 160) -> str:
+    """What a deep library error says, in one line of at most `width` characters (its type when it says
+    nothing): the part of it a one-line LatentKVError quotes."""
+    text = str(e).strip()
+    return text.splitlines()[0][:width] if text else type(e).__name__
+
+
 WRITE_ERRORS = {"ENOSPC", "EDQUOT", "EACCES", "EPERM", "EROFS"}
 
 

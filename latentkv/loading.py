@@ -16,7 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from .conversion.configs import config_from_dict
 from .deepseek.reader import is_engine_checkpoint, load_engine_checkpoint
-from .errors import LatentKVError
+from .errors import LatentKVError, first_line
 from .families import check_supported
 from .io.atomic import atomic_output_dir
 from .io.checkpoint import META
@@ -177,7 +177,7 @@ def _load_hf(src: str, dtype, trust_remote_code: bool, local_only: bool):
     try:
         config = AutoConfig.from_pretrained(src, **kw)
     except (OSError, ValueError) as e:
-        reason = str(e).strip().splitlines()[0][:160]
+        reason = first_line(e)
         raise LatentKVError(f"could not load model {src!r} ({reason}); pass a local HF directory, a .gguf file, "
                             f"or {DEFAULT_MODEL!r} (offline: set HF_HUB_OFFLINE=1 and use a cached id)") from None
     check_supported(config)
@@ -185,12 +185,12 @@ def _load_hf(src: str, dtype, trust_remote_code: bool, local_only: bool):
         # safetensors only: a pickle checkpoint can run code on load
         model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, use_safetensors=True, **kw)
     except OSError as e:
-        raise LatentKVError(f"could not load weights of {src!r}: {str(e).splitlines()[0][:160]}; "
+        raise LatentKVError(f"could not load weights of {src!r}: {first_line(e)}; "
                             "it needs config.json, *.safetensors weights (pickle .bin is refused) and tokenizer files") from None
     try:
         tok = AutoTokenizer.from_pretrained(src, **kw)
     except (OSError, ValueError) as e:
-        raise LatentKVError(f"could not load the tokenizer of {src!r} ({str(e).strip().splitlines()[0][:120]}); "
+        raise LatentKVError(f"could not load the tokenizer of {src!r} ({first_line(e, 120)}); "
                             "add its tokenizer files (tokenizer.json, tokenizer_config.json)") from None
     return model.eval(), tok
 
@@ -210,7 +210,7 @@ def _dequantize_to(path: Path, out: Path, progress: bool) -> None:
     try:
         config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
     except Exception as e:  # gguf raises assorted errors on truncated or foreign files
-        raise LatentKVError(f"could not read GGUF {path}: {str(e).splitlines()[0][:160]}; is the file complete?") from None
+        raise LatentKVError(f"could not read GGUF {path}: {first_line(e)}; is the file complete?") from None
     check_supported(config)
     if progress:
         log.info("dequantizing %s once; cached in %s", path.name, out)

@@ -26,7 +26,7 @@ from accelerate import init_empty_weights
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from ..errors import LatentKVError
+from ..errors import LatentKVError, first_line
 from ..families import EMBED_PREFIX, LAYER_PREFIX, embedding_scale, logit_softcap, source_layout
 from ..io.atomic import check_output_dir, exclusive
 from ..io.machine import available_memory, max_rss_gib, trim_heap
@@ -49,8 +49,11 @@ SOURCE, CONVERTED = 0, 1  # the walk's streams: h_src, h_new
 
 def check_streamable(config) -> None:
     if isinstance(config, LowRankConfig) and config.rank_allocation != "uniform":
-        raise LatentKVError(f"--rank-allocation {config.rank_allocation} scores the whole model on held-out text, "
-                            "which a streaming conversion never holds; drop it or convert in memory")
+        why = {"spectrum": "ranks every layer's singular values against all the others' before any layer is "
+                           "converted, while a streaming conversion finishes each layer before reading the next"}
+        reason = why.get(config.rank_allocation, "scores the whole converted model on held-out text, which a "
+                                                 "streaming conversion never holds")
+        raise LatentKVError(f"--rank-allocation {config.rank_allocation} {reason}; drop it or convert in memory")
 
 
 def check_fits_in_memory(source) -> None:
@@ -92,7 +95,7 @@ class Stream:
         try:
             hf = AutoConfig.from_pretrained(source, local_files_only=True)
         except (OSError, ValueError) as e:
-            raise LatentKVError(f"cannot read {source}/config.json ({str(e).splitlines()[0][:120]}); "
+            raise LatentKVError(f"cannot read {source}/config.json ({first_line(e, 120)}); "
                                 "point to a Hugging Face checkpoint directory") from None
         self.layout = source_layout(hf)  # refuses unsupported families with the reason
         _tied_embeddings(self.ckpt, hf)
@@ -269,5 +272,5 @@ def _tokenizer(source: Path, required: bool):
     try:
         return AutoTokenizer.from_pretrained(source, local_files_only=True)
     except (OSError, ValueError) as e:
-        raise LatentKVError(f"cannot load the tokenizer in {source} ({str(e).splitlines()[0][:120]}); "
+        raise LatentKVError(f"cannot load the tokenizer in {source} ({first_line(e, 120)}); "
                             "fix or remove its tokenizer files") from None

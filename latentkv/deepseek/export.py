@@ -23,12 +23,12 @@ import warnings
 from pathlib import Path
 from typing import Iterator
 
-import safetensors.torch
 import torch
 
 from ..errors import LatentKVError
 from ..families import embedding_scale, logit_softcap
 from ..io.atomic import atomic_output_dir, check_output_dir
+from ..io.shards import ShardWriter
 from ..record import record_of
 from ..runtime.install import is_mla
 from .card import model_card
@@ -149,14 +149,13 @@ def write_shards(tensors: Iterator[tuple[str, torch.Tensor]], folder: Path, max_
     """Write (name, tensor) pairs as safetensors shards of at most `max_bytes` (a larger tensor gets its
     own), holding one shard at a time; named model.safetensors, or model-0000k-of-0000n.safetensors with
     an index when there is more than one (the names transformers writes)."""
-    shards, current, size = [], {}, 0
+    writer, files, current, size = ShardWriter(folder), [], {}, 0
 
     def flush():
         nonlocal current, size
         if current:
-            file = f".shard-{len(shards):05d}.tmp"
-            safetensors.torch.save_file(current, str(folder / file), metadata={"format": "pt"})
-            shards.append((file, {k: v.numel() * v.element_size() for k, v in current.items()}))
+            files.append(f"shard-{len(files):05d}.partial")
+            writer.write(files[-1], current)
         current, size = {}, 0
 
     for name, t in tensors:
@@ -167,14 +166,9 @@ def write_shards(tensors: Iterator[tuple[str, torch.Tensor]], folder: Path, max_
             t = t.clone()  # safetensors refuses two names on one storage
         current[name], size = t, size + nbytes
     flush()
-    if len(shards) == 1:
-        (folder / shards[0][0]).rename(folder / "model.safetensors")
+    if len(files) == 1:
+        writer.rename(files[0], "model.safetensors")
         return
-    weight_map, total = {}, 0
-    for k, (file, sizes) in enumerate(shards, 1):
-        final = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-        (folder / file).rename(folder / final)
-        weight_map.update({name: final for name in sizes})
-        total += sum(sizes.values())
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    for k, file in enumerate(files, 1):
+        writer.rename(file, f"model-{k:05d}-of-{len(files):05d}.safetensors")
+    writer.finish()

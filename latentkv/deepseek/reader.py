@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ..errors import LatentKVError
+from ..errors import LatentKVError, first_line
 from ..record import make_record, record_of
 from ..runtime.install import install_layer
 from ..runtime.mla import MLADims
@@ -52,7 +52,7 @@ def load_engine_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, local_files_only=True)
     except (OSError, ValueError) as e:
-        raise LatentKVError(f"could not load DeepSeek-V3 checkpoint {path}: {str(e).splitlines()[0][:160]}; it needs "
+        raise LatentKVError(f"could not load DeepSeek-V3 checkpoint {path}: {first_line(e)}; it needs "
                             "config.json and *.safetensors weights") from None
     if getattr(model.config, "attention_bias", False):
         raise LatentKVError(f"{path} has attention biases (attention_bias: true); the latentkv runtime reads "

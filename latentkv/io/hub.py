@@ -6,7 +6,7 @@ from pathlib import Path
 
 import huggingface_hub
 
-from ..errors import LatentKVError
+from ..errors import LatentKVError, first_line
 
 
 def upload_listing(folder: Path) -> list[dict]:
@@ -36,7 +36,7 @@ def push(folder, repo_id: str, private: bool = False, dry_run: bool = False) -> 
         commit = huggingface_hub.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model",
                                ignore_patterns=[".*", "**/.*"], commit_message="Upload with latentkv push")
     except Exception as e:  # network, auth and offline errors all come from deep inside huggingface_hub/requests
-        reason = _first_line(e)
+        reason = first_line(e)
         raise LatentKVError(f"could not push to {repo_id} ({reason}); check the network, `hf auth login` or HF_TOKEN, "
                             "and that HF_HUB_OFFLINE is unset") from None
     return {**out, "url": str(getattr(commit, "commit_url", commit))}
@@ -57,12 +57,7 @@ def local_snapshot(source: str) -> Path:
     try:
         return Path(huggingface_hub.snapshot_download(source, allow_patterns=SNAPSHOT_PATTERNS))
     except Exception as e:  # offline with nothing cached, unknown repo, gated repo, no network
-        reason = _first_line(e)
+        reason = first_line(e)
         raise LatentKVError(f"could not get {source} from the hub ({reason}); download it once with network "
                             "(`hf download ID`), or pass a local directory; HF_HUB_OFFLINE=1 uses the cache only") from None
 
-
-def _first_line(e: Exception) -> str:
-    """What a deep huggingface_hub/requests error says, in one line (its type when it says nothing)."""
-    text = str(e).strip()
-    return text.splitlines()[0][:160] if text else type(e).__name__

@@ -138,6 +138,11 @@ class ShardWriter:
             self.weight_map[name] = file
             self.total_size += t.numel() * t.element_size()
 
+    def rename(self, file: str, final: str) -> None:
+        """Move a written shard to its final name (known only once every shard is written)."""
+        os.replace(self.path / file, self.path / final)
+        self.weight_map = {k: final if v == file else v for k, v in self.weight_map.items()}
+
     def finish(self) -> None:
         index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map.items()))}
         write_file_atomic(self.path / INDEX, json.dumps(index, indent=2))

@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
-from ..errors import LatentKVError
+from ..errors import LatentKVError, first_line
 from ..io.shards import check_weights
 from ..loading import load_model
 from ..record import bias_folds, record_of
@@ -40,7 +40,7 @@ def load_stock(out, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
         model, info = AutoModelForCausalLM.from_pretrained(out, dtype=dtype, use_safetensors=True,
                                                            local_files_only=True, output_loading_info=True)
     except (OSError, ValueError) as e:
-        raise LatentKVError(f"stock transformers cannot load {out}: {str(e).splitlines()[0][:160]}") from None
+        raise LatentKVError(f"stock transformers cannot load {out}: {first_line(e)}") from None
     if type(model).__name__ != "DeepseekV3ForCausalLM":
         raise LatentKVError(f"{out} loads as {type(model).__name__}, not DeepseekV3ForCausalLM; is it an export?")
     missing = [k for k in info["missing_keys"] if not k.endswith("lm_head.weight")]

@@ -8,7 +8,7 @@ import torch
 from accelerate import init_empty_weights
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from ..errors import LatentKVError
+from ..errors import LatentKVError, first_line
 from ..io.atomic import atomic_output_dir
 from ..io.checkpoint import META, read_meta, read_weights, write_meta, write_weights
 from ..record import FORMAT_VERSION, record_of
@@ -81,7 +81,7 @@ def _checked_meta(meta: dict, path: Path):
         config = AutoConfig.for_model(src_cfg.pop("model_type"), **src_cfg)
         dims = [MLADims(**d) for d in layers]
     except (TypeError, ValueError, KeyError) as e:
-        raise bad(f"is invalid ({str(e).splitlines()[0][:160]})") from None
+        raise bad(f"is invalid ({first_line(e)})") from None
     config.latentkv = record
     return config, dims
 

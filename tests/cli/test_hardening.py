@@ -346,3 +346,11 @@ def test_convert_prints_split_search_as_a_table(capsys, dirs, tmp_path):
 def test_verify_export_shows_progress(capsys, dirs):
     assert main(["verify-export", str(dirs["ds"]), "--against", str(dirs["target"]), "--tokens", "16"]) == 0
     assert "verify-export" in capsys.readouterr().err
+
+
+def test_first_line_quotes_one_line_of_a_deep_error():
+    from latentkv.errors import first_line
+
+    assert first_line(ValueError("bad shape\n  at frame 1\n  at frame 2")) == "bad shape"
+    assert first_line(KeyError()) == "KeyError"  # says nothing: its type
+    assert first_line(OSError("x" * 500), 120) == "x" * 120

@@ -190,8 +190,10 @@ def test_bad_checkpoints_say_what_is_wrong(tmp_path, tiny_tokenizer, calib):
 
 def test_bad_inputs(tmp_path, tiny_tokenizer, calib):
     model, src = sharded(tmp_path, tokenizer=tiny_tokenizer)
-    with pytest.raises(LatentKVError, match="rank-allocation"):
+    with pytest.raises(LatentKVError, match="rank-allocation sensitivity scores the whole converted model"):
         convert_streaming(src, lowrank(calib, rank_allocation="sensitivity"), tmp_path / "o1")
+    with pytest.raises(LatentKVError, match="rank-allocation spectrum ranks every layer's singular values"):
+        convert_streaming(src, lowrank(calib, rank_allocation="spectrum"), tmp_path / "o1")
     with pytest.raises(LatentKVError, match="does not belong"):
         convert_streaming(src, lowrank(calib), tmp_path / "o2", calib_ids=torch.full((5, 32), 10_000))
     (tmp_path / "exists").mkdir()
