@@ -130,6 +130,44 @@ def convert(src: Path, out: Path, args) -> dict:
             "layers": record["streaming"]["layers"], "out_bytes": sum(f.stat().st_size for f in out.glob("*.safetensors"))}
 
 
+def weight_bytes(folder: Path) -> dict:
+    """Bytes of layer 0's attention, of layer 0 whole, and of everything outside the layers, from the
+    safetensors headers of `folder` (nothing is loaded)."""
+    from safetensors import safe_open
+
+    out = {"attention": 0, "layer": 0, "rest": 0}
+    for file in folder.glob("*.safetensors"):
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                part = f.get_slice(name)
+                size = torch.tensor([], dtype=DTYPES[part.get_dtype()]).element_size()
+                nbytes = size * int(torch.tensor(part.get_shape()).prod()) if part.get_shape() else size
+                if ".layers.0." in name:
+                    out["layer"] += nbytes
+                    out["attention"] += nbytes if ".self_attn." in name else 0
+                elif ".layers." not in name:
+                    out["rest"] += nbytes
+    return out
+
+
+DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "I64": torch.int64}
+
+
+def weights_table(args, folders: dict[str, Path]) -> list[str]:
+    """Held weight bytes per layer and at the shape's full depth (the layers are alike, so a truncated
+    run scales exactly): the source, our converted checkpoint, and the DeepSeek-V3 export when made."""
+    depth, gib = SHAPES[args.shape]["num_hidden_layers"], 2**30
+    sizes = {name: weight_bytes(folder) for name, folder in folders.items() if folder.is_dir()}
+    src = sizes["source"]
+    lines = ["", f"Weights held (bf16; per layer from layer 0, the whole model at the shape's {depth} layers):", "",
+             "| checkpoint | attention / layer | layer | whole model | vs source |", "|---|---:|---:|---:|---:|"]
+    for name, w in sizes.items():
+        whole = w["rest"] + depth * w["layer"]
+        lines.append(f"| {name} | {w['attention'] / 2**20:.1f} MiB | {w['layer'] / 2**20:.1f} MiB | "
+                     f"{whole / gib:.2f} GiB | {whole / (src['rest'] + depth * src['layer']):.3f}x |")
+    return lines
+
+
 def export_and_verify(out: Path, ds: Path) -> dict:
     """`latentkv export` then `latentkv verify-export` (stock transformers vs our runtime) -> their numbers."""
     t0 = time.perf_counter()
@@ -147,7 +185,7 @@ def export_and_verify(out: Path, ds: Path) -> dict:
             "engine_dims": f"{config['kv_lora_rank']}+{config['qk_rope_head_dim']}"}
 
 
-def markdown(args, made: dict, conv: dict, verified: dict | None = None) -> str:
+def markdown(args, made: dict, conv: dict, verified: dict | None = None, weights: list[str] | None = None) -> str:
     r, layers = conv["result"], conv["layers"]
     med = {k: statistics.median(layer[k] for layer in layers) for k in ("read_s", "calibrate_s", "factorize_s",
                                                                         "write_s")}
@@ -177,7 +215,7 @@ def markdown(args, made: dict, conv: dict, verified: dict | None = None) -> str:
                   f"{verified['greedy_agreement']:.0%} | {verified['generation_match']} | "
                   f"{verified['cache_bytes_per_token']:,}, {verified['expected_cache_bytes_per_token']:,} | "
                   f"**{verified['passed']}** |"]
-    return section(args.section, title, intro, lines)
+    return section(args.section, title, intro, lines + (weights or []))
 
 
 def main() -> None:
@@ -211,7 +249,8 @@ def main() -> None:
     print(f"wrote {made['bytes'] / 2**30:.2f} GiB in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     conv = convert(src, out, args)
     verified = export_and_verify(out, ds) if args.verify else None
-    body = markdown(args, made, conv, verified)
+    weights = weights_table(args, {"source": src, "latentkv (ours)": out, "DeepSeek-V3 export": ds})
+    body = markdown(args, made, conv, verified, weights)
     print(body)
     write_section(Path(args.md), args.section, body)
     if not args.keep:

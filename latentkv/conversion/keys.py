@@ -57,12 +57,22 @@ def split_keys(src: SourceAttention, layout: SourceLayout, split: KeySplit, hori
         parts.update(q_nope=wq_all, q_map=q_map)
     else:
         parts.update(q_nope=q_map @ wq_all, q_map=None)
-    if src.qk_norm is not None:  # the same maps on the normalised source query instead of on W_q
+    if src.qk_norm is not None or factored_query(layout, src, parts):  # the maps on the source query rows
         q_rope_map = torch.stack([head_query(eye, h // layout.group_size, split.mix, layout, rope)
                                   for h in range(H)])  # (H, p, d)
         nope_map = eye.expand(H, d, d) if parts["q_map"] is not None else q_map
         parts["q_head"] = torch.cat((nope_map, q_rope_map), 1)  # (H, n + p, d)
     return parts
+
+
+def factored_query(layout: SourceLayout, src: SourceAttention, parts: dict) -> bool:
+    """Whether the MLA query is kept as the source's rows and a per-head map (MLADims.q_factored): when the
+    nope dims are shared (RoRoPE) each head's query is d source rows + p rope rows, and per head
+    d*D + (d + p)*d weights are fewer than (d + p)*D. (A query bias stays on the dense form.)"""
+    if src.qk_norm is not None or src.b_q is not None or parts["q_map"] is None:
+        return False
+    d, p, D = layout.head_dim, parts["q_rope"].shape[1], layout.hidden_size
+    return d * D + (d + p) * d < (d + p) * D
 
 
 def nope_queries(parts: dict) -> torch.Tensor:
@@ -149,7 +159,13 @@ def assemble(layout: SourceLayout, src: SourceAttention, parts: dict, a: torch.T
     sd = {k: v.to(torch.float32, copy=True) for k, v in sd.items()}  # own memory, one copy each
     sd["q_proj.weight"] = q.flatten(0, 1)  # (H*(n+p), D)
     sd["rope_freq_idx"] = parts["freq_idx"].clone()
-    return sd if src.qk_norm is None else qk_norm_state(sd, src, layout, parts)
+    if src.qk_norm is not None:
+        return qk_norm_state(sd, src, layout, parts)
+    if "q_head" in parts:  # factored_query: the source rows and the per-head map instead of q_proj
+        sd = {k: v for k, v in sd.items() if not k.startswith("q_proj.")}
+        sd["q_head_map"] = parts["q_head"].float()
+        sd["q_src_proj.weight"] = src.w_q.float().clone()
+    return sd
 
 
 def qk_norm_state(sd: dict, src: SourceAttention, layout: SourceLayout, parts: dict) -> dict:

@@ -23,6 +23,8 @@ def layer_dims(layout: SourceLayout, sd: dict, src: SourceAttention, latent_norm
     norm = {} if src.qk_norm is None else dict(
         qk_norm=src.qk_norm.mode, key_scales=layout.key_scales, src_head_dim=layout.head_dim,
         src_kv_heads=layout.num_kv_heads, k_src_bias="k_src_proj.bias" in sd, qk_norm_eps=src.qk_norm.eps)
+    if src.qk_norm is None and "q_head_map" in sd:  # keys.factored_query
+        norm = dict(q_factored=True, src_head_dim=layout.head_dim)
     return MLADims(
         hidden_size=layout.hidden_size, num_heads=layout.num_heads, kv_lora_rank=r, qk_rope_head_dim=p,
         qk_nope_head_dim=qk - p, v_head_dim=layout.head_dim, softmax_scale=src.softmax_scale,

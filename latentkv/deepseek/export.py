@@ -90,8 +90,10 @@ def engine_tensors(model, dims, freq_idx: torch.Tensor) -> Iterator[tuple[str, t
     alpha = dims.softmax_scale * math.sqrt(dims.qk_nope_head_dim + dims.qk_rope_head_dim)  # ours / engine's scale
     state = model.state_dict()
     for name, t in state.items():
-        if name.endswith(("rope_freq_idx", "rotary_emb.inv_freq")):
+        if name.endswith(("rope_freq_idx", "rotary_emb.inv_freq", "self_attn.q_head_map")):
             continue
+        if name.endswith("self_attn.q_src_proj.weight"):  # a factored query (MLADims.q_factored): dense again
+            name, t = dense_query(state, name, dims)
         t = reorder_rope_rows(name, t.detach(), dims, order)
         if name.endswith(("self_attn.q_proj.weight", "self_attn.q_b_proj.weight")):
             t = t * alpha
@@ -143,6 +145,16 @@ def parse_size(size: str | int) -> int:
     if text.isdigit():
         return int(text)
     raise LatentKVError(f"--max-shard-size {size!r}: give a size like 5GB, 500MB or 100KB")
+
+
+def dense_query(state: dict, name: str, dims) -> tuple[str, torch.Tensor]:
+    """A factored query's q_proj (h*(n+p), D) = per head q_head_map (n+p, d) @ q_src_proj rows (d, D), in
+    fp32 at least and back to the stored dtype."""
+    prefix = name[: -len("q_src_proj.weight")]
+    rows, head_map = state[name], state[prefix + "q_head_map"]
+    up = torch.promote_types(rows.dtype, torch.float32)
+    q = torch.einsum("hkd,hdD->hkD", head_map.to(up), rows.to(up).view(dims.num_heads, -1, rows.shape[-1]))
+    return prefix + "q_proj.weight", q.reshape(-1, rows.shape[-1]).to(rows.dtype)
 
 
 def write_shards(tensors: Iterator[tuple[str, torch.Tensor]], folder: Path, max_bytes: int) -> None:

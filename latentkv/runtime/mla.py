@@ -23,6 +23,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..families import logit_softcap
 from .local import LocalSpan, key_positions, local_mask
+from .numerics import factor_heads, inv_rms, unit_rms
 
 MLAPath = Literal["auto", "expanded", "absorbed"]
 
@@ -54,6 +55,10 @@ class MLADims:
     src_kv_heads: int = 0  # G: the source's KV heads (k_src_proj has G*d rows)
     k_src_bias: bool = False
     qk_norm_eps: float = 1e-6
+    # A query kept as the source's own rows and a per-head map (q_src_proj + q_head_map, as QK-norm layers
+    # hold it, without the norm): each head's n + p query rows are a map of its d source rows, so the
+    # factors hold h*d*D + h*(n+p)*d weights instead of h*(n+p)*D (the dense q_proj grows with RoRoPE).
+    q_factored: bool = False
 
     def __post_init__(self):
         if self.qk_rope_head_dim % 2:
@@ -126,17 +131,18 @@ class MLAAttention(nn.Module):
         self.local: LocalSpan | None = None  # a local layer (sinks + window; install.set_local_layers)
         d, h = dims, dims.num_heads
         qk_head = d.qk_nope_head_dim + d.qk_rope_head_dim
-        if d.qk_norm is not None:  # source query -> its norm -> per-head map; source key rows for the scale
+        if d.qk_norm is not None or d.q_factored:  # source query [-> its norm] -> per-head map
             self.q_src_proj = nn.Linear(d.hidden_size, h * d.src_head_dim, bias=d.q_bias)
             self.q_head_map = nn.Parameter(torch.empty(h, qk_head, d.src_head_dim))
-            self.k_src_proj = nn.Linear(d.hidden_size, d.src_kv_heads * d.src_head_dim, bias=d.k_src_bias)
-            self.register_buffer("key_scale_of_pair", torch.zeros(d.qk_rope_head_dim // 2, dtype=torch.long))
         elif d.q_lora_rank is None:
             self.q_proj = nn.Linear(d.hidden_size, h * qk_head, bias=d.q_bias)
         else:
             self.q_a_proj = nn.Linear(d.hidden_size, d.q_lora_rank, bias=False)
             self.q_a_layernorm = nn.RMSNorm(d.q_lora_rank, eps=d.rms_norm_eps)
             self.q_b_proj = nn.Linear(d.q_lora_rank, h * qk_head, bias=d.q_bias)
+        if d.qk_norm is not None:  # the source key rows give the per-token key scale
+            self.k_src_proj = nn.Linear(d.hidden_size, d.src_kv_heads * d.src_head_dim, bias=d.k_src_bias)
+            self.register_buffer("key_scale_of_pair", torch.zeros(d.qk_rope_head_dim // 2, dtype=torch.long))
         self.kv_a_proj_with_mqa = nn.Linear(d.hidden_size, d.kv_lora_rank + d.qk_rope_head_dim, bias=d.kv_a_bias)
         self.kv_a_layernorm = nn.RMSNorm(d.kv_lora_rank, eps=d.rms_norm_eps) if d.latent_norm else None
         self.kv_b_proj = nn.Linear(d.kv_lora_rank, h * (d.qk_nope_head_dim + d.v_head_dim), bias=False)
@@ -148,10 +154,11 @@ class MLAAttention(nn.Module):
     def _query(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, t, D) -> (B, h, t, n + p)."""
         b, t, _ = x.shape
-        if self.dims.qk_norm is not None:
-            q = self.q_src_proj(x)  # (B, t, h*d): normalised per head, or as a whole (OLMo-2)
-            q = unit_rms(q.view(b, t, self.dims.num_heads, -1) if self.dims.qk_norm == "head" else q,
-                         self.dims.qk_norm_eps)
+        if self.dims.qk_norm is not None or self.dims.q_factored:
+            q = self.q_src_proj(x)  # (B, t, h*d): with QK-norm normalised per head, or as a whole (OLMo-2)
+            if self.dims.qk_norm is not None:
+                q = unit_rms(q.view(b, t, self.dims.num_heads, -1) if self.dims.qk_norm == "head" else q,
+                             self.dims.qk_norm_eps)
             return torch.einsum("bthd,hkd->bhtk", q.view(b, t, self.dims.num_heads, -1), self.q_head_map)
         q = self.q_proj(x) if self.dims.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         return q.view(b, t, self.dims.num_heads, -1).transpose(1, 2)
@@ -317,8 +324,10 @@ class MLAAttention(nn.Module):
         so training sees the real parameters)."""
         if torch.is_grad_enabled() or self.dims.qk_norm is not None:  # QK-norm: the query's norm sits in between
             return {"q": None, "q_factor": None, "q_bias": None, "o": None}
-        lin = self.q_proj if self.dims.q_lora_rank is None else self.q_b_proj
-        params = (lin.weight, lin.bias, self.kv_b_proj.weight, self.o_proj.weight)
+        lin = (self.q_src_proj if self.dims.q_factored else self.q_proj if self.dims.q_lora_rank is None
+               else self.q_b_proj)
+        params = (lin.weight, lin.bias, self.kv_b_proj.weight, self.o_proj.weight,
+                  self.q_head_map if self.dims.q_factored else None)
         key = tuple((p.data_ptr(), p._version, p.dtype) for p in params if p is not None)
         if getattr(self, "_folds_key", None) != key:
             self._folds, self._folds_key = self._compute_folds(lin), key
@@ -327,12 +336,21 @@ class MLAAttention(nn.Module):
     def _compute_folds(self, lin: nn.Linear) -> dict:
         d, h, n, r = self.dims, self.dims.num_heads, self.dims.qk_nope_head_dim, self.dims.kv_lora_rank
         w_uk, w_uv = self.absorbed_weights()
-        d_in, v = lin.weight.shape[1], d.v_head_dim
+        d_in = lin.weight.shape[1]
         out = {"q": None, "q_factor": None, "q_bias": None, "o": None}
         p = d.qk_rope_head_dim
-        wq = lin.weight.view(h, n + p, d_in)
-        fold = torch.cat((torch.einsum("hnr,hnD->hrD", w_uk, wq[:, :n]), wq[:, n:]), 1)  # (h, r + p, D_q)
-        fac_u, fac_v = _factor_heads(fold)
+        if d.q_factored:  # the factors are given: fold W_uk into the head map, keep the source rows
+            wq = self.q_head_map  # (h, n + p, d_src): applied to the source rows' output
+            fac_v = lin.weight  # (h*d_src, D)
+        else:
+            wq = lin.weight.view(h, n + p, d_in)
+        fold = torch.cat((torch.einsum("hnr,hnD->hrD", w_uk, wq[:, :n]), wq[:, n:]), 1)  # (h, r + p, D_q | d_src)
+        if d.q_factored:
+            out["q_factor"] = (fold.transpose(1, 2).contiguous(), fac_v)
+            if lin.bias is not None:
+                out["q_bias"] = torch.einsum("hmd,hd->hm", fold, lin.bias.view(h, -1)).reshape(-1)
+            return self._fold_output(out, w_uv)
+        fac_u, fac_v = factor_heads(fold)
         k = fac_u.shape[-1]
         cost = {"views": (n + p) * d_in + n * r, "fold": (r + p) * d_in, "factor": k * d_in + (r + p) * k}  # per head
         best = min(cost, key=cost.get)
@@ -343,6 +361,10 @@ class MLAAttention(nn.Module):
         if best != "views" and lin.bias is not None:
             bq = lin.bias.view(h, -1)
             out["q_bias"] = torch.cat((torch.einsum("hnr,hn->hr", w_uk, bq[:, :n]), bq[:, n:]), 1).reshape(-1)
+        return self._fold_output(out, w_uv)
+
+    def _fold_output(self, out: dict, w_uv: torch.Tensor) -> dict:
+        d, h, r, v = self.dims, self.dims.num_heads, self.dims.kv_lora_rank, self.dims.v_head_dim
         if d.hidden_size * r < d.hidden_size * v + v * r:  # W_o W_uv is smaller than W_o + W_uv
             wo = self.o_proj.weight.view(d.hidden_size, h, v)
             out["o"] = torch.einsum("Dhv,hvr->Dhr", wo, w_uv).reshape(d.hidden_size, -1)
@@ -364,26 +386,7 @@ class MLAAttention(nn.Module):
             lin = self.q_proj if d.q_lora_rank is None else self.q_b_proj
             q = size(lin.weight) + size(lin.bias) + size(self.absorbed_weights()[0])
         o = size(folds["o"]) if folds["o"] is not None else size(self.o_proj.weight) + size(self.absorbed_weights()[1])
-        rest = sum(size(p) for name, p in self.named_parameters()
-                   if not name.startswith(("q_proj", "q_b_proj", "kv_b_proj", "o_proj.weight")))
+        read_above = ("q_proj", "q_b_proj", "kv_b_proj", "o_proj.weight") + (("q_src_proj", "q_head_map")
+                                                                            if d.q_factored else ())
+        rest = sum(size(p) for name, p in self.named_parameters() if not name.startswith(read_above))
         return q + o + rest
-
-
-def inv_rms(u: torch.Tensor, eps: float) -> torch.Tensor:
-    """1 / rms(u) over the last dim (kept, size 1), in fp32 at least as the source norms compute it."""
-    f = u.to(torch.promote_types(u.dtype, torch.float32))
-    return torch.rsqrt(f.pow(2).mean(-1, keepdim=True) + eps)
-
-
-def unit_rms(u: torch.Tensor, eps: float) -> torch.Tensor:
-    """u / rms(u) over the last dim, in fp32 at least."""
-    return (u.to(torch.promote_types(u.dtype, torch.float32)) * inv_rms(u, eps)).to(u.dtype)
-
-
-def _factor_heads(w: torch.Tensor, rtol: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
-    """w (h, m, D) -> U (h, m, k), V (h*k, D) with w_h = U_h V_h up to `rtol` of the largest
-    singular value, k the largest numerical rank over heads."""
-    h, m, D = w.shape
-    u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)  # (h, m, j), (h, j), (h, j, D)
-    k = max(1, int((s > rtol * s[:, :1]).sum(-1).max()))
-    return (u[..., :k] * s[:, None, :k]).to(w.dtype), vh[:, :k].reshape(h * k, D).to(w.dtype)

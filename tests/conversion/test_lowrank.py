@@ -241,6 +241,12 @@ def test_shared_nope_group_keeps_d_query_dims_and_the_same_scores(name, calib_id
     a, b = low_rank(stack_nope_kv(parts, src).double(), 12, stats)
     sd = assemble(lay, src, parts, a, b)
     H, d, r = lay.num_heads, lay.head_dim, 12
+    # without a query bias the query is held factored (keys.factored_query): the source rows and a map
+    assert ("q_head_map" in sd) == (src.b_q is None) and ("q_proj.weight" in sd) == (src.b_q is not None)
+    if "q_head_map" in sd:
+        assert sd["q_head_map"].shape == (H, d + 8, d) and torch.equal(sd["q_src_proj.weight"], src.w_q.float())
+        dense = torch.einsum("hkd,hdD->hkD", sd["q_head_map"], sd["q_src_proj.weight"].view(H, d, -1))
+        sd["q_proj.weight"] = dense.reshape(H * (d + 8), -1)
     q = torch.cat((sd["q_proj.weight"], sd.get("q_proj.bias", torch.zeros(len(sd["q_proj.weight"])))[:, None]), 1)
     q_nope = q.view(H, d + 8, -1)[:, :d].double()  # (H, d, D+1)
     w_uk = sd["kv_b_proj.weight"].view(H, d + d, r)[:, :d].double()  # (H, d, r)
@@ -292,3 +298,26 @@ def test_separate_key_and_value_latents(calib_ids):
     val_cols = w[:, d.qk_nope_head_dim:].abs().sum((0, 1)) > 0
     assert not (key_cols & val_cols).any() and key_cols.any() and val_cols.any()
     assert d.kv_lora_rank == 40 and small.config.latentkv["conversion"]["kv_separate"]
+
+
+def test_factored_query_holds_the_source_rows_and_a_small_map(calib_ids):
+    """RoRoPE's query is d source rows + p rope rows per head, all maps of the head's own d rows: held as
+    q_src_proj (the source's W_q, bit for bit) and q_head_map, fewer weights than the dense q_proj, with
+    the same logits on both paths, cached or not."""
+    model = make_tiny("llama-gqa")
+    lay = source_layout(model.config)
+    conv = convert(model, LowRankConfig(kv_lora_rank=24, qk_rope_head_dim=8, rope="rorope"), calib_ids=calib_ids,
+                   progress=False)
+    attn = conv.model.layers[0].self_attn
+    H, d, D, p = lay.num_heads, lay.head_dim, lay.hidden_size, 8
+    assert attn.dims.q_factored and not hasattr(attn, "q_proj")
+    assert torch.equal(attn.q_src_proj.weight, model.model.layers[0].self_attn.q_proj.weight)
+    assert attn.q_src_proj.weight.numel() + attn.q_head_map.numel() == H * d * D + H * (d + p) * d < H * (d + p) * D
+    x = _x()
+    with torch.no_grad():
+        ref = conv(x, mla_path="expanded").logits
+        cache = LatentCache(conv)
+        conv(x[:, :-1], cache=cache, mla_path="absorbed")
+        step = conv(x[:, -1:], cache=cache).logits[:, -1]
+    assert (conv(x, mla_path="absorbed").logits - ref).abs().max() < 1e-5
+    assert (step - ref[:, -1]).abs().max() < 1e-5
