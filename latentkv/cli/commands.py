@@ -34,6 +34,7 @@ from ..io.text import load_text
 from ..loading import load_model, parse_dtype, stored_dtype
 from ..record import record_of, record_summary
 from ..reports.bench import bench, write_bench
+from ..reports.duo import localize
 from ..reports.engine import verify_with_vllm
 from ..reports.harness import run_tasks, task_manager
 from ..reports.sweep import run_sweep, write_sweep
@@ -42,6 +43,7 @@ from ..runtime.accounting import cache_report
 from ..runtime.cache import LatentCache
 from ..runtime.checkpoint import save
 from ..runtime.generation import generate
+from ..runtime.local import LocalSpan
 from ..runtime.quant import CacheFormat
 from .demo import run_demo
 from .doctor import doctor
@@ -268,6 +270,16 @@ def heal_cmd(a) -> dict:
     return heal(a.model, a.teacher, a.data, a.out, config, overwrite=a.overwrite, resume=a.resume,
                 work_dir=a.work_dir, teacher_cache=a.teacher_cache, progress=a.progress and not a.json,
                 dtype=parse_dtype(a.dtype), report_to=a.report_to)
+
+
+def localize_cmd(a) -> dict:
+    check_output_dir(a.out, a.overwrite, inputs=(a.model,))
+    model, tok = load_model(a.model, dtype=a.dtype, progress=a.progress)
+    layers = None if a.layers is None else numbers(a.layers, int)
+    result = localize(model, tok, count=a.count, layers=layers, span=LocalSpan(a.sinks, a.window),
+                      probe_context=a.probe_context, progress=a.progress)
+    save(model, tok, a.out, overwrite=a.overwrite)
+    return {**result, "out": a.out}
 
 
 def push_cmd(a) -> dict:

@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(add)
     _add_bench(add)
     _add_push(add)
+    _add_localize(add)
     add_heal_parser(add)
     add_doctor_parser(add)
     ac = add("accelerate-config", commands.accelerate_config_cmd,
@@ -228,6 +229,20 @@ def _add_push(add) -> None:
     u.add_argument("--repo-id", required=True, help="OWNER/NAME")
     u.add_argument("--private", action="store_true")
     u.add_argument("--dry-run", action="store_true", help="list what would be uploaded; no network")
+
+
+def _add_localize(add) -> None:
+    lo = add("localize", commands.localize_cmd, "make layers of a converted model local (sinks + window, "
+             "DuoAttention-style): their cache stops growing; the rest keep every token",
+             out=dict(required=True, help="where the model with local layers is saved"))
+    lo.add_argument("model", help="a latentkv convert output")
+    lo.add_argument("--count", type=int, help="how many layers go local, the least retrieval-bearing first "
+                    "(a passkey probe decides)")
+    lo.add_argument("--layers", help="or exactly these layers, e.g. 0,1,2")
+    lo.add_argument("--sinks", type=int, default=4, help="first tokens every local layer keeps (default 4)")
+    lo.add_argument("--window", type=int, default=256, help="recent tokens a local layer sees (default 256)")
+    lo.add_argument("--probe-context", type=int, default=2048, help="the probe's prompt length (default 2048)")
+    _dtype(lo)
 
 
 def _add_demo(add) -> None:

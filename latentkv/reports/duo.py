@@ -16,8 +16,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..errors import LatentKVError
 from ..evaluation.passkey import build_prompt
-from ..runtime.install import mla_layers, set_local_layers
+from ..runtime.accounting import cache_report
+from ..runtime.install import held_bytes, mla_layers, set_local_layers
 from ..runtime.local import LocalSpan
 
 log = logging.getLogger(__name__)
@@ -66,3 +68,24 @@ def retrieval_scores(model, tokenizer, context: int = 4096, span: LocalSpan | No
 def local_order(scores: list[float]) -> list[int]:
     """Layers in the order they go local: the least retrieval-bearing first."""
     return sorted(range(len(scores)), key=lambda i: scores[i])
+
+
+def localize(model, tokenizer, count: int | None = None, layers=None, span: LocalSpan | None = None,
+             probe_context: int = 2048, contexts=(4096, 32768), progress: bool = True) -> dict:
+    """Make `layers` local, or the `count` least retrieval-bearing ones by the probe; -> what was chosen and
+    the bytes one sequence's cache holds at `contexts` (and the source's) before and after."""
+    span = span or LocalSpan()
+    if (count is None) == (layers is None):
+        raise LatentKVError("give --count K (chosen by the retrieval probe) or --layers i,j,... (not both)")
+    total = len(mla_layers(model))
+    probe = None
+    if layers is None:
+        if not 0 <= count <= total:
+            raise LatentKVError(f"--count {count}: the model has {total} layers; choose 0 to {total}")
+        probe = retrieval_scores(model, tokenizer, probe_context, span, progress=progress)
+        layers = local_order(probe["scores"])[:count]
+    full = {c: held_bytes(model, c) for c in contexts}
+    set_local_layers(model, layers, span)
+    src = cache_report(model)["source"]["bytes_per_token"]
+    return {"local_layers": sorted(layers), "sinks": span.sinks, "window": span.window, "probe": probe,
+            "bytes": {c: {"full": full[c], "local": held_bytes(model, c), "source": src * c} for c in contexts}}

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from latentkv.cli import main
 
@@ -239,3 +240,37 @@ def test_eval_copy_probe_and_suite(capsys, source_dir):
     suite = json.loads(out)["suite"]
     assert set(suite["domains"]) == {"wikitext2", "ptb", "fiction", "code", "docs"}
     assert all(d["windows"] == 1 and d["ppl"] > 1 for d in suite["domains"].values()) and "copy" in suite
+
+
+def test_localize_marks_layers_and_the_output_keeps_them(converted_dir, tmp_path, capsys):
+    """`localize --layers` and `--count` (the retrieval probe picks): the saved model reloads with those layers
+    local, its cache stops growing there, and the bytes it reports at long contexts shrink."""
+    from latentkv import LatentCache, load
+
+    out = tmp_path / "local"
+    assert main(["localize", str(converted_dir), "--layers", "0,2", "--sinks", "2", "--window", "8", "--out", str(out),
+                 "--json", "-q"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["local_layers"] == [0, 2] and result["probe"] is None
+    assert all(b["local"] < b["full"] < b["source"] for b in result["bytes"].values())
+    model, _ = load(out)
+    assert [layer.self_attn.local is not None for layer in model.model.layers] == [True, False, True]
+    cache = LatentCache(model)
+    with torch.no_grad():
+        model(torch.randint(0, 300, (1, 40)), cache=cache, use_cache=True)
+    assert cache.layers[0].c_kv.shape[2] == 2 + 8 - 1 and cache.layers[1].c_kv.shape[2] == 40
+    out2 = tmp_path / "probed"
+    assert main(["localize", str(converted_dir), "--count", "1", "--probe-context", "200", "--out", str(out2),
+                 "--json", "-q"]) == 0
+    probed = json.loads(capsys.readouterr().out)
+    assert len(probed["local_layers"]) == 1 and len(probed["probe"]["scores"]) == 3
+    assert probed["local_layers"][0] == min(range(3), key=lambda i: probed["probe"]["scores"][i])
+
+
+def test_localize_refusals(converted_dir, source_dir, tmp_path, capsys):
+    assert main(["localize", str(converted_dir), "--out", str(tmp_path / "x")]) == 2
+    assert "--count K" in capsys.readouterr().err
+    assert main(["localize", str(converted_dir), "--count", "9", "--out", str(tmp_path / "x")]) == 2
+    assert "has 3 layers" in capsys.readouterr().err
+    assert main(["localize", str(source_dir), "--layers", "0", "--out", str(tmp_path / "x")]) == 2
+    assert "converted by latentkv" in capsys.readouterr().err
