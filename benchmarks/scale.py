@@ -159,13 +159,26 @@ def weights_table(args, folders: dict[str, Path]) -> list[str]:
     depth, gib = SHAPES[args.shape]["num_hidden_layers"], 2**30
     sizes = {name: weight_bytes(folder) for name, folder in folders.items() if folder.is_dir()}
     src = sizes["source"]
-    lines = ["", f"Weights held (bf16; per layer from layer 0, the whole model at the shape's {depth} layers):", "",
-             "| checkpoint | attention / layer | layer | whole model | vs source |", "|---|---:|---:|---:|---:|"]
+    reads = {"source": src["attention"], "latentkv (ours)": decode_reads(folders["latentkv (ours)"])}
+    lines = ["", f"Weights held (bf16; per layer from layer 0, the whole model at the shape's {depth} layers) and the "
+             "attention weights one absorbed decode step reads per layer (`MLAAttention.decode_weight_bytes`; the "
+             "source reads its q/k/v/o):", "",
+             "| checkpoint | attention / layer | read per decode step / layer | layer | whole model | vs source |",
+             "|---|---:|---:|---:|---:|---:|"]
     for name, w in sizes.items():
         whole = w["rest"] + depth * w["layer"]
-        lines.append(f"| {name} | {w['attention'] / 2**20:.1f} MiB | {w['layer'] / 2**20:.1f} MiB | "
+        read = f"{reads[name] / 2**20:.1f} MiB ({reads[name] / src['attention']:.3f}x)" if name in reads else "-"
+        lines.append(f"| {name} | {w['attention'] / 2**20:.1f} MiB | {read} | {w['layer'] / 2**20:.1f} MiB | "
                      f"{whole / gib:.2f} GiB | {whole / (src['rest'] + depth * src['layer']):.3f}x |")
     return lines
+
+
+def decode_reads(folder: Path) -> int:
+    """Attention weight bytes one absorbed decode step of layer 0 reads, the model loaded as stored (bf16)."""
+    from latentkv import load_model
+
+    model, _ = load_model(folder, dtype="auto", progress=False)
+    return model.model.layers[0].self_attn.decode_weight_bytes()
 
 
 def export_and_verify(out: Path, ds: Path) -> dict:
