@@ -59,7 +59,10 @@ def run(args) -> dict:
         seconds = time.perf_counter() - t0
         if log:  # the heal may have run in an earlier process: its own step times say what it cost
             seconds = sum(json.loads(line)["time"] for line in log.read_text().splitlines() if line.strip())
-        res[name] = {"convert_s": round(seconds, 1), **measure(model, tok, args), **({"heal_log": str(log)} if log else {})}
+        elif args.heal_tokens and name in kept and kept[name].is_dir():  # loaded: its record's time, if any
+            seconds = (record_of(model) or {}).get("convert_seconds")
+        res[name] = {"convert_s": None if seconds is None else round(seconds, 1), **measure(model, tok, args),
+                     **({"heal_log": str(log)} if log else {})}
         print(name, json.dumps(res[name]), file=sys.stderr, flush=True)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(res, indent=2))
@@ -116,7 +119,7 @@ def markdown(args, res: dict) -> str:
         cells = " | ".join(f"{r[t]:.2f} (x{r[t] / src[t]:.2f})" for t in TEXTS)
         key = f"{r['passkey']:.0%}" if "passkey" in r else "-"
         lines.append(f"| {name} | {r['cache_bytes_per_token']:,} | {r['cache_bytes_per_token'] / src['cache_bytes_per_token']:.1%}"
-                     f" | {cells} | {key} | {r['convert_s']} |")
+                     f" | {cells} | {key} | {'-' if r['convert_s'] is None else r['convert_s']} |")
     return section(args.section, f"Fewer KV heads against MLA at equal bytes: {args.model}", intro, lines)
 
 
