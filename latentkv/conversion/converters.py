@@ -47,7 +47,8 @@ def lowrank_problem(src: SourceAttention, layout: SourceLayout, config: LowRankC
     elif config.rope == "elite":
         extra = {"sample": stats.sample, "memo": stats.memo}
     split = strategy.split(src, layout, rope // 2, stats.sigma, config.rope_horizon, **extra)
-    parts = split_keys(src, layout, split, config.rope_horizon)
+    export_grade = config.latent_norm or config.rope == "rorope-export"  # engines read a dense q_proj
+    parts = split_keys(src, layout, split, config.rope_horizon, factor_query=not export_grade)
     use_stats, metric = FACTORIZERS[config.factorizer].weights(parts, src, layout, stats)
     return parts, stack_nope_kv(parts, src), use_stats, metric
 

@@ -15,7 +15,8 @@ from ..families import SourceAttention, SourceLayout
 from .rope import KeySplit, augment, expected_rotation, mixed_key_weights
 
 
-def split_keys(src: SourceAttention, layout: SourceLayout, split: KeySplit, horizon: int = 0) -> dict:
+def split_keys(src: SourceAttention, layout: SourceLayout, split: KeySplit, horizon: int = 0,
+               factor_query: bool = True) -> dict:
     """Rotated vs non-rotated rows of the (mixed) keys and queries, split identically on both.
 
     Returns augmented weights: kr (p, D+1), q_rope (H, p, D+1), k_nope (Gn, n, D+1) for Gn nope
@@ -27,6 +28,9 @@ def split_keys(src: SourceAttention, layout: SourceLayout, split: KeySplit, hori
     instead of 8x. Otherwise q_map is None and q_nope is already in k' space (k = n).
     Nope dims stay per KV group when the split is uniform with R = I (compact), else one shared group.
     With `horizon` > 1 the non-rotated query rows carry the pair's mean rotation (`expected_rotation`).
+    `factor_query`: hold the query factored where that is smaller (`factored_query`); an export-grade
+    conversion keeps it dense, since engines read a dense q_proj and multiplying bf16 factors back out
+    would round differently from the runtime that verify-export compares against.
     """
     H, G, d = layout.num_heads, layout.num_kv_heads, layout.head_dim
     half = d // 2
@@ -57,7 +61,7 @@ def split_keys(src: SourceAttention, layout: SourceLayout, split: KeySplit, hori
         parts.update(q_nope=wq_all, q_map=q_map)
     else:
         parts.update(q_nope=q_map @ wq_all, q_map=None)
-    if src.qk_norm is not None or factored_query(layout, src, parts):  # the maps on the source query rows
+    if src.qk_norm is not None or (factor_query and factored_query(layout, src, parts)):  # maps on source rows
         q_rope_map = torch.stack([head_query(eye, h // layout.group_size, split.mix, layout, rope)
                                   for h in range(H)])  # (H, p, d)
         nope_map = eye.expand(H, d, d) if parts["q_map"] is not None else q_map

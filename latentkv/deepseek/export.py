@@ -42,6 +42,9 @@ def exportable_dims(model):
     layers = [layer.self_attn for layer in model.model.layers]
     if record_of(model) is None or not is_mla(model):
         raise LatentKVError("export needs a model converted by latentkv; run `latentkv convert` first")
+    if any(a.dims.q_factored for a in layers):
+        raise LatentKVError("this conversion holds its query factored (a native conversion); stock engines read a "
+                            "dense q_proj: convert with --target deepseek_v3 for an exportable model")
     if any(a.local for a in layers):
         raise LatentKVError("local layers (sinks + window) have no DeepSeek-V3 form: stock engines would attend to "
                             "every token; export the model with all layers full (set_local_layers(model, []))")
@@ -90,10 +93,8 @@ def engine_tensors(model, dims, freq_idx: torch.Tensor) -> Iterator[tuple[str, t
     alpha = dims.softmax_scale * math.sqrt(dims.qk_nope_head_dim + dims.qk_rope_head_dim)  # ours / engine's scale
     state = model.state_dict()
     for name, t in state.items():
-        if name.endswith(("rope_freq_idx", "rotary_emb.inv_freq", "self_attn.q_head_map")):
+        if name.endswith(("rope_freq_idx", "rotary_emb.inv_freq")):
             continue
-        if name.endswith("self_attn.q_src_proj.weight"):  # a factored query (MLADims.q_factored): dense again
-            name, t = dense_query(state, name, dims)
         t = reorder_rope_rows(name, t.detach(), dims, order)
         if name.endswith(("self_attn.q_proj.weight", "self_attn.q_b_proj.weight")):
             t = t * alpha
@@ -145,16 +146,6 @@ def parse_size(size: str | int) -> int:
     if text.isdigit():
         return int(text)
     raise LatentKVError(f"--max-shard-size {size!r}: give a size like 5GB, 500MB or 100KB")
-
-
-def dense_query(state: dict, name: str, dims) -> tuple[str, torch.Tensor]:
-    """A factored query's q_proj (h*(n+p), D) = per head q_head_map (n+p, d) @ q_src_proj rows (d, D), in
-    fp32 at least and back to the stored dtype."""
-    prefix = name[: -len("q_src_proj.weight")]
-    rows, head_map = state[name], state[prefix + "q_head_map"]
-    up = torch.promote_types(rows.dtype, torch.float32)
-    q = torch.einsum("hkd,hdD->hkD", head_map.to(up), rows.to(up).view(dims.num_heads, -1, rows.shape[-1]))
-    return prefix + "q_proj.weight", q.reshape(-1, rows.shape[-1]).to(rows.dtype)
 
 
 def write_shards(tensors: Iterator[tuple[str, torch.Tensor]], folder: Path, max_bytes: int) -> None:
