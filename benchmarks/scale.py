@@ -132,25 +132,19 @@ def convert(src: Path, out: Path, args) -> dict:
 
 def weight_bytes(folder: Path) -> dict:
     """Bytes of layer 0's attention, of layer 0 whole, and of everything outside the layers, from the
-    safetensors headers of `folder` (nothing is loaded)."""
-    from safetensors import safe_open
+    safetensors headers of `folder` (nothing is loaded: `shard_tensors` gives meta tensors)."""
+    from latentkv.io.shards import shard_tensors
 
     out = {"attention": 0, "layer": 0, "rest": 0}
     for file in folder.glob("*.safetensors"):
-        with safe_open(str(file), framework="pt") as f:
-            for name in f.keys():
-                part = f.get_slice(name)
-                size = torch.tensor([], dtype=DTYPES[part.get_dtype()]).element_size()
-                nbytes = size * int(torch.tensor(part.get_shape()).prod()) if part.get_shape() else size
-                if ".layers.0." in name:
-                    out["layer"] += nbytes
-                    out["attention"] += nbytes if ".self_attn." in name else 0
-                elif ".layers." not in name:
-                    out["rest"] += nbytes
+        for name, t in shard_tensors(file).items():
+            nbytes = t.numel() * t.element_size()
+            if ".layers.0." in name:
+                out["layer"] += nbytes
+                out["attention"] += nbytes if ".self_attn." in name else 0
+            elif ".layers." not in name:
+                out["rest"] += nbytes
     return out
-
-
-DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "I64": torch.int64}
 
 
 def weights_table(args, folders: dict[str, Path]) -> list[str]:

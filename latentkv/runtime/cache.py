@@ -16,7 +16,7 @@ cache, `evaluation.perplexity`). The rope key stays in the model's dtype unless 
 Sliding-window layers (Mistral, Qwen2 upper layers, Gemma-2's every other layer) keep only the
 last `window - 1` tokens, as transformers' own sliding layers do, when the cache is built from
 the model (`LatentCache(model)`): their bytes stop growing at the window. Local layers
-(`install.set_local_layers`, DuoAttention-style) keep their sinks and window (`local.LatentSinkLayer`).
+(`install.set_local_layers`, DuoAttention-style) keep their sinks and window (`LatentSinkLayer`).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, DynamicS
 from ..errors import LatentKVError
 from ..families import source_layout
 from .install import mla_layers
-from .local import LatentSinkLayer
+from .local import LocalSpan
 from .quant import CacheFormat, as_format
 
 
@@ -120,6 +120,51 @@ class LatentWindowLayer(DynamicSlidingWindowLayer):
 
     def joint(self) -> None:
         return None
+
+    def nbytes(self) -> int:
+        return _held_bytes(self)
+
+
+class LatentSinkLayer(DynamicLayer):
+    """A local layer's latent cache: `c_kv (B, 1, <= sinks + window - 1, r)`, `k_pe` alike, and their
+    positions. An update returns every token the step may need (held + new), then trims to what later
+    queries can still see."""
+
+    def __init__(self, span: LocalSpan):
+        super().__init__()
+        self.span, self.seen = span, 0
+        self.positions = self.step_positions = None  # (held,), (held + new,) long
+
+    c_kv = LatentLayer.c_kv
+    k_pe = LatentLayer.k_pe
+
+    def update(self, c_kv: torch.Tensor, k_pe: torch.Tensor, *args, **kwargs):
+        """c_kv (B, 1, t, r), k_pe (B, 1, t, p) -> held + new c_kv (B, 1, s, r) and k_pe (B, 1, s, p)."""
+        new = torch.arange(self.seen, self.seen + c_kv.shape[-2], device=c_kv.device)
+        if not self.is_initialized:
+            self.lazy_initialization(c_kv, k_pe)
+            full_c, full_p, pos = c_kv, k_pe, new
+        else:
+            full_c, full_p = torch.cat((self.keys, c_kv), -2), torch.cat((self.values, k_pe), -2)
+            pos = torch.cat((self.positions, new))
+        self.seen += c_kv.shape[-2]
+        keep = (pos < self.span.sinks) | (pos > self.seen - self.span.window)  # the next query is at `seen`
+        self.keys, self.values, self.positions = full_c[:, :, keep], full_p[:, :, keep], pos[keep]
+        self.step_positions = pos
+        return full_c, full_p
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        # the model-level mask is built for full layers; a local layer replaces it with `local_mask`
+        return self.seen + query_length, 0
+
+    def joint(self) -> None:
+        return None
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise LatentKVError("a local layer's cache cannot be cropped (assisted decoding): use full layers")
 
     def nbytes(self) -> int:
         return _held_bytes(self)

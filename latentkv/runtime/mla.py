@@ -339,14 +339,10 @@ class MLAAttention(nn.Module):
         d_in = lin.weight.shape[1]
         out = {"q": None, "q_factor": None, "q_bias": None, "o": None}
         p = d.qk_rope_head_dim
-        if d.q_factored:  # the factors are given: fold W_uk into the head map, keep the source rows
-            wq = self.q_head_map  # (h, n + p, d_src): applied to the source rows' output
-            fac_v = lin.weight  # (h*d_src, D)
-        else:
-            wq = lin.weight.view(h, n + p, d_in)
-        fold = torch.cat((torch.einsum("hnr,hnD->hrD", w_uk, wq[:, :n]), wq[:, n:]), 1)  # (h, r + p, D_q | d_src)
-        if d.q_factored:
-            out["q_factor"] = (fold.transpose(1, 2).contiguous(), fac_v)
+        wq = self.q_head_map if d.q_factored else lin.weight.view(h, n + p, d_in)  # (h, n + p, d_src | D_q)
+        fold = torch.cat((torch.einsum("hnr,hnD->hrD", w_uk, wq[:, :n]), wq[:, n:]), 1)  # (h, r + p, d_src | D_q)
+        if d.q_factored:  # the factors are given: W_uk folded into the head map, the source rows kept
+            out["q_factor"] = (fold.transpose(1, 2).contiguous(), lin.weight)
             if lin.bias is not None:
                 out["q_bias"] = torch.einsum("hmd,hd->hm", fold, lin.bias.view(h, -1)).reshape(-1)
             return self._fold_output(out, w_uv)
