@@ -63,10 +63,29 @@ def norm_layer(model, i: int, x: torch.Tensor) -> dict:
     """Fit layer i's latent norm on its attention inputs x (tokens, D) and install it -> fit report."""
     attn = model.model.layers[i].self_attn
     state, fit = fit_layer(attn, x)
+    state, scale = engine_softmax_scale(state, attn.dims)
     flags = {"q_bias": any(f"{k}.bias" in state for k in ("q_proj", "q_b_proj", "q_src_proj")),
              "kv_a_bias": "kv_a_proj_with_mqa.bias" in state, "o_bias": "o_proj.bias" in state}
-    install_layer(model, i, dataclasses.replace(attn.dims, latent_norm=True, rms_norm_eps=NORM_EPS, **flags), state)
+    install_layer(model, i, dataclasses.replace(attn.dims, latent_norm=True, rms_norm_eps=NORM_EPS,
+                                                softmax_scale=scale, **flags), state)
     return fit
+
+
+def engine_softmax_scale(state: dict, dims) -> tuple[dict, float]:
+    """Give the layer the softmax scale engines use, (n + p)^-0.5, by folding the ratio into the query.
+
+    Engines fix the scale from the config's head dims, so the ratio to ours has to live in the query
+    weights somewhere; done here, in the conversion's float32, the stored weights are rounded once, and
+    the export copies them as they are. Folded at export instead, a bf16 checkpoint's query would be
+    multiplied and rounded a second time, which stock engines and our runtime then disagree by
+    (5e-2 in the logits at the Llama-3-8B shape). A QK-norm query is normalised after its projection,
+    so a scale there would not survive: such layers keep theirs (and export refuses them anyway)."""
+    if dims.qk_norm is not None:
+        return state, dims.softmax_scale
+    engine = (dims.qk_nope_head_dim + dims.qk_rope_head_dim) ** -0.5
+    alpha = dims.softmax_scale / engine
+    names = ("q_proj.weight", "q_proj.bias", "q_b_proj.weight", "q_b_proj.bias", "q_head_map")
+    return {k: v * alpha if k in names else v for k, v in state.items()}, engine
 
 
 def fit_layer(attn, x: torch.Tensor) -> tuple[dict, dict]:

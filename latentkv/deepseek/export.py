@@ -1,8 +1,9 @@
 """Export a converted model as a stock DeepSeek-V3 checkpoint (transformers, vLLM, SGLang).
 
 What makes the export compute the same function as our runtime:
-- softmax scale: engines use (n + p)^-0.5; the ratio to ours (the source's d^-0.5) is folded
-  into the query rows;
+- softmax scale: engines use (n + p)^-0.5; fitting the latent norm already folded the ratio to the
+  source's d^-0.5 into the query rows in float32 (`latent_norm.engine_softmax_scale`); a checkpoint
+  from before that has it folded here;
 - RoPE: engines rotate the p rope dims at rope_theta'^(-2j/p) in interleaved pairs. We keep
   source frequencies; when they are the m = p/2 fastest ones, theta' = theta^(p/d) reproduces
   them exactly (and llama3 scaling, a function of the wavelength only, carries over unchanged).
@@ -96,8 +97,8 @@ def engine_tensors(model, dims, freq_idx: torch.Tensor) -> Iterator[tuple[str, t
         if name.endswith(("rope_freq_idx", "rotary_emb.inv_freq")):
             continue
         t = reorder_rope_rows(name, t.detach(), dims, order)
-        if name.endswith(("self_attn.q_proj.weight", "self_attn.q_b_proj.weight")):
-            t = t * alpha
+        if abs(alpha - 1) > 1e-6 and name.endswith(("self_attn.q_proj.weight", "self_attn.q_b_proj.weight")):
+            t = t * alpha  # a conversion from before the scale was folded at conversion (latent_norm)
         if name.endswith("mlp.gate_up_proj.weight"):  # Phi-3's fused MLP: DeepSeek-V3 names its halves apart
             gate, up = t.chunk(2)
             yield name.replace("gate_up_proj", "gate_proj"), gate.contiguous()

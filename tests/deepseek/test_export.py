@@ -356,3 +356,22 @@ def test_export_writes_a_model_card(tmp_path):
     assert f"{latent * 4 * 2:,} bytes against the base model's {source * 4 * 2:,}" in card  # fp32, 2 layers
     assert "vllm serve" in card and "sglang" in card and "--target deepseek_v3" in card
     assert "not a shape the fast MLA kernels" in card  # tiny ranks: the kernel note says so
+
+
+def test_bf16_checkpoint_exports_its_query_unchanged(ids, tmp_path):
+    """The engines' softmax scale is folded into the query when the latent norm is fitted (float32),
+    so a bf16 checkpoint's export copies q_proj bit for bit instead of rounding a product again."""
+    from latentkv import load, save
+
+    conv = target_model("llama-gqa")
+    d = conv.model.layers[0].self_attn.dims
+    assert d.softmax_scale == pytest.approx((d.qk_nope_head_dim + d.qk_rope_head_dim) ** -0.5)
+    assert d.softmax_scale != pytest.approx(16 ** -0.5)  # the source's scale differed: a real fold happened
+    save(conv.to(torch.bfloat16), None, tmp_path / "bf16")
+    export(load(tmp_path / "bf16", torch.bfloat16)[0], tmp_path / "ds")  # as `latentkv export` does (auto)
+    ours, stock = load(tmp_path / "bf16")[0], load_stock(tmp_path / "ds")  # both run in float32, as verify-export
+    w = "model.layers.0.self_attn.q_proj.weight"  # rope rows permuted to the interleaved layout, values copied
+    assert torch.equal(stock.state_dict()[w].flatten().sort().values, ours.state_dict()[w].flatten().sort().values)
+    with torch.no_grad():
+        ref = ours(ids).logits
+        assert ref.abs().max() > 1 and (stock(ids).logits - ref).abs().max().item() <= 1e-4
