@@ -31,6 +31,9 @@ SAMPLE_TEXT = ("The history of the city begins with a small settlement on the ri
 def check_export_dir(out) -> None:
     if not Path(out).is_dir():
         raise LatentKVError(f"export {out} not found; pass the directory `latentkv export` wrote")
+    if (Path(out) / "latentkv.json").is_file() and not (Path(out) / "config.json").is_file():
+        raise LatentKVError(f"{out} is a native latentkv checkpoint, not an export; run `latentkv export {out} "
+                            "--out DIR` and verify DIR against it")
     check_weights(out)
 
 

@@ -206,6 +206,7 @@ def test_convert_export_verify_load(capsys, source_dir, tmp_path):
 @pytest.mark.parametrize("argv,match", [
     (["export", "{conv}", "--out", "{tmp}/ds"], "latent norm"),
     (["verify-export", "{tmp}/nothing", "--against", "{conv}"], "not found"),
+    (["verify-export", "{conv}", "--against", "{conv}"], "not an export"),
 ])
 def test_export_bad_input_is_one_line(capsys, converted_dir, tmp_path, argv, match):
     code, _, err = run(capsys, *[a.format(conv=converted_dir, tmp=tmp_path) for a in argv])

@@ -53,7 +53,7 @@ COMMANDS = {
 }
 WRITERS = [c for c, (_, argv) in COMMANDS.items() if "{o}" in argv]
 # what a command given the wrong kind of model must say
-WRONG_KIND = {"export": ("src", "converted by latentkv"), "verify-export": ("conv", "cannot load"),
+WRONG_KIND = {"export": ("src", "converted by latentkv"), "verify-export": ("conv", "not an export"),
               "load": ("src", "DeepSeek-V3"), "heal": ("src", "conver")}
 
 
