@@ -73,6 +73,12 @@ def _messages_to_stderr(level: int):
     logger.addHandler(handler)
     logger.setLevel(level)
     logger.propagate = False
+    # the hub client logs each failed request ("... thrown while requesting HEAD ...") before raising;
+    # our one-line error names the failure and its fix, so that line is noise unless --verbose
+    hub = logging.getLogger("huggingface_hub")
+    old_hub = hub.level
+    if level > logging.DEBUG:
+        hub.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("default")
@@ -82,6 +88,7 @@ def _messages_to_stderr(level: int):
         logger.removeHandler(handler)
         logger.setLevel(old_level)
         logger.propagate = old_propagate
+        hub.setLevel(old_hub)
 
 
 @contextlib.contextmanager

@@ -354,3 +354,31 @@ def test_first_line_quotes_one_line_of_a_deep_error():
     assert first_line(ValueError("bad shape\n  at frame 1\n  at frame 2")) == "bad shape"
     assert first_line(KeyError()) == "KeyError"  # says nothing: its type
     assert first_line(OSError("x" * 500), 120) == "x" * 120
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_hub_request_noise_stays_out_of_the_one_line_error(capsys, monkeypatch, verbose):
+    """The hub client logs each failed request before raising; the error line already says what failed."""
+    import logging
+
+    from latentkv import LatentKVError
+    from latentkv.cli import commands
+
+    def fail(a):
+        logging.getLogger("huggingface_hub.utils._http").warning("'[Errno -2]' thrown while requesting HEAD x")
+        raise LatentKVError("could not load model 'x'; pass a local HF directory")
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    seen, hub, collect = [], logging.getLogger("huggingface_hub"), Collect()
+    before = hub.level
+    hub.addHandler(collect)
+    monkeypatch.setattr(commands, "info_cmd", fail)
+    try:
+        code = main(["info", "x", *(["--verbose"] if verbose else [])])
+    finally:
+        hub.removeHandler(collect)
+    assert code == 2 and one_line_error(code, capsys.readouterr().err).startswith("error: could not load")
+    assert len(seen) == verbose and hub.level == before  # shown only with --verbose; the level is put back
