@@ -24,13 +24,14 @@ from common import add_output_args, section, write_outputs
 
 
 def describe(model, name: str) -> str:
-    """`name (share of the source's cache, split)` for a conversion; the name for a source."""
+    """`name (share of the source's cache, split)` for a conversion; `name (K KV heads)` for a stock model
+    (a source, or a `--target gqa` merge: nothing in its files says which), healed or not."""
     record = record_of(model)
-    if record is None:  # a source, or a `--target gqa` conversion: a stock model with fewer KV heads
+    if record is None:
         heal = Path(name) / "heal.json"
         healed = f", healed {json.loads(heal.read_text())['tokens']:,} tok" if heal.is_file() else ""
         kv = getattr(model.config, "num_key_value_heads", None)
-        return f"{name} (GQA, {kv} KV head{'s' * (kv != 1)}{healed})" if Path(name).is_dir() and kv else name
+        return f"{name} ({kv} KV head{'s' * (kv != 1)}{healed})" if kv else name
     rep, layer = cache_report(model), (record.get("layers") or [{}])[0]
     healed = f", healed {record['heal']['tokens']:,} tok" if record.get("heal") else ""
     return (f"{name} ({rep['ratio']:.1%}, {layer.get('qk_rope_head_dim', '?')}+{layer.get('kv_lora_rank', '?')}"

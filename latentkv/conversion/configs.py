@@ -152,6 +152,12 @@ def config_from_dict(data: dict):
 
 
 TARGETS = {"deepseek_v3": {"rope": "rorope-export", "latent_norm": True, "rank_allocation": "uniform"}}
+
+
+def export_grade(config) -> bool:
+    """A conversion made for the DeepSeek-V3 export (`--target deepseek_v3`, `--latent-norm` or
+    `--rope rorope-export`): what stock engines compute, so nothing only our runtime can hold."""
+    return bool(getattr(config, "latent_norm", False)) or getattr(config, "rope", None) == "rorope-export"
 # Native conversions without --rope: the split search also tries folding neighbouring frequencies,
 # which kept more score energy at low budgets; held-out calibration windows decide per budget.
 AUTO_ROPES = ("rorope", "rorope-fold2")

@@ -15,7 +15,7 @@ import torch
 from ..errors import LatentKVError
 from ..families import SourceAttention, SourceLayout, rotates
 from .biases import move_exact_biases
-from .configs import ExactConfig, LowRankConfig, SVDConfig
+from .configs import ExactConfig, LowRankConfig, SVDConfig, export_grade
 from .keys import assemble, split_keys, stack_nope_kv
 from .linalg import low_rank, spectrum
 from .metrics import FACTORIZERS
@@ -47,8 +47,8 @@ def lowrank_problem(src: SourceAttention, layout: SourceLayout, config: LowRankC
     elif config.rope == "elite":
         extra = {"sample": stats.sample, "memo": stats.memo}
     split = strategy.split(src, layout, rope // 2, stats.sigma, config.rope_horizon, **extra)
-    export_grade = config.latent_norm or config.rope == "rorope-export"  # engines read a dense q_proj
-    parts = split_keys(src, layout, split, config.rope_horizon, factor_query=not export_grade)
+    # an export-grade query stays dense: engines read one q_proj
+    parts = split_keys(src, layout, split, config.rope_horizon, factor_query=not export_grade(config))
     use_stats, metric = FACTORIZERS[config.factorizer].weights(parts, src, layout, stats)
     return parts, stack_nope_kv(parts, src), use_stats, metric
 

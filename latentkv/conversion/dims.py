@@ -14,7 +14,7 @@ from dataclasses import replace
 
 from ..errors import LatentKVError
 from ..families import SourceLayout
-from .configs import PRESETS, ExactConfig, SVDConfig
+from .configs import PRESETS, ExactConfig, SVDConfig, export_grade
 from .rope import PER_HEAD
 
 log = logging.getLogger(__name__)
@@ -43,15 +43,14 @@ def fit_to_source(config, layout: SourceLayout):
     1 / rms, so a RoPE strategy that mixes KV heads (RoRoPE) would mix differently scaled keys: the
     default then chooses among those that keep heads apart; an explicit one is refused. A DeepSeek-V3
     export has no slot for the scale, nor for layers without RoPE (SmolLM3): export-grade is refused."""
-    rope = rope_of(config)
-    export_grade = getattr(config, "latent_norm", False) or rope == "rorope-export"
-    if export_grade and layout.layer_inv_freq and not all(any(f) for f in layout.layer_inv_freq):
+    rope, for_export = rope_of(config), export_grade(config)
+    if for_export and layout.layer_inv_freq and not all(any(f) for f in layout.layer_inv_freq):
         raise LatentKVError(f"cannot convert {layout.model_type} export-grade (--target deepseek_v3): its NoPE layers "
                             "rotate nothing, while DeepSeek-V3 rotates a rope key in every layer with one shape; "
                             "convert without --target and serve with latentkv's runtime")
     if layout.qk_norm is None:
         return config
-    if export_grade:
+    if for_export:
         raise LatentKVError(f"cannot convert {layout.model_type} export-grade (--target deepseek_v3): its QK-norm "
                             "scales every key by a per-token 1/rms that DeepSeek-V3 engines cannot express; convert "
                             "without --target and serve with latentkv's runtime (the scales are cached beside c_kv)")

@@ -82,10 +82,9 @@ def engine_softmax_scale(state: dict, dims) -> tuple[dict, float]:
     so a scale there would not survive: such layers keep theirs (and export refuses them anyway)."""
     if dims.qk_norm is not None:
         return state, dims.softmax_scale
-    engine = (dims.qk_nope_head_dim + dims.qk_rope_head_dim) ** -0.5
-    alpha = dims.softmax_scale / engine
+    alpha = dims.softmax_scale / dims.engine_scale
     names = ("q_proj.weight", "q_proj.bias", "q_b_proj.weight", "q_b_proj.bias", "q_head_map")
-    return {k: v * alpha if k in names else v for k, v in state.items()}, engine
+    return {k: v * alpha if k in names else v for k, v in state.items()}, dims.engine_scale
 
 
 def fit_layer(attn, x: torch.Tensor) -> tuple[dict, dict]:

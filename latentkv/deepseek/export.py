@@ -19,7 +19,6 @@ share them). `config.json` carries our conversion record under `latentkv`, which
 from __future__ import annotations
 
 import json
-import math
 import warnings
 from pathlib import Path
 from typing import Iterator
@@ -91,7 +90,7 @@ def engine_tensors(model, dims, freq_idx: torch.Tensor) -> Iterator[tuple[str, t
     """DeepSeek-V3 tensors one at a time: attention rows folded/permuted (new tensors), everything else
     under its own name as the model holds it (no copy), so an export never holds a second whole state."""
     order = interleave_order(freq_idx)
-    alpha = dims.softmax_scale * math.sqrt(dims.qk_nope_head_dim + dims.qk_rope_head_dim)  # ours / engine's scale
+    alpha = dims.softmax_scale / dims.engine_scale  # 1 unless the checkpoint predates the fold at conversion
     state = model.state_dict()
     for name, t in state.items():
         if name.endswith(("rope_freq_idx", "rotary_emb.inv_freq")):

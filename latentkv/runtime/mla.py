@@ -38,8 +38,9 @@ class MLADims:
     qk_rope_head_dim: int  # p: cached shared rotated key width (even)
     qk_nope_head_dim: int  # n: per-head non-rotated q/k width (0 when every key dim keeps RoPE)
     v_head_dim: int  # v: per-head value width
-    softmax_scale: float  # the source's own (head_dim ** -0.5; Gemma-2: query_pre_attn_scalar ** -0.5;
-    #                       an imported DeepSeek-V3: its engine's, yarn mscale included), not (n + p) ** -0.5
+    softmax_scale: float  # the source's own (head_dim ** -0.5; Gemma-2: query_pre_attn_scalar ** -0.5); with a
+    #                       latent norm fitted, the engines' `engine_scale` (the ratio folded into the query);
+    #                       an imported DeepSeek-V3: its engine's, yarn mscale included
     q_lora_rank: int | None = None  # None: one dense q_proj
     q_bias: bool = False  # Qwen2-style biases survive conversion exactly
     kv_a_bias: bool = False
@@ -65,6 +66,11 @@ class MLADims:
             raise ValueError(f"qk_rope_head_dim must be even, got {self.qk_rope_head_dim}")
         if self.kv_lora_rank < 1:
             raise ValueError(f"kv_lora_rank must be >= 1, got {self.kv_lora_rank}")
+
+    @property
+    def engine_scale(self) -> float:
+        """The softmax scale stock DeepSeek-V3 engines derive from the head dims, (n + p)^-0.5."""
+        return (self.qk_nope_head_dim + self.qk_rope_head_dim) ** -0.5
 
     @property
     def cache_values_per_token(self) -> int:
