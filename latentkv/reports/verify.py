@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
 from ..errors import LatentKVError, first_line
+from ..io.checkpoint import META
 from ..io.shards import check_weights
 from ..loading import load_model
 from ..record import bias_folds, record_of
@@ -31,7 +32,7 @@ SAMPLE_TEXT = ("The history of the city begins with a small settlement on the ri
 def check_export_dir(out) -> None:
     if not Path(out).is_dir():
         raise LatentKVError(f"export {out} not found; pass the directory `latentkv export` wrote")
-    if (Path(out) / "latentkv.json").is_file() and not (Path(out) / "config.json").is_file():
+    if (Path(out) / META).is_file() and not (Path(out) / "config.json").is_file():
         raise LatentKVError(f"{out} is a native latentkv checkpoint, not an export; run `latentkv export {out} "
                             "--out DIR` and verify DIR against it")
     check_weights(out)
