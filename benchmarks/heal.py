@@ -55,7 +55,8 @@ def heal_stage(student, out: Path, tokens: int, local: int, args) -> dict:
 def throughput(args, student_path=None) -> dict:
     """Median seconds of 3 steps each, alternating, on the same (1, seq) window: a plain `transformers`
     training step of the source (all parameters, CE), a distillation step with a live teacher (full-vocab
-    KL), and one reading the teacher's cached top-k (`heal --teacher-cache`: no teacher forward)."""
+    KL), and one reading the teacher's cached top-k (`heal --teacher-cache`: no teacher forward); each in
+    float32 and under bf16 autocast (`heal --precision bf16`, what `auto` picks on a bf16 CPU or GPU)."""
     from latentkv.healing.loop import select_trainable
     from latentkv.healing.losses import kl_full, kl_topk, teacher_topk
 
@@ -71,24 +72,30 @@ def throughput(args, student_path=None) -> dict:
     with torch.no_grad():
         cached = teacher_topk(teacher(input_ids=ids).logits, HealConfig().teacher_topk)
 
-    def distill_step():
-        with torch.no_grad():
-            target = teacher(input_ids=ids).logits
-        kl_full(student(input_ids=ids).logits, target).backward()
-        opt_s.step()
-        opt_s.zero_grad()
+    def step(loss_fn, model, opt, bf16: bool):
+        def run():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = loss_fn(model)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        return run
 
-    def cached_step():
-        kl_topk(student(input_ids=ids).logits, *cached).backward()
-        opt_s.step()
-        opt_s.zero_grad()
+    teacher_bf16 = load_model(args.teacher, progress=False, dtype=torch.bfloat16)[0].requires_grad_(False)
 
-    def plain_step():
-        plain(input_ids=ids, labels=ids).loss.backward()
-        opt_p.step()
-        opt_p.zero_grad()
+    def distill(model):
+        with torch.no_grad():  # as `heal` does: a bf16 run keeps the frozen teacher in bf16
+            target = (teacher_bf16 if torch.is_autocast_enabled("cpu") else teacher)(input_ids=ids).logits
+        return kl_full(model(input_ids=ids).logits, target)
 
-    steps = {"distill": distill_step, "cached": cached_step, "plain": plain_step}
+    def cached_kl(model):
+        return kl_topk(model(input_ids=ids).logits, *cached)
+
+    steps = {}
+    for tag, bf16 in (("", False), ("_bf16", True)):
+        steps.update({f"plain{tag}": step(lambda m: m(input_ids=ids, labels=ids).loss, plain, opt_p, bf16),
+                      f"distill{tag}": step(distill, student, opt_s, bf16),
+                      f"cached{tag}": step(cached_kl, student, opt_s, bf16)})
     times = {k: [] for k in steps}
     for _ in range(4):
         for name, fn in steps.items():
@@ -96,16 +103,27 @@ def throughput(args, student_path=None) -> dict:
             fn()
             times[name].append(time.perf_counter() - t0)
     med = {k: statistics.median(v[1:]) for k, v in times.items()}  # first call warms up
-    return {"distill_step_s": med["distill"], "cached_step_s": med["cached"], "plain_step_s": med["plain"],
-            "ratio": med["distill"] / med["plain"], "cached_ratio": med["cached"] / med["plain"],
-            "tokens_per_step": args.train_seq_len}
+    out = {f"{k}_step_s": v for k, v in med.items()}
+    out.update(ratio=med["distill"] / med["plain"], cached_ratio=med["cached"] / med["plain"],
+               tokens_per_step=args.train_seq_len)
+    return out
 
 
 def step_times(tp: dict) -> str:
     cached = (f"; reading the teacher's cached top-k instead {tp['cached_step_s']:.2f} s ({tp['cached_ratio']:.2f}x)"
               if "cached_step_s" in tp else "")
-    return (f"Step time for {tp['tokens_per_step']} tokens, side by side: plain transformers training step "
+    text = (f"Step time for {tp['tokens_per_step']} tokens, side by side: plain transformers training step "
             f"{tp['plain_step_s']:.2f} s; distillation step {tp['distill_step_s']:.2f} s ({tp['ratio']:.2f}x){cached}.")
+    if "plain_bf16_step_s" not in tp:
+        return text
+    n = tp["tokens_per_step"]
+    rate = {k: n / tp[f"{k}_step_s"] for k in ("plain", "distill", "cached", "plain_bf16", "distill_bf16",
+                                               "cached_bf16")}
+    return text + (f" Under bf16 autocast (`heal --precision auto` on this CPU): plain {tp['plain_bf16_step_s']:.2f} s, "
+                   f"distillation {tp['distill_bf16_step_s']:.2f} s, cached {tp['cached_bf16_step_s']:.2f} s. "
+                   "Tokens/s, fp32 -> bf16: plain {plain:.0f} -> {plain_bf16:.0f}, distillation {distill:.0f} -> "
+                   "{distill_bf16:.0f} ({d:.2f}x), cached {cached:.0f} -> {cached_bf16:.0f} ({c:.2f}x).").format(
+        **rate, d=rate["distill_bf16"] / rate["distill"], c=rate["cached_bf16"] / rate["cached"])
 
 
 def run(args) -> dict:
@@ -162,6 +180,24 @@ def markdown(args, res: dict) -> str:
     return section(args.section, f"Healing {args.model} by distillation from {args.teacher}", intro, lines)
 
 
+def throughput_markdown(args, tp: dict) -> str:
+    """The step-time comparison alone (--throughput-only), as a table."""
+    n = tp["tokens_per_step"]
+    base = tp["plain_step_s"]
+    lines = ["| step | fp32 s | fp32 tokens/s | bf16 autocast s | bf16 tokens/s | bf16 speed-up | bf16 vs plain fp32 |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, label in (("plain", "plain transformers training step of the source (all weights, CE)"),
+                        ("distill", "distillation, live teacher (full-vocab KL)"),
+                        ("cached", "distillation, teacher's cached top-k (`--teacher-cache`)")):
+        a, b = tp[f"{name}_step_s"], tp[f"{name}_bf16_step_s"]
+        lines.append(f"| {label} | {a:.2f} | {n / a:.0f} | {b:.2f} | {n / b:.0f} | {a / b:.2f}x | {base / b:.2f}x |")
+    intro = (f"Student {args.model}, teacher {args.teacher}; one window of {n} random tokens; median of 3 steps "
+             "after a warm-up, the six kinds alternating in one process. bf16 = `torch.autocast` with float32 "
+             "weights, AdamW and loss (`heal --precision bf16`; `auto`, the default, picks it where the hardware "
+             "multiplies bf16); the bf16 teacher is a bf16 copy, as `heal` loads it.")
+    return section(args.section, "Healing step time: float32 against bf16 autocast", intro, lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="runs/smollm2-kv125", help="a latentkv convert output")
@@ -177,8 +213,16 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--max-windows", type=int, default=16)
     p.add_argument("--work", default="runs/heal-bench")
+    p.add_argument("--throughput-only", action="store_true",
+                   help="only the step-time comparison, as its own section (use --section heal-step)")
     add_output_args(p, "heal", json_out="runs/heal-bench.json", resume="skip stages already in --json-out")
     args = p.parse_args()
+    if args.throughput_only:
+        tp = throughput(args)
+        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json_out).write_text(json.dumps(tp, indent=2))
+        write_section(Path(args.md), args.section, throughput_markdown(args, tp))
+        return
     write_section(Path(args.md), args.section, markdown(args, run(args)))
 
 

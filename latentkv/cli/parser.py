@@ -283,7 +283,8 @@ def add_heal_parser(add) -> None:
     h.add_argument("--lora-rank", type=int, help=f"LoRA rank with --train lora (default {d.lora_rank})")
     h.add_argument("--gradient-checkpointing", action="store_true", default=None,
                    help="recompute activations in backward (less memory, ~30%% more time)")
-    h.add_argument("--precision", choices=PRECISIONS, help="fp32 (default) or bf16 autocast")
+    h.add_argument("--precision", choices=PRECISIONS, help="auto (default): bf16 autocast where the hardware "
+                                                          "multiplies bf16 (GPUs, AVX512-BF16/AMX CPUs), else fp32")
     h.add_argument("--seed", type=int, help=f"data order seed (default {d.seed})")
     h.add_argument("--save-every", type=int, help=f"optimizer steps between checkpoints (default {d.save_every})")
     h.add_argument("--local-steps", type=int,

@@ -123,11 +123,18 @@ def train_report(config, acc, steps: int, start: int, times: list[float], first,
             "seconds": round(sum(r["time"] for r in rows), 2) if rows else round(sum(times), 2)}
 
 
+def autocast(acc, config):
+    """bf16 autocast when config.precision is "bf16" (heal resolves "auto" before training). Ours rather than
+    accelerate's mixed_precision, which is fixed once per process: a second heal in the same process (the
+    benchmarks run several) may want the other precision."""
+    return torch.autocast(acc.device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
+
+
 def micro_loss(acc, model, teacher, windows: torch.Tensor, idx: torch.Tensor, config, cache):
     """idx (micro_batch,) window ids -> (loss, kl, ce), scalars; kl/ce detached for logging."""
     ids = windows[idx].to(acc.device)  # (b, T)
     target = teacher_targets(acc, teacher, ids, idx, config, cache)
-    with acc.autocast():
+    with autocast(acc, config):
         logits = model(input_ids=ids).logits  # (b, T, V)
     zero = torch.zeros((), device=acc.device)
     kl = (kl_topk(logits, *target, config.temperature) if cache is not None
@@ -141,11 +148,11 @@ def micro_loss(acc, model, teacher, windows: torch.Tensor, idx: torch.Tensor, co
 def teacher_targets(acc, teacher, ids: torch.Tensor, idx: torch.Tensor, config, cache):
     """Teacher logits (b, T, V); or, with a cache, top-k log-probs and ids (b, T, k) each."""
     if cache is None:
-        with acc.autocast():
+        with autocast(acc, config):
             return teacher(input_ids=ids).logits
     hits = [cache.get(int(w)) for w in idx]
     if any(h is None for h in hits):
-        with acc.autocast():
+        with autocast(acc, config):
             logits = teacher(input_ids=ids).logits
         vals, top = teacher_topk(logits, config.teacher_topk, config.temperature)
         for j, w in enumerate(idx):

@@ -31,6 +31,7 @@ from safetensors.torch import save as to_bytes
 
 from ..errors import LatentKVError
 from ..io.atomic import atomic_output_dir, check_output_dir, write_file_atomic
+from ..io.machine import native_bf16
 from ..io.plots import plot_title
 from ..io.text import fingerprint
 from ..loading import load_model, parse_dtype, stored_dtype
@@ -42,7 +43,7 @@ from .loop import select_trainable, train
 from .state import latest_checkpoint, plot_losses, prepare_work_dir, read_log
 
 TRAINABLE = ("attention", "all", "lora")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16")  # auto: bf16 autocast where the hardware has bf16 matmuls
 TRACKERS = ("none", "tensorboard", "wandb")  # accelerate's trackers; the JSONL log and loss plot are always written
 
 
@@ -63,7 +64,7 @@ class HealConfig:
     train: str = "attention"
     lora_rank: int = 16
     gradient_checkpointing: bool = False
-    precision: str = "fp32"
+    precision: str = "auto"
     seed: int = 0
     save_every: int = 50  # optimizer steps between checkpoints
     teacher_topk: int = 64  # kept per token when a teacher cache is used
@@ -115,17 +116,15 @@ def heal(student, teacher, data, out, config: HealConfig = HealConfig(), *, over
     """
     out = Path(out)
     work = Path(work_dir) if work_dir else out.with_name(out.name + ".heal")
-    acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="bf16" if config.precision == "bf16" else "no",
+    precision = resolve_precision(config.precision, "cuda" if torch.cuda.is_available() else "cpu")
+    acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no",  # autocast: loop.autocast
                       log_with=tracker(report_to), project_dir=str(work / TRACKER_DIR))
-    if config.precision == "bf16" and acc.device.type == "cpu" and acc.is_main_process:
-        warnings.warn("bf16 autocast on CPU can be far slower than fp32 (BENCHMARKS.md, heal); use it on GPUs",
-                      stacklevel=2)
     check_output_dir(out, overwrite, inputs=tuple(x for x in (student, teacher) if isinstance(x, (str, Path))))
     steps, accum = config.steps(), config.accumulation(acc.num_processes)
     out_dtype = saved_dtype(student, dtype)
     if steps == 0 and config.local_steps <= 0:
         raise LatentKVError("--tokens 0 and no --local-steps: nothing to do; give --tokens N or --local-steps N")
-    t_dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32  # frozen: no fp32 master needed
+    t_dtype = torch.bfloat16 if precision == "bf16" else torch.float32  # frozen: no fp32 master needed
     model, tok, teacher_model = load_pair(student, teacher, acc.device, t_dtype)
     # a streamed dataset is read only as far as the run's windows, each process its own shard of it (then
     # a step takes each process's share from its own windows); other data is whole on every process
@@ -144,9 +143,11 @@ def heal(student, teacher, data, out, config: HealConfig = HealConfig(), *, over
     local = run_local_stage(model, teacher_model, windows, config, work, acc, progress)
     if sharded and teacher_cache:  # window ids are per process: one cache folder each
         teacher_cache = Path(teacher_cache) / f"process-{acc.process_index}-of-{acc.num_processes}"
-    report, model = train(acc, model, teacher_model, windows, config, steps, accum, work, ckpt, teacher_cache,
+    resolved = dataclasses.replace(config, precision=precision)
+    report, model = train(acc, model, teacher_model, windows, resolved, steps, accum, work, ckpt, teacher_cache,
                           progress, sharded=sharded)
-    report.update(local=local, data=_name(data), teacher=_name(teacher), data_fingerprint=run["data"])
+    report.update(local=local, precision=precision, data=_name(data), teacher=_name(teacher),
+                  data_fingerprint=run["data"])
     for t in acc.trackers:  # flushed before the output copies them (end_training would also end DDP)
         t.finish()
     final = gathered_model(acc, model, student, config)
@@ -154,6 +155,18 @@ def heal(student, teacher, data, out, config: HealConfig = HealConfig(), *, over
         save_healed(final.to(out_dtype), tok, out, overwrite, report, work)
     acc.wait_for_everyone()
     return report
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """--precision -> "bf16" or "fp32". auto: bf16 autocast (fp32 master weights and loss) where `device`
+    multiplies bf16 natively, 1.4x the fp32 step on an AVX512-BF16 CPU (BENCHMARKS.md, "heal-step");
+    elsewhere bf16 is emulated and slower, so an explicit bf16 there gets a warning."""
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    if precision == "bf16" and not native_bf16(device):
+        warnings.warn(f"this {device} has no native bf16 matmul: bf16 autocast may be slower than fp32 here",
+                      stacklevel=3)
+    return precision
 
 
 def saved_dtype(student, dtype) -> torch.dtype:

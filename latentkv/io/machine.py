@@ -48,3 +48,18 @@ def trim_heap() -> None:
         ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to trim
         pass
+
+
+def native_bf16(device: str = "cpu", cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
+    """Whether `device` multiplies bf16 in hardware, so bf16 autocast is faster than fp32 there: a CUDA
+    device that reports bf16 support, or a CPU with AVX512-BF16 or AMX-BF16 (elsewhere the CPU emulates
+    bf16 and autocast is slower than fp32; BENCHMARKS.md, "heal-step")."""
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    try:
+        flags = next(line for line in Path(cpuinfo).read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return False
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))

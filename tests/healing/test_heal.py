@@ -52,7 +52,8 @@ def dirs(tmp_path_factory, tiny_tokenizer):
 
 
 def small(**kw) -> HealConfig:
-    base = dict(tokens=16 * 32, seq_len=16, batch_size=4, lr=3e-3, save_every=2, warmup_ratio=0.0)
+    # float32: these tests compare runs to 1e-6 (auto picks bf16 autocast on a bf16 CPU)
+    base = dict(tokens=16 * 32, seq_len=16, batch_size=4, lr=3e-3, save_every=2, warmup_ratio=0.0, precision="fp32")
     return HealConfig(**{**base, **kw})
 
 
@@ -117,6 +118,30 @@ def test_heal_lowers_kl_and_writes_log(dirs, tmp_path, tiny_tokenizer):
     assert not Path(str(out) + ".heal").exists()  # checkpoints go once the output is whole
     changed = {k for k, v in state(out).items() if not torch.equal(v, state(dirs / "low")[k])}
     assert changed and all(".self_attn." in k for k in changed)  # default: attention weights only
+
+
+def test_bf16_autocast_heals_and_keeps_float32_weights(dirs, tmp_path, tiny_tokenizer):
+    out = tmp_path / "bf16"
+    report = heal(dirs / "low", dirs / "src", dirs / "data", out, small(precision="bf16"), progress=False)
+    assert report["precision"] == "bf16"
+    assert teacher_kl(out, dirs, tiny_tokenizer) < 0.7 * teacher_kl(dirs / "low", dirs, tiny_tokenizer)
+    assert {v.dtype for v in state(out).values() if v.is_floating_point()} == {torch.float32}  # weights stay fp32
+
+
+def test_precision_auto_follows_the_hardware(tmp_path, monkeypatch):
+    from latentkv.healing import run
+    from latentkv.io.machine import native_bf16
+
+    for flags, native in (("fpu avx2 avx512f avx512_bf16", True), ("fpu amx_bf16 amx_tile", True),
+                          ("fpu avx2 avx512f avx512bw", False)):
+        (tmp_path / "cpuinfo").write_text(f"processor : 0\nflags : {flags}\n")
+        assert native_bf16("cpu", tmp_path / "cpuinfo") is native
+    assert native_bf16("cpu", tmp_path / "missing") is False
+    for native, want in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(run, "native_bf16", lambda device, native=native: native)
+        assert run.resolve_precision("auto", "cpu") == want and run.resolve_precision("fp32", "cpu") == "fp32"
+    with pytest.warns(UserWarning, match="no native bf16"):
+        assert run.resolve_precision("bf16", "cpu") == "bf16"
 
 
 def test_tensorboard_tracker_gets_every_step_and_lands_in_the_output(dirs, tmp_path):
@@ -194,7 +219,8 @@ def test_teacher_cache_reuse_matches_and_refuses_other_settings(dirs, tmp_path):
 
 def cli_heal(dirs, out, *extra, env=None, popen=False):
     argv = [*CLI, "heal", str(dirs / "low"), "--teacher", str(dirs / "src"), "--data", str(dirs / "data"),
-            "--out", str(out), "--seq-len", "16", "--batch-size", "4", "--lr", "3e-3", "--json", *map(str, extra)]
+            "--out", str(out), "--seq-len", "16", "--batch-size", "4", "--lr", "3e-3", "--precision", "fp32", "--json",
+            *map(str, extra)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     if popen:
         return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -263,7 +289,7 @@ def test_two_processes_match_one(dirs, tmp_path, one_process, launcher):
                 "--main_process_port", "29518"]
     argv = [*head, "-m", "latentkv", "heal", str(dirs / "low"), "--teacher", str(dirs / "src"), "--data",
             str(dirs / "data"), "--out", str(tmp_path / "two"), "--seq-len", "16", "--batch-size", "4",
-            "--lr", "3e-3", "--tokens", str(8 * 64), "--save-every", "4", "--json"]
+            "--lr", "3e-3", "--tokens", str(8 * 64), "--save-every", "4", "--precision", "fp32", "--json"]
     two = subprocess.run(argv, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     printed = [line for line in two.stdout.splitlines() if line.startswith("{")]
