@@ -222,6 +222,9 @@ def test_doctor_reports_and_fails_on_full_disk(capsys, monkeypatch, tmp_path):
     names = {c["name"]: c for c in res["checks"]}
     assert code == 0 and res["ok"] and names["torch"]["status"] == "ok" and "transformers" in names
     assert all(c["status"] in ("ok", "warn", "fail") for c in res["checks"])
+    from latentkv.io.machine import native_bf16  # what heal's --precision auto will pick, said up front
+
+    assert names["bf16 matmul"]["status"] == ("ok" if native_bf16() else "warn")
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 * 2**30, 10 * 2**30 - 2**20, 2**20))
     code, stdout, _ = run(capsys, "doctor", tmp_path)
