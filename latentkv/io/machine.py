@@ -7,6 +7,8 @@ import ctypes.util
 import resource
 from pathlib import Path
 
+import torch
+
 
 def available_memory() -> int | None:
     """Bytes the kernel says can be allocated without swapping (Linux MemAvailable), else None."""
@@ -55,8 +57,6 @@ def native_bf16(device: str = "cpu", cpuinfo: str | Path = "/proc/cpuinfo") -> b
     device that reports bf16 support, or a CPU with AVX512-BF16 or AMX-BF16 (elsewhere the CPU emulates
     bf16 and autocast is slower than fp32; BENCHMARKS.md, "heal-step")."""
     if device.startswith("cuda"):
-        import torch
-
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     try:
         flags = next(line for line in Path(cpuinfo).read_text().splitlines() if line.startswith("flags"))
