@@ -37,7 +37,7 @@ from latentkv.reports.verify import verify_export
 
 from common import add_output_args, section, write_section
 from domains import measure
-from heal import step_times, throughput
+from heal import step_lines, throughput
 
 PROTOCOL = ("wikitext2", "ptb")  # the headline protocol, beside the dev suite
 
@@ -211,7 +211,7 @@ def markdown(args, res: dict) -> str:
                      f"{r.get('convert_s', r.get('convert_seconds')) or '-'} | {heal_s} |")
     lines += protocol_table(args, res)
     if "throughput" in res:
-        lines += ["", step_times(res["throughput"])]
+        lines += ["", *step_lines(res["throughput"])]
     lines += ["", f"Plot: `{args.plot}` (WikiText-2 ratio against healing tokens, per budget; dashed: native)."]
     return section(args.section, f"Deployable quality per budget: {args.teacher}", intro, lines)
 

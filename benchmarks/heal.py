@@ -28,7 +28,7 @@ from latentkv import load_model, load_text
 from latentkv.evaluation.perplexity import perplexity
 from latentkv.healing.run import HealConfig, heal
 
-from common import add_output_args, section, write_section
+from common import add_output_args, section, write_outputs, write_section
 
 TEXTS = ("wikitext2", "ptb")
 
@@ -83,18 +83,20 @@ def throughput(args, student_path=None) -> dict:
 
     teacher_bf16 = load_model(args.teacher, progress=False, dtype=torch.bfloat16)[0].requires_grad_(False)
 
-    def distill(model):
-        with torch.no_grad():  # as `heal` does: a bf16 run keeps the frozen teacher in bf16
-            target = (teacher_bf16 if torch.is_autocast_enabled("cpu") else teacher)(input_ids=ids).logits
-        return kl_full(model(input_ids=ids).logits, target)
+    def distill(frozen):
+        def loss(model):
+            with torch.no_grad():
+                target = frozen(input_ids=ids).logits
+            return kl_full(model(input_ids=ids).logits, target)
+        return loss
 
     def cached_kl(model):
         return kl_topk(model(input_ids=ids).logits, *cached)
 
     steps = {}
-    for tag, bf16 in (("", False), ("_bf16", True)):
+    for tag, bf16, frozen in (("", False, teacher), ("_bf16", True, teacher_bf16)):  # as `heal`: a bf16 teacher
         steps.update({f"plain{tag}": step(lambda m: m(input_ids=ids, labels=ids).loss, plain, opt_p, bf16),
-                      f"distill{tag}": step(distill, student, opt_s, bf16),
+                      f"distill{tag}": step(distill(frozen), student, opt_s, bf16),
                       f"cached{tag}": step(cached_kl, student, opt_s, bf16)})
     times = {k: [] for k in steps}
     for _ in range(4):
@@ -109,21 +111,24 @@ def throughput(args, student_path=None) -> dict:
     return out
 
 
-def step_times(tp: dict) -> str:
-    cached = (f"; reading the teacher's cached top-k instead {tp['cached_step_s']:.2f} s ({tp['cached_ratio']:.2f}x)"
-              if "cached_step_s" in tp else "")
-    text = (f"Step time for {tp['tokens_per_step']} tokens, side by side: plain transformers training step "
-            f"{tp['plain_step_s']:.2f} s; distillation step {tp['distill_step_s']:.2f} s ({tp['ratio']:.2f}x){cached}.")
+def step_lines(tp: dict) -> list[str]:
+    """The step-time comparison as Markdown lines: a table of fp32 and bf16 steps, or (a result from before
+    bf16 was timed) one sentence."""
     if "plain_bf16_step_s" not in tp:
-        return text
-    n = tp["tokens_per_step"]
-    rate = {k: n / tp[f"{k}_step_s"] for k in ("plain", "distill", "cached", "plain_bf16", "distill_bf16",
-                                               "cached_bf16")}
-    return text + (f" Under bf16 autocast (`heal --precision auto` on this CPU): plain {tp['plain_bf16_step_s']:.2f} s, "
-                   f"distillation {tp['distill_bf16_step_s']:.2f} s, cached {tp['cached_bf16_step_s']:.2f} s. "
-                   "Tokens/s, fp32 -> bf16: plain {plain:.0f} -> {plain_bf16:.0f}, distillation {distill:.0f} -> "
-                   "{distill_bf16:.0f} ({d:.2f}x), cached {cached:.0f} -> {cached_bf16:.0f} ({c:.2f}x).").format(
-        **rate, d=rate["distill_bf16"] / rate["distill"], c=rate["cached_bf16"] / rate["cached"])
+        cached = (f"; reading the teacher's cached top-k instead {tp['cached_step_s']:.2f} s "
+                  f"({tp['cached_ratio']:.2f}x)" if "cached_step_s" in tp else "")
+        return [f"Step time for {tp['tokens_per_step']} tokens, side by side: plain transformers training step "
+                f"{tp['plain_step_s']:.2f} s; distillation step {tp['distill_step_s']:.2f} s ({tp['ratio']:.2f}x)"
+                f"{cached}."]
+    n, base = tp["tokens_per_step"], tp["plain_step_s"]
+    lines = ["| step | fp32 s | fp32 tokens/s | bf16 autocast s | bf16 tokens/s | bf16 speed-up | bf16 vs plain fp32 |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, label in (("plain", "plain transformers training step of the source (all weights, CE)"),
+                        ("distill", "distillation, live teacher (full-vocab KL)"),
+                        ("cached", "distillation, teacher's cached top-k (`--teacher-cache`)")):
+        a, b = tp[f"{name}_step_s"], tp[f"{name}_bf16_step_s"]
+        lines.append(f"| {label} | {a:.2f} | {n / a:.0f} | {b:.2f} | {n / b:.0f} | {a / b:.2f}x | {base / b:.2f}x |")
+    return lines
 
 
 def run(args) -> dict:
@@ -160,7 +165,7 @@ def markdown(args, res: dict) -> str:
              f"{args.batch_size} per step, lr {args.lr}, attention weights only, KL(teacher||student)). Perplexity: "
              f"seq_len {args.seq_len}, first {args.max_windows} windows. Gap closed = (converted - healed) / "
              "(converted - source) in perplexity.")
-    lines = [step_times(tp), "",
+    lines = [*step_lines(tp), "",
              "| stage | training tokens | wall s | WikiText-2 ppl | gap closed | PTB ppl | gap closed |",
              "|---|---:|---:|---:|---:|---:|---:|"]
 
@@ -181,21 +186,12 @@ def markdown(args, res: dict) -> str:
 
 
 def throughput_markdown(args, tp: dict) -> str:
-    """The step-time comparison alone (--throughput-only), as a table."""
-    n = tp["tokens_per_step"]
-    base = tp["plain_step_s"]
-    lines = ["| step | fp32 s | fp32 tokens/s | bf16 autocast s | bf16 tokens/s | bf16 speed-up | bf16 vs plain fp32 |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
-    for name, label in (("plain", "plain transformers training step of the source (all weights, CE)"),
-                        ("distill", "distillation, live teacher (full-vocab KL)"),
-                        ("cached", "distillation, teacher's cached top-k (`--teacher-cache`)")):
-        a, b = tp[f"{name}_step_s"], tp[f"{name}_bf16_step_s"]
-        lines.append(f"| {label} | {a:.2f} | {n / a:.0f} | {b:.2f} | {n / b:.0f} | {a / b:.2f}x | {base / b:.2f}x |")
-    intro = (f"Student {args.model}, teacher {args.teacher}; one window of {n} random tokens; median of 3 steps "
-             "after a warm-up, the six kinds alternating in one process. bf16 = `torch.autocast` with float32 "
-             "weights, AdamW and loss (`heal --precision bf16`; `auto`, the default, picks it where the hardware "
-             "multiplies bf16); the bf16 teacher is a bf16 copy, as `heal` loads it.")
-    return section(args.section, "Healing step time: float32 against bf16 autocast", intro, lines)
+    """The step-time comparison alone (--throughput-only), as its own section."""
+    intro = (f"Student {args.model}, teacher {args.teacher}; one window of {tp['tokens_per_step']} random tokens; "
+             "median of 3 steps after a warm-up, the six kinds alternating in one process. bf16 = `torch.autocast` "
+             "with float32 weights, AdamW and loss (`heal --precision bf16`; `auto`, the default, picks it where the "
+             "hardware multiplies bf16); the bf16 teacher is a bf16 copy, as `heal` loads it.")
+    return section(args.section, "Healing step time: float32 against bf16 autocast", intro, step_lines(tp))
 
 
 def main() -> None:
@@ -219,9 +215,7 @@ def main() -> None:
     args = p.parse_args()
     if args.throughput_only:
         tp = throughput(args)
-        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_out).write_text(json.dumps(tp, indent=2))
-        write_section(Path(args.md), args.section, throughput_markdown(args, tp))
+        write_outputs(args, tp, throughput_markdown(args, tp))
         return
     write_section(Path(args.md), args.section, markdown(args, run(args)))
 
