@@ -12,7 +12,8 @@ Rows:
                       the quantized past; only when `optimum-quanto` is installed (pip install --no-deps
                       optimum-quanto ninja)
   B, DTYPE            the default conversion at budget B (1 = the exact one) with its latents stored as DTYPE
-                      (`LatentCache(cache_dtype=...)`; "+rope": the rope key too, else it stays bf16)
+                      (`LatentCache(cache_dtype=...)`; "+rope": the rope key too, else it stays bf16;
+                      "int4a": int4_asym, 16 levels over each group's [min, max] with a zero point)
 Bytes per token are counted as served: the unquantized parts in bf16, relative to the source's bf16 K/V.
 Perplexity: WikiText-2 test, first --windows windows, with the cache protocol of `evaluation.perplexity`
 (every query reads the stored latents). `--reuse B=DIR` takes a saved conversion instead of converting.
@@ -41,8 +42,10 @@ from common import add_output_args, section, write_outputs
 
 FORMATS = {"bf16": CacheFormat(), "fp8": CacheFormat("fp8_e4m3"), "fp8+rope": CacheFormat("fp8_e4m3", rope=True),
            "int8": CacheFormat("int8"), "int4": CacheFormat("int4"), "int4+rope": CacheFormat("int4", rope=True),
-           "int4 g32+rope": CacheFormat("int4", group=32, rope=True)}
-SOURCE_FORMATS = {"bf16": None, "fp8": CacheFormat("fp8_e4m3"), "int8": CacheFormat("int8"), "int4": CacheFormat("int4")}
+           "int4 g32+rope": CacheFormat("int4", group=32, rope=True), "int4a+rope": CacheFormat("int4_asym", rope=True),
+           "int4a g32+rope": CacheFormat("int4_asym", group=32, rope=True)}
+SOURCE_FORMATS = {"bf16": None, "fp8": CacheFormat("fp8_e4m3"), "int8": CacheFormat("int8"), "int4": CacheFormat("int4"),
+                  "int4a": CacheFormat("int4_asym")}
 
 
 def share(model, fmt: CacheFormat, source_bytes: int) -> float:
@@ -134,7 +137,8 @@ def markdown(args, res: dict) -> str:
              "stored cache; share = cache bytes per token over the source's bf16 K/V (unquantized parts counted "
              "as bf16); ratio = ppl / source ppl. `source K/V` rows: the source's own keys and values quantized "
              "(ours, one fp16 scale per KV head and token); the others: the default conversion at that budget "
-             "(1 = exact) with its latent stored as the dtype (+rope: the rope key too). `source quanto` rows: "
+             "(1 = exact) with its latent stored as the dtype (+rope: the rope key too; int4a: asymmetric int4, "
+             "an fp16 scale and zero point per token or group of 32). `source quanto` rows: "
              "transformers' QuantizedCache (quanto, group 64, last 128 tokens in bf16) fed 128-token chunks, as it "
              "serves (a kinder protocol: each chunk's own tokens and the residual stay bf16).")
     lines = ["| cache | share of bf16 K/V | ppl | ratio |", "|---|---:|---:|---:|"]

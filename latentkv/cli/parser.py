@@ -64,7 +64,8 @@ def _device(p) -> None:
 def _cache(p) -> None:
     p.add_argument("--cache-dtype", default="model", choices=list(CACHE_DTYPES),
                    help="store a converted model's latents as: model (its dtype), fp8_e4m3 (one scale per tensor, as "
-                        "vLLM's fp8 MLA cache), int8 or int4 (fp16 scale per token, or per --cache-group values)")
+                        "vLLM's fp8 MLA cache), int8 or int4 (fp16 scale per token, or per --cache-group values), "
+                        "int4_asym (fp16 scale and zero point)")
     p.add_argument("--cache-group", type=int, help="int cache dtypes: values per scale (default: one per token)")
     p.add_argument("--cache-rope", action="store_true",
                    help="store the rope key in --cache-dtype too (default: the model's dtype; vLLM's fp8 does this)")

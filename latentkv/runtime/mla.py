@@ -23,7 +23,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..families import logit_softcap
 from .local import LocalSpan, key_positions, local_mask
-from .numerics import factor_heads, inv_rms, unit_rms
+from .numerics import factor_heads, inv_rms, rms_norm, unit_rms
 
 MLAPath = Literal["auto", "expanded", "absorbed"]
 
@@ -166,14 +166,14 @@ class MLAAttention(nn.Module):
                 q = unit_rms(q.view(b, t, self.dims.num_heads, -1) if self.dims.qk_norm == "head" else q,
                              self.dims.qk_norm_eps)
             return torch.einsum("bthd,hkd->bhtk", q.view(b, t, self.dims.num_heads, -1), self.q_head_map)
-        q = self.q_proj(x) if self.dims.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = self.q_proj(x) if self.dims.q_lora_rank is None else self.q_b_proj(rms_norm(self.q_a_proj(x), self.q_a_layernorm))
         return q.view(b, t, self.dims.num_heads, -1).transpose(1, 2)
 
     def _latent(self, x: torch.Tensor):
         """x (B, t, D) -> c_kv (B, 1, t, r), k_pe (B, 1, t, p) before RoPE, key scales (B, 1, t, S) or None."""
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.dims.kv_lora_rank, self.dims.qk_rope_head_dim], -1)
         if self.kv_a_layernorm is not None:
-            c_kv = self.kv_a_layernorm(c_kv)
+            c_kv = rms_norm(c_kv, self.kv_a_layernorm)
         scales = None
         if self.dims.qk_norm is not None:  # 1 / rms of the exact source key, per KV head or per token
             b, t, _ = x.shape
@@ -321,7 +321,7 @@ class MLAAttention(nn.Module):
         return self.o_proj(out.reshape(b, 1, -1))
 
     def _q_input(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.dims.q_lora_rank is None else self.q_a_layernorm(self.q_a_proj(x))
+        return x if self.dims.q_lora_rank is None else rms_norm(self.q_a_proj(x), self.q_a_layernorm)
 
     def decode_folds(self) -> dict:
         """Absorbed decode weights, computed once and reused until a weight changes (its version or

@@ -17,6 +17,13 @@ def unit_rms(u: torch.Tensor, eps: float) -> torch.Tensor:
     return (u.to(torch.promote_types(u.dtype, torch.float32)) * inv_rms(u, eps)).to(u.dtype)
 
 
+def rms_norm(x: torch.Tensor, norm: torch.nn.RMSNorm) -> torch.Tensor:
+    """`norm`(x) as transformers' DeepseekV3RMSNorm and the engines compute it: normalised in fp32, cast
+    back to x's dtype, then scaled by the weight. Under bf16 autocast (float32 weights, bf16 x) this also
+    stays off torch's unfused mixed-dtype path, which warns."""
+    return norm.weight * unit_rms(x, norm.eps)
+
+
 def factor_heads(w: torch.Tensor, rtol: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
     """w (h, m, D) -> U (h, m, k), V (h*k, D) with w_h = U_h V_h up to `rtol` of the largest
     singular value, k the largest numerical rank over heads."""

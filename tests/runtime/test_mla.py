@@ -78,3 +78,29 @@ def test_latent_norm_runs_both_paths(ids):
         a = conv(ids, mla_path="expanded").logits
         b = conv(ids, mla_path="absorbed").logits
     assert (a - b).abs().max().item() < 1e-4
+
+
+def test_latent_norm_computes_as_deepseek_v3_rmsnorm():
+    """kv_a_layernorm / q_a_layernorm compute as transformers' DeepseekV3RMSNorm (fp32 inside, the weight
+    applied after the cast back), and bf16 input with float32 weights (heal's autocast) takes no
+    mixed-dtype fallback that warns."""
+    import warnings
+
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RMSNorm
+
+    from latentkv.runtime.numerics import rms_norm
+
+    torch.manual_seed(0)
+    ours, theirs = torch.nn.RMSNorm(24, eps=1e-6), DeepseekV3RMSNorm(24, eps=1e-6)
+    torch.nn.init.uniform_(ours.weight, 0.5, 1.5)
+    theirs.weight.data.copy_(ours.weight.data)
+    x = torch.randn(3, 5, 24) * 7
+    for dtype in (torch.float32, torch.bfloat16):
+        o, t = ours.to(dtype), theirs.to(dtype)
+        assert torch.equal(rms_norm(x.to(dtype), o), t(x.to(dtype)))
+    ours.float()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = rms_norm(x.bfloat16(), ours)
+    assert y.dtype == torch.float32
+    assert (y - ours(x)).abs().max().item() < 0.05 * x.abs().max().item()

@@ -11,7 +11,8 @@ from latentkv.runtime.quant import CacheFormat
 from conftest import make_tiny
 
 FORMATS = [CacheFormat("int8"), CacheFormat("int4"), CacheFormat("int8", group=8), CacheFormat("int4", group=4),
-           CacheFormat("fp8_e4m3"), CacheFormat("int4", rope=True), CacheFormat("fp8_e4m3", rope=True)]
+           CacheFormat("fp8_e4m3"), CacheFormat("int4", rope=True), CacheFormat("fp8_e4m3", rope=True),
+           CacheFormat("int4_asym"), CacheFormat("int4_asym", group=4, rope=True)]
 
 
 def _id(f: CacheFormat) -> str:
@@ -29,9 +30,25 @@ def test_round_trip_error_is_bounded(fmt):
         assert (err <= x.abs() / 16 + 2.0 ** -10).all()
         return
     g = fmt.group or 37
-    blocks = torch.nn.functional.pad(x, (0, -37 % g)).unflatten(-1, (-1, g)).abs().amax(-1)
-    bound = blocks.repeat_interleave(g, -1)[..., :37] / {"int8": 127, "int4": 7}[fmt.name]
-    assert (err <= 0.502 * bound + 1e-7).all()  # half a step (the fp16 scale rounds by at most 2^-11)
+    blocks = torch.nn.functional.pad(x, (0, -37 % g), value=float("nan")).unflatten(-1, (-1, g))
+    if fmt.asymmetric:  # 16 levels over [min, max]; the fp16 zero point adds up to 2^-11 of |min|
+        spread = blocks.nan_to_num(-1e9).amax(-1) - blocks.nan_to_num(1e9).amin(-1)
+        low = blocks.nan_to_num(1e9).amin(-1).abs()
+        bound = ((0.502 * spread / 15 + low * 2.0 ** -10)).repeat_interleave(g, -1)[..., :37]
+    else:  # half a step (the fp16 scale rounds by at most 2^-11)
+        bound = 0.502 * blocks.nan_to_num(0).abs().amax(-1).repeat_interleave(g, -1)[..., :37]
+        bound = bound / {"int8": 127, "int4": 7}[fmt.name]
+    assert (err <= bound + 1e-7).all()
+
+
+def test_asymmetric_int4_beats_symmetric_on_one_sided_values():
+    """The point of int4_asym: a group that sits on one side of zero gets all 16 levels over its range."""
+    torch.manual_seed(0)
+    x = torch.rand(64, 32) + 0.5  # every value in [0.5, 1.5]
+    err = {name: (CacheFormat(name).dequantize(CacheFormat(name).quantize(x), 32, torch.float32) - x).pow(2).mean()
+           for name in ("int4", "int4_asym")}
+    assert err["int4_asym"] < 0.25 * err["int4"]
+    assert CacheFormat("int4_asym", group=8).nbytes(32) == 16 + 4 * 2 * 2  # codes + (scale, zero point) per group
 
 
 def test_fp8_saturates_instead_of_nan():
@@ -49,9 +66,12 @@ def test_bytes_equal_the_formula(fmt, name):
         conv(torch.randint(0, 320, (2, 11)), cache=cache)
     d = conv.model.layers[0].self_attn.dims
     r, p, s = d.kv_lora_rank, d.qk_rope_head_dim, d.key_scales
-    scales = 2 * (1 if fmt.group is None else -(-r // fmt.group)) if fmt.name != "fp8_e4m3" else 0
-    codes = r if fmt.name != "int4" else (r + 1) // 2
-    rope = (p if fmt.name == "fp8_e4m3" else (p + 1) // 2 + 2) if fmt.rope else 4 * p
+    params = 2 if fmt.asymmetric else 1  # fp16 scale (and zero point) per group
+    scales = 2 * params * (1 if fmt.group is None else -(-r // fmt.group)) if fmt.name != "fp8_e4m3" else 0
+    codes = r if fmt.name not in ("int4", "int4_asym") else (r + 1) // 2
+    rope_scales = 2 * params * (1 if fmt.group is None else -(-p // fmt.group))
+    rope_codes = p if fmt.name in ("fp8_e4m3", "int8") else (p + 1) // 2
+    rope = (rope_codes + (rope_scales if fmt.name != "fp8_e4m3" else 0)) if fmt.rope else 4 * p
     per_layer = codes + scales + rope + 4 * s
     assert cache.bytes_per_token() == 2 * per_layer
     assert cache.nbytes() == cache.bytes_per_token() * 2 * 11
@@ -73,7 +93,7 @@ class DequantizedCache(LatentCache):
 
 
 @pytest.mark.parametrize("fmt", [CacheFormat("int4", group=8), CacheFormat("fp8_e4m3", rope=True),
-                                 CacheFormat("int8", rope=True)], ids=_id)
+                                 CacheFormat("int8", rope=True), CacheFormat("int4_asym", group=8, rope=True)], ids=_id)
 @pytest.mark.parametrize("name", ["llama-gqa", "mistral-sliding", "qwen3-qknorm"])
 def test_decode_reads_the_dequantized_cache(fmt, name):
     """Prefill and steps over the quantized (packed) cache == the same over a plain cache holding the
