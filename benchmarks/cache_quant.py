@@ -6,7 +6,8 @@ BENCHMARKS.md ("cache-quant") and docs/cache_quant.png.
 
 Rows:
   source K/V, DTYPE   the source with its own post-RoPE keys and values stored as DTYPE (one fp16 scale per
-                      KV head and token; our implementation, `runtime.cache.QuantizedKVCache`), same protocol
+                      KV head and token, or per 32 values for "g32"; our implementation,
+                      `runtime.cache.QuantizedKVCache`), same protocol
   source quanto intN  transformers' `QuantizedCache` (quanto backend, group 64, the last 128 tokens kept
                       in bf16), as transformers serves it: the window goes in 128-token chunks, each reading
                       the quantized past; only when `optimum-quanto` is installed (pip install --no-deps
@@ -44,8 +45,8 @@ FORMATS = {"bf16": CacheFormat(), "fp8": CacheFormat("fp8_e4m3"), "fp8+rope": Ca
            "int8": CacheFormat("int8"), "int4": CacheFormat("int4"), "int4+rope": CacheFormat("int4", rope=True),
            "int4 g32+rope": CacheFormat("int4", group=32, rope=True), "int4a+rope": CacheFormat("int4_asym", rope=True),
            "int4a g32+rope": CacheFormat("int4_asym", group=32, rope=True)}
-SOURCE_FORMATS = {"bf16": None, "fp8": CacheFormat("fp8_e4m3"), "int8": CacheFormat("int8"), "int4": CacheFormat("int4"),
-                  "int4a": CacheFormat("int4_asym")}
+SOURCE_FORMATS = {"bf16": None, "fp8": CacheFormat("fp8_e4m3"), "int8": CacheFormat("int8"),
+                  "int4": CacheFormat("int4"), "int4a": CacheFormat("int4_asym"), "int4 g32": CacheFormat("int4", group=32)}
 
 
 def share(model, fmt: CacheFormat, source_bytes: int) -> float:
@@ -136,7 +137,8 @@ def markdown(args, res: dict) -> str:
     intro = (f"WikiText-2 test, first {args.windows} windows of {args.seq_len} tokens, every query reading the "
              "stored cache; share = cache bytes per token over the source's bf16 K/V (unquantized parts counted "
              "as bf16); ratio = ppl / source ppl. `source K/V` rows: the source's own keys and values quantized "
-             "(ours, one fp16 scale per KV head and token); the others: the default conversion at that budget "
+             "(ours, one fp16 scale per KV head and token, or per 32 values: g32); the others: the default "
+             "conversion at that budget "
              "(1 = exact) with its latent stored as the dtype (+rope: the rope key too; int4a: asymmetric int4, "
              "an fp16 scale and zero point per token or group of 32). `source quanto` rows: "
              "transformers' QuantizedCache (quanto, group 64, last 128 tokens in bf16) fed 128-token chunks, as it "
@@ -146,7 +148,8 @@ def markdown(args, res: dict) -> str:
         lines.append(f"| {name} | {r['share']:.1%} | {r['ppl']:.2f} | x{r['ppl'] / src:.2f} |")
     best = {t: min((r["ppl"] / src, n) for n, r in res.items() if r["share"] <= t + 1e-9) for t in (0.125, 0.0625)
             if any(r["share"] <= t + 1e-9 for r in res.values())}
-    lines += ["", "Best at or under a share: " + "; ".join(f"{t:.2%}: {n} (x{v:.2f})" for t, (v, n) in best.items()),
+    found = "; ".join(f"{t:.2%}: {n} (x{v:.2f})" for t, (v, n) in best.items()) or "no row is at or under 12.50%"
+    lines += ["", "Best at or under a share: " + found,
               "", f"Plot: `{args.plot}`."]
     return section(args.section, f"Quality per cache byte: {args.model}", intro, lines)
 
