@@ -59,6 +59,8 @@ def ppl(model, tok, text: str, args, factory=None) -> float:
                       cache_factory=factory).ppl
 
 
+SHARE_TICKS = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 1)  # the shares issue 19's targets and a user's budgets name
+RATIO_TICKS = (1, 1.1, 1.25, 1.5, 2, 3, 5, 10, 20, 50, 100)
 QUANTO = {"source quanto int4": 4, "source quanto int2": 2}
 QUANTO_GROUP, QUANTO_RESIDUAL = 64, 128
 
@@ -151,7 +153,8 @@ def markdown(args, res: dict) -> str:
     found = "; ".join(f"{t:.2%}: {n} (x{v:.2f})" for t, (v, n) in best.items()) or "no row is at or under 12.50%"
     lines += ["", "Best at or under a share: " + found,
               "", f"Plot: `{args.plot}`."]
-    return section(args.section, f"Quality per cache byte: {args.model}", intro, lines)
+    title = f"Quality per cache byte: {args.model}" + (f", {args.title}" if args.title else "")
+    return section(args.section, title, intro, lines)
 
 
 def plot(res: dict, path: Path) -> None:
@@ -171,7 +174,14 @@ def plot(res: dict, path: Path) -> None:
                     label=key)
         ax.set_xscale("log")
         ax.set_yscale("log")
-        readable_log_axes(ax, xticks=[p[0] for pts in groups.values() for p in pts])
+        from matplotlib.ticker import FuncFormatter
+
+        shares = [p[0] for pts in groups.values() for p in pts]
+        ratios = [p[1] for pts in groups.values() for p in pts]
+        readable_log_axes(ax, xticks=[s for s in SHARE_TICKS if min(shares) / 1.5 <= s <= max(shares) * 1.5],
+                          yticks=[y for y in RATIO_TICKS if y <= max(ratios) * 1.2])
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{100 * v:g}%"))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"x{v:g}"))
         ax.set_xlabel("cache bytes per token / source bf16 K/V")
         ax.set_ylabel("WikiText-2 ppl / source ppl")
         ax.legend(fontsize=8)
@@ -186,6 +196,7 @@ def main() -> None:
     p.add_argument("--formats", nargs="+", default=list(FORMATS), choices=list(FORMATS), help="latent cache rows")
     p.add_argument("--reuse", nargs="*", default=[], help="BUDGET=DIR: a saved default conversion at that budget")
     p.add_argument("--plot", default="docs/cache_quant.png")
+    p.add_argument("--title", help="what sets this section apart, appended to its title")
     add_output_args(p, "cache-quant", json_out="runs/cache_quant.json", resume="skip rows already in --json-out")
     args = p.parse_args()
     res = run(args)
