@@ -59,6 +59,11 @@ class CacheFormat:
     def asymmetric(self) -> bool:
         return self.name == "int4_asym"
 
+    @property
+    def group_params(self) -> int:
+        """fp16 values stored per group: its scale, and for the asymmetric format its zero point."""
+        return 2 if self.asymmetric else 1
+
     def scales(self, n: int) -> int:
         """Scales stored for n values of one token."""
         if self.name not in LEVELS:
@@ -68,7 +73,7 @@ class CacheFormat:
     def nbytes(self, n: int) -> int:
         """Bytes one token's n values take in this format, scales included."""
         codes = (n + 1) // 2 if self.name in NIBBLES else n
-        return codes + self.scales(n) * SCALE_DTYPE.itemsize * (2 if self.asymmetric else 1)
+        return codes + self.scales(n) * self.group_params * SCALE_DTYPE.itemsize
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., n) float -> (..., nbytes(n)) uint8."""
@@ -102,10 +107,9 @@ class CacheFormat:
         if self.name == "fp8_e4m3":
             return (b.view(torch.float8_e4m3fn).float() * self.fp8_scale).to(dtype)
         groups, lead = self.scales(n), b.shape[:-1]
-        per_group = 2 if self.asymmetric else 1
-        code_bytes = b.shape[-1] - per_group * groups * SCALE_DTYPE.itemsize
+        code_bytes = b.shape[-1] - groups * self.group_params * SCALE_DTYPE.itemsize
         params = b[..., code_bytes:].clone(memory_format=torch.contiguous_format).view(SCALE_DTYPE).float()
-        params = params.view(*lead, groups, per_group)  # (..., groups, [scale, low])
+        params = params.view(*lead, groups, self.group_params)  # (..., groups, [scale, low])
         codes = b[..., :code_bytes]
         if self.name in NIBBLES:
             q = torch.stack((codes & 15, codes >> 4), -1).reshape(*lead, -1)[..., :n].float()
