@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from ..errors import LatentKVError
 from ..record import record_of
 from ..runtime.install import install_layer, is_mla
+from ..runtime.numerics import unit_rms
 from .biases import strip_biases
 from .prefix import PrefixWalk
 
@@ -110,7 +111,7 @@ def fit_layer(attn, x: torch.Tensor) -> tuple[dict, dict]:
         rows[slot], c[:, slot] = carrier, t
     scale = c.pow(2).mean(-1).mean().sqrt().clamp(min=1e-12)
     c = c / scale  # what the new kv_a rows will produce
-    u = c * torch.rsqrt(c.pow(2).mean(-1, keepdim=True) + NORM_EPS)  # what the norm will output (g = 1)
+    u = unit_rms(c, NORM_EPS)  # what the norm will output (g = 1), in fp64 here
     target = c0 @ w_b.double().T  # (N, h*(n+v))
     if offset is not None:
         target = target + offset.double()
