@@ -140,9 +140,8 @@ def markdown(args, res: dict) -> str:
              "stored cache; share = cache bytes per token over the source's bf16 K/V (unquantized parts counted "
              "as bf16); ratio = ppl / source ppl. `source K/V` rows: the source's own keys and values quantized "
              "(ours, one fp16 scale per KV head and token, or per 32 values: g32); the others: the default "
-             "conversion at that budget "
-             "(1 = exact) with its latent stored as the dtype (+rope: the rope key too; int4a: asymmetric int4, "
-             "an fp16 scale and zero point per token or group of 32). `source quanto` rows: "
+             "conversion at that budget (1 = exact) with its latent stored as the dtype (+rope: the rope key too; "
+             "int4a: asymmetric int4, an fp16 scale and zero point per token or group of 32). `source quanto` rows: "
              "transformers' QuantizedCache (quanto, group 64, last 128 tokens in bf16) fed 128-token chunks, as it "
              "serves (a kinder protocol: each chunk's own tokens and the residual stay bf16).")
     lines = ["| cache | share of bf16 K/V | ppl | ratio |", "|---|---:|---:|---:|"]
