@@ -39,6 +39,13 @@ def machine() -> str:
             f"{time.strftime('%Y-%m-%d')}")
 
 
+def passkey_phrase(context: int, trials: int | None = None) -> str:
+    """How a table's intro names its passkey protocol; 0 means the run skipped it."""
+    if not context:
+        return "passkey not run (--passkey 0)"
+    return f"passkey at {context} tokens" + (f" ({trials} trials per depth)" if trials else "")
+
+
 def section(name: str, title: str, intro: str, body: list[str]) -> str:
     """A whole section: markers, title, command, machine line + intro, then the body lines."""
     return "\n".join([f"<!-- quality:{name} -->", f"### {title}", "", f"Command: `{command()}`  ",

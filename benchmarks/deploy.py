@@ -35,7 +35,7 @@ from latentkv.io.domains import DEV_DOMAINS
 from latentkv.io.plots import figure, plot_title, readable_log_axes
 from latentkv.reports.verify import verify_export
 
-from common import add_output_args, section, write_section
+from common import add_output_args, passkey_phrase, section, write_section
 from domains import measure
 from heal import step_lines, throughput
 
@@ -185,8 +185,8 @@ def ordered(res: dict):
 def markdown(args, res: dict) -> str:
     src = res["source"]
     intro = (f"Dev suite: first {args.windows} windows of {args.seq_len} tokens of each domain's evaluation part; "
-             "ratio = ppl / source ppl; copy = the copy probe's accuracy as a share of the source's; passkey at "
-             f"{args.passkey or '-'} tokens. `export` = `convert --target deepseek_v3` (default flags); `healed` = "
+             "ratio = ppl / source ppl; copy = the copy probe's accuracy as a share of the source's; "
+             f"{passkey_phrase(args.passkey)}. `export` = `convert --target deepseek_v3` (default flags); `healed` = "
              f"`heal` of that model on the domain mixture ({args.batch_size} x {args.train_seq_len}-token windows per "
              f"step, lr {args.lr}, attention weights). verify = `verify-export` (stock transformers vs our runtime: "
              "max abs logit diff, greedy output identical). *: the suite numbers come from `benchmarks/domains.py` "
@@ -223,7 +223,7 @@ def protocol_table(args, res: dict) -> list[str]:
         return []
     w = src["max_windows"]
     lines = ["", f"Headline protocol (stage `protocol`): WikiText-2 and PTB test, first {w} windows of "
-             f"{src['seq_len']} tokens; passkey at {args.protocol_passkey or '-'} tokens ({args.trials} trials per depth).", "",
+             f"{src['seq_len']} tokens; {passkey_phrase(args.protocol_passkey, args.trials)}.", "",
              "| budget | form | heal tokens | wikitext2 | ptb | passkey |", "|---:|---|---:|---:|---:|---:|"]
     s = src["domains"]
     lines.append("| - | source | - | " + " | ".join(f"{s[d]['ppl']:.2f}" for d in PROTOCOL)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from latentkv import HealConfig, LowRankConfig, convert, heal, load_model, load_text, passkey, record_of, save, to_gqa
 
-from common import add_output_args, ppl_row, section, write_outputs
+from common import add_output_args, passkey_phrase, ppl_row, section, write_outputs
 
 TEXTS = ("wikitext2", "ptb")
 
@@ -110,7 +110,7 @@ def markdown(args, res: dict) -> str:
                "its defaults (KL to the source, attention weights, 512-token windows, 8 per step), the same for both; "
                f"their last column is the heal's own step time; curves in `{args.plot}`." if args.heal_tokens else "")
     intro = (f"Perplexity on the first {args.windows} windows of {args.seq_len} tokens of WikiText-2 "
-             f"and PTB test; passkey at {args.passkey or '-'} tokens ({args.trials} trials per depth); cache bytes "
+             f"and PTB test; {passkey_phrase(args.passkey, args.trials)}; cache bytes "
              "per token at fp32 (the source's dtype here). `gqa`: `convert --target gqa`, a stock checkpoint; `mla`: "
              "the default conversion at the same share of the cache." + healing)
     lines = ["| model | cache bytes/token | share | wikitext2 | ptb | passkey | convert / heal s |",
