@@ -34,7 +34,7 @@ def run(args) -> dict:
             continue
         conv = reused(args, budget) or convert(source, make_config(kv_budget=budget, method=args.method), tokenizer=tok)
         against = source if not any(r["variant"].startswith("source") for r in saved["rows"]) else None
-        result = bench(conv, against, ctx, batch, args.new_tokens)
+        result = bench(conv, against, ctx, batch, args.new_tokens, compile=args.compile)
         dims = conv.model.layers[0].self_attn.dims
         for r in result["rows"]:
             own = r["variant"].startswith("source")
@@ -61,7 +61,7 @@ def reused(args, budget: float):
 
 def markdown(args, result: dict) -> str:
     rows = result["rows"]
-    src = {}  # the faster source baseline (DynamicCache or StaticCache) at each context and batch
+    src = {}  # the fastest source baseline (DynamicCache or StaticCache, eager or compiled) per context and batch
     for r in rows:
         if r["variant"].startswith("source") and "skipped" not in r:
             best = src.get((r["context"], r["batch"]))
@@ -69,7 +69,8 @@ def markdown(args, result: dict) -> str:
                 src[(r["context"], r["batch"])] = r
     intro = (f"Streaming-read bandwidth {result['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s, fp32 matmul {result.get('flops_per_s', 0) / 1e9:.0f} "
              f"GFLOP/s. fp32. Prefill is timed at batch 1 (chunks of 1024); decode = median of {args.new_tokens} steps; "
-             "speed-up = decode tokens/s over the faster source baseline (transformers' DynamicCache or StaticCache) at the same context and batch; floor = (weights + cache "
+             "speed-up = decode tokens/s over the fastest source baseline (transformers' DynamicCache or StaticCache"
+             + (", each eager and through torch.compile" if args.compile else "") + ") at the same context and batch; floor = (weights + cache "
              "bytes a step reads) / bandwidth; compute floor = the step's FLOPs / matmul rate; roofline = the larger "
              "floor / step time.")
     lines = ["| budget (rope+latent) | variant | context | batch | prefill s | decode tok/s | speed-up | cache MiB "
@@ -96,7 +97,7 @@ def capacity(rows: list[dict]) -> str:
     per = {}
     for r in rows:
         if "skipped" not in r:
-            per.setdefault(f"{r['budget']:g} {r['variant'] if r['variant'] == 'source' else 'latent'}",
+            per.setdefault(f"{r['budget']:g} {'source' if r['variant'].startswith('source') else 'latent'}",
                            r["cache_bytes_per_token"])
     src = per.get("1 source")
     parts = [f"{k}: {free // v:,} tokens ({v:,} B/token)" + (f", {src / v:.1f}x the source" if src else "")
@@ -113,6 +114,7 @@ def main() -> None:
     p.add_argument("--batch", default="1,4")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--reuse", nargs="*", help="converted directories to bench instead of converting (matched by budget)")
+    p.add_argument("--compile", action="store_true", help="add torch.compile'd twins of the source and absorbed rows")
     p.add_argument("--plot", default="docs/decode-v2.png")
     add_output_args(p, "decode", json_out="runs/decode.json", resume="skip budgets already in --json-out")
     args = p.parse_args()

@@ -227,7 +227,8 @@ def bench_cmd(a) -> dict:
                             "conversion (with --against SOURCE for the comparison)")
     against = (on_device(load_model(a.against, dtype=a.dtype, trust_remote_code=a.trust_remote_code,
                                     progress=a.progress)[0], a.device) if a.against else None)
-    result = bench(model, against, contexts, batches, a.new_tokens, progress=a.progress, cache_dtype=fmt)
+    result = bench(model, against, contexts, batches, a.new_tokens, progress=a.progress, cache_dtype=fmt,
+                   compile=a.compile)
     write_bench(result, a.out, overwrite=a.overwrite)
     return {**result, "out": a.out}
 

@@ -219,6 +219,8 @@ def _add_bench(add) -> None:
     b.add_argument("--context", default="1024,4096,8192,16384", help="context lengths in tokens")
     b.add_argument("--batch", default="1,4,16", help="batch sizes")
     b.add_argument("--new-tokens", type=int, default=64, help="decode steps timed per row")
+    b.add_argument("--compile", action="store_true", help="also time the source and absorbed decode steps through "
+                   "torch.compile (rows `...-compiled`; each compiles twice before it is timed)")
     _dtype(b, "dtype both models are loaded and run in")
     _cache(b)
     _device(b)

@@ -4,10 +4,12 @@ MLA conversion, side by side, with the bandwidth floor each decode step could re
 Per model and context: one batch-1 prefill is timed (chunked, so attention memory stays bounded),
 then its cache is repeated to each batch size and `new_tokens` decode steps are timed for each
 variant; the median step gives decode tokens/s. Variants: `source` (transformers' DynamicCache, its own
-attention kernel), `latent-expanded` (latent cache, keys/values decompressed every step) and
-`latent-absorbed` (latent cache, absorbed decode). A step must at least read the weights once
-and the whole cache once: `floor_s = step_bytes / bandwidth`, with the bandwidth measured by a
-streaming read at the start of the run.
+attention kernel), `source-static` (its StaticCache), `latent-expanded` (latent cache, keys/values
+decompressed every step) and `latent-absorbed` (latent cache, absorbed decode); with `compile`, the
+source rows and the absorbed one again with the step through torch.compile (`-compiled`; its warm-up
+runs on a copy of the cache, so such a row holds the cache twice while it warms up). A step must at
+least read the weights once and the whole cache once: `floor_s = step_bytes / bandwidth`, with the
+bandwidth measured by a streaming read at the start of the run.
 """
 
 from __future__ import annotations
@@ -29,12 +31,14 @@ from ..io.plots import figure, plot_title, readable_log_axes
 from ..record import record_of
 from ..runtime.accounting import cache_report
 from ..runtime.cache import LatentCache
-from ..runtime.generation import cache_tensor_bytes, decode_n_tokens, new_cache, prefill
+from ..runtime.generation import cache_tensor_bytes, compiled_decoder, decode_n_tokens, new_cache, prefill
 from ..runtime.install import mla_layers
 from ..runtime.quant import CacheFormat, as_format
 
 PREFILL_CHUNK = 1024  # tokens per prefill forward: bounds the (chunk x context) attention scores
 HEADROOM = 0.8  # share of MemAvailable a row may plan to use
+COMPILED = "-compiled"  # a variant's suffix when its decode step runs through `compiled_decoder`
+WARMUP_STEPS = 2  # untimed compiled steps on a copy of the cache: a static graph, then one dynamic in length
 
 
 def measure_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
@@ -127,13 +131,23 @@ def plan(model, context: int, batch: int, new_tokens: int, dynamic: bool, cache_
     return None
 
 
-def variants(model, against=None) -> list[tuple[str, object]]:
+def variants(model, against=None, compile: bool = False) -> list[tuple[str, object]]:
+    """(variant name, model) pairs; `compile` adds a compiled twin of every variant but latent-expanded
+    (the slow reference path)."""
     if record_of(model) is None:
         if against is not None:
             raise LatentKVError("bench MODEL --against SOURCE: MODEL must be a latentkv conversion")
-        return [("source", model), ("source-static", model)]
-    return ([("source", against), ("source-static", against)] if against is not None else []) + [
-        ("latent-expanded", model), ("latent-absorbed", model)]
+        out = [("source", model), ("source-static", model)]
+    else:
+        out = ([("source", against), ("source-static", against)] if against is not None else []) + [
+            ("latent-expanded", model), ("latent-absorbed", model)]
+    twins = [(n + COMPILED, m) for n, m in out if n != "latent-expanded"] if compile else []
+    return out + twins
+
+
+def base_variant(name: str) -> str:
+    """`source-static-compiled` -> `source-static`: the path and the bytes and FLOPs a step reads."""
+    return name.removesuffix(COMPILED)
 
 
 # variant -> mla_path; `source` decodes over transformers' DynamicCache, `source-static` over its StaticCache
@@ -142,20 +156,26 @@ MLA_PATHS = {"source": None, "source-static": None, "latent-expanded": "expanded
 SOURCE_VARIANTS = ("source", "source-static")
 
 
-def decode(model, cache, batch: int, context: int, steps: int, vocab: int, mla_path: str | None = None) -> list[float]:
-    """`steps` one-token forwards of random tokens after `context` cached tokens -> seconds per step."""
+def decode(model, cache, batch: int, context: int, steps: int, vocab: int, name: str = "source") -> list[float]:
+    """`steps` one-token forwards of random tokens after `context` cached tokens with variant `name`'s
+    path -> seconds per step. A compiled variant first runs WARMUP_STEPS untimed on a copy of the cache."""
     gen, device = torch.Generator().manual_seed(1), next(model.parameters()).device
     choose = lambda _: torch.randint(0, vocab, (batch,), generator=gen).to(device)  # noqa: E731 - any tokens do
-    return decode_n_tokens(model, cache, None, torch.full((batch, 1), context - 1, device=device), steps, choose,
-                           mla_path=mla_path)
+    pos, path = torch.full((batch, 1), context - 1, device=device), MLA_PATHS[base_variant(name)]
+    step_fn = compiled_decoder(model) if name.endswith(COMPILED) else None
+    if step_fn is None:
+        return decode_n_tokens(model, cache, None, pos, steps, choose, mla_path=path)
+    warm = min(WARMUP_STEPS, steps)  # the copy has room for `steps` new tokens, as the cache has
+    decode_n_tokens(model, copy.deepcopy(cache), None, pos, warm, choose, mla_path=path, step_fn=step_fn)
+    return decode_n_tokens(model, cache, None, pos, steps, choose, mla_path=path, step_fn=step_fn)
 
 
 def measure(model, names: list[str], context: int, batches, new_tokens: int, roofs: tuple[float, float],
             seed: int = 0, cache_dtype: str | CacheFormat = "model") -> list[dict]:
     """Rows for one model at one context: one batch-1 prefill (the model's own path choice), then decode
-    at each batch size for each variant name (`source`, `latent-expanded`, `latent-absorbed`); a
+    at each batch size for each variant name (see `variants`); a
     converted model's latents stored as `cache_dtype` (a quantized cache grows instead of preallocating)."""
-    source = all(n in SOURCE_VARIANTS for n in names)
+    source = all(base_variant(n) in SOURCE_VARIANTS for n in names)
     fmt = CacheFormat() if source else as_format(cache_dtype)
     rows, dynamic, cache_dtype = [], source or fmt.quantized, fmt
     reasons = {b: plan(model, context, b, new_tokens, dynamic, cache_dtype) for b in batches}
@@ -166,7 +186,7 @@ def measure(model, names: list[str], context: int, batches, new_tokens: int, roo
     ids = ids.to(next(model.parameters()).device)
     prefilled: dict[str, tuple] = {}  # cache kind -> (prefilled cache, prefill seconds)
     for name in names:
-        kind = "static" if name == "source-static" else "own"
+        kind = "static" if base_variant(name) == "source-static" else "own"
         if kind not in prefilled:
             prefilled[kind] = prefilled_cache(model, ids, context + new_tokens, cache_dtype, kind)
         first, prefill_s = prefilled[kind]
@@ -178,7 +198,7 @@ def measure(model, names: list[str], context: int, batches, new_tokens: int, roo
             if b > 1:
                 repeat_batch(cache, b)
             reset_peak_rss()
-            times = decode(model, cache, b, context, new_tokens, vocab, MLA_PATHS[name])
+            times = decode(model, cache, b, context, new_tokens, vocab, name)
             rows.append(_row(model, name, context, b, new_tokens, prefill_s, times, cache, roofs, cache_dtype))
             del cache
     return rows
@@ -213,8 +233,8 @@ def _row(model, name, context, batch, new_tokens, prefill_s, times, cache, roofs
     step = statistics.median(times)
     per_token = cache_bytes_per_token(model, cache_dtype)
     held = cache_tensor_bytes(cache)
-    step_bytes = step_weight_bytes(model, name) + per_token * batch * context
-    flop = step_flops(model, name, batch, context)
+    step_bytes = step_weight_bytes(model, base_variant(name)) + per_token * batch * context
+    flop = step_flops(model, base_variant(name), batch, context)
     return {"variant": name, "context": context, "batch": batch, "new_tokens": new_tokens,
             "cache_dtype": as_format(cache_dtype).name,
             "prefill_s": round(prefill_s, 4), "prefill_batch": 1, "decode_step_s": step,
@@ -226,13 +246,13 @@ def _row(model, name, context, batch, new_tokens, prefill_s, times, cache, roofs
 
 
 def bench(model, against=None, contexts=(1024, 4096, 8192, 16384), batches=(1, 4, 16), new_tokens: int = 64,
-          progress: bool = True, cache_dtype: str | CacheFormat = "model") -> dict:
+          progress: bool = True, cache_dtype: str | CacheFormat = "model", compile: bool = False) -> dict:
     """-> {"bandwidth_bytes_per_s", "threads", "rows": [...]}, rows as in `measure` (or `skipped`)."""
     if not contexts or not batches or min(contexts) < 1 or min(batches) < 1 or new_tokens < 1:
         raise LatentKVError("bench needs positive --context, --batch and --new-tokens values, e.g. --context 1024,4096 "
                             "--batch 1,4 --new-tokens 64")
     groups = {}
-    for name, m in variants(model, against):
+    for name, m in variants(model, against, compile):
         groups.setdefault(id(m), (m, []))[1].append(name)
     todo = [(m, names, c) for m, names in groups.values() for c in contexts]
     roofs = measure_bandwidth(), measure_flops()

@@ -21,6 +21,8 @@ the model (`LatentCache(model)`): their bytes stop growing at the window. Local 
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
@@ -100,6 +102,17 @@ class LatentLayer(DynamicLayer):
         if self.buffer is not None:
             return self.buffer.numel() * self.buffer.element_size()
         return _held_bytes(self)
+
+    def __deepcopy__(self, memo):
+        """A copy whose c_kv / k_pe are views of its own buffer again, as the original's are (deepcopy
+        alone keeps the shared storage but not the view relation, and a compiled decode step traced on
+        one aliasing structure fails on the other)."""
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        if new.buffer is not None:
+            new._view(new.length, new.keys.shape[-1])
+        return new
 
 
 class LatentWindowLayer(DynamicSlidingWindowLayer):

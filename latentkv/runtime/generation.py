@@ -19,6 +19,7 @@ from transformers import DynamicCache
 from ..errors import LatentKVError
 from ..record import record_of
 from .cache import LatentCache
+from .install import mla_layers
 from .quant import CacheFormat, as_format
 
 
@@ -135,13 +136,26 @@ def decode_one_token(model, tokens: torch.Tensor, positions: torch.Tensor, cache
                  **kw).logits[:, -1]
 
 
+def compiled_decoder(model, mode: str | None = None) -> Callable:
+    """`decode_one_token` through torch.compile (inductor), same signature and results (up to the
+    order of sums). A converted model's decode folds are computed eagerly first, so the trace sees
+    plain tensors and each step is one graph. Expect two compilations before the steps run compiled:
+    one for the first cache length, one dynamic in it; time steps after a warm-up."""
+    with torch.no_grad():
+        for m in mla_layers(model):
+            m.decode_folds()
+    return torch.compile(decode_one_token, mode=mode)
+
+
 @torch.no_grad()
 def decode_n_tokens(model, cache, logits: torch.Tensor | None, positions: torch.Tensor, steps: int,
                     choose: Callable[[torch.Tensor | None], torch.Tensor], *, attention_mask=None,
-                    on_token: Callable[[int, torch.Tensor], bool] | None = None, mla_path: str | None = None):
+                    on_token: Callable[[int, torch.Tensor], bool] | None = None, mla_path: str | None = None,
+                    step_fn: Callable = decode_one_token):
     """Up to `steps` times: choose the next tokens (B,) from `logits` (B, V), hand them to `on_token`
-    (True stops before the forward), then decode them at the next positions. positions (B, P): the
-    last column is where the previous token sat. -> seconds of each decode forward."""
+    (True stops before the forward), then decode them at the next positions with `step_fn`
+    (`decode_one_token` or a `compiled_decoder`). positions (B, P): the last column is where the
+    previous token sat. -> seconds of each decode forward."""
     times = []
     for step in range(steps):
         tokens = choose(logits)
@@ -151,7 +165,7 @@ def decode_n_tokens(model, cache, logits: torch.Tensor | None, positions: torch.
         if attention_mask is not None:
             attention_mask = torch.cat((attention_mask, attention_mask.new_ones(len(tokens), 1)), 1)
         positions = positions[:, -1:] + 1
-        logits = decode_one_token(model, tokens, positions, cache, attention_mask=attention_mask, mla_path=mla_path)
+        logits = step_fn(model, tokens, positions, cache, attention_mask=attention_mask, mla_path=mla_path)
         sync(logits)
         times.append(time.perf_counter() - t)
     return times

@@ -330,6 +330,8 @@ class MLAAttention(nn.Module):
         so training sees the real parameters)."""
         if torch.is_grad_enabled() or self.dims.qk_norm is not None:  # QK-norm: the query's norm sits in between
             return {"q": None, "q_factor": None, "q_bias": None, "o": None}
+        if torch.compiler.is_compiling() and hasattr(self, "_folds"):
+            return self._folds  # `compiled_decoder` computed them eagerly; the key check would break the graph
         lin = (self.q_src_proj if self.dims.q_factored else self.q_proj if self.dims.q_lora_rank is None
                else self.q_b_proj)
         params = (lin.weight, lin.bias, self.kv_b_proj.weight, self.o_proj.weight,

@@ -63,3 +63,20 @@ def test_cache_bytes_per_token_without_model():
 def test_latent_cache_needs_a_converted_model():
     with pytest.raises(ValueError, match="converted by latentkv"):
         LatentCache(make_tiny("llama-gqa"))
+
+
+def test_deepcopy_keeps_views_of_its_own_buffer():
+    """A copied capacity cache is a cache like the original: c_kv / k_pe view its own buffer (so later
+    writes show through), share nothing with the original, and keep the length."""
+    import copy
+
+    conv = convert(make_tiny("llama-gqa"), SVDConfig(kv_budget=0.5), progress=False)
+    cache = LatentCache(conv, capacity=10)
+    with torch.no_grad():
+        conv(torch.randint(0, 320, (2, 6)), cache=cache, use_cache=True)
+    twin = copy.deepcopy(cache)
+    for a, b in zip(cache.layers, twin.layers):
+        assert b.length == a.length == 6 and torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+        assert b.keys._base is b.buffer and b.values._base is b.buffer
+        b.buffer.zero_()
+        assert b.keys.abs().sum() == 0 and b.values.abs().sum() == 0 and a.keys.abs().sum() > 0

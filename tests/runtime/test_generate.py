@@ -205,3 +205,39 @@ def test_chunked_prefill_equals_one_shot(name):
         out[chunk] = (last, decode_one_token(conv, torch.tensor([3, 4]), torch.full((2, 1), 23), cache))
     for a, b in zip(out[None], out[5]):
         assert (a - b).abs().max().item() <= 1e-5  # fp32, same function in a different order of sums
+
+
+def test_compiled_decode_equals_eager():
+    """compiled_decoder: the same step logits as eager decode over the latent cache and transformers'
+    StaticCache, across the cache-length recompile (fp32; inductor may reorder sums: 1e-4 of the largest)."""
+    import torch._dynamo
+
+    from latentkv.reports.bench import prefilled_cache, repeat_batch
+    from latentkv.runtime.generation import compiled_decoder, decode_one_token
+
+    torch._dynamo.reset()
+    source = make_tiny("llama-gqa")
+    conv = convert(make_tiny("llama-gqa"), SVDConfig(kv_lora_rank=8, qk_rope_head_dim=8), progress=False)
+    ids = torch.randint(0, 320, (1, 12), generator=torch.Generator().manual_seed(0))
+    for model, kind in ((conv, "own"), (source, "static")):
+        first = prefilled_cache(model, ids, 20, "model", kind)[0]
+        repeat_batch(first, 2)
+        steps = {}
+        for name, fn in (("eager", decode_one_token), ("compiled", compiled_decoder(model))):
+            cache = copy.deepcopy(first)
+            steps[name] = torch.stack([fn(model, torch.tensor([5 + s, 9 + s]), torch.full((2, 1), 12 + s), cache)
+                                       for s in range(4)])
+        assert (steps["compiled"] - steps["eager"]).abs().max().item() <= 1e-4 * steps["eager"].abs().max().item()
+
+
+def test_bench_compile_adds_compiled_twins(conv):
+    """bench(compile=True): a compiled twin of the absorbed row (not of the expanded one), timed after
+    its warm-up, reading the bytes and FLOPs of its eager variant."""
+    from latentkv.reports.bench import bench
+
+    rows = bench(conv, contexts=(16,), batches=(1,), new_tokens=2, progress=False, compile=True)["rows"]
+    by = {r["variant"]: r for r in rows}
+    assert set(by) == {"latent-expanded", "latent-absorbed", "latent-absorbed-compiled"}
+    twin, eager = by["latent-absorbed-compiled"], by["latent-absorbed"]
+    assert twin["step_bytes"] == eager["step_bytes"] and twin["step_flops"] == eager["step_flops"]
+    assert twin["decode_step_s"] > 0 and twin["cache_bytes"] == eager["cache_bytes"]
