@@ -13,6 +13,7 @@
 #   4. `latentkv bench --device cuda` (source vs the 50 % conversion, bf16, 8K-32K contexts, batch 1-64)
 #   5. `latentkv heal` for 200 steps on the GPU (bf16 autocast)
 #   6. one summary line per step (OUT/summary.txt)
+#   7. `bench --compile` (torch.compile'd decode steps of the source and the conversion), appended to it
 set -euo pipefail
 OUT="${1:-runs/gpu-check}"
 PY="${PYTHON:-python}"
@@ -77,4 +78,12 @@ for r in get("bench.json").get("rows", []):
         print(f"bench {r['variant']:<16} ctx {r['context']} b {r['batch']}: {r['decode_tokens_per_s']:.1f} tok/s")
 print(f"heal: {h.get('steps')} steps, {h.get('tokens_per_s')} tok/s, loss {h.get('first_loss')} -> {h.get('last_loss')}")
 EOF
+
+# Last, as it may not fit the run's time: the decode step through torch.compile, where launch overhead
+# (not bandwidth, as on a CPU) bounds a small model's step; the summary above does not wait for it.
+step "bench --compile on cuda, bf16"
+"${L[@]}" bench "$OUT/kv50" --against smollm2-135m --device cuda --dtype bfloat16 --context 8160 \
+  --batch 1,16 --new-tokens 32 --compile --out "$OUT/bench-compile" --overwrite --json > "$OUT/bench-compile.json"
+"$VENV/bin/python" -c "import json,sys; [print(f\"bench {r['variant']:<24} b {r['batch']}: {r['decode_tokens_per_s']:.1f} tok/s\")
+  for r in json.load(open(sys.argv[1]))['rows'] if 'skipped' not in r]" "$OUT/bench-compile.json" | tee -a "$OUT/summary.txt"
 echo "done: $OUT"
