@@ -38,7 +38,6 @@ from ..runtime.quant import CacheFormat, as_format
 PREFILL_CHUNK = 1024  # tokens per prefill forward: bounds the (chunk x context) attention scores
 HEADROOM = 0.8  # share of MemAvailable a row may plan to use
 COMPILED = "-compiled"  # a variant's suffix when its decode step runs through `compiled_decoder`
-WARMUP_STEPS = 2  # untimed compiled steps on a copy of the cache: a static graph, then one dynamic in length
 
 
 def measure_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
@@ -158,16 +157,22 @@ SOURCE_VARIANTS = ("source", "source-static")
 
 def decode(model, cache, batch: int, context: int, steps: int, vocab: int, name: str = "source") -> list[float]:
     """`steps` one-token forwards of random tokens after `context` cached tokens with variant `name`'s
-    path -> seconds per step. A compiled variant first runs WARMUP_STEPS untimed on a copy of the cache."""
+    path -> seconds per step. A compiled variant first runs the same steps untimed on a copy of the cache, so
+    every graph they need (the first length, one dynamic in length, a cache filled to capacity) is compiled
+    before the timed run."""
     gen, device = torch.Generator().manual_seed(1), next(model.parameters()).device
     choose = lambda _: torch.randint(0, vocab, (batch,), generator=gen).to(device)  # noqa: E731 - any tokens do
     pos, path = torch.full((batch, 1), context - 1, device=device), MLA_PATHS[base_variant(name)]
-    step_fn = compiled_decoder(model) if name.endswith(COMPILED) else None
-    if step_fn is None:
+    if not name.endswith(COMPILED):
         return decode_n_tokens(model, cache, None, pos, steps, choose, mla_path=path)
-    warm = min(WARMUP_STEPS, steps)  # the copy has room for `steps` new tokens, as the cache has
-    decode_n_tokens(model, copy.deepcopy(cache), None, pos, warm, choose, mla_path=path, step_fn=step_fn)
-    return decode_n_tokens(model, cache, None, pos, steps, choose, mla_path=path, step_fn=step_fn)
+    # Every compiled row traces the same function, and dynamo's per-function recompile limit (8) would be
+    # spent by the first few rows of a run, after which steps silently run eager: each row compiles afresh,
+    # and running past the limit is an error rather than a mislabelled eager row.
+    torch.compiler.reset()
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        step_fn = compiled_decoder(model)
+        decode_n_tokens(model, copy.deepcopy(cache), None, pos, steps, choose, mla_path=path, step_fn=step_fn)
+        return decode_n_tokens(model, cache, None, pos, steps, choose, mla_path=path, step_fn=step_fn)
 
 
 def measure(model, names: list[str], context: int, batches, new_tokens: int, roofs: tuple[float, float],
@@ -216,13 +221,18 @@ def prefilled_cache(model, ids: torch.Tensor, capacity: int, cache_dtype, kind: 
 
 def repeat_batch(cache, b: int) -> None:
     """Every sequence of a prefilled cache repeated b times (transformers' StaticLayer has no
-    batch_repeat_interleave: its fixed buffers are repeated directly)."""
-    if not isinstance(cache, StaticCache):
+    batch_repeat_interleave: its fixed buffers are repeated directly). repeat_interleave returns views of
+    a (B, b, ...) tensor, which a compiled step cannot take as inputs: a source cache's tensors are copied
+    into their own (a LatentCache does so itself, keeping its views of one buffer)."""
+    if isinstance(cache, StaticCache):
+        for layer in cache.layers:
+            layer.keys, layer.values = layer.keys.repeat_interleave(b, 0), layer.values.repeat_interleave(b, 0)
+            layer.batch_size = layer.keys.shape[0]
+    else:
         cache.batch_repeat_interleave(b)
-        return
-    for layer in cache.layers:
-        layer.keys, layer.values = layer.keys.repeat_interleave(b, 0), layer.values.repeat_interleave(b, 0)
-        layer.batch_size = layer.keys.shape[0]
+    if not isinstance(cache, LatentCache):
+        for layer in cache.layers:
+            layer.keys, layer.values = layer.keys.clone(), layer.values.clone()
 
 
 def _row(model, name, context, batch, new_tokens, prefill_s, times, cache, roofs, cache_dtype="model") -> dict:

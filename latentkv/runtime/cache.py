@@ -95,7 +95,9 @@ class LatentLayer(DynamicLayer):
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.buffer is None:
             return super().batch_repeat_interleave(repeats)
-        self.buffer = self.buffer.repeat_interleave(repeats, dim=0)
+        # repeat_interleave returns a view of a (B, repeats, 1, capacity, r + p) tensor; inductor rebuilds a
+        # compiled step's inputs from their base, so the buffer must be a tensor of its own
+        self.buffer = self.buffer.repeat_interleave(repeats, dim=0).clone()
         self._view(self.length, self.keys.shape[-1])
 
     def nbytes(self) -> int:
