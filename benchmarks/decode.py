@@ -34,7 +34,8 @@ def run(args) -> dict:
             continue
         conv = reused(args, budget) or convert(source, make_config(kv_budget=budget, method=args.method), tokenizer=tok)
         against = source if not any(r["variant"].startswith("source") for r in saved["rows"]) else None
-        result = bench(conv, against, ctx, batch, args.new_tokens, compile=args.compile)
+        roofs = (saved["bandwidth_bytes_per_s"], saved["flops_per_s"]) if "flops_per_s" in saved else None
+        result = bench(conv, against, ctx, batch, args.new_tokens, compile=args.compile, roofs=roofs)  # one per run
         dims = conv.model.layers[0].self_attn.dims
         for r in result["rows"]:
             own = r["variant"].startswith("source")
@@ -81,12 +82,13 @@ def markdown(args, result: dict) -> str:
         if "skipped" in r:
             lines.append(f"{head} skipped: {r['skipped']} |" + " |" * 9)
             continue
-        base = src.get((r["context"], r["batch"]))
+        base, step = src.get((r["context"], r["batch"])), r["decode_step_s"]
+        # floors from the run's one bandwidth and matmul rate (rows of an older json each carry their call's own)
+        floor, cfloor = r["step_bytes"] / result["bandwidth_bytes_per_s"], r["step_flops"] / result["flops_per_s"]
         speed = f"{r['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}x" if base else "-"
         lines.append(f"{head} {r['prefill_s']:.2f} | {r['decode_tokens_per_s']:.1f} | {speed} | "
-                     f"{r['cache_bytes'] / 2 ** 20:.1f} | {r['peak_rss_bytes'] / 2 ** 30:.2f} | {r['floor_s'] * 1e3:.1f} "
-                     f"| {r.get('compute_floor_s', 0) * 1e3:.1f} | {r['decode_step_s'] * 1e3:.1f} | "
-                     f"{r['floor_fraction']:.0%} | {r.get('roofline_fraction', 0):.0%} |")
+                     f"{r['cache_bytes'] / 2 ** 20:.1f} | {r['peak_rss_bytes'] / 2 ** 30:.2f} | {floor * 1e3:.1f} "
+                     f"| {cfloor * 1e3:.1f} | {step * 1e3:.1f} | {floor / step:.0%} | {max(floor, cfloor) / step:.0%} |")
     lines += ["", capacity(rows)]
     return section(args.section, f"Decode speed and cache memory: {args.model}", intro, lines)
 

@@ -256,8 +256,11 @@ def _row(model, name, context, batch, new_tokens, prefill_s, times, cache, roofs
 
 
 def bench(model, against=None, contexts=(1024, 4096, 8192, 16384), batches=(1, 4, 16), new_tokens: int = 64,
-          progress: bool = True, cache_dtype: str | CacheFormat = "model", compile: bool = False) -> dict:
-    """-> {"bandwidth_bytes_per_s", "threads", "rows": [...]}, rows as in `measure` (or `skipped`)."""
+          progress: bool = True, cache_dtype: str | CacheFormat = "model", compile: bool = False,
+          roofs: tuple[float, float] | None = None) -> dict:
+    """-> {"bandwidth_bytes_per_s", "threads", "rows": [...]}, rows as in `measure` (or `skipped`).
+    roofs: (bandwidth bytes/s, matmul FLOP/s) measured earlier, so that several calls of one benchmark share
+    one measurement (two measurements minutes apart have differed by 1.8x on this shared CPU)."""
     if not contexts or not batches or min(contexts) < 1 or min(batches) < 1 or new_tokens < 1:
         raise LatentKVError("bench needs positive --context, --batch and --new-tokens values, e.g. --context 1024,4096 "
                             "--batch 1,4 --new-tokens 64")
@@ -265,7 +268,7 @@ def bench(model, against=None, contexts=(1024, 4096, 8192, 16384), batches=(1, 4
     for name, m in variants(model, against, compile):
         groups.setdefault(id(m), (m, []))[1].append(name)
     todo = [(m, names, c) for m, names in groups.values() for c in contexts]
-    roofs = measure_bandwidth(), measure_flops()
+    roofs = roofs or (measure_bandwidth(), measure_flops())
     rows = []
     for m, names, context in tqdm(todo, desc="bench", disable=not progress):
         rows += measure(m, names, context, batches, new_tokens, roofs, cache_dtype=cache_dtype)

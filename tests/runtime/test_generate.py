@@ -191,6 +191,16 @@ def test_static_baseline_decodes_like_the_dynamic_cache():
     assert torch.allclose(steps["own"], steps["static"], atol=1e-5)
 
 
+def test_bench_takes_earlier_roofs(conv):
+    """bench(roofs=...): the floors come from the given bandwidth and matmul rate, not a new measurement."""
+    from latentkv.reports.bench import bench
+
+    out = bench(conv, contexts=(8,), batches=(1,), new_tokens=1, progress=False, roofs=(1e9, 2e9))
+    assert (out["bandwidth_bytes_per_s"], out["flops_per_s"]) == (1e9, 2e9)
+    for r in out["rows"]:
+        assert r["floor_s"] == r["step_bytes"] / 1e9 and r["compute_floor_s"] == r["step_flops"] / 2e9
+
+
 def test_repeated_caches_own_their_tensors(conv):
     """repeat_interleave returns a view of a (B, b, ...) tensor, and a compiled step given one fails in
     inductor ("wrong number of dimensions"): after repeat_batch no cache tensor is such a view."""
