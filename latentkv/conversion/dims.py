@@ -20,9 +20,6 @@ from .rope import PER_HEAD
 log = logging.getLogger(__name__)
 
 SPLIT_FRACTIONS = (1 / 8, 1 / 4, 3 / 8, 1 / 2)  # rope shares the split search tries
-# Tried only when the best of those has the largest rope share: at 12.5 % on SmolLM2 the export's held-out
-# NLL fell with every step of rope share up to 1/2 (6.26, 6.14, 5.95, 5.80; BENCHMARKS.md, "deploy").
-EDGE_FRACTIONS = (5 / 8, 3 / 4)
 # The rope share a streaming conversion takes, since it never holds the whole model to search: the
 # share the search picked most often on SmolLM2 (BENCHMARKS.md, "quality").
 STREAM_SPLIT = 3 / 8
@@ -125,11 +122,10 @@ def split_at(layout: SourceLayout, rope_strategy: str, values: int, frac: float)
     return min(values - p, latent_cap(layout, rope_strategy, p)), p
 
 
-def candidate_splits(layout: SourceLayout, rope_strategy: str, values: int,
-                     fractions: tuple[float, ...] = SPLIT_FRACTIONS) -> list[tuple[int, int]]:
-    """(kv_lora_rank, qk_rope_head_dim) pairs worth trying for `values` cache values, one per rope share."""
+def candidate_splits(layout: SourceLayout, rope_strategy: str, values: int) -> list[tuple[int, int]]:
+    """(kv_lora_rank, qk_rope_head_dim) pairs worth trying for `values` cache values."""
     out = []
-    for frac in fractions:
+    for frac in SPLIT_FRACTIONS:
         r, p = split_at(layout, rope_strategy, values, frac)
         if r >= 1 and (r, p) not in out:
             out.append((r, p))

@@ -19,7 +19,7 @@ from ..errors import LatentKVError
 from ..families import SourceLayout, attention_layers, plain_frequencies, read_attention
 from .calibration import held_out_score
 from .configs import LowRankConfig
-from .dims import EDGE_FRACTIONS, budget_values, candidate_splits
+from .dims import budget_values, candidate_splits
 from .rope import ROPE_STRATEGIES, best_slot0
 from .surgery import convert_oneshot
 
@@ -43,41 +43,19 @@ def search_split(model, layout: SourceLayout, config: LowRankConfig, stats, held
             tries += [(rope, r, p) for r, p in candidate_splits(layout, rope, values)]
         except LatentKVError:  # an extra choice that cannot hold this budget is skipped, not an error
             log.info("split search: %s cannot hold %d values per token; not tried", rope, values)
-    scores = _score(model, layout, config, stats, held, tries, progress)
-    best = pick_split(scores)
-    wider = edge_splits(layout, best, values, scores)
-    if wider:  # the best split had the largest rope share tried: the optimum may lie beyond the grid
-        scores += _score(model, layout, config, stats, held, wider, progress)
-        best = pick_split(scores)
-    why = ", ".join(f"{s['rope']} {s['qk_rope_head_dim']}+latent {s['kv_lora_rank']}: nll {s['heldout_nll']:.4f} "
-                    f"copy {s['copy_nll']:.4f}" for s in scores)
-    log.info("split for %d values/token: %s, rope %d + latent %d (lowest held-out NLL; copy NLL within %.2f nats; tried %s)",
-             values, best["rope"], best["qk_rope_head_dim"], best["kv_lora_rank"], COPY_TIE_NATS, why)
-    return {**best, "values": values, "rule": f"lowest heldout_nll; copy_nll breaks ties within {COPY_TIE_NATS}",
-            "candidates": scores}
-
-
-def _score(model, layout, config, stats, held, tries, progress) -> list[dict]:
-    """One one-shot conversion per (rope strategy, kv_lora_rank, qk_rope_head_dim) -> its held-out scores."""
     scores = []
     for rope, r, p in tqdm(tries, desc="search split", disable=not progress):
         chosen = export_schedule(model, layout, replace(config, rope=rope), p, stats)
         conv = convert_oneshot(model, layout, chosen, (r, p), stats)
         slot0 = {} if chosen.rope_slot0 is None else {"rope_slot0": chosen.rope_slot0}
         scores.append({"rope": rope, "kv_lora_rank": r, "qk_rope_head_dim": p, **slot0, **held_out_score(conv, held)})
-    return scores
-
-
-def edge_splits(layout: SourceLayout, best: dict, values: int, scores: list[dict]) -> list[tuple[str, int, int]]:
-    """The EDGE_FRACTIONS splits of the best's rope strategy not tried yet, when the best has the largest
-    rope share tried with that strategy; else none."""
-    rope = best["rope"]
-    if best["qk_rope_head_dim"] < max(s["qk_rope_head_dim"] for s in scores if s["rope"] == rope):
-        return []
-    tried = {(s["rope"], s["kv_lora_rank"], s["qk_rope_head_dim"]) for s in scores}
-    wider = [(rope, r, p) for r, p in candidate_splits(layout, rope, values, EDGE_FRACTIONS)
-             if p > best["qk_rope_head_dim"]]
-    return [t for t in dict.fromkeys(wider) if t not in tried]
+    best = pick_split(scores)
+    why = ", ".join(f"{s['rope']} {s['qk_rope_head_dim']}+latent {s['kv_lora_rank']}: nll {s['heldout_nll']:.4f} "
+                    f"copy {s['copy_nll']:.4f}" for s in scores)
+    log.info("split for %d values/token: %s, rope %d + latent %d (lowest held-out NLL; copy NLL within %.2f nats; tried %s)",
+             values, best["rope"], best["qk_rope_head_dim"], best["kv_lora_rank"], COPY_TIE_NATS, why)
+    return {**best, "values": values, "rule": f"lowest heldout_nll; copy_nll breaks ties within {COPY_TIE_NATS}",
+            "candidates": scores}
 
 
 def pick_split(scores: list[dict], tie: float | None = None) -> dict:

@@ -108,25 +108,6 @@ def test_pick_split_ranks_by_heldout_nll_and_copy_breaks_near_ties():
     assert pick_split(near, tie=0.0)["name"] == "a"
 
 
-def test_edge_splits_widen_the_grid_only_when_the_best_sits_at_its_edge():
-    """The search tries larger rope shares (EDGE_FRACTIONS) only when the best split has the largest rope
-    share tried with its strategy; never a split it already scored, never a smaller rope share."""
-    from latentkv.conversion.dims import candidate_splits
-    from latentkv.conversion.search import edge_splits
-    from latentkv.families import source_layout
-
-    layout = source_layout(make_tiny("llama-gqa").config)  # 64 values per token; 24 to split
-    grid = candidate_splits(layout, "rorope", 24)
-    scores = [{"rope": "rorope", "kv_lora_rank": r, "qk_rope_head_dim": p, "heldout_nll": 5.0 - p / 100}
-              for r, p in grid]  # the more rope, the better: the best sits at the edge
-    top = max(scores, key=lambda s: s["qk_rope_head_dim"])
-    wider = edge_splits(layout, top, 24, scores)
-    assert wider and all(rope == "rorope" and p > top["qk_rope_head_dim"] and r + p <= 24 for rope, r, p in wider)
-    assert not {(r, p) for _, r, p in wider} & set(grid)
-    inner = min(scores, key=lambda s: s["qk_rope_head_dim"])
-    assert edge_splits(layout, inner, 24, scores) == []
-
-
 def test_default_rope_is_chosen_on_held_out_windows_and_recorded(calib_ids):
     """Without --rope the split search tries every AUTO_ROPES strategy at every split; the record names
     the winner (as `conversion.rope`) and keeps each candidate's held-out NLL. An explicit --rope, the
