@@ -3,7 +3,8 @@
 Loads OUT with stock `AutoModelForCausalLM` (no remote code, safetensors only) and the native
 conversion with our runtime, runs both on the same tokens (fp32 unless `dtype`), and reports the largest logit
 difference, teacher-forced greedy agreement, whether greedy generation gives the same tokens, and
-the bytes per token the stock model's own cache holds (it must be latent-sized).
+the bytes per token the stock model's own cache holds (it must be latent-sized). It passes when the logits
+are within `atol`, greedy generation is identical and the cache is latent-sized.
 """
 
 from __future__ import annotations
@@ -86,6 +87,8 @@ def verify_export(out, against, text: str | None = None, tokens: int = 128, new_
     return {"out": str(out), "against": str(against), "tokens": int(ids.shape[1]), "max_abs_diff": diff,
             "greedy_agreement": agree, "generation_match": match, "cache_bytes_per_token": held,
             "expected_cache_bytes_per_token": expected, "atol": atol, "dtype": str(dtype).removeprefix("torch."),
-            "passed": bool(diff <= atol and agree == 1.0 and match and held == expected),
+            # teacher-forced agreement is reported, not required: with every logit within `diff` of ours, a
+            # different argmax can only be a top-2 gap under 2 x diff (a near-tie, common in bf16)
+            "passed": bool(diff <= atol and match and held == expected),
             # what the export-grade conversion approximated of the source (both sides compute it alike)
             "folded_biases": bias_folds(record_of(ours))}

@@ -53,7 +53,7 @@ def test_bf16_source_converts_exports_and_loads_stock_as_bf16(capsys, bf16_sourc
     code, stdout, err = run(capsys, "verify-export", ds, "--against", conv, "--dtype", "bfloat16", "--atol", 0.5,
                             "--tokens", 32, "--json")
     res = json.loads(stdout)
-    assert code == 0 and res["dtype"] == "bfloat16" and res["passed"], res
+    assert code == 0 and res["dtype"] == "bfloat16" and res["passed"], json.dumps(res)
     code, stdout, _ = run(capsys, "convert", bf16_source, "--out", tmp_path / "f32", "--kv-budget", 0.5,
                           "--method", "svd", "--dtype", "float32", "--json")
     assert code == 0 and stored(tmp_path / "f32") == {"F32"}
