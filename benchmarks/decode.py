@@ -19,7 +19,7 @@ from latentkv.conversion.configs import make_config
 from latentkv.io.checkpoint import read_meta
 from latentkv.io.machine import available_memory
 from latentkv.record import record_summary
-from latentkv.reports.bench import bench, plot
+from latentkv.reports.bench import bench, floors, plot
 
 from common import add_output_args, section, write_section
 
@@ -83,12 +83,13 @@ def markdown(args, result: dict) -> str:
             lines.append(f"{head} skipped: {r['skipped']} |" + " |" * 9)
             continue
         base, step = src.get((r["context"], r["batch"])), r["decode_step_s"]
-        # floors from the run's one bandwidth and matmul rate (rows of an older json each carry their call's own)
-        floor, cfloor = r["step_bytes"] / result["bandwidth_bytes_per_s"], r["step_flops"] / result["flops_per_s"]
+        # at the run's one bandwidth and matmul rate (rows of an older json each carry their own call's)
+        f = floors(r["step_bytes"], r["step_flops"], step, (result["bandwidth_bytes_per_s"], result["flops_per_s"]))
         speed = f"{r['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}x" if base else "-"
         lines.append(f"{head} {r['prefill_s']:.2f} | {r['decode_tokens_per_s']:.1f} | {speed} | "
-                     f"{r['cache_bytes'] / 2 ** 20:.1f} | {r['peak_rss_bytes'] / 2 ** 30:.2f} | {floor * 1e3:.1f} "
-                     f"| {cfloor * 1e3:.1f} | {step * 1e3:.1f} | {floor / step:.0%} | {max(floor, cfloor) / step:.0%} |")
+                     f"{r['cache_bytes'] / 2 ** 20:.1f} | {r['peak_rss_bytes'] / 2 ** 30:.2f} | {f['floor_s'] * 1e3:.1f} "
+                     f"| {f['compute_floor_s'] * 1e3:.1f} | {step * 1e3:.1f} | {f['floor_fraction']:.0%} | "
+                     f"{f['roofline_fraction']:.0%} |")
     lines += ["", capacity(rows)]
     return section(args.section, f"Decode speed and cache memory: {args.model}", intro, lines)
 

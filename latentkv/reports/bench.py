@@ -235,11 +235,17 @@ def repeat_batch(cache, b: int) -> None:
             layer.keys, layer.values = layer.keys.clone(), layer.values.clone()
 
 
+def floors(step_bytes: int, step_flops: int, step_s: float, roofs: tuple[float, float]) -> dict:
+    """floor_s: the bytes a step reads at the bandwidth (the bandwidth floor); compute_floor_s: its FLOPs at
+    the matmul rate; floor_fraction and roofline_fraction: that floor, and the larger of the two, over the
+    step time. roofs: (bandwidth bytes/s, matmul FLOP/s)."""
+    floor, compute = step_bytes / roofs[0], step_flops / roofs[1]
+    return {"floor_s": floor, "floor_fraction": floor / step_s, "compute_floor_s": compute,
+            "roofline_fraction": max(floor, compute) / step_s}
+
+
 def _row(model, name, context, batch, new_tokens, prefill_s, times, cache, roofs, cache_dtype="model") -> dict:
-    """One decode row. floor_s: the bytes a step reads at the measured bandwidth (the bandwidth floor);
-    compute_floor_s: its FLOPs at the measured matmul rate; roofline_fraction: the larger of the two
-    over the step time."""
-    bandwidth, flops = roofs
+    """One decode row, with its `floors` at the measured roofs."""
     step = statistics.median(times)
     per_token = cache_bytes_per_token(model, cache_dtype)
     held = cache_tensor_bytes(cache)
@@ -250,9 +256,8 @@ def _row(model, name, context, batch, new_tokens, prefill_s, times, cache, roofs
             "prefill_s": round(prefill_s, 4), "prefill_batch": 1, "decode_step_s": step,
             "decode_tokens_per_s": batch / step, "cache_bytes": held,
             "cache_bytes_formula": per_token * batch * (context + new_tokens), "cache_bytes_per_token": per_token,
-            "peak_rss_bytes": peak_rss(), "step_bytes": step_bytes, "floor_s": step_bytes / bandwidth,
-            "floor_fraction": step_bytes / bandwidth / step, "step_flops": flop, "compute_floor_s": flop / flops,
-            "roofline_fraction": max(step_bytes / bandwidth, flop / flops) / step}
+            "peak_rss_bytes": peak_rss(), "step_bytes": step_bytes, "step_flops": flop,
+            **floors(step_bytes, flop, step, roofs)}
 
 
 def bench(model, against=None, contexts=(1024, 4096, 8192, 16384), batches=(1, 4, 16), new_tokens: int = 64,
