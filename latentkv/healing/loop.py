@@ -63,18 +63,23 @@ def train(acc, model, teacher, windows: torch.Tensor, config, steps: int, accum:
         cache = TeacherCache(teacher_cache, {"data": fingerprint(windows), "seq_len": config.seq_len,
                                              "topk": config.teacher_topk, "temperature": config.temperature})
     order = WindowOrder(windows.shape[0], config.seed)
+    long = long_windows(windows, config)
+    long_order = WindowOrder(long.shape[0], config.seed + 1) if long is not None else None
     bar = tqdm(total=steps, initial=start, unit="step", desc="heal", disable=not (progress and acc.is_main_process))
     times, first, last = [], None, None
     for step in range(start, steps):
         t0 = time.perf_counter()
-        idx = window_ids(order, step, config, accum, acc, sharded)
-        loss, kl, ce, norm = optimizer_step(acc, model, teacher, windows, idx, config, cache, params, opt, sched)
+        if config.is_long(step):  # the teacher cache holds short windows only: long ones use the live teacher
+            data, idx, step_cache = long, long_ids(long_order, step, config, acc, sharded), None
+        else:
+            data, idx, step_cache = windows, window_ids(order, step, config, accum, acc, sharded), cache
+        loss, kl, ce, norm = optimizer_step(acc, model, teacher, data, idx, config, step_cache, params, opt, sched)
         times.append(time.perf_counter() - t0)
         first, last = (loss if first is None else first), loss
         tps = config.tokens_per_step / times[-1]
         row = {"step": step + 1, "tokens": (step + 1) * config.tokens_per_step, "loss": loss, "kl": kl, "ce": ce,
                "lr": sched.get_last_lr()[0], "grad_norm": float(norm), "tokens_per_s": round(tps, 1),
-               "time": round(times[-1], 3)}
+               "time": round(times[-1], 3), "seq_len": int(data.shape[1])}
         log.write(row)
         acc.log({k: v for k, v in row.items() if k != "step"}, step=step + 1)  # a no-op without --report-to
         bar.update(1)
@@ -92,6 +97,27 @@ def window_ids(order: WindowOrder, step: int, config, accum: int, acc, sharded: 
         return order.take(step * per, per).view(accum, config.micro_batch)
     idx = order.take(step * config.batch_size, config.batch_size)
     return idx.view(acc.num_processes, accum, config.micro_batch)[acc.process_index]
+
+
+def long_windows(windows: torch.Tensor, config) -> torch.Tensor | None:
+    """(N, seq_len) packed windows -> (M, long_seq_len): the same token stream cut longer (a view), or None."""
+    if not config.long_seq_len:
+        return None
+    m = windows.numel() // config.long_seq_len
+    if m < config.long_batch:
+        raise LatentKVError(f"the training data ({windows.numel():,} tokens) is shorter than one step of "
+                            f"--long-seq-len {config.long_seq_len} windows; give more text or shorter long windows")
+    return windows.flatten()[: m * config.long_seq_len].view(m, config.long_seq_len)
+
+
+def long_ids(order: WindowOrder, step: int, config, acc, sharded: bool) -> torch.Tensor:
+    """This process's long windows for global step `step` -> (accum, 1) ids, one window per forward."""
+    k = step // config.long_every  # how many long steps came before this one
+    if sharded:
+        per = config.long_batch // acc.num_processes
+        return order.take(k * per, per).view(per, 1)
+    idx = order.take(k * config.long_batch, config.long_batch)
+    return idx.view(acc.num_processes, -1, 1)[acc.process_index]
 
 
 def optimizer_step(acc, model, teacher, windows, idx: torch.Tensor, config, cache, params, opt, sched):

@@ -5,6 +5,9 @@ training text; AdamW, linear warmup then cosine to min_lr_ratio * lr, gradient a
 optional gradient checkpointing and bf16 autocast. What trains is a choice: `attention` (the
 converted MLA weights incl. kv_a_layernorm; the default), `all`, or `lora` (peft adapters on the
 MLA projections, merged at the end). An optional local stage fits each layer to the source first.
+Long windows can be mixed in: every `long_every`-th step trains on windows of `long_seq_len` tokens
+cut from the same token stream (same tokens per step), so the model sees dependencies longer than
+`seq_len` without a separate, noisier long-window continuation afterwards.
 
 One code path from a laptop to many GPUs: `accelerate` runs it as one process, or under
 `accelerate launch` / `torchrun` with DDP (or FSDP from an accelerate config). A global step
@@ -71,6 +74,8 @@ class HealConfig:
     local_steps: int = 0  # > 0: local layer-wise stage first, this many Adam steps per layer
     local_windows: int = 16
     local_lr: float = 1e-3
+    long_seq_len: int = 0  # > 0 (with long_every): the length of the long windows
+    long_every: int = 0  # every long_every-th optimizer step is one of long windows
 
     def __post_init__(self):
         if self.train not in TRAINABLE:
@@ -82,6 +87,25 @@ class HealConfig:
         for name in ("seq_len", "batch_size", "micro_batch", "save_every"):
             if getattr(self, name) < 1:
                 raise LatentKVError(f"--{name.replace('_', '-')} must be >= 1")
+        self._check_long()
+
+    def _check_long(self) -> None:
+        if (self.long_seq_len > 0) != (self.long_every > 0):
+            raise LatentKVError("--long-seq-len and --long-every go together: give both (e.g. --long-seq-len 4096 "
+                                "--long-every 4) or neither")
+        if self.long_seq_len and (self.long_seq_len <= self.seq_len or self.tokens_per_step % self.long_seq_len):
+            raise LatentKVError(f"--long-seq-len {self.long_seq_len} must be longer than --seq-len {self.seq_len} "
+                                f"and divide the tokens per step ({self.tokens_per_step} = batch size x seq len), "
+                                f"e.g. {self.tokens_per_step}")
+
+    @property
+    def long_batch(self) -> int:
+        """Long windows per long step: the same tokens per step as a short one."""
+        return self.tokens_per_step // self.long_seq_len if self.long_seq_len else 0
+
+    def is_long(self, step: int) -> bool:
+        """Whether 0-based optimizer step `step` trains on long windows."""
+        return self.long_every > 0 and (step + 1) % self.long_every == 0
 
     @property
     def tokens_per_step(self) -> int:
@@ -96,6 +120,9 @@ class HealConfig:
         return n
 
     def accumulation(self, processes: int) -> int:
+        if self.long_batch % processes:
+            raise LatentKVError(f"{self.long_batch} long window(s) per step do not split over {processes} processes; "
+                                "pick a --long-seq-len that leaves a multiple of the process count per step")
         per = self.micro_batch * processes
         if self.batch_size % per:
             raise LatentKVError(f"--batch-size {self.batch_size} is not a multiple of micro batch x processes "
