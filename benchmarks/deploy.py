@@ -265,9 +265,18 @@ def plot(res: dict, path: Path, model: str = "model") -> None:
         ax.set_ylabel("WikiText-2 ppl / source ppl")
         ax.set_yscale("log")
         ticks = [round(y, 2) for d in by_budget.values() for y in [d["native"], *(r for _, r in d["curve"])] if y]
-        readable_log_axes(ax, yticks=ticks)  # the measured ratios as labels: the range spans under a decade
+        readable_log_axes(ax, yticks=spaced(ticks))  # the measured ratios as labels
         if by_budget:
-            ax.legend(fontsize=8)
+            ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: lines run edge to edge
+
+
+def spaced(values: list[float], factor: float = 1.2) -> list[float]:
+    """Sorted values, dropping any within `factor` of the last one kept, so log-axis labels do not overlap."""
+    kept: list[float] = []
+    for v in sorted(values):
+        if not kept or v >= kept[-1] * factor:
+            kept.append(v)
+    return kept
 
 
 def main() -> None:
