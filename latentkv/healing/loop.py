@@ -38,7 +38,7 @@ def select_trainable(model, config):
     return get_peft_model(model, lora)
 
 
-def train(acc, model, teacher, windows: torch.Tensor, config, steps: int, accum: int, work: Path, ckpt,
+def train(acc, model, teacher, windows: torch.Tensor, config, steps: int, work: Path, ckpt,
           teacher_cache, progress: bool, sharded: bool = False):
     """-> (report, trained model as prepared by accelerate). Checkpoints every config.save_every.
     sharded: `windows` are this process's own (a streamed shard), else every process holds them all."""
@@ -70,9 +70,12 @@ def train(acc, model, teacher, windows: torch.Tensor, config, steps: int, accum:
     for step in range(start, steps):
         t0 = time.perf_counter()
         if config.is_long(step):  # the teacher cache holds short windows only: long ones use the live teacher
-            data, idx, step_cache = long, long_ids(long_order, step, config, acc, sharded), None
+            k = step // config.long_every  # long steps before this one: one long window per forward
+            data, step_cache = long, None
+            idx = step_ids(long_order, k, config.long_batch, 1, acc, sharded)
         else:
-            data, idx, step_cache = windows, window_ids(order, step, config, accum, acc, sharded), cache
+            data, step_cache = windows, cache
+            idx = step_ids(order, step, config.batch_size, config.micro_batch, acc, sharded)
         loss, kl, ce, norm = optimizer_step(acc, model, teacher, data, idx, config, step_cache, params, opt, sched)
         times.append(time.perf_counter() - t0)
         first, last = (loss if first is None else first), loss
@@ -90,13 +93,15 @@ def train(acc, model, teacher, windows: torch.Tensor, config, steps: int, accum:
     return train_report(config, acc, steps, start, times, first, last, log.rows()), model
 
 
-def window_ids(order: WindowOrder, step: int, config, accum: int, acc, sharded: bool) -> torch.Tensor:
-    """This process's windows for global step `step` -> (accum, micro_batch) ids into its `windows`."""
+def step_ids(order: WindowOrder, k: int, count: int, micro: int, acc, sharded: bool) -> torch.Tensor:
+    """This process's share of the k-th draw of `count` windows (all processes together)
+    -> (accum, micro) ids into its windows. Sharded data: each process draws from its own windows;
+    otherwise every process draws the same global batch and keeps its slice."""
     if sharded:
-        per = accum * config.micro_batch
-        return order.take(step * per, per).view(accum, config.micro_batch)
-    idx = order.take(step * config.batch_size, config.batch_size)
-    return idx.view(acc.num_processes, accum, config.micro_batch)[acc.process_index]
+        per = count // acc.num_processes
+        return order.take(k * per, per).view(-1, micro)
+    idx = order.take(k * count, count)
+    return idx.view(acc.num_processes, -1, micro)[acc.process_index]
 
 
 def long_windows(windows: torch.Tensor, config) -> torch.Tensor | None:
@@ -108,16 +113,6 @@ def long_windows(windows: torch.Tensor, config) -> torch.Tensor | None:
         raise LatentKVError(f"the training data ({windows.numel():,} tokens) is shorter than one step of "
                             f"--long-seq-len {config.long_seq_len} windows; give more text or shorter long windows")
     return windows.flatten()[: m * config.long_seq_len].view(m, config.long_seq_len)
-
-
-def long_ids(order: WindowOrder, step: int, config, acc, sharded: bool) -> torch.Tensor:
-    """This process's long windows for global step `step` -> (accum, 1) ids, one window per forward."""
-    k = step // config.long_every  # how many long steps came before this one
-    if sharded:
-        per = config.long_batch // acc.num_processes
-        return order.take(k * per, per).view(per, 1)
-    idx = order.take(k * config.long_batch, config.long_batch)
-    return idx.view(acc.num_processes, -1, 1)[acc.process_index]
 
 
 def optimizer_step(acc, model, teacher, windows, idx: torch.Tensor, config, cache, params, opt, sched):

@@ -147,7 +147,8 @@ def heal(student, teacher, data, out, config: HealConfig = HealConfig(), *, over
     acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no",  # autocast: loop.autocast
                       log_with=tracker(report_to), project_dir=str(work / TRACKER_DIR))
     check_output_dir(out, overwrite, inputs=tuple(x for x in (student, teacher) if isinstance(x, (str, Path))))
-    steps, accum = config.steps(), config.accumulation(acc.num_processes)
+    steps = config.steps()
+    config.accumulation(acc.num_processes)  # fails early, with the fix, when the batch does not split
     out_dtype = saved_dtype(student, dtype)
     if steps == 0 and config.local_steps <= 0:
         raise LatentKVError("--tokens 0 and no --local-steps: nothing to do; give --tokens N or --local-steps N")
@@ -171,8 +172,8 @@ def heal(student, teacher, data, out, config: HealConfig = HealConfig(), *, over
     if sharded and teacher_cache:  # window ids are per process: one cache folder each
         teacher_cache = Path(teacher_cache) / f"process-{acc.process_index}-of-{acc.num_processes}"
     resolved = dataclasses.replace(config, precision=precision)
-    report, model = train(acc, model, teacher_model, windows, resolved, steps, accum, work, ckpt, teacher_cache,
-                          progress, sharded=sharded)
+    report, model = train(acc, model, teacher_model, windows, resolved, steps, work, ckpt, teacher_cache, progress,
+                          sharded=sharded)
     report.update(local=local, precision=precision, data=_name(data), teacher=_name(teacher),
                   data_fingerprint=run["data"])
     for t in acc.trackers:  # flushed before the output copies them (end_training would also end DDP)
