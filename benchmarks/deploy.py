@@ -31,6 +31,7 @@ from latentkv import HealConfig, convert, export, heal, load_model, save
 from latentkv.conversion.configs import make_config
 from latentkv.evaluation.passkey import passkey
 from latentkv.evaluation.suite import dev_suite
+from latentkv.healing.run import TRAINABLE
 from latentkv.io.domains import DEV_DOMAINS
 from latentkv.io.plots import figure, plot_title, readable_log_axes
 from latentkv.reports.verify import verify_export
@@ -72,6 +73,7 @@ def measured(path, args) -> dict:
 
 def healed(export_dir: Path, out: Path, tokens: int, args) -> dict:
     cfg = HealConfig(tokens=tokens, seq_len=args.train_seq_len, batch_size=args.batch_size, lr=args.lr,
+                     train=args.train, long_seq_len=args.long_seq_len, long_every=args.long_every,
                      save_every=args.save_every, seed=0)
     resume = (Path(str(out) + ".heal") / "run.json").is_file()
     t0 = time.perf_counter()
@@ -188,8 +190,8 @@ def markdown(args, res: dict) -> str:
              "ratio = ppl / source ppl; copy = the copy probe's accuracy as a share of the source's; "
              f"{passkey_phrase(args.passkey)}. `export` = `convert --target deepseek_v3` (default flags); `healed` = "
              f"`heal` of that model on the domain mixture ({args.batch_size} x {args.train_seq_len}-token windows per "
-             f"step, lr {args.lr}, attention weights). verify = `verify-export` (stock transformers vs our runtime: "
-             "max abs logit diff, greedy output identical). *: the suite numbers come from `benchmarks/domains.py` "
+             f"step, lr {args.lr}, {args.train} weights{long_phrase(args)}). verify = `verify-export` (stock "
+             "transformers vs our runtime: max abs logit diff, greedy output identical). *: the suite numbers come from `benchmarks/domains.py` "
              "(--reuse; same protocol and the same conversion, its calibration fingerprint checked).")
     lines = ["| budget | form | heal tokens | " + " | ".join(DEV_DOMAINS) + " | worst / wt2 | copy | passkey | verify "
              "| convert s | heal s |", "|---:|---|---:|" + "---:|" * (len(DEV_DOMAINS) + 3) + "---|---:|---:|"]
@@ -236,6 +238,12 @@ def protocol_table(args, res: dict) -> list[str]:
             lines.append(f"| {budget:.1%} | {kind} {r.get('split', '')} | {tokens or '-'} | {cells} | "
                          f"{passkey_cell(p)} |")
     return lines
+
+
+def long_phrase(args) -> str:
+    if not args.long_every:
+        return ""
+    return f"; one step in {args.long_every} is one {args.long_seq_len}-token window instead (live teacher)"
 
 
 def passkey_cell(r: dict) -> str:
@@ -291,6 +299,10 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=HealConfig.lr, help="default: heal's")
     p.add_argument("--batch-size", type=int, default=HealConfig.batch_size, help="default: heal's")
     p.add_argument("--train-seq-len", type=int, default=HealConfig.seq_len, help="default: heal's")
+    p.add_argument("--train", choices=TRAINABLE, default=HealConfig.train, help="default: heal's")
+    p.add_argument("--long-seq-len", type=int, default=HealConfig.long_seq_len, help="with --long-every: heal's "
+                   "long windows (e.g. 4096; the within-0.5M recipe, README 'Healing')")
+    p.add_argument("--long-every", type=int, default=HealConfig.long_every, help="default: heal's (0: none)")
     p.add_argument("--save-every", type=int, default=8)
     p.add_argument("--reuse", help="a benchmarks/domains.py json whose rows of the same protocol stand in for "
                    "measuring source, lowrank:B and lowrank:B+target again")
