@@ -191,8 +191,9 @@ def markdown(args, res: dict) -> str:
              f"{passkey_phrase(args.passkey)}. `export` = `convert --target deepseek_v3` (default flags); `healed` = "
              f"`heal` of that model on the domain mixture ({args.batch_size} x {args.train_seq_len}-token windows per "
              f"step, lr {args.lr}, {args.train} weights{long_phrase(args)}). verify = `verify-export` (stock "
-             "transformers vs our runtime: max abs logit diff, greedy output identical). *: the suite numbers come from `benchmarks/domains.py` "
-             "(--reuse; same protocol and the same conversion, its calibration fingerprint checked).")
+             "transformers vs our runtime: max abs logit diff, greedy output identical). *: the suite numbers come "
+             "from `benchmarks/domains.py` (--reuse; same protocol and the same conversion, its calibration "
+             "fingerprint checked).")
     lines = ["| budget | form | heal tokens | " + " | ".join(DEV_DOMAINS) + " | worst / wt2 | copy | passkey | verify "
              "| convert s | heal s |", "|---:|---|---:|" + "---:|" * (len(DEV_DOMAINS) + 3) + "---|---:|---:|"]
     s = src["domains"]
