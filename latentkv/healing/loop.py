@@ -79,8 +79,8 @@ def train(acc, model, teacher, windows: torch.Tensor, config, steps: int, work: 
         loss, kl, ce, norm = optimizer_step(acc, model, teacher, data, idx, config, step_cache, params, opt, sched)
         times.append(time.perf_counter() - t0)
         first, last = (loss if first is None else first), loss
-        tps = config.tokens_per_step / times[-1]
-        row = {"step": step + 1, "tokens": (step + 1) * config.tokens_per_step, "loss": loss, "kl": kl, "ce": ce,
+        tps = config.step_tokens(step) / times[-1]
+        row = {"step": step + 1, "tokens": config.tokens_through(step + 1), "loss": loss, "kl": kl, "ce": ce,
                "lr": sched.get_last_lr()[0], "grad_norm": float(norm), "tokens_per_s": round(tps, 1),
                "time": round(times[-1], 3), "seq_len": int(data.shape[1])}
         log.write(row)
@@ -88,7 +88,7 @@ def train(acc, model, teacher, windows: torch.Tensor, config, steps: int, work: 
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:.0f}")
         if (step + 1) % config.save_every == 0 and step + 1 < steps:
-            save_checkpoint(acc, work, {"step": step + 1, "tokens": (step + 1) * config.tokens_per_step})
+            save_checkpoint(acc, work, {"step": step + 1, "tokens": config.tokens_through(step + 1)})
     bar.close()
     return train_report(config, acc, steps, start, times, first, last, log.rows()), model
 
@@ -134,7 +134,7 @@ def optimizer_step(acc, model, teacher, windows, idx: torch.Tensor, config, cach
 
 
 def train_report(config, acc, steps: int, start: int, times: list[float], first, last, rows: list[dict]) -> dict:
-    return {"train": config.train, "steps": steps, "tokens": steps * config.tokens_per_step,
+    return {"train": config.train, "steps": steps, "tokens": config.tokens_through(steps),
             "resumed_at_step": start, "processes": acc.num_processes,
             # reduced over processes, so every process reports the same; a resumed run's first is the log's
             "first_loss": rows[0]["loss"] if start and rows else first,

@@ -93,15 +93,18 @@ class HealConfig:
         if (self.long_seq_len > 0) != (self.long_every > 0):
             raise LatentKVError("--long-seq-len and --long-every go together: give both (e.g. --long-seq-len 4096 "
                                 "--long-every 4) or neither")
-        if self.long_seq_len and (self.long_seq_len <= self.seq_len or self.tokens_per_step % self.long_seq_len):
-            raise LatentKVError(f"--long-seq-len {self.long_seq_len} must be longer than --seq-len {self.seq_len} "
-                                f"and divide the tokens per step ({self.tokens_per_step} = batch size x seq len), "
+        if self.long_seq_len and self.long_seq_len <= self.seq_len:
+            raise LatentKVError(f"--long-seq-len {self.long_seq_len} must be longer than --seq-len {self.seq_len}")
+        if self.long_seq_len and self.long_seq_len < self.tokens_per_step and self.tokens_per_step % self.long_seq_len:
+            raise LatentKVError(f"--long-seq-len {self.long_seq_len} must divide the tokens per step "
+                                f"({self.tokens_per_step} = batch size x seq len) or be at least that long, "
                                 f"e.g. {self.tokens_per_step}")
 
     @property
     def long_batch(self) -> int:
-        """Long windows per long step: the same tokens per step as a short one."""
-        return self.tokens_per_step // self.long_seq_len if self.long_seq_len else 0
+        """Long windows per long step: the short steps' tokens, or one window when a long window holds more
+        (small short batches for more optimizer steps, long windows still as long as the context asked for)."""
+        return max(1, self.tokens_per_step // self.long_seq_len) if self.long_seq_len else 0
 
     def is_long(self, step: int) -> bool:
         """Whether 0-based optimizer step `step` trains on long windows."""
@@ -111,8 +114,20 @@ class HealConfig:
     def tokens_per_step(self) -> int:
         return self.batch_size * self.seq_len
 
+    def step_tokens(self, step: int) -> int:
+        """Training tokens of 0-based optimizer step `step`."""
+        return self.long_batch * self.long_seq_len if self.is_long(step) else self.tokens_per_step
+
+    def tokens_through(self, steps: int) -> int:
+        """Training tokens of the first `steps` optimizer steps."""
+        n_long = steps // self.long_every if self.long_every else 0
+        return n_long * self.long_batch * self.long_seq_len + (steps - n_long) * self.tokens_per_step
+
     def steps(self) -> int:
+        """The most optimizer steps whose tokens stay within --tokens."""
         n = self.tokens // self.tokens_per_step
+        while n > 0 and self.tokens_through(n) > self.tokens:
+            n -= 1
         if n < 1 and self.tokens > 0:
             raise LatentKVError(f"--tokens {self.tokens} is smaller than one batch (batch size {self.batch_size} x "
                                 f"seq len {self.seq_len} = {self.tokens_per_step} tokens); raise --tokens or "

@@ -48,6 +48,26 @@ def test_every_other_step_is_long_and_it_heals(dirs, tmp_path, tiny_tokenizer): 
     assert teacher_kl(out, dirs, tiny_tokenizer) < 0.7 * teacher_kl(dirs / "low", dirs, tiny_tokenizer)
 
 
+def test_long_windows_longer_than_a_step_count_their_tokens():
+    # 64 tokens per short step, one 128-token window per long step: 64 + 128 = 192 tokens per pair
+    config = small(tokens=1000, long_seq_len=128, long_every=2)
+    assert config.long_batch == 1 and config.step_tokens(0) == 64 and config.step_tokens(1) == 128
+    assert config.tokens_through(4) == 2 * 64 + 2 * 128
+    n = config.steps()
+    assert config.tokens_through(n) <= 1000 < config.tokens_through(n + 1) and n == 10
+    assert small(**LONG).tokens_through(7) == 7 * 64  # long windows dividing a step change nothing
+    assert small(long_seq_len=96, long_every=2).step_tokens(1) == 96  # need not be a multiple of a step
+
+
+def test_one_long_window_per_step_heals_and_logs_its_tokens(dirs, tmp_path):  # noqa: F811
+    config = small(tokens=16 * 32, batch_size=2, long_seq_len=64, long_every=3)  # 32 + 32 + 64 per three steps
+    report = heal(dirs / "low", dirs / "src", dirs / "data", tmp_path / "out", config, progress=False)
+    rows = [json.loads(r) for r in (tmp_path / "out" / "heal_log.jsonl").read_text().splitlines()]
+    assert [r["seq_len"] for r in rows[:6]] == [16, 16, 64] * 2
+    assert [r["tokens"] for r in rows[:3]] == [32, 64, 128]
+    assert report["steps"] == 12 and report["tokens"] == rows[-1]["tokens"] == 4 * 128
+
+
 def test_resume_through_long_steps_matches_uninterrupted(dirs, tmp_path, monkeypatch):  # noqa: F811
     config = small(**{**LONG, "long_every": 3})
     heal(dirs / "low", dirs / "src", dirs / "data", tmp_path / "ref", config, progress=False)
