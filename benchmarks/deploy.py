@@ -11,8 +11,10 @@ ones, and an interrupted heal continues from its last checkpoint):
                     `transformers` training step, side by side, on the first budget's export-grade model
   native B          `convert --kv-budget B` with default flags
   export B          `convert --kv-budget B --target deepseek_v3`, exported, verified
-  healed B N        `heal` of `export B` on the domain mixture (`heal --data mix`) for N tokens, exported,
-                    verified; all runs share one teacher top-k cache, so the teacher runs once per window
+  healed B N [| R]  `heal` of `export B` on the domain mixture (`heal --data mix`) for N tokens, exported,
+                    verified; all runs share one teacher top-k cache, so the teacher runs once per window;
+                    R tags a recipe other than heal's defaults (--train, --batch-size, --train-seq-len,
+                    --long-*, --lr), so a resume with other heal flags makes new rows beside the old
   protocol ROW      after the others, for every row: WikiText-2 and PTB test on --protocol-windows windows
                     (the issue's headline protocol), passkey at --protocol-passkey tokens
 Measured for every row: the dev suite (each domain's evaluation part, --windows x --seq-len), the copy
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -120,9 +123,10 @@ def run(args) -> dict:
         if b == first and not args.no_throughput:
             stage("throughput", lambda: throughput(args, exp))
         for n in args.tokens:  # each its own run: the cosine schedule depends on the token budget
-            out = work / f"export-{b}-healed-{n}"
-            stage(f"healed {b} {n}", lambda: {**healed(exp, out, n, args), "verify": exported(out),
-                                              **measured(out, args)})
+            name = healed_name(b, n, recipe(args))
+            out = row_dir(work, name)
+            stage(name, lambda: {**healed(exp, out, n, args), "recipe": recipe(args), "verify": exported(out),
+                                 **measured(out, args)})
     if args.protocol_windows:
         for name in [n for n in list(res) if n == "source" or n.split(" ")[0] in ("native", "export", "healed")]:
             stage(f"protocol {name}", lambda: protocol(row_model(name, source, tok, cache, args), tok, args))
@@ -134,8 +138,8 @@ def row_model(name: str, source, tok, cache: dict, args):
     again, with the same defaults)."""
     if name == "source":
         return source
-    kind, budget, *tokens = name.split(" ")
-    path = Path(args.work) / (f"{kind}-{budget}" + (f"-healed-{tokens[0]}" if tokens else ""))
+    path = row_dir(Path(args.work), name)
+    kind, budget, *_ = name.split(" ")
     if not path.is_dir():
         converted(source, tok, float(budget), kind != "native", path, cache)
     return load_model(path, progress=False)[0]
@@ -170,18 +174,45 @@ def same_measure(row: dict, old: dict | None) -> dict | None:
     return {k: v for k, v in old.items() if k not in ("variant", "convert_seconds", "split")}
 
 
+def recipe(args) -> str:
+    """The healing recipe as a short tag, e.g. 'attention 8x512 lr0.0002' or 'all 4x512+4096/3 lr0.0002':
+    part of a healed stage's name, so --resume with other heal flags runs new stages instead of reusing rows."""
+    long = f"+{args.long_seq_len}/{args.long_every}" if args.long_every else ""
+    return f"{args.train} {args.batch_size}x{args.train_seq_len}{long} lr{args.lr:g}"
+
+
+DEFAULT_RECIPE = recipe(argparse.Namespace(train=HealConfig.train, batch_size=HealConfig.batch_size,
+                                           train_seq_len=HealConfig.seq_len, long_seq_len=HealConfig.long_seq_len,
+                                           long_every=HealConfig.long_every, lr=HealConfig.lr))
+
+
+def healed_name(budget: float, tokens: int, tag: str) -> str:
+    """'healed B N' for heal's default recipe (the name older runs' json holds), else 'healed B N | tag'."""
+    return f"healed {budget} {tokens}" + ("" if tag == DEFAULT_RECIPE else f" | {tag}")
+
+
+def row_dir(work: Path, name: str) -> Path:
+    """A row's model folder under --work: native-B, export-B, export-B-healed-N[-tag]."""
+    head, _, tag = name.partition(" | ")
+    kind, budget, *tokens = head.split(" ")
+    if kind == "healed":
+        return work / (f"export-{budget}-healed-{tokens[0]}" + (f"-{re.sub(r'[^A-Za-z0-9.+]', '-', tag)}" if tag else ""))
+    return work / f"{kind}-{budget}"
+
+
 def rows(res: dict):
-    """(budget, form, tokens, row) for every measured conversion, in table order."""
+    """(name, budget, form, tokens, recipe, row) for every measured conversion, in json order."""
     for name, r in res.items():
-        kind, *rest = name.split(" ")
+        head, _, tag = name.partition(" | ")
+        kind, *rest = head.split(" ")
         if kind in ("native", "export", "healed"):
             tokens = int(rest[1]) if kind == "healed" else 0
-            yield float(rest[0]), kind, tokens, r
+            yield name, float(rest[0]), kind, tokens, (tag or DEFAULT_RECIPE) if kind == "healed" else "", r
 
 
 def ordered(res: dict):
-    """rows() by budget (largest first), then native / export / healed, then healing tokens."""
-    return sorted(rows(res), key=lambda x: (-x[0], ("native", "export", "healed").index(x[1]), x[2]))
+    """rows() by budget (largest first), then native / export / healed, then recipe, then healing tokens."""
+    return sorted(rows(res), key=lambda x: (-x[1], ("native", "export", "healed").index(x[2]), x[4], x[3]))
 
 
 def markdown(args, res: dict) -> str:
@@ -199,7 +230,7 @@ def markdown(args, res: dict) -> str:
     s = src["domains"]
     lines.append(f"| - | source{'*' if 'measured_by' in src else ''} | - | " + " | ".join(f"{s[d]['ppl']:.2f}" for d in DEV_DOMAINS)
                  + f" | 1.00 | {src['copy']['accuracy']:.1%} | {passkey_cell(src)} | - | - | - |")
-    for budget, kind, tokens, r in ordered(res):
+    for _, budget, kind, tokens, tag, r in ordered(res):
         ratio = {d: r["domains"][d]["ppl"] / s[d]["ppl"] for d in DEV_DOMAINS}
         cells = " | ".join(f"{r['domains'][d]['ppl']:.2f} (x{ratio[d]:.2f})" for d in DEV_DOMAINS)
         v = r.get("verify")
@@ -208,7 +239,7 @@ def markdown(args, res: dict) -> str:
         heal_s = r.get("heal_s", "-")
         split = r.get("split") or res.get(f"export {budget}", {}).get("split", "")
         star = "*" if "measured_by" in r else ""
-        lines.append(f"| {budget:.1%} | {kind}{star} {split} | {tokens or '-'} | {cells} | "
+        lines.append(f"| {budget:.1%} | {form(kind, tag, recipe(args))}{star} {split} | {tokens or '-'} | {cells} | "
                      f"{max(ratio.values()) / ratio['wikitext2']:.2f} | "
                      f"{r['copy']['accuracy'] / src['copy']['accuracy']:.0%} | {passkey_cell(r)} | {verify} | "
                      f"{r.get('convert_s', r.get('convert_seconds')) or '-'} | {heal_s} |")
@@ -231,14 +262,19 @@ def protocol_table(args, res: dict) -> list[str]:
     s = src["domains"]
     lines.append("| - | source | - | " + " | ".join(f"{s[d]['ppl']:.2f}" for d in PROTOCOL)
                  + f" | {passkey_cell(src)} |")
-    for budget, kind, tokens, r in ordered(res):
-        p = res.get(f"protocol {kind} {budget}" + (f" {tokens}" if kind == "healed" else ""))
+    for name, budget, kind, tokens, tag, r in ordered(res):
+        p = res.get(f"protocol {name}")
         if p is not None:
             cells = " | ".join(f"{p['domains'][d]['ppl']:.2f} (x{p['domains'][d]['ppl'] / s[d]['ppl']:.3f})"
                                for d in PROTOCOL)
-            lines.append(f"| {budget:.1%} | {kind} {r.get('split', '')} | {tokens or '-'} | {cells} | "
+            lines.append(f"| {budget:.1%} | {form(kind, tag, recipe(args))} {r.get('split', '')} | {tokens or '-'} | {cells} | "
                          f"{passkey_cell(p)} |")
     return lines
+
+
+def form(kind: str, tag: str, current: str) -> str:
+    """The table's form cell: a healed row names its recipe when it is not the one the intro describes."""
+    return f"{kind} ({tag})" if kind == "healed" and tag != current else kind
 
 
 def long_phrase(args) -> str:
@@ -252,28 +288,31 @@ def passkey_cell(r: dict) -> str:
 
 
 def plot(res: dict, path: Path, model: str = "model") -> None:
+    """WikiText-2 ratio against healing tokens: one curve per budget and recipe, from its training-free export."""
     src = res["source"]["domains"]["wikitext2"]["ppl"]
     by_budget: dict[float, dict] = {}
-    for budget, kind, tokens, r in rows(res):
-        by_budget.setdefault(budget, {"native": None, "curve": []})
+    for _, budget, kind, tokens, tag, r in rows(res):
+        d = by_budget.setdefault(budget, {"native": None, "export": None, "curves": {}})
         ratio = r["domains"]["wikitext2"]["ppl"] / src
-        if kind == "native":
-            by_budget[budget]["native"] = ratio
+        if kind == "healed":
+            d["curves"].setdefault(tag, []).append((tokens, ratio))
         else:
-            by_budget[budget]["curve"].append((tokens, ratio))
+            d[kind] = ratio
     path.parent.mkdir(parents=True, exist_ok=True)
     with figure(path, title=plot_title(model, "float32")) as (plt, ax):
         for i, (budget, d) in enumerate(sorted(by_budget.items(), reverse=True)):
-            color = f"C{i}"
-            if d["curve"]:
-                xs, ys = zip(*sorted(d["curve"]))
-                ax.plot(xs, ys, "o-", color=color, label=f"{budget:.1%} export-grade")
+            color, start = f"C{i}", [(0, d["export"])] if d["export"] is not None else []
+            for j, (tag, curve) in enumerate(sorted(d["curves"].items()) or [(DEFAULT_RECIPE, [])]):
+                xs, ys = zip(*sorted(start + curve)) if start or curve else ((), ())
+                label = f"{budget:.1%} export-grade" + (f", healed {tag}" if len(d["curves"]) > 1 else "")
+                ax.plot(xs, ys, "o" + ("-", "-.", ":")[j % 3], color=color, label=label)
             if d["native"] is not None:
                 ax.axhline(d["native"], color=color, ls="--", lw=1, label=f"{budget:.1%} native, training-free")
         ax.set_xlabel("healing tokens (0: training-free)")
         ax.set_ylabel("WikiText-2 ppl / source ppl")
         ax.set_yscale("log")
-        ticks = [round(y, 2) for d in by_budget.values() for y in [d["native"], *(r for _, r in d["curve"])] if y]
+        ticks = [round(y, 2) for d in by_budget.values()
+                 for y in [d["native"], d["export"], *(r for c in d["curves"].values() for _, r in c)] if y]
         readable_log_axes(ax, yticks=spaced(ticks))  # the measured ratios as labels
         if by_budget:
             ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: lines run edge to edge
