@@ -140,7 +140,9 @@ def train_report(config, acc, steps: int, start: int, times: list[float], first,
             "first_loss": rows[0]["loss"] if start and rows else first,
             "last_loss": last if last is not None else (rows[-1]["loss"] if rows else None),
             "median_step_s": round(statistics.median(times), 4) if times else None,
-            "tokens_per_s": round(config.tokens_per_step / statistics.median(times), 1) if times else None,
+            # this process's steps only (a resume's earlier ones are not timed here); long steps may hold more tokens
+            "tokens_per_s": round((config.tokens_through(steps) - config.tokens_through(start)) / sum(times), 1)
+            if times else None,
             "seconds": round(sum(r["time"] for r in rows), 2) if rows else round(sum(times), 2)}
 
 

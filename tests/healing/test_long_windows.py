@@ -66,6 +66,8 @@ def test_one_long_window_per_step_heals_and_logs_its_tokens(dirs, tmp_path):  # 
     assert [r["seq_len"] for r in rows[:6]] == [16, 16, 64] * 2
     assert [r["tokens"] for r in rows[:3]] == [32, 64, 128]
     assert report["steps"] == 12 and report["tokens"] == rows[-1]["tokens"] == 4 * 128
+    seconds = sum(r["time"] for r in rows)
+    assert report["tokens_per_s"] == pytest.approx(4 * 128 / seconds, rel=0.05)  # every step's own tokens
 
 
 def test_resume_through_long_steps_matches_uninterrupted(dirs, tmp_path, monkeypatch):  # noqa: F811
