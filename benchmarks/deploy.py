@@ -125,8 +125,7 @@ def run(args) -> dict:
         for n in args.tokens:  # each its own run: the cosine schedule depends on the token budget
             name = healed_name(b, n, recipe(args))
             out = row_dir(work, name)
-            stage(name, lambda: {**healed(exp, out, n, args), "recipe": recipe(args), "verify": exported(out),
-                                 **measured(out, args)})
+            stage(name, lambda: {**healed(exp, out, n, args), "verify": exported(out), **measured(out, args)})
     if args.protocol_windows:
         for name in [n for n in list(res) if n == "source" or n.split(" ")[0] in ("native", "export", "healed")]:
             stage(f"protocol {name}", lambda: protocol(row_model(name, source, tok, cache, args), tok, args))
@@ -195,9 +194,9 @@ def row_dir(work: Path, name: str) -> Path:
     """A row's model folder under --work: native-B, export-B, export-B-healed-N[-tag]."""
     head, _, tag = name.partition(" | ")
     kind, budget, *tokens = head.split(" ")
-    if kind == "healed":
-        return work / (f"export-{budget}-healed-{tokens[0]}" + (f"-{re.sub(r'[^A-Za-z0-9.+]', '-', tag)}" if tag else ""))
-    return work / f"{kind}-{budget}"
+    if kind != "healed":
+        return work / f"{kind}-{budget}"
+    return work / (f"export-{budget}-healed-{tokens[0]}" + (f"-{re.sub(r'[^A-Za-z0-9.+]', '-', tag)}" if tag else ""))
 
 
 def rows(res: dict):
@@ -227,7 +226,7 @@ def markdown(args, res: dict) -> str:
              "fingerprint checked).")
     lines = ["| budget | form | heal tokens | " + " | ".join(DEV_DOMAINS) + " | worst / wt2 | copy | passkey | verify "
              "| convert s | heal s |", "|---:|---|---:|" + "---:|" * (len(DEV_DOMAINS) + 3) + "---|---:|---:|"]
-    s = src["domains"]
+    s, current = src["domains"], recipe(args)
     lines.append(f"| - | source{'*' if 'measured_by' in src else ''} | - | " + " | ".join(f"{s[d]['ppl']:.2f}" for d in DEV_DOMAINS)
                  + f" | 1.00 | {src['copy']['accuracy']:.1%} | {passkey_cell(src)} | - | - | - |")
     for _, budget, kind, tokens, tag, r in ordered(res):
@@ -239,7 +238,7 @@ def markdown(args, res: dict) -> str:
         heal_s = r.get("heal_s", "-")
         split = r.get("split") or res.get(f"export {budget}", {}).get("split", "")
         star = "*" if "measured_by" in r else ""
-        lines.append(f"| {budget:.1%} | {form(kind, tag, recipe(args))}{star} {split} | {tokens or '-'} | {cells} | "
+        lines.append(f"| {budget:.1%} | {form(kind, tag, current)}{star} {split} | {tokens or '-'} | {cells} | "
                      f"{max(ratio.values()) / ratio['wikitext2']:.2f} | "
                      f"{r['copy']['accuracy'] / src['copy']['accuracy']:.0%} | {passkey_cell(r)} | {verify} | "
                      f"{r.get('convert_s', r.get('convert_seconds')) or '-'} | {heal_s} |")
@@ -259,7 +258,7 @@ def protocol_table(args, res: dict) -> list[str]:
     lines = ["", f"Headline protocol (stage `protocol`): WikiText-2 and PTB test, first {w} windows of "
              f"{src['seq_len']} tokens; {passkey_phrase(args.protocol_passkey, args.trials)}.", "",
              "| budget | form | heal tokens | wikitext2 | ptb | passkey |", "|---:|---|---:|---:|---:|---:|"]
-    s = src["domains"]
+    s, current = src["domains"], recipe(args)
     lines.append("| - | source | - | " + " | ".join(f"{s[d]['ppl']:.2f}" for d in PROTOCOL)
                  + f" | {passkey_cell(src)} |")
     for name, budget, kind, tokens, tag, r in ordered(res):
@@ -267,8 +266,8 @@ def protocol_table(args, res: dict) -> list[str]:
         if p is not None:
             cells = " | ".join(f"{p['domains'][d]['ppl']:.2f} (x{p['domains'][d]['ppl'] / s[d]['ppl']:.3f})"
                                for d in PROTOCOL)
-            lines.append(f"| {budget:.1%} | {form(kind, tag, recipe(args))} {r.get('split', '')} | {tokens or '-'} | {cells} | "
-                         f"{passkey_cell(p)} |")
+            lines.append(f"| {budget:.1%} | {form(kind, tag, current)} {r.get('split', '')} | {tokens or '-'} | "
+                         f"{cells} | {passkey_cell(p)} |")
     return lines
 
 

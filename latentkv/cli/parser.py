@@ -289,7 +289,8 @@ def add_heal_parser(add) -> None:
     h.add_argument("--precision", choices=PRECISIONS, help="auto (default): bf16 autocast where the hardware "
                                                           "multiplies bf16 (GPUs, AVX512-BF16/AMX CPUs), else fp32")
     h.add_argument("--long-seq-len", type=int, help="with --long-every N: every N-th step trains on windows this "
-                   "long instead (a step's tokens, or one window if longer; live teacher), for long-range recall (passkey)")
+                   "long instead (a step's tokens, or one window if longer; live teacher), for long-range recall "
+                   "(passkey)")
     h.add_argument("--long-every", type=int, help="how often a step of --long-seq-len windows comes (e.g. 4)")
     h.add_argument("--seed", type=int, help=f"data order seed (default {d.seed})")
     h.add_argument("--save-every", type=int, help=f"optimizer steps between checkpoints (default {d.save_every})")

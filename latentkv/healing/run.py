@@ -114,14 +114,18 @@ class HealConfig:
     def tokens_per_step(self) -> int:
         return self.batch_size * self.seq_len
 
+    @property
+    def long_step_tokens(self) -> int:
+        return self.long_batch * self.long_seq_len
+
     def step_tokens(self, step: int) -> int:
         """Training tokens of 0-based optimizer step `step`."""
-        return self.long_batch * self.long_seq_len if self.is_long(step) else self.tokens_per_step
+        return self.long_step_tokens if self.is_long(step) else self.tokens_per_step
 
     def tokens_through(self, steps: int) -> int:
         """Training tokens of the first `steps` optimizer steps."""
         n_long = steps // self.long_every if self.long_every else 0
-        return n_long * self.long_batch * self.long_seq_len + (steps - n_long) * self.tokens_per_step
+        return n_long * self.long_step_tokens + (steps - n_long) * self.tokens_per_step
 
     def steps(self) -> int:
         """The most optimizer steps whose tokens stay within --tokens."""
