@@ -158,7 +158,8 @@ def _add_eval(add) -> None:
     _dtype(e)
     _cache(e)
     _device(e)
-    e.add_argument("--ppl", help="perplexity on a UTF-8 text file, or wikitext2 / wikitext2-valid / ptb")
+    e.add_argument("--ppl", help="perplexity on a UTF-8 text file, or wikitext2 / wikitext2-valid / ptb / "
+                   "wikitext2-heldout (the tail of valid that no calibration or healing reads: choose settings on it)")
     e.add_argument("--seq-len", type=int, default=2048, help="window length in tokens")
     e.add_argument("--stride", type=int, help="slide windows by this many tokens (default: non-overlapping)")
     e.add_argument("--max-windows", type=int, help="evaluate only the first N windows")

@@ -6,7 +6,7 @@ is local and read at run time; each domain's two parts never share a document:
 
 | domain | source | evaluation part | calibration part |
 |---|---|---|---|
-| wikitext2 | WikiText-2 raw (`../shared` or the hub) | test | valid |
+| wikitext2 | WikiText-2 raw (`../shared` or the hub) | test | valid, less its held-out tail (`wikitext2-heldout`) |
 | ptb | Penn Treebank (`../shared` or the hub) | test | none |
 | fiction | Project Gutenberg books (`../shared/data/corpus`, else the packaged `calib-sample`) | FICTION_EVAL books | every other book |
 | code | this Python's own standard library (`*.py` at its top level) | files whose name hashes even | odd |
@@ -24,7 +24,7 @@ import sysconfig
 from pathlib import Path
 
 from ..errors import LatentKVError
-from .text import OFFLINE_CALIB, load_text, shared_path
+from .text import OFFLINE_CALIB, load_text, shared_path, split_heldout
 
 DEV_DOMAINS = ("wikitext2", "ptb", "fiction", "code", "docs")
 CALIB_DOMAINS = ("wikitext2", "fiction", "code", "docs")  # PTB has no split to calibrate on
@@ -64,7 +64,9 @@ def healing_mixture() -> list[str]:
 
 
 def _wikitext2(part: str, size: int) -> str:
-    return load_text("wikitext2" if part == "eval" else "wikitext2-valid")[:size]
+    if part == "eval":
+        return load_text("wikitext2")[:size]
+    return split_heldout(load_text("wikitext2-valid"))[0][:size]  # never the held-out tail (wikitext2-heldout)
 
 
 def _ptb(part: str, size: int) -> str:

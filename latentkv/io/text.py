@@ -4,6 +4,7 @@ shipped in the package; plus the fingerprint that pins a tokenized text to a run
 from __future__ import annotations
 
 import hashlib
+import re
 from importlib.resources import files
 from pathlib import Path
 
@@ -28,6 +29,12 @@ LOCAL_REFERENCE = {
 # Texts inside the package, so a wheel calibrates with nothing else on the machine (provenance in
 # latentkv/data/README.md: public-domain Project Gutenberg prose, never evaluation text).
 PACKAGED = {"calib-sample": "calib-sample.txt"}
+
+# Held-out tails: the last ~HELDOUT_BYTES of a validation text (from its first article heading there on) are
+# never calibrated or healed on (`io.domains`), so settings and recipes are chosen on text no run has seen.
+HELDOUT = {"wikitext2-heldout": "wikitext2-valid"}
+HELDOUT_BYTES = 200_000  # ~45k SmolLM2 tokens of WikiText-2 valid: 16 windows of 2048 and some to spare
+_ARTICLE = re.compile(r"\n = [^=\n][^\n]* = \n")  # WikiText's top-level heading line, " = Title = "
 
 OFFLINE_CALIB = "calib-sample"  # fiction to calibrate on when the Gutenberg corpus is not here
 
@@ -60,6 +67,12 @@ def load_text(source: str | Path) -> str:
     """
     src = str(source)
     path = Path(src).expanduser()
+    if src in HELDOUT and not path.exists():
+        tail = split_heldout(load_text(HELDOUT[src]))[1]
+        if not tail:
+            raise LatentKVError(f"{HELDOUT[src]} is too short to hold out {src} ({2 * HELDOUT_BYTES} characters "
+                                f"needed); choose settings on {HELDOUT[src]} or your own file")
+        return tail
     if src in PACKAGED and not path.exists():
         return _read_file(packaged_file(src))
     if src in DATASETS and not path.exists():
@@ -68,9 +81,25 @@ def load_text(source: str | Path) -> str:
     return _read_file(path)
 
 
+def split_heldout(text: str, size: int = HELDOUT_BYTES) -> tuple[str, str]:
+    """A validation text -> (the part calibration and healing read, the held-out tail for choosing settings).
+
+    The tail starts at the first article heading in the last `size` characters (else at a line break there),
+    so both parts hold whole articles; a text shorter than 2 * size keeps no tail (everything is readable)."""
+    if len(text) < 2 * size:
+        return text, ""
+    start = len(text) - size
+    found = _ARTICLE.search(text, start)
+    cut = found.start() if found else max(text.find("\n", start), start)
+    return text[:cut], text[cut:]
+
+
 def check_not_test_split(source: str | Path) -> None:
     """The WikiText-2 and PTB test texts are for evaluation only; calibrating on them would leak."""
     name = Path(str(source)).name
+    if str(source) in HELDOUT:
+        raise LatentKVError(f"{source} is held out for choosing settings and must not be calibrated on; use the "
+                            f"default mixture (--calib mix) or {HELDOUT[str(source)]}")
     if str(source) in TEST_SPLITS or name in TEST_FILES:
         raise LatentKVError(f"{source} is an evaluation (test) split and must not be used for calibration; "
                             "use the default mixture (--calib mix), wikitext2-valid or your own text")
@@ -83,7 +112,7 @@ def fingerprint(ids: torch.Tensor) -> str:
 
 def _read_file(path: Path) -> str:
     if not path.is_file():
-        names = ", ".join([*DATASETS, *PACKAGED])
+        names = ", ".join([*DATASETS, *HELDOUT, *PACKAGED])
         raise LatentKVError(f"text file {path} not found; pass an existing UTF-8 file or one of: {names}")
     try:
         text = path.read_bytes().decode("utf-8")

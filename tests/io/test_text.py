@@ -34,3 +34,30 @@ def test_packaged_sample_is_calibration_text():
 
     assert len(load_text(OFFLINE_CALIB)) > 100_000
     check_not_test_split(OFFLINE_CALIB)  # never evaluation text
+
+
+def test_split_heldout_keeps_whole_articles():
+    from latentkv.io.text import split_heldout
+
+    articles = [f" = Title {i} = \n \n" + "word " * 400 + "\n" for i in range(40)]  # 40 x ~2 kB
+    text = "".join(articles)
+    rest, tail = split_heldout(text, size=10_000)
+    assert rest + tail == text and 10_000 - 2_100 <= len(tail) <= 10_000
+    assert tail.startswith("\n = Title ")  # cut at a heading, not inside an article
+    assert split_heldout(text[:15_000], size=10_000) == (text[:15_000], "")  # too short: nothing held out
+
+
+def test_wikitext2_heldout_is_never_calibrated_or_healed_on():
+    from latentkv.healing.data import read_documents
+    from latentkv.io.domains import domain_text
+    from latentkv.io.text import check_not_test_split
+
+    if shared_file("wikitext2-valid") is None:
+        pytest.skip("../shared/data not beside this checkout")
+    valid, tail = load_text("wikitext2-valid"), load_text("wikitext2-heldout")
+    assert valid.endswith(tail) and 150_000 < len(tail) <= 200_000
+    probe = tail[len(tail) // 2:][:2000]  # a passage from inside the tail
+    assert probe in valid and probe not in domain_text("wikitext2", "calib", 10 ** 7)
+    assert not any(probe in doc for doc in read_documents("mix"))
+    with pytest.raises(LatentKVError, match="held out for choosing settings"):
+        check_not_test_split("wikitext2-heldout")
