@@ -95,7 +95,8 @@ def split_heldout(text: str, size: int = HELDOUT_BYTES) -> tuple[str, str]:
 
 
 def check_not_test_split(source: str | Path) -> None:
-    """The WikiText-2 and PTB test texts are for evaluation only; calibrating on them would leak."""
+    """The WikiText-2 and PTB test texts are for evaluation only, held-out tails for choosing settings;
+    calibrating on either would leak."""
     name = Path(str(source)).name
     if str(source) in HELDOUT:
         raise LatentKVError(f"{source} is held out for choosing settings and must not be calibrated on; use the "
