@@ -282,6 +282,8 @@ def add_heal_parser(add) -> None:
     h.add_argument("--temperature", type=float, help=f"distillation temperature (default {d.temperature})")
     h.add_argument("--kl-weight", type=float, help=f"weight of KL(teacher||student) (default {d.kl_weight})")
     h.add_argument("--ce-weight", type=float, help=f"weight of next-token cross-entropy (default {d.ce_weight})")
+    h.add_argument("--hidden-weight", type=float, help="weight of every layer's hidden-state error to the teacher's "
+                   f"(relative per token; live teacher only, not with --teacher-cache; default {d.hidden_weight})")
     h.add_argument("--train", choices=TRAINABLE, help="what trains: attention = the MLA weights incl. kv_a_layernorm "
                                                       "(default), all, lora (peft adapters, merged at the end)")
     h.add_argument("--lora-rank", type=int, help=f"LoRA rank with --train lora (default {d.lora_rank})")

@@ -14,7 +14,7 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 from ..errors import LatentKVError
 from ..io.text import fingerprint
 from .data import WindowOrder
-from .losses import TeacherCache, cross_entropy, kl_full, kl_topk, teacher_topk
+from .losses import TeacherCache, cross_entropy, hidden_mse, kl_full, kl_topk, teacher_topk
 from .state import StepLog, read_progress, save_checkpoint
 
 
@@ -76,13 +76,15 @@ def train(acc, model, teacher, windows: torch.Tensor, config, steps: int, work: 
         else:
             data, step_cache = windows, cache
             idx = step_ids(order, step, config.batch_size, config.micro_batch, acc, sharded)
-        loss, kl, ce, norm = optimizer_step(acc, model, teacher, data, idx, config, step_cache, params, opt, sched)
+        loss, kl, ce, hidden, norm = optimizer_step(acc, model, teacher, data, idx, config, step_cache, params, opt,
+                                                    sched)
         times.append(time.perf_counter() - t0)
         first, last = (loss if first is None else first), loss
         tps = config.step_tokens(step) / times[-1]
         row = {"step": step + 1, "tokens": config.tokens_through(step + 1), "loss": loss, "kl": kl, "ce": ce,
                "lr": sched.get_last_lr()[0], "grad_norm": float(norm), "tokens_per_s": round(tps, 1),
-               "time": round(times[-1], 3), "seq_len": int(data.shape[1])}
+               "time": round(times[-1], 3), "seq_len": int(data.shape[1]), **({"hidden": hidden} if config.hidden_weight
+                                                                                else {})}
         log.write(row)
         acc.log({k: v for k, v in row.items() if k != "step"}, step=step + 1)  # a no-op without --report-to
         bar.update(1)
@@ -117,15 +119,15 @@ def long_windows(windows: torch.Tensor, config) -> torch.Tensor | None:
 
 def optimizer_step(acc, model, teacher, windows, idx: torch.Tensor, config, cache, params, opt, sched):
     """One global step over this process's windows idx (accum, micro_batch): accumulate, clip, step
-    -> (loss, kl, ce) averaged over processes, and the gradient norm."""
+    -> (loss, kl, ce, hidden) averaged over processes, and the gradient norm."""
     accum = idx.shape[0]
-    parts = torch.zeros(3, device=acc.device)
+    parts = torch.zeros(4, device=acc.device)
     for k in range(accum):
         sync = acc.no_sync(model) if k < accum - 1 else contextlib.nullcontext()
         with sync:
-            loss, kl, ce = micro_loss(acc, model, teacher, windows, idx[k], config, cache)
+            loss, kl, ce, hidden = micro_loss(acc, model, teacher, windows, idx[k], config, cache)
             acc.backward(loss / accum)
-        parts += torch.stack([loss.detach(), kl, ce]) / accum
+        parts += torch.stack([loss.detach(), kl, ce, hidden]) / accum
     norm = acc.clip_grad_norm_(params, config.max_grad_norm if config.max_grad_norm > 0 else float("inf"))
     opt.step()
     sched.step()
@@ -154,25 +156,30 @@ def autocast(acc, config):
 
 
 def micro_loss(acc, model, teacher, windows: torch.Tensor, idx: torch.Tensor, config, cache):
-    """idx (micro_batch,) window ids -> (loss, kl, ce), scalars; kl/ce detached for logging."""
+    """idx (micro_batch,) window ids -> (loss, kl, ce, hidden), scalars; the parts detached for logging."""
     ids = windows[idx].to(acc.device)  # (b, T)
-    target = teacher_targets(acc, teacher, ids, idx, config, cache)
+    hidden = config.hidden_weight > 0
+    target, t_hidden = teacher_targets(acc, teacher, ids, idx, config, cache, hidden)
     with autocast(acc, config):
-        logits = model(input_ids=ids).logits  # (b, T, V)
+        out = model(input_ids=ids, output_hidden_states=hidden)
+    logits = out.logits  # (b, T, V)
     zero = torch.zeros((), device=acc.device)
     kl = (kl_topk(logits, *target, config.temperature) if cache is not None
           else kl_full(logits, target, config.temperature)) if config.kl_weight > 0 else zero
     ce = cross_entropy(logits, ids) if config.ce_weight > 0 else zero
-    loss = config.kl_weight * kl + config.ce_weight * ce
-    return loss, kl.detach(), ce.detach()
+    mse = hidden_mse(out.hidden_states, t_hidden) if hidden else zero
+    loss = config.kl_weight * kl + config.ce_weight * ce + config.hidden_weight * mse
+    return loss, kl.detach(), ce.detach(), mse.detach()
 
 
 @torch.no_grad()
-def teacher_targets(acc, teacher, ids: torch.Tensor, idx: torch.Tensor, config, cache):
-    """Teacher logits (b, T, V); or, with a cache, top-k log-probs and ids (b, T, k) each."""
+def teacher_targets(acc, teacher, ids: torch.Tensor, idx: torch.Tensor, config, cache, hidden: bool = False):
+    """-> (teacher logits (b, T, V), or with a cache top-k log-probs and ids (b, T, k) each; the teacher's
+    per-layer hidden states when `hidden` (live teacher only), else None)."""
     if cache is None:
         with autocast(acc, config):
-            return teacher(input_ids=ids).logits
+            out = teacher(input_ids=ids, output_hidden_states=hidden)
+        return out.logits, (out.hidden_states if hidden else None)
     hits = [cache.get(int(w)) for w in idx]
     if any(h is None for h in hits):
         with autocast(acc, config):
@@ -180,5 +187,5 @@ def teacher_targets(acc, teacher, ids: torch.Tensor, idx: torch.Tensor, config, 
         vals, top = teacher_topk(logits, config.teacher_topk, config.temperature)
         for j, w in enumerate(idx):
             cache.put(int(w), vals[j], top[j])
-        return vals, top
-    return (torch.stack([h[0] for h in hits]).to(acc.device), torch.stack([h[1] for h in hits]).to(acc.device))
+        return (vals, top), None
+    return (torch.stack([h[0] for h in hits]).to(acc.device), torch.stack([h[1] for h in hits]).to(acc.device)), None

@@ -45,6 +45,19 @@ def kl_topk(student: torch.Tensor, t_logp: torch.Tensor, t_idx: torch.Tensor, te
     return kl.mean() * temperature ** 2
 
 
+def hidden_mse(student: tuple, teacher: tuple) -> torch.Tensor:
+    """Per-layer hidden states, each (B, T, D), embeddings first -> mean over layers and tokens of
+    |h_s - h_t|^2 / |h_t|^2. Relative per token: the residual stream's norm grows with depth and a few
+    tokens (attention sinks) carry norms 100x the rest, which an absolute error would let dominate."""
+    if len(student) != len(teacher) or student[-1].shape != teacher[-1].shape:
+        raise LatentKVError(f"--hidden-weight matches layer by layer, but the student has {len(student) - 1} layers "
+                            f"of width {student[-1].shape[-1]} and the teacher {len(teacher) - 1} of "
+                            f"{teacher[-1].shape[-1]}; use the source as --teacher or drop --hidden-weight")
+    errs = [((s.float() - t.float()).pow(2).sum(-1) / t.float().pow(2).sum(-1).clamp(min=1e-6)).mean()
+            for s, t in zip(student[1:], teacher[1:])]
+    return torch.stack(errs).mean()
+
+
 def cross_entropy(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Next-token CE: logits (B, T, V), ids (B, T) -> scalar over the T - 1 predicted tokens."""
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())

@@ -1,7 +1,7 @@
 """Healing a converted model by distillation from its source (or any teacher with the same vocab).
 
-loss = kl_weight * T^2 KL(teacher || student) + ce_weight * next-token CE, on packed windows of
-training text; AdamW, linear warmup then cosine to min_lr_ratio * lr, gradient accumulation,
+loss = kl_weight * T^2 KL(teacher || student) + ce_weight * next-token CE (+ hidden_weight * the
+layers' relative hidden-state error, `losses.hidden_mse`), on packed windows of training text; AdamW, linear warmup then cosine to min_lr_ratio * lr, gradient accumulation,
 optional gradient checkpointing and bf16 autocast. What trains is a choice: `attention` (the
 converted MLA weights incl. kv_a_layernorm; the default), `all`, or `lora` (peft adapters on the
 MLA projections, merged at the end). An optional local stage fits each layer to the source first.
@@ -64,6 +64,7 @@ class HealConfig:
     temperature: float = 1.0
     kl_weight: float = 1.0
     ce_weight: float = 0.0
+    hidden_weight: float = 0.0  # > 0: also match every layer's hidden state to the teacher's (live teacher only)
     train: str = "attention"
     lora_rank: int = 16
     gradient_checkpointing: bool = False
@@ -82,8 +83,10 @@ class HealConfig:
             raise LatentKVError(f"unknown --train {self.train!r}; choose one of {', '.join(TRAINABLE)}")
         if self.precision not in PRECISIONS:
             raise LatentKVError(f"unknown --precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
-        if self.kl_weight <= 0 and self.ce_weight <= 0:
-            raise LatentKVError("both --kl-weight and --ce-weight are 0: nothing to train on")
+        if self.kl_weight <= 0 and self.ce_weight <= 0 and self.hidden_weight <= 0:
+            raise LatentKVError("--kl-weight, --ce-weight and --hidden-weight are all 0: nothing to train on")
+        if self.hidden_weight < 0:
+            raise LatentKVError(f"--hidden-weight must be >= 0, got {self.hidden_weight}")
         for name in ("seq_len", "batch_size", "micro_batch", "save_every"):
             if getattr(self, name) < 1:
                 raise LatentKVError(f"--{name.replace('_', '-')} must be >= 1")
@@ -166,6 +169,9 @@ def heal(student, teacher, data, out, config: HealConfig = HealConfig(), *, over
     acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no",  # autocast: loop.autocast
                       log_with=tracker(report_to), project_dir=str(work / TRACKER_DIR))
     check_output_dir(out, overwrite, inputs=tuple(x for x in (student, teacher) if isinstance(x, (str, Path))))
+    if config.hidden_weight > 0 and teacher_cache:
+        raise LatentKVError("--hidden-weight needs the live teacher's hidden states, which a --teacher-cache does not "
+                            "hold; drop one of the two")
     steps = config.steps()
     config.accumulation(acc.num_processes)  # fails early, with the fix, when the batch does not split
     out_dtype = saved_dtype(student, dtype)
