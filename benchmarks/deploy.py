@@ -54,9 +54,11 @@ def converted(source, tok, budget: float, target: bool, out: Path, cache: dict) 
     seconds = round(time.perf_counter() - t0, 1)
     save(model, tok, out, overwrite=True)
     first = model.config.latentkv["layers"][0]
-    slot0 = (model.config.latentkv.get("split_search") or {}).get("rope_slot0")
+    search = model.config.latentkv.get("split_search") or {}
+    slot0, skip = search.get("rope_slot0"), search.get("rope_skip")
     return {"convert_s": seconds, "split": f"{first['qk_rope_head_dim']}+{first['kv_lora_rank']}"
-            + (f" (a={slot0})" if slot0 else ""), "calib_fingerprint": model.config.latentkv.get("calibration")}
+            + (f" (a={slot0}{f', s={skip}' if skip else ''})" if slot0 else ""),
+            "calib_fingerprint": model.config.latentkv.get("calibration")}
 
 
 def exported(model_dir: Path) -> dict:

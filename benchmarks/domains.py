@@ -73,7 +73,8 @@ def run(args) -> list[dict]:
             search = record.get("split_search") or {}
             alloc = search.get("allocation") or {}
             spread = f" allocated, exact {alloc.get('protected', [])}" if alloc.get("used") == "allocated" else ""
-            slot0 = f" (a={search['rope_slot0']})" if search.get("rope_slot0") else ""
+            skip = f", s={search['rope_skip']}" if search.get("rope_skip") else ""
+            slot0 = f" (a={search['rope_slot0']}{skip})" if search.get("rope_slot0") else ""
             row.update(split=f"{first['qk_rope_head_dim']}+{first['kv_lora_rank']}{slot0}{spread}",
                        calib=record["conversion"].get("calib"), calib_fingerprint=record.get("calibration"),
                        allocation=alloc or None)

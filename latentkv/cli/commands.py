@@ -57,7 +57,8 @@ def convert_cmd(a) -> dict:
                          calib_samples=a.calib_samples, calib_seq_len=a.calib_seq_len,
                          rank_allocation=a.rank_allocation, attn_moment=a.attn_moment,
                          latent_norm=True if a.latent_norm else None, target=a.target, rope_horizon=a.rope_horizon,
-                         preset=a.preset, rope_slot0=a.rope_slot0, kv_separate=True if a.kv_separate else None)
+                         preset=a.preset, rope_slot0=a.rope_slot0, rope_skip=a.rope_skip,
+                         kv_separate=True if a.kv_separate else None)
     check_output_dir(a.out, a.overwrite, inputs=(a.source, a.calib))
     t0 = time.perf_counter()
     if a.stream:

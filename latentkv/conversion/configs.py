@@ -102,6 +102,9 @@ class LowRankConfig(CacheSize):
     # rorope-export: how many rope pairs are first components (slot 0); the rest are second components of
     # the fastest frequencies (YaRN, factor < 1, in the export). None: chosen by kept energy over all layers
     rope_slot0: int | None = None
+    # rorope-export: 0, or s > 0: the pairs after the first rope_slot0 are first components too, of the
+    # frequencies after s skipped (YaRN, factor > 1, in the export); set with rope_slot0 by energy when None
+    rope_skip: int = 0
     # more RoPE strategies the split search tries at every candidate split; the lowest held-out score
     # becomes `rope` (make_config sets AUTO_ROPES when --rope is not given and the split is searched)
     rope_choices: tuple[str, ...] = ()
@@ -127,6 +130,9 @@ class LowRankConfig(CacheSize):
             raise LatentKVError(f"--rope-horizon must be >= 0 tokens, got {self.rope_horizon}")
         if self.rope_slot0 is not None and (self.rope != "rorope-export" or self.rope_slot0 < 1):
             raise LatentKVError(f"--rope-slot0 {self.rope_slot0} needs --rope rorope-export and at least 1")
+        if self.rope_skip and (self.rope_slot0 is None or self.rope_skip < 0):
+            raise LatentKVError(f"--rope-skip {self.rope_skip} needs --rope-slot0 (the pairs before the skip) and "
+                                "a count >= 1")
         if self.calib_samples < 1 or self.calib_seq_len < 16:
             raise LatentKVError("--calib-samples must be >= 1 and --calib-seq-len >= 16")
 

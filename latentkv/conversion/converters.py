@@ -43,7 +43,7 @@ def lowrank_problem(src: SourceAttention, layout: SourceLayout, config: LowRankC
     stats = stats.blended(config.attn_moment)
     strategy, extra = ROPE_STRATEGIES[config.rope], {}
     if config.rope == "rorope-export":
-        extra = {"slot0": config.rope_slot0}
+        extra = {"slot0": config.rope_slot0, "skip": config.rope_skip}
     elif config.rope == "elite":
         extra = {"sample": stats.sample, "memo": stats.memo}
     split = strategy.split(src, layout, rope // 2, stats.sigma, config.rope_horizon, **extra)

@@ -72,7 +72,7 @@ def convert_calibrated(model, layout: SourceLayout, config: LowRankConfig, ids: 
     dims = checked(config, layout, dims)
     if config.rope == "rorope-export" and config.rope_slot0 is None:
         config = export_schedule(model, layout, config, dims[1], oneshot)
-        choice = {**(choice or {}), "rope_slot0": config.rope_slot0}
+        choice = {**(choice or {}), "rope_slot0": config.rope_slot0, "rope_skip": config.rope_skip}
     if config.rank_allocation != "uniform":
         alloc = (allocate_spectrum(model, layout, config, dims, oneshot) if config.rank_allocation == "spectrum"
                  else allocate_search(model, layout, config, dims, oneshot, held, choice, progress))

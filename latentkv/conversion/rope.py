@@ -33,37 +33,73 @@ class KeySplit:
         return self.mix is None and len(set(counts)) == 1
 
     def exportable(self) -> bool:
-        """DeepSeek-V3 rotates its p rope dims at one schedule: slot 0 of frequencies 0..a-1, then (with
-        YaRN at factor < 1, see `deepseek.layout.rope_parameters`) slot 1 of frequencies 0..c-1, c <= a."""
+        """DeepSeek-V3 rotates its p rope dims at one schedule of two runs (YaRN with beta_fast = beta_slow
+        puts the step between them, `deepseek.layout.rope_parameters`): slot 0 of frequencies 0..a-1, then
+        either slot 1 of frequencies 0..c-1, c <= a (factor < 1) or slot 0 of a+s..m-1+s (factor > 1)."""
         slot0 = sum(1 for j, _ in self.kept if j == 0)
-        return slot0 >= len(self.kept) - slot0 and self.kept == export_kept(len(self.kept), slot0)
+        if slot0 < len(self.kept):
+            return slot0 >= len(self.kept) - slot0 and self.kept == export_kept(len(self.kept), slot0)
+        run = first_runs(self.kept)
+        return run is not None and self.kept == export_kept(len(self.kept), *run)
 
 
-def export_kept(pairs: int, slot0: int) -> tuple[tuple[int, int], ...]:
-    """The channels an exportable split keeps: slot 0 of the `slot0` fastest frequencies, then slot 1 (the
-    second RoRoPE component across KV heads) of the `pairs - slot0` fastest. Rope pairs are in this order."""
+def first_runs(kept: tuple[tuple[int, int], ...]) -> tuple[int, int] | None:
+    """(slot0, skip) of first components at frequencies 0..a-1 then a+s..: (len, 0) without a gap; None
+    when the frequencies do not start at 0 or have more than one gap."""
+    freqs = [i for _, i in kept]
+    gaps = [(k, b - a - 1) for k, (a, b) in enumerate(zip([-1] + freqs, freqs)) if b - a - 1]
+    if not gaps:
+        return len(freqs), 0
+    return gaps[0] if len(gaps) == 1 and gaps[0][0] > 0 and gaps[0][1] > 0 else None
+
+
+def export_kept(pairs: int, slot0: int, skip: int = 0) -> tuple[tuple[int, int], ...]:
+    """The channels an exportable split keeps, in rope-pair order: slot 0 of the `slot0` fastest
+    frequencies, then for the other `pairs - slot0` either (skip 0) slot 1, the second RoRoPE component
+    across KV heads, of the fastest frequencies, or (skip s > 0) slot 0 of the frequencies after s skipped."""
+    if skip:
+        return tuple((0, i) for i in range(slot0)) + tuple((0, i + skip) for i in range(slot0, pairs))
     return tuple((0, i) for i in range(slot0)) + tuple((1, i) for i in range(pairs - slot0))
 
 
 def slot0_choices(layout: SourceLayout, pairs: int) -> range:
-    """Valid `slot0` for `pairs` exportable pairs: slot 1 needs a second KV head and stays within slot 0."""
+    """Valid `slot0` for `pairs` exportable pairs with skip 0: slot 1 needs a second KV head and stays within slot 0."""
     half = layout.head_dim // 2
     if layout.num_kv_heads == 1:
         return range(pairs, pairs + 1) if pairs <= half else range(0)
     return range(max((pairs + 1) // 2, pairs - half), min(pairs, half) + 1)
 
 
-def best_slot0(energies: list[torch.Tensor], layout: SourceLayout, pairs: int, most: int | None = None) -> int:
-    """The `slot0` whose exportable split keeps the most score energy summed over layers (each layer's
+def schedules(layout: SourceLayout, pairs: int, most: int | None = None) -> list[tuple[int, int]]:
+    """Every exportable (slot0, skip) for `pairs` rope pairs whose frequencies stay below `most` (a source's
+    plain, unscaled frequencies; None: all): the second components' runs, then the skipping ones."""
+    top = layout.head_dim // 2 if most is None else min(most, layout.head_dim // 2)
+    dup = [(a, 0) for a in slot0_choices(layout, pairs) if a <= top]
+    return dup + [(a, s) for a in range(1, pairs) for s in range(1, top - pairs + 1)]
+
+
+def check_skip(layout: SourceLayout, pairs: int, slot0: int | None, skip: int) -> None:
+    """One-line error unless `slot0` first pairs, then `skip` frequencies skipped, fit the source's."""
+    top = layout.head_dim // 2 - pairs
+    if slot0 is None or not 1 <= slot0 < pairs or not 1 <= skip <= top:
+        fix = (f"give --rope-slot0 from 1 to {pairs - 1} and --rope-skip from 1 to {top}" if top > 0 and pairs > 1
+               else "no frequency is left to skip; drop --rope-skip")
+        raise LatentKVError(f"--rope-skip {skip} does not fit {pairs} rope pairs of {layout.head_dim // 2} "
+                            f"frequencies with --rope-slot0 {slot0}: {fix}")
+
+
+def best_schedule(energies: list[torch.Tensor], layout: SourceLayout, pairs: int,
+                  most: int | None = None) -> tuple[int, int]:
+    """The exportable (slot0, skip) that keeps the most score energy summed over layers (each layer's
     (G, d/2) energy normalised to 1, so every layer counts alike): one schedule serves every layer.
-    `most`: the largest slot0 allowed (keeping to a source's plain frequencies); none fits: first components."""
-    share = [e / e.sum() for e in energies]
+    `most`: keep to the source's `most` plain frequencies; none fits: first components only."""
+    total = sum(e / e.sum() for e in energies)  # (G, d/2)
 
-    def kept(a: int) -> float:
-        return sum(float(e[0, :a].sum() + (e[1, :pairs - a].sum() if pairs > a else 0)) for e in share)
+    def kept(choice: tuple[int, int]) -> float:
+        return float(sum(total[j, i] for j, i in export_kept(pairs, *choice)))
 
-    choices = [a for a in slot0_choices(layout, pairs) if most is None or a <= most]
-    return max(choices, key=kept) if choices else max(slot0_choices(layout, pairs), default=pairs)
+    choices = schedules(layout, pairs, most)
+    return max(choices, key=kept) if choices else (max(slot0_choices(layout, pairs), default=pairs), 0)
 
 
 def expected_rotation(layout: SourceLayout, horizon: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,18 +226,20 @@ class RoRoPE:
     fold: int = 1
 
     def split(self, src, layout: SourceLayout, pairs: int, sigma=None, horizon: int = 0,
-              slot0: int | None = None) -> KeySplit:
-        """`slot0` (exportable only): how many of the pairs are first components; None: as many as fit
-        (the caller that sees every layer picks it by energy: `search.export_schedule`)."""
+              slot0: int | None = None, skip: int = 0) -> KeySplit:
+        """`slot0`, `skip` (exportable only, see `export_kept`): the schedule; slot0 None: first components
+        only, as many as fit (the caller that sees every layer picks both by energy: `search.export_schedule`)."""
         every = pairs >= layout.num_kv_heads * layout.head_dim // 2
         mix = self.rotation(src, layout, sigma, 1 if every else self.fold)  # nothing dropped: no need to fold
         if self.exportable:
             choices = slot0_choices(layout, pairs)
             slot0 = (choices[-1] if choices else pairs) if slot0 is None else slot0  # default: first components only
-            if slot0 not in choices:
+            if skip:
+                check_skip(layout, pairs, slot0, skip)
+            elif slot0 not in choices:
                 raise LatentKVError(f"--rope-slot0 {slot0} does not fit {pairs} rope pairs on this model: choose "
                                     + (f"from {choices.start} to {choices.stop - 1}" if choices else "fewer rope dims"))
-            return KeySplit(export_kept(pairs, slot0), mix)
+            return KeySplit(export_kept(pairs, slot0, skip), mix)
         e = self.energy(src, layout, sigma, horizon, mix)
         top = e.flatten().topk(pairs).indices.sort().values
         half = layout.head_dim // 2

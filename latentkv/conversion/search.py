@@ -20,7 +20,7 @@ from ..families import SourceLayout, attention_layers, plain_frequencies, read_a
 from .calibration import held_out_score
 from .configs import LowRankConfig
 from .dims import budget_values, candidate_splits
-from .rope import ROPE_STRATEGIES, best_slot0
+from .rope import ROPE_STRATEGIES, best_schedule
 from .surgery import convert_oneshot
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ def search_split(model, layout: SourceLayout, config: LowRankConfig, stats, held
     for rope, r, p in tqdm(tries, desc="search split", disable=not progress):
         chosen = export_schedule(model, layout, replace(config, rope=rope), p, stats)
         conv = convert_oneshot(model, layout, chosen, (r, p), stats)
-        slot0 = {} if chosen.rope_slot0 is None else {"rope_slot0": chosen.rope_slot0}
+        slot0 = {} if chosen.rope_slot0 is None else {"rope_slot0": chosen.rope_slot0, "rope_skip": chosen.rope_skip}
         scores.append({"rope": rope, "kv_lora_rank": r, "qk_rope_head_dim": p, **slot0, **held_out_score(conv, held)})
     best = pick_split(scores)
     why = ", ".join(f"{s['rope']} {s['qk_rope_head_dim']}+latent {s['kv_lora_rank']}: nll {s['heldout_nll']:.4f} "
@@ -68,8 +68,8 @@ def pick_split(scores: list[dict], tie: float | None = None) -> dict:
 
 
 def export_schedule(model, layout: SourceLayout, config, rope: int, stats) -> LowRankConfig:
-    """`config` with `rope_slot0` fixed for `rope` rotated dims (rorope-export only, when not given):
-    the one frequency schedule for every layer that keeps the most score energy (rope.best_slot0).
+    """`config` with `rope_slot0` and `rope_skip` fixed for `rope` rotated dims (rorope-export only, when
+    not given): the one frequency schedule for every layer that keeps the most score energy (rope.best_schedule).
     stats: per-layer InputStats, or None (weights alone)."""
     if getattr(config, "rope", None) != "rorope-export" or config.rope_slot0 is not None:
         return config
@@ -79,4 +79,5 @@ def export_schedule(model, layout: SourceLayout, config, rope: int, stats) -> Lo
         energies.append(strategy.energy(read_attention(attn).at_least_float32(), layout.for_layer(i), sigma,
                                         config.rope_horizon))
     # engines run DeepSeek-V3 RoPE as plain or YaRN only: keep to the source's plain (unscaled) frequencies
-    return replace(config, rope_slot0=best_slot0(energies, layout, rope // 2, most=plain_frequencies(model.config)))
+    slot0, skip = best_schedule(energies, layout, rope // 2, most=plain_frequencies(model.config))
+    return replace(config, rope_slot0=slot0, rope_skip=skip)

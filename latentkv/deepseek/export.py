@@ -32,7 +32,7 @@ from ..io.shards import ShardWriter
 from ..record import record_of
 from ..runtime.install import is_mla
 from .card import model_card
-from .layout import engine_config, interleave_order, kernel_warning, reorder_rope_rows, rope_parameters
+from .layout import engine_config, interleave_order, kernel_warning, query_fold, reorder_rope_rows, rope_parameters
 
 FORMATS = ("deepseek_v3",)
 
@@ -86,18 +86,20 @@ def kept_frequencies(model) -> torch.Tensor:
     return idx[0]
 
 
-def engine_tensors(model, dims, freq_idx: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+def engine_tensors(model, dims, freq_idx: torch.Tensor, fold: float = 1.0) -> Iterator[tuple[str, torch.Tensor]]:
     """DeepSeek-V3 tensors one at a time: attention rows folded/permuted (new tensors), everything else
-    under its own name as the model holds it (no copy), so an export never holds a second whole state."""
+    under its own name as the model holds it (no copy), so an export never holds a second whole state.
+    fold: a query factor the engines' rope scaling needs (`layout.query_fold`)."""
     order = interleave_order(freq_idx)
-    alpha = dims.softmax_scale / dims.engine_scale  # 1 unless the checkpoint predates the fold at conversion
+    # 1 unless the checkpoint predates the fold at conversion, or YaRN at factor > 1 scales the softmax
+    alpha = dims.softmax_scale / dims.engine_scale * fold
     state = model.state_dict()
     for name, t in state.items():
         if name.endswith(("rope_freq_idx", "rotary_emb.inv_freq")):
             continue
         t = reorder_rope_rows(name, t.detach(), dims, order)
         if abs(alpha - 1) > 1e-6 and name.endswith(("self_attn.q_proj.weight", "self_attn.q_b_proj.weight")):
-            t = t * alpha  # a conversion from before the scale was folded at conversion (latent_norm)
+            t = t * alpha
         if name.endswith("mlp.gate_up_proj.weight"):  # Phi-3's fused MLP: DeepSeek-V3 names its halves apart
             gate, up = t.chunk(2)
             yield name.replace("gate_up_proj", "gate_proj"), gate.contiguous()
@@ -118,13 +120,14 @@ def export(model, out: str | Path, tokenizer=None, fmt: str = "deepseek_v3", ove
     check_output_dir(out, overwrite)
     dims = exportable_dims(model)
     freq_idx = kept_frequencies(model)
-    config = engine_config(model, dims, rope_parameters(model, freq_idx))
+    rope = rope_parameters(model, freq_idx)
+    config = engine_config(model, dims, rope)
     config["latentkv"] = record_of(model)
     warning = kernel_warning(dims)
     if warning:
         warnings.warn(warning, stacklevel=2)
     with atomic_output_dir(out, overwrite) as tmp:
-        write_shards(engine_tensors(model, dims, freq_idx), tmp, parse_size(max_shard_size))
+        write_shards(engine_tensors(model, dims, freq_idx, query_fold(rope)), tmp, parse_size(max_shard_size))
         (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
         (tmp / "README.md").write_text(model_card(config["latentkv"], dims, model.config.num_hidden_layers,
                                                   value_bytes=next(model.parameters()).element_size()))

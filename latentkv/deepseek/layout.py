@@ -21,28 +21,25 @@ FAST_KERNEL_DIMS = tuple(PRESETS.values())  # (kv_lora_rank, qk_rope_head_dim) F
 
 def rope_parameters(model, freq_idx: torch.Tensor) -> dict:
     """The rope_parameters that make a DeepSeek-V3 rotary of p = 2m dims reproduce the source frequencies
-    `freq_idx` (m,) of our rope pairs: 0..a-1 (the a fastest, once) then 0..c-1 (c <= a, a second component).
-    rope_theta' = theta^(p/d) gives the source's schedule; for the second run, YaRN with factor
-    theta^(-2a/d) < 1 turns index j >= a into frequency j - a, with beta_fast = beta_slow placing the ramp
-    between a - 1 and a (nothing in between), and no mscale (it is 1 for factor <= 1). Refuses what that
-    cannot express, checked against transformers' own rotary."""
+    `freq_idx` (m,) of our rope pairs: 0..a-1 (the a fastest, once) then either 0..c-1 (c <= a, a second
+    component) or a+s..m-1+s (s skipped). rope_theta' = theta^(p/d) gives the source's schedule; for the
+    second run, YaRN with factor theta^(-2a/d) < 1 turns engine pair j >= a into frequency j - a, with
+    factor theta^(2s/d) > 1 into j + s; beta_fast = beta_slow puts the step between a - 1 and a (nothing
+    in between). Refuses what that cannot express, checked against transformers' own rotary."""
     m, src = freq_idx.numel(), model.config
     params = dict(getattr(src, "rope_parameters", None) or {})
     kind = rope_type(src)
     theta = float(params.get("rope_theta", getattr(src, "rope_theta", 10000.0)))
     d = getattr(src, "head_dim", None) or src.hidden_size // src.num_attention_heads
     engine_idx = freq_idx[pair_order(freq_idx)]
-    a = int((torch.bincount(freq_idx) > 0).sum())  # distinct frequencies: the first run
-    if not torch.equal(engine_idx, torch.cat((torch.arange(a), torch.arange(m - a)))):
-        raise LatentKVError(f"rope frequencies {freq_idx.tolist()} are not the fastest ones, at most twice each; "
-                            "DeepSeek-V3 cannot run them: convert with --rope rorope-export (or --target deepseek_v3)")
-    if a <= plain_frequencies(src):  # plain frequencies only: the schedule every engine computes the same
+    a, shift = engine_runs(engine_idx)
+    if a <= plain_frequencies(src) and int(engine_idx.max()) < plain_frequencies(src):
         params = {"rope_type": "default", "rope_theta": theta ** (2 * m / d)}
-        if a < m:
-            params.update(_second_run(params["rope_theta"], theta, d, 2 * m, a, src.max_position_embeddings))
+        if a < m:  # plain frequencies only: the schedule every engine computes the same
+            params.update(_second_run(params["rope_theta"], theta, d, 2 * m, a, shift, src.max_position_embeddings))
     elif a < m:
-        raise LatentKVError(f"a second rope component per frequency needs YaRN, which cannot stack on the source's "
-                            f"rescaled {kind} frequencies; convert with fewer rope dims or --rope-slot0 {m}")
+        raise LatentKVError(f"a second rope run needs YaRN, which cannot stack on the source's rescaled {kind} "
+                            f"frequencies; convert with fewer rope dims or --rope-slot0 {m}")
     else:
         params.update(rope_type=kind, rope_theta=theta ** (2 * m / d))
         warnings.warn(f"the export keeps {kind}-rescaled RoPE frequencies: transformers runs them exactly, but vLLM "
@@ -56,17 +53,43 @@ def rope_parameters(model, freq_idx: torch.Tensor) -> dict:
     return params
 
 
-def _second_run(engine_theta: float, theta: float, d: int, p: int, a: int, max_positions: int) -> dict:
-    """YaRN parameters under which engine pair j >= a rotates at source frequency j - a."""
-    factor = theta ** (-2 * a / d)
+def engine_runs(engine_idx: torch.Tensor) -> tuple[int, int]:
+    """(a, shift) of source frequency indices in engine order: 0..a-1, then a second run at j + shift for
+    engine pair j >= a (shift -a: second components; shift s > 0: s frequencies skipped); else an error."""
+    m, idx = engine_idx.numel(), engine_idx.tolist()
+    a = next((k for k in range(1, m) if idx[k] != idx[k - 1] + 1), m) if idx and idx[0] == 0 else 0
+    shift = idx[a] - a if a < m else 0
+    if a == 0 or idx[a:] != [j + shift for j in range(a, m)] or not (shift == -a or shift > 0 or a == m):
+        raise LatentKVError(f"rope frequencies {engine_idx.tolist()} are not the fastest ones (at most twice each, or "
+                            "with one run skipped); DeepSeek-V3 cannot run them: convert with --rope rorope-export "
+                            "(or --target deepseek_v3)")
+    return a, shift
+
+
+# YaRN at factor > 1 scales the softmax by mscale(factor, mscale_all_dim)^2 in every engine (transformers'
+# yarn_apply_mscale, vLLM's and SGLang's DeepSeek attention) and cos/sin by the ratio mscale(factor,
+# mscale) / mscale(factor, mscale_all_dim) = 1 when the two are equal. Equal values that make the softmax
+# factor exactly 2 let the export fold 1/2 into the query, a power of two that no dtype rounds.
+SKIP_SOFTMAX_FACTOR = 2.0
+
+
+def _second_run(engine_theta: float, theta: float, d: int, p: int, a: int, shift: int, max_positions: int) -> dict:
+    """YaRN parameters under which engine pair j >= a rotates at source frequency j + shift."""
+    factor = theta ** (2 * shift / d)
     original = max_positions / factor  # engines size their cos/sin tables by original * factor
 
     def rotations(x: float) -> float:  # inverse of YaRN's correction dim: the beta that puts it at x
         return original / (2 * math.pi) * math.exp(-2 * x * math.log(engine_theta) / p)
 
     beta = rotations(a - 0.5)  # floor -> a - 1, ceil -> a: pairs < a extrapolate, pairs >= a interpolate
+    mscale = (math.sqrt(SKIP_SOFTMAX_FACTOR) - 1) / (0.1 * math.log(factor)) if factor > 1 else 1.0
     return dict(rope_type="yarn", factor=factor, original_max_position_embeddings=original, beta_fast=beta,
-                beta_slow=beta, mscale=1.0, mscale_all_dim=0.0)
+                beta_slow=beta, mscale=mscale, mscale_all_dim=mscale if factor > 1 else 0.0)
+
+
+def query_fold(rope: dict) -> float:
+    """The factor the export multiplies the query by, undoing what the engines' YaRN softmax scale adds."""
+    return 1 / SKIP_SOFTMAX_FACTOR if rope.get("factor", 1.0) > 1 else 1.0
 
 
 def _engine_frequencies(params: dict, p: int, max_positions: int) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch
 from latentkv import LatentKVError, LowRankConfig, convert
 from latentkv.conversion.configs import make_config
 from latentkv.deepseek.export import export
-from latentkv.deepseek.layout import interleave_order
+from latentkv.deepseek.layout import interleave_order, query_fold
 from latentkv.deepseek.reader import load_engine_checkpoint
 from latentkv.reports.verify import load_stock
 
@@ -292,17 +292,17 @@ def test_export_schedule_is_chosen_by_energy_and_recorded():
     assert all(c.get("rope_slot0") for c in record["split_search"]["candidates"])
 
 
-def test_best_slot0_keeps_most_energy():
-    from latentkv.conversion.rope import best_slot0
+def test_best_schedule_keeps_most_energy():
+    from latentkv.conversion.rope import best_schedule
     from latentkv.families import source_layout
 
     lay = source_layout(make_tiny("llama-gqa").config)  # 2 KV heads x 8 frequencies
     fast = torch.zeros(2, 8)
     fast[:, :2] = 1.0  # all energy in both components of the two fastest frequencies
-    assert best_slot0([fast], lay, 4) == 2
+    assert best_schedule([fast], lay, 4) == (2, 0)
     flat = torch.zeros(2, 8)
     flat[0] = 1.0  # only first components matter: keep 4 of them
-    assert best_slot0([flat], lay, 4) == 4
+    assert best_schedule([flat], lay, 4) == (4, 0)  # ties go to the plain schedule
 
 
 def test_bad_slot0_is_one_line():
@@ -371,7 +371,10 @@ def test_bf16_checkpoint_exports_its_query_unchanged(ids, tmp_path):
     export(load(tmp_path / "bf16", torch.bfloat16)[0], tmp_path / "ds")  # as `latentkv export` does (auto)
     ours, stock = load(tmp_path / "bf16")[0], load_stock(tmp_path / "ds")  # both run in float32, as verify-export
     w = "model.layers.0.self_attn.q_proj.weight"  # rope rows permuted to the interleaved layout, values copied
-    assert torch.equal(stock.state_dict()[w].flatten().sort().values, ours.state_dict()[w].flatten().sort().values)
+    # (times 1/2 under a skipping schedule's YaRN, a power of two that no dtype rounds)
+    fold = query_fold(json.loads((tmp_path / "ds" / "config.json").read_text())["rope_scaling"] or {})
+    assert torch.equal(stock.state_dict()[w].flatten().sort().values,
+                       (ours.state_dict()[w] * fold).flatten().sort().values)
     with torch.no_grad():
         ref = ours(ids).logits
         assert ref.abs().max() > 1 and (stock(ids).logits - ref).abs().max().item() <= 1e-4
