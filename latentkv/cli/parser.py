@@ -85,7 +85,7 @@ def _add_convert(add) -> None:
                         "the fastest frequencies, YaRN factor < 1 in the export); default: chosen by kept energy")
     c.add_argument("--rope-skip", type=int,
                    help="rorope-export, with --rope-slot0 a: the pairs after the first a are first components of "
-                        "the frequencies after this many skipped (YaRN factor > 1 in the export); default: by energy")
+                        "the frequencies after this many skipped (YaRN factor > 1 in the export); default 0")
     c.add_argument("--preset", choices=list(PRESETS),
                    help="kernel-ready export-grade shape: flashmla = 512+64, flashinfer = 256+64 (implies --target "
                         "deepseek_v3; a --kv-budget given too is the cap it must fit)")

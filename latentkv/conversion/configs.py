@@ -103,7 +103,7 @@ class LowRankConfig(CacheSize):
     # the fastest frequencies (YaRN, factor < 1, in the export). None: chosen by kept energy over all layers
     rope_slot0: int | None = None
     # rorope-export: 0, or s > 0: the pairs after the first rope_slot0 are first components too, of the
-    # frequencies after s skipped (YaRN, factor > 1, in the export); set with rope_slot0 by energy when None
+    # frequencies after s skipped (YaRN, factor > 1, in the export); only when asked (search.export_schedule)
     rope_skip: int = 0
     # more RoPE strategies the split search tries at every candidate split; the lowest held-out score
     # becomes `rope` (make_config sets AUTO_ROPES when --rope is not given and the split is searched)

@@ -70,12 +70,12 @@ def slot0_choices(layout: SourceLayout, pairs: int) -> range:
     return range(max((pairs + 1) // 2, pairs - half), min(pairs, half) + 1)
 
 
-def schedules(layout: SourceLayout, pairs: int, most: int | None = None) -> list[tuple[int, int]]:
-    """Every exportable (slot0, skip) for `pairs` rope pairs whose frequencies stay below `most` (a source's
-    plain, unscaled frequencies; None: all): the second components' runs, then the skipping ones."""
+def schedules(layout: SourceLayout, pairs: int, most: int | None = None, skip: bool = False) -> list[tuple[int, int]]:
+    """Exportable (slot0, skip) for `pairs` rope pairs whose frequencies stay below `most` (a source's plain,
+    unscaled frequencies; None: all): the second components' runs, and with `skip` the skipping ones too."""
     top = layout.head_dim // 2 if most is None else min(most, layout.head_dim // 2)
     dup = [(a, 0) for a in slot0_choices(layout, pairs) if a <= top]
-    return dup + [(a, s) for a in range(1, pairs) for s in range(1, top - pairs + 1)]
+    return dup + ([(a, s) for a in range(1, pairs) for s in range(1, top - pairs + 1)] if skip else [])
 
 
 def check_skip(layout: SourceLayout, pairs: int, slot0: int | None, skip: int) -> None:
@@ -89,16 +89,17 @@ def check_skip(layout: SourceLayout, pairs: int, slot0: int | None, skip: int) -
 
 
 def best_schedule(energies: list[torch.Tensor], layout: SourceLayout, pairs: int,
-                  most: int | None = None) -> tuple[int, int]:
+                  most: int | None = None, skip: bool = False) -> tuple[int, int]:
     """The exportable (slot0, skip) that keeps the most score energy summed over layers (each layer's
     (G, d/2) energy normalised to 1, so every layer counts alike): one schedule serves every layer.
-    `most`: keep to the source's `most` plain frequencies; none fits: first components only."""
+    `most`: keep to the source's `most` plain frequencies; none fits: first components only. `skip`: also
+    weigh skipping schedules, which energy overrates (measured: `search.export_schedule`)."""
     total = sum(e / e.sum() for e in energies)  # (G, d/2)
 
     def kept(choice: tuple[int, int]) -> float:
         return float(sum(total[j, i] for j, i in export_kept(pairs, *choice)))
 
-    choices = schedules(layout, pairs, most)
+    choices = schedules(layout, pairs, most, skip)
     return max(choices, key=kept) if choices else (max(slot0_choices(layout, pairs), default=pairs), 0)
 
 

@@ -31,15 +31,16 @@ def test_skip_schedules_are_exportable_and_others_are_not():
         assert not KeySplit(kept).exportable(), kept
 
 
-def test_best_schedule_skips_where_the_energy_is_slow():
+def test_best_schedule_skips_where_the_energy_is_slow_when_asked():
     lay = source_layout(make_tiny("llama-gqa").config)  # 2 KV heads x 8 frequencies
     e = torch.zeros(2, 8)
     e[0, [0, 4, 5, 6]] = 1.0  # the fastest frequency and three slow ones
-    assert best_schedule([e], lay, 4) == (1, 3)
+    assert best_schedule([e], lay, 4, skip=True) == (1, 3)
+    assert best_schedule([e], lay, 4)[1] == 0  # by default energy chooses among second-component schedules only
     both = torch.zeros(2, 8)
     both[:, :2] = 1.0  # both components of the two fastest: second components, no skip
-    assert best_schedule([both], lay, 4) == (2, 0)
-    assert best_schedule([e], lay, 4, most=5) != (1, 3)  # a skip past the plain frequencies is not offered
+    assert best_schedule([both], lay, 4, skip=True) == (2, 0)
+    assert best_schedule([e], lay, 4, most=5, skip=True) != (1, 3)  # a skip past the plain frequencies is not offered
 
 
 @pytest.mark.parametrize("name", ["llama-gqa", "llama-mha", "mistral-gqa"])
