@@ -36,21 +36,22 @@ class KeySplit:
         """DeepSeek-V3 rotates its p rope dims at one schedule of two runs (YaRN with beta_fast = beta_slow
         puts the step between them, `deepseek.layout.rope_parameters`): slot 0 of frequencies 0..a-1, then
         either slot 1 of frequencies 0..c-1, c <= a (factor < 1) or slot 0 of a+s..m-1+s (factor > 1)."""
-        slot0 = sum(1 for j, _ in self.kept if j == 0)
-        if slot0 < len(self.kept):
-            return slot0 >= len(self.kept) - slot0 and self.kept == export_kept(len(self.kept), slot0)
-        run = first_runs(self.kept)
-        return run is not None and self.kept == export_kept(len(self.kept), *run)
+        run = frequency_runs([i for _, i in self.kept])
+        return run is not None and self.kept == export_kept(len(self.kept), run[0], max(run[1], 0))
 
 
-def first_runs(kept: tuple[tuple[int, int], ...]) -> tuple[int, int] | None:
-    """(slot0, skip) of first components at frequencies 0..a-1 then a+s..: (len, 0) without a gap; None
-    when the frequencies do not start at 0 or have more than one gap."""
-    freqs = [i for _, i in kept]
-    gaps = [(k, b - a - 1) for k, (a, b) in enumerate(zip([-1] + freqs, freqs)) if b - a - 1]
-    if not gaps:
-        return len(freqs), 0
-    return gaps[0] if len(gaps) == 1 and gaps[0][0] > 0 and gaps[0][1] > 0 else None
+def frequency_runs(freqs: list[int]) -> tuple[int, int] | None:
+    """(a, shift) of the source frequency indices of rope pairs in order (ours and the engine's agree):
+    0..a-1, then pair j >= a at frequency j + shift, where shift is -a (second components of 0..m-a-1,
+    m - a <= a) or s > 0 (s frequencies skipped); (m, 0) for one run, (0, 0) for none; None for anything
+    no DeepSeek-V3 schedule runs."""
+    m = len(freqs)
+    if m == 0 or freqs[0] != 0:
+        return (0, 0) if m == 0 else None
+    a = next((k for k in range(1, m) if freqs[k] != freqs[k - 1] + 1), m)
+    shift = freqs[a] - a if a < m else 0
+    fits = a == m or shift > 0 or (shift == -a and m - a <= a)
+    return (a, shift) if fits and freqs[a:] == [j + shift for j in range(a, m)] else None
 
 
 def export_kept(pairs: int, slot0: int, skip: int = 0) -> tuple[tuple[int, int], ...]:

@@ -13,6 +13,7 @@ from transformers import DeepseekV3Config
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RotaryEmbedding
 
 from ..conversion.configs import PRESETS
+from ..conversion.rope import frequency_runs
 from ..errors import LatentKVError
 from ..families import plain_frequencies, rope_frequencies, rope_type
 
@@ -32,10 +33,16 @@ def rope_parameters(model, freq_idx: torch.Tensor) -> dict:
     theta = float(params.get("rope_theta", getattr(src, "rope_theta", 10000.0)))
     d = getattr(src, "head_dim", None) or src.hidden_size // src.num_attention_heads
     engine_idx = freq_idx[pair_order(freq_idx)]
-    a, shift = engine_runs(engine_idx)
-    if a <= plain_frequencies(src) and int(engine_idx.max()) < plain_frequencies(src):
+    run = frequency_runs(engine_idx.tolist())
+    if run is None or run[0] == 0:
+        raise LatentKVError(f"rope frequencies {engine_idx.tolist()} are not the fastest ones (at most twice each, or "
+                            "with one run skipped); DeepSeek-V3 cannot run them: convert with --rope rorope-export "
+                            "(or --target deepseek_v3)")
+    a, shift = run
+    # plain frequencies only: the schedule every engine computes the same
+    if int(engine_idx.max()) < plain_frequencies(src):
         params = {"rope_type": "default", "rope_theta": theta ** (2 * m / d)}
-        if a < m:  # plain frequencies only: the schedule every engine computes the same
+        if a < m:
             params.update(_second_run(params["rope_theta"], theta, d, 2 * m, a, shift, src.max_position_embeddings))
     elif a < m:
         raise LatentKVError(f"a second rope run needs YaRN, which cannot stack on the source's rescaled {kind} "
@@ -51,19 +58,6 @@ def rope_parameters(model, freq_idx: torch.Tensor) -> dict:
         raise LatentKVError(f"the source's {kind} RoPE frequencies cannot be expressed for qk_rope_head_dim {2 * m} "
                             f"with {a} first components; DeepSeek-V3 cannot run this conversion")
     return params
-
-
-def engine_runs(engine_idx: torch.Tensor) -> tuple[int, int]:
-    """(a, shift) of source frequency indices in engine order: 0..a-1, then a second run at j + shift for
-    engine pair j >= a (shift -a: second components; shift s > 0: s frequencies skipped); else an error."""
-    m, idx = engine_idx.numel(), engine_idx.tolist()
-    a = next((k for k in range(1, m) if idx[k] != idx[k - 1] + 1), m) if idx and idx[0] == 0 else 0
-    shift = idx[a] - a if a < m else 0
-    if a == 0 or idx[a:] != [j + shift for j in range(a, m)] or not (shift == -a or shift > 0 or a == m):
-        raise LatentKVError(f"rope frequencies {engine_idx.tolist()} are not the fastest ones (at most twice each, or "
-                            "with one run skipped); DeepSeek-V3 cannot run them: convert with --rope rorope-export "
-                            "(or --target deepseek_v3)")
-    return a, shift
 
 
 # YaRN at factor > 1 scales the softmax by mscale(factor, mscale_all_dim)^2 in every engine (transformers'

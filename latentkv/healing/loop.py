@@ -81,10 +81,10 @@ def train(acc, model, teacher, windows: torch.Tensor, config, steps: int, work: 
         times.append(time.perf_counter() - t0)
         first, last = (loss if first is None else first), loss
         tps = config.step_tokens(step) / times[-1]
+        parts = {"hidden": hidden} if config.hidden_weight else {}  # the column only when the loss has the term
         row = {"step": step + 1, "tokens": config.tokens_through(step + 1), "loss": loss, "kl": kl, "ce": ce,
                "lr": sched.get_last_lr()[0], "grad_norm": float(norm), "tokens_per_s": round(tps, 1),
-               "time": round(times[-1], 3), "seq_len": int(data.shape[1]), **({"hidden": hidden} if config.hidden_weight
-                                                                                else {})}
+               "time": round(times[-1], 3), "seq_len": int(data.shape[1]), **parts}
         log.write(row)
         acc.log({k: v for k, v in row.items() if k != "step"}, step=step + 1)  # a no-op without --report-to
         bar.update(1)

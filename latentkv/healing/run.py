@@ -1,10 +1,11 @@
 """Healing a converted model by distillation from its source (or any teacher with the same vocab).
 
 loss = kl_weight * T^2 KL(teacher || student) + ce_weight * next-token CE (+ hidden_weight * the
-layers' relative hidden-state error, `losses.hidden_mse`), on packed windows of training text; AdamW, linear warmup then cosine to min_lr_ratio * lr, gradient accumulation,
-optional gradient checkpointing and bf16 autocast. What trains is a choice: `attention` (the
-converted MLA weights incl. kv_a_layernorm; the default), `all`, or `lora` (peft adapters on the
-MLA projections, merged at the end). An optional local stage fits each layer to the source first.
+layers' relative hidden-state error, `losses.hidden_mse`), on packed windows of training text;
+AdamW, linear warmup then cosine to min_lr_ratio * lr, gradient accumulation, optional gradient
+checkpointing and bf16 autocast. What trains is a choice: `attention` (the converted MLA weights incl.
+kv_a_layernorm; the default), `all`, or `lora` (peft adapters on the MLA projections, merged at the end).
+An optional local stage fits each layer to the source first.
 Long windows can be mixed in: every `long_every`-th step trains on windows of `long_seq_len` tokens
 cut from the same token stream (same tokens per step), so the model sees dependencies longer than
 `seq_len` without a separate, noisier long-window continuation afterwards.

@@ -9,7 +9,7 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Confi
 
 from latentkv import LatentKVError, convert
 from latentkv.conversion.configs import make_config
-from latentkv.conversion.rope import KeySplit, best_schedule, export_kept, first_runs
+from latentkv.conversion.rope import KeySplit, best_schedule, export_kept, frequency_runs
 from latentkv.deepseek.export import export
 from latentkv.deepseek.reader import load_engine_checkpoint
 from latentkv.families import source_layout
@@ -25,7 +25,10 @@ def calib():
 
 def test_skip_schedules_are_exportable_and_others_are_not():
     assert export_kept(4, 2, 3) == ((0, 0), (0, 1), (0, 5), (0, 6))
-    assert first_runs(export_kept(4, 2, 3)) == (2, 3) and first_runs(export_kept(4, 4)) == (4, 0)
+    def freqs(kept):
+        return [i for _, i in kept]
+
+    assert frequency_runs(freqs(export_kept(4, 2, 3))) == (2, 3) and frequency_runs(freqs(export_kept(4, 4))) == (4, 0)
     assert KeySplit(export_kept(4, 2, 3)).exportable() and KeySplit(export_kept(4, 3)).exportable()
     for kept in (((0, 1), (0, 2)), ((0, 0), (0, 2), (0, 4)), ((0, 0), (1, 3))):  # late start, two gaps, slot 1 late
         assert not KeySplit(kept).exportable(), kept
