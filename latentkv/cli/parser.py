@@ -289,6 +289,8 @@ def add_heal_parser(add) -> None:
                    f"(relative per token; live teacher only, not with --teacher-cache; default {d.hidden_weight})")
     h.add_argument("--train", choices=TRAINABLE, help="what trains: attention = the MLA weights incl. kv_a_layernorm "
                                                       "(default), all, lora (peft adapters, merged at the end)")
+    h.add_argument("--rest-lr-ratio", type=float, help="with --train all: learning rate of the weights outside "
+                   f"attention (MLPs, norms, embeddings) as a fraction of --lr (default {d.rest_lr_ratio})")
     h.add_argument("--lora-rank", type=int, help=f"LoRA rank with --train lora (default {d.lora_rank})")
     h.add_argument("--gradient-checkpointing", action="store_true", default=None,
                    help="recompute activations in backward (less memory, ~30%% more time)")

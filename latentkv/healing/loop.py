@@ -38,6 +38,17 @@ def select_trainable(model, config):
     return get_peft_model(model, lora)
 
 
+def param_groups(model, config) -> list[dict]:
+    """AdamW groups: the trainable weights at config.lr, those outside attention at lr * rest_lr_ratio when that
+    differs from 1 (the converted attention has the most to relearn; the MLPs and embeddings only adapt to it)."""
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    attention = [p for name, p in named if ".self_attn." in name]
+    rest = [p for name, p in named if ".self_attn." not in name]
+    if config.rest_lr_ratio == 1.0 or not rest:
+        return [{"params": [p for _, p in named]}]  # one group in model order: older checkpoints resume
+    return [{"params": attention}, {"params": rest, "lr": config.lr * config.rest_lr_ratio}]
+
+
 def train(acc, model, teacher, windows: torch.Tensor, config, steps: int, work: Path, ckpt,
           teacher_cache, progress: bool, sharded: bool = False):
     """-> (report, trained model as prepared by accelerate). Checkpoints every config.save_every.

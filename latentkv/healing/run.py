@@ -67,6 +67,7 @@ class HealConfig:
     ce_weight: float = 0.0
     hidden_weight: float = 0.0  # > 0: also match every layer's hidden state to the teacher's (live teacher only)
     train: str = "attention"
+    rest_lr_ratio: float = 1.0  # with train "all": the lr of the weights outside attention, as a fraction of lr
     lora_rank: int = 16
     gradient_checkpointing: bool = False
     precision: str = "auto"
@@ -86,6 +87,9 @@ class HealConfig:
             raise LatentKVError(f"unknown --precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
         if self.kl_weight <= 0 and self.ce_weight <= 0 and self.hidden_weight <= 0:
             raise LatentKVError("--kl-weight, --ce-weight and --hidden-weight are all 0: nothing to train on")
+        if self.rest_lr_ratio <= 0 or (self.rest_lr_ratio != 1.0 and self.train != "all"):
+            raise LatentKVError(f"--rest-lr-ratio {self.rest_lr_ratio}: it must be > 0 and goes with --train all "
+                                "(the weights outside attention train only then)")
         if self.hidden_weight < 0:
             raise LatentKVError(f"--hidden-weight must be >= 0, got {self.hidden_weight}")
         for name in ("seq_len", "batch_size", "micro_batch", "save_every"):

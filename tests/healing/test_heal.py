@@ -430,3 +430,20 @@ def test_qk_norm_student_heals(tmp_path, tiny_tokenizer, dirs):
     changed = {k for k, v in state(tmp_path / "healed").items() if not torch.equal(v, state(tmp_path / "low")[k])}
     assert any("q_src_proj" in k for k in changed) and any("k_src_proj" in k for k in changed)
     assert load(tmp_path / "healed")[0].model.layers[0].self_attn.dims.key_scales == 2
+
+
+def test_rest_lr_ratio_scales_only_the_weights_outside_attention(dirs, tmp_path):
+    # one optimizer step: Adam's first update is lr * g / |g| per element, so it is proportional to each group's lr
+    def moved(out, ratio):
+        heal(dirs / "low", dirs / "src", dirs / "data", tmp_path / out,
+             small(train="all", tokens=16 * 4, rest_lr_ratio=ratio), progress=False)
+        before, after = state(dirs / "low"), state(tmp_path / out)
+        return {k: after[k] - before[k] for k in before}
+
+    full, half = moved("r1", 1.0), moved("r05", 0.5)
+    mlp, attn = "model.layers.0.mlp.up_proj.weight", "model.layers.0.self_attn.kv_b_proj.weight"
+    assert full[mlp].abs().max() > 1e-4 and full[attn].abs().max() > 1e-4
+    torch.testing.assert_close(half[mlp], 0.5 * full[mlp], atol=1e-6, rtol=1e-3)
+    torch.testing.assert_close(half[attn], full[attn], atol=1e-6, rtol=1e-3)
+    with pytest.raises(LatentKVError, match="--rest-lr-ratio"):
+        small(train="attention", rest_lr_ratio=0.5)
