@@ -59,7 +59,7 @@ def train(acc, model, teacher, windows: torch.Tensor, config, steps: int, work: 
     model.config.use_cache = False
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    opt = torch.optim.AdamW(param_groups(model, config), lr=config.lr, weight_decay=config.weight_decay)
     sched = get_cosine_with_min_lr_schedule_with_warmup(opt, round(config.warmup_ratio * steps), max(steps, 1),
                                                         min_lr_rate=config.min_lr_ratio)
     model, opt = acc.prepare(model, opt)
