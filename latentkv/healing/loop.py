@@ -23,7 +23,7 @@ def select_trainable(model, config):
     if config.train == "all":
         return model.requires_grad_(True)
     model.requires_grad_(False)
-    attention = [layer.self_attn for layer in model.model.layers]
+    attention = attention_modules(model)
     if config.train == "attention":
         for attn in attention:
             attn.requires_grad_(True)
@@ -38,15 +38,20 @@ def select_trainable(model, config):
     return get_peft_model(model, lora)
 
 
-def param_groups(model, config) -> list[dict]:
-    """AdamW groups: the trainable weights at config.lr, those outside attention at lr * rest_lr_ratio when that
-    differs from 1 (the converted attention has the most to relearn; the MLPs and embeddings only adapt to it)."""
-    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    attention = [p for name, p in named if ".self_attn." in name]
-    rest = [p for name, p in named if ".self_attn." not in name]
-    if config.rest_lr_ratio == 1.0 or not rest:
-        return [{"params": [p for _, p in named]}]  # one group in model order: older checkpoints resume
-    return [{"params": attention}, {"params": rest, "lr": config.lr * config.rest_lr_ratio}]
+def attention_modules(model) -> list[torch.nn.Module]:
+    """Every decoder layer's attention: what `--train attention` trains and `--rest-lr-ratio` leaves at --lr."""
+    return [layer.self_attn for layer in model.model.layers]
+
+
+def param_groups(model, params: list, config) -> list:
+    """AdamW's params: `params` as one group (model order, so older checkpoints resume), or with rest_lr_ratio != 1
+    the attention weights at config.lr and the rest at lr * rest_lr_ratio (the converted attention has the most to
+    relearn; the MLPs and embeddings only adapt to it)."""
+    if config.rest_lr_ratio == 1.0:
+        return params
+    in_attention = {id(p) for attn in attention_modules(model) for p in attn.parameters()}
+    return [{"params": [p for p in params if id(p) in in_attention]},
+            {"params": [p for p in params if id(p) not in in_attention], "lr": config.lr * config.rest_lr_ratio}]
 
 
 def train(acc, model, teacher, windows: torch.Tensor, config, steps: int, work: Path, ckpt,
@@ -59,7 +64,7 @@ def train(acc, model, teacher, windows: torch.Tensor, config, steps: int, work: 
     model.config.use_cache = False
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(param_groups(model, config), lr=config.lr, weight_decay=config.weight_decay)
+    opt = torch.optim.AdamW(param_groups(model, params, config), lr=config.lr, weight_decay=config.weight_decay)
     sched = get_cosine_with_min_lr_schedule_with_warmup(opt, round(config.warmup_ratio * steps), max(steps, 1),
                                                         min_lr_rate=config.min_lr_ratio)
     model, opt = acc.prepare(model, opt)
