@@ -300,6 +300,8 @@ def add_heal_parser(add) -> None:
                    "long instead (a step's tokens, or one window if longer; live teacher), for long-range recall "
                    "(passkey)")
     h.add_argument("--long-every", type=int, help="how often a step of --long-seq-len windows comes (e.g. 4)")
+    h.add_argument("--average-last", type=float, help="save the mean of the weights over this fraction of the last "
+                   f"optimizer steps (tail averaging; e.g. 0.2; default {d.average_last} = the last step's weights)")
     h.add_argument("--seed", type=int, help=f"data order seed (default {d.seed})")
     h.add_argument("--save-every", type=int, help=f"optimizer steps between checkpoints (default {d.save_every})")
     h.add_argument("--local-steps", type=int,

@@ -13,6 +13,7 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from ..errors import LatentKVError
 from ..io.text import fingerprint
+from .average import TailAverage, first_averaged_step
 from .data import WindowOrder
 from .losses import TeacherCache, cross_entropy, hidden_mse, kl_full, kl_topk, teacher_topk
 from .state import StepLog, read_progress, save_checkpoint
@@ -69,10 +70,10 @@ def train(acc, model, teacher, windows: torch.Tensor, config, steps: int, work: 
                                                         min_lr_rate=config.min_lr_ratio)
     model, opt = acc.prepare(model, opt)
     acc.register_for_checkpointing(sched)  # not prepared: accelerate would step it once per process
-    start = 0
-    if ckpt is not None:
-        acc.load_state(str(ckpt))
-        start = read_progress(ckpt)["step"]
+    # the optimizer's own tensors: under FSDP, prepare replaces the parameters with its flat shards
+    average = TailAverage([p for g in opt.param_groups for p in g["params"]],
+                          first_averaged_step(steps, config.average_last))
+    start = restore(acc, ckpt, average)
     log = StepLog(work / "log.jsonl", start, acc.is_main_process)
     cache = None
     if teacher_cache:
@@ -94,6 +95,7 @@ def train(acc, model, teacher, windows: torch.Tensor, config, steps: int, work: 
             idx = step_ids(order, step, config.batch_size, config.micro_batch, acc, sharded)
         loss, kl, ce, hidden, norm = optimizer_step(acc, model, teacher, data, idx, config, step_cache, params, opt,
                                                     sched)
+        average.update(step + 1)
         times.append(time.perf_counter() - t0)
         first, last = (loss if first is None else first), loss
         tps = config.step_tokens(step) / times[-1]
@@ -106,9 +108,21 @@ def train(acc, model, teacher, windows: torch.Tensor, config, steps: int, work: 
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:.0f}")
         if (step + 1) % config.save_every == 0 and step + 1 < steps:
-            save_checkpoint(acc, work, {"step": step + 1, "tokens": config.tokens_through(step + 1)})
+            save_checkpoint(acc, work, {"step": step + 1, "tokens": config.tokens_through(step + 1)},
+                            extra=lambda folder: average.save(folder, acc.process_index))
     bar.close()
-    return train_report(config, acc, steps, start, times, first, last, log.rows()), model
+    report = train_report(config, acc, steps, start, times, first, last, log.rows())
+    report["averaged_steps"] = average.apply()
+    return report, model
+
+
+def restore(acc, ckpt, average: TailAverage) -> int:
+    """Load a checkpoint (accelerate's state and the tail average) -> the optimizer steps it holds (0: none)."""
+    if ckpt is None:
+        return 0
+    acc.load_state(str(ckpt))
+    average.load(ckpt, acc.process_index)
+    return read_progress(ckpt)["step"]
 
 
 def step_ids(order: WindowOrder, k: int, count: int, micro: int, acc, sharded: bool) -> torch.Tensor:

@@ -79,6 +79,7 @@ class HealConfig:
     local_lr: float = 1e-3
     long_seq_len: int = 0  # > 0 (with long_every): the length of the long windows
     long_every: int = 0  # every long_every-th optimizer step is one of long windows
+    average_last: float = 0.0  # > 0: the saved weights are the mean over this fraction of the last steps
 
     def __post_init__(self):
         if self.train not in TRAINABLE:
@@ -90,6 +91,9 @@ class HealConfig:
         if self.rest_lr_ratio <= 0 or (self.rest_lr_ratio != 1.0 and self.train != "all"):
             raise LatentKVError(f"--rest-lr-ratio {self.rest_lr_ratio}: it must be > 0 and goes with --train all "
                                 "(the weights outside attention train only then)")
+        if not 0 <= self.average_last <= 1:
+            raise LatentKVError(f"--average-last {self.average_last}: give the fraction of the last optimizer steps "
+                                "to average the weights over, between 0 (off) and 1")
         if self.hidden_weight < 0:
             raise LatentKVError(f"--hidden-weight must be >= 0, got {self.hidden_weight}")
         for name in ("seq_len", "batch_size", "micro_batch", "save_every"):

@@ -56,8 +56,9 @@ def read_progress(ckpt: Path) -> dict:
     return json.loads((ckpt / "progress.json").read_text())
 
 
-def save_checkpoint(acc, work: Path, progress: dict, keep: int = 1) -> Path:
-    """Every process writes its part into .ckpt-tmp/, then the main one renames it into place.
+def save_checkpoint(acc, work: Path, progress: dict, keep: int = 1, extra=None) -> Path:
+    """Every process writes its part into .ckpt-tmp/ (accelerate's state, then `extra(folder)` if given), then
+    the main one renames it into place.
     On any failure (disk full, permission) the temp dir is dropped and the previous checkpoint
     stays the latest, untouched."""
     tmp = work / TMP
@@ -68,6 +69,8 @@ def save_checkpoint(acc, work: Path, progress: dict, keep: int = 1) -> Path:
     error = None
     try:
         acc.save_state(str(tmp), safe_serialization=True)
+        if extra is not None:
+            extra(tmp)
         if acc.is_main_process:
             write_file_atomic(tmp / "progress.json", json.dumps(progress))
     except OSError as e:

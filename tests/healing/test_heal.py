@@ -447,3 +447,50 @@ def test_rest_lr_ratio_scales_only_the_weights_outside_attention(dirs, tmp_path)
     torch.testing.assert_close(half[attn], full[attn], atol=1e-6, rtol=1e-3)
     with pytest.raises(LatentKVError, match="--rest-lr-ratio"):
         small(train="attention", rest_lr_ratio=0.5)
+
+
+def test_average_last_saves_the_mean_of_the_last_steps_and_resumes_it(dirs, tmp_path, monkeypatch):
+    # a constant lr, so a 3-step run is the first 3 steps of a 4-step one; the mean over the last half of
+    # 4 steps is then the mean of those two runs' weights
+    const = dict(tokens=16 * 4 * 4, min_lr_ratio=1.0, save_every=1)
+
+    def run(out, **kw):
+        return heal(dirs / "low", dirs / "src", dirs / "data", tmp_path / out, small(**{**const, **kw}),
+                    progress=False)
+
+    run("three", tokens=16 * 4 * 3)
+    run("four")
+    report = run("avg", average_last=0.5)
+    assert report["averaged_steps"] == 2
+    three, four, avg = state(tmp_path / "three"), state(tmp_path / "four"), state(tmp_path / "avg")
+    key = "model.layers.0.self_attn.kv_b_proj.weight"
+    assert (four[key] - three[key]).abs().max() > 1e-4  # the steps moved the weights
+    for k in avg:  # integer buffers (rope indices) are not trained
+        want = (three[k] + four[k]) / 2 if avg[k].is_floating_point() else four[k]
+        torch.testing.assert_close(avg[k], want, atol=1e-6, rtol=1e-5)
+
+    # stopped after its third step (the third checkpoint fails), resumed: the mean carries over exactly
+    from accelerate import Accelerator
+
+    real, calls = Accelerator.save_state, []
+
+    def flaky(self, path, *a, **kw):
+        calls.append(path)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(self, path, *a, **kw)
+
+    monkeypatch.setattr(Accelerator, "save_state", flaky)
+    with pytest.raises(LatentKVError, match="--resume"):
+        run("resumed", average_last=0.75)
+    monkeypatch.setattr(Accelerator, "save_state", real)
+    assert (tmp_path / "resumed.heal" / "ckpt-00000002" / "average-0.safetensors").is_file()
+    report = heal(dirs / "low", dirs / "src", dirs / "data", tmp_path / "resumed",
+                  small(**const, average_last=0.75), resume=True, progress=False)
+    assert report["resumed_at_step"] == 2 and report["averaged_steps"] == 3
+    whole = run("whole", average_last=0.75)
+    assert whole["averaged_steps"] == 3
+    resumed, whole = state(tmp_path / "resumed"), state(tmp_path / "whole")
+    assert all(torch.allclose(resumed[k], whole[k], rtol=0, atol=1e-6) for k in whole)
+    with pytest.raises(LatentKVError, match="--average-last"):
+        small(average_last=1.5)
