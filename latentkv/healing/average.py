@@ -1,7 +1,8 @@
 """Tail averaging: the healed weights are the mean of the weights after each of the run's last optimizer steps
 (Polyak-Ruppert suffix averaging). It is meant for runs that end at a high, constant rate, where small batches
-leave the last iterates scattered around the optimum (not measured here); after a cosine decay to a tenth of the rate, with the loss still
-falling, the mean trails the last step (measured worse on SmolLM2 at 50 %: BENCHMARKS.md "deploy")."""
+leave the last iterates scattered around the optimum (not measured here); after a cosine decay to a tenth of
+the rate, with the loss still falling, the mean trails the last step (measured worse on SmolLM2 at 50 %:
+BENCHMARKS.md "deploy")."""
 
 from __future__ import annotations
 
