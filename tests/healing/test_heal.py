@@ -317,24 +317,30 @@ def test_two_processes_stream_their_own_shards(dirs, tmp_path):
     assert any(not torch.equal(v, state(dirs / "low")[k]) for k, v in state(tmp_path / "two").items())
 
 
-def test_checkpoint_disk_full_keeps_previous(dirs, tmp_path, monkeypatch):
+def fail_save_state(monkeypatch, on_call: int):
+    """accelerate's save_state fails with a full disk on its `on_call`-th call -> a function that restores it."""
     from accelerate import Accelerator
 
     real, calls = Accelerator.save_state, []
 
     def flaky(self, path, *a, **kw):
         calls.append(path)
-        if len(calls) == 2:
+        if len(calls) == on_call:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real(self, path, *a, **kw)
 
     monkeypatch.setattr(Accelerator, "save_state", flaky)
+    return lambda: monkeypatch.setattr(Accelerator, "save_state", real)
+
+
+def test_checkpoint_disk_full_keeps_previous(dirs, tmp_path, monkeypatch):
+    restore = fail_save_state(monkeypatch, on_call=2)
     out = tmp_path / "o"
     with pytest.raises(LatentKVError, match=r"No space left.*ckpt-00000002\) is intact.*--resume"):
         heal(dirs / "low", dirs / "src", dirs / "data", out, small(), progress=False)
     work = Path(str(out) + ".heal")
     assert [p.name for p in work.glob("ckpt-*")] == ["ckpt-00000002"] and not (work / ".ckpt-tmp").exists()
-    monkeypatch.setattr(Accelerator, "save_state", real)
+    restore()
     report = heal(dirs / "low", dirs / "src", dirs / "data", out, small(), resume=True, progress=False)
     assert report["resumed_at_step"] == 2 and out.is_dir()
 
@@ -454,9 +460,9 @@ def test_average_last_saves_the_mean_of_the_last_steps_and_resumes_it(dirs, tmp_
     # 4 steps is then the mean of those two runs' weights
     const = dict(tokens=16 * 4 * 4, min_lr_ratio=1.0, save_every=1)
 
-    def run(out, **kw):
+    def run(out, resume=False, **kw):
         return heal(dirs / "low", dirs / "src", dirs / "data", tmp_path / out, small(**{**const, **kw}),
-                    progress=False)
+                    resume=resume, progress=False)
 
     run("three", tokens=16 * 4 * 3)
     run("four")
@@ -470,23 +476,12 @@ def test_average_last_saves_the_mean_of_the_last_steps_and_resumes_it(dirs, tmp_
         torch.testing.assert_close(avg[k], want, atol=1e-6, rtol=1e-5)
 
     # stopped after its third step (the third checkpoint fails), resumed: the mean carries over exactly
-    from accelerate import Accelerator
-
-    real, calls = Accelerator.save_state, []
-
-    def flaky(self, path, *a, **kw):
-        calls.append(path)
-        if len(calls) == 3:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real(self, path, *a, **kw)
-
-    monkeypatch.setattr(Accelerator, "save_state", flaky)
+    restore = fail_save_state(monkeypatch, on_call=3)
     with pytest.raises(LatentKVError, match="--resume"):
         run("resumed", average_last=0.75)
-    monkeypatch.setattr(Accelerator, "save_state", real)
+    restore()
     assert (tmp_path / "resumed.heal" / "ckpt-00000002" / "average-0.safetensors").is_file()
-    report = heal(dirs / "low", dirs / "src", dirs / "data", tmp_path / "resumed",
-                  small(**const, average_last=0.75), resume=True, progress=False)
+    report = run("resumed", resume=True, average_last=0.75)
     assert report["resumed_at_step"] == 2 and report["averaged_steps"] == 3
     whole = run("whole", average_last=0.75)
     assert whole["averaged_steps"] == 3
