@@ -10,7 +10,7 @@ is local and read at run time; each domain's two parts never share a document:
 | ptb | Penn Treebank (`../shared` or the hub) | test | none |
 | fiction | Project Gutenberg books (`../shared/data/corpus`, else the packaged `calib-sample`) | FICTION_EVAL books | every other book |
 | code | this Python's own standard library (`*.py` at its top level) | files whose name hashes even | odd |
-| docs | long descriptions (READMEs) of the installed packages, latentkv's own excluded | names hashing even | odd |
+| docs | long descriptions (READMEs) of the DOCS_PACKAGES installed here | names hashing even | odd |
 
 A document is split by a stable hash of its name (sha1, so every machine splits alike), and each
 part is capped (DOC_BYTES per document, PART_BYTES in all) so that no single file dominates.
@@ -18,13 +18,18 @@ part is capped (DOC_BYTES per document, PART_BYTES in all) so that no single fil
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
+import logging
+import re
 import sysconfig
 from pathlib import Path
 
 from ..errors import LatentKVError
 from .text import OFFLINE_CALIB, load_text, shared_path, split_heldout
+
+log = logging.getLogger(__name__)
 
 DEV_DOMAINS = ("wikitext2", "ptb", "fiction", "code", "docs")
 CALIB_DOMAINS = ("wikitext2", "fiction", "code", "docs")  # PTB has no split to calibrate on
@@ -35,6 +40,20 @@ CORPUS = "data/corpus"
 DOC_BYTES = 12_000  # at most this much of one file or package description
 PART_BYTES = 160_000  # at most this much text per domain and part (~40k tokens)
 MIN_DOC_BYTES = 2_000  # shorter package descriptions are boilerplate, not documentation
+# The packages whose descriptions make the docs domain: those `make install` puts beside latentkv (its
+# dependencies and its test extras') with one of MIN_DOC_BYTES or more, as of 2026-12. A fixed list, so
+# that installing anything else (a linter, say) changes neither calibration nor healing text; a plain
+# `pip install latentkv` has only part of it (see package_docs_missing). PEP 503 names.
+DOCS_PACKAGES = frozenset('''
+    absl-py accelerate aiohappyeyeballs aiohttp aiosignal annotated-doc annotated-types anyio attrs
+    charset-normalizer cloudpickle colorama dataproperty datasets defusedxml dill evaluate fonttools frozenlist
+    fsspec gguf grimp grpcio h11 hf-xet httpcore2 httpx2 huggingface-hub idna joblib lm-eval lxml markdown
+    markdown-it-py matplotlib mbstrdecoder more-itertools mpmath multidict multiprocess narwhals networkx numpy
+    packaging pandas pathvalidate peft pillow pip pluggy portalocker propcache psutil pyarrow pydantic
+    pydantic-core pyparsing pytablewriter pytest python-dateutil pytz regex requests rich rouge-score sacrebleu
+    scikit-learn scipy setuptools shellingham sortedcontainers sqlitedict sympy tabulate tcolorpy threadpoolctl
+    tokenizers tomlkit torch tqdm transformers truststore typepy typer urllib3 werkzeug word2number xxhash
+    yarl'''.split())
 
 
 HEAL_BYTES = 2_000_000  # per domain in the healing mixture (~500k tokens): more text, same documents
@@ -113,14 +132,35 @@ def documents(domain: str, part: str) -> list[str]:
 
 
 def _package_docs() -> dict[str, str]:
-    """Installed package name -> its long description (latentkv's own and short ones left out)."""
+    """Package name (as the package spells it, lower case) -> its long description, for every installed
+    package in DOCS_PACKAGES with one of at least MIN_DOC_BYTES."""
     seen = {}
     for dist in importlib.metadata.distributions():
         name = (dist.metadata["Name"] or "").lower()
         body = dist.metadata.get("Description") or dist.metadata.get_payload() or ""
-        if name and name != "latentkv" and len(body) >= MIN_DOC_BYTES:
+        if canonical(name) in DOCS_PACKAGES and len(body) >= MIN_DOC_BYTES:
             seen.setdefault(name, body)
+    _note_missing(tuple(package_docs_missing(seen)))
     return seen
+
+
+@functools.cache  # once per process and set, not at every read of the domain
+def _note_missing(missing: tuple[str, ...]) -> None:
+    if missing:
+        log.info("docs text: %d of the %d DOCS_PACKAGES are not installed here (e.g. %s), so calibration and "
+                 "`--data mix` read less documentation than the benchmarks did; `pip install latentkv[test]` "
+                 "installs them", len(missing), len(DOCS_PACKAGES), ", ".join(missing[:3]))
+
+
+def package_docs_missing(found: dict[str, str] | None = None) -> list[str]:
+    """The DOCS_PACKAGES names with no description here (not installed, or a short one), sorted."""
+    names = {canonical(n) for n in (_package_docs() if found is None else found)}
+    return sorted(DOCS_PACKAGES - names)
+
+
+def canonical(name: str) -> str:
+    """A package name in PEP 503 form: `Rouge_Score` and `rouge-score` are one package."""
+    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def _half(name: str) -> str:

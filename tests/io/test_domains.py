@@ -1,8 +1,13 @@
 """Domain texts: evaluation and calibration parts never share a document, and both are stable."""
 
+import email.message
+import importlib.metadata
+import logging
+
 import pytest
 
 from latentkv.errors import LatentKVError
+from latentkv.io import domains
 from latentkv.io.domains import CALIB_DOMAINS, DEV_DOMAINS, FICTION_EVAL, PART_BYTES, documents, domain_text
 
 NAMED = ("fiction", "code", "docs")
@@ -42,3 +47,33 @@ def test_healing_mixture_holds_no_evaluation_document():
         assert header(domain, documents(domain, "calib")[0]) in text
         assert not any(header(domain, n) in text for n in documents(domain, "eval"))
     assert domain_text("wikitext2", "eval")[:3000] not in text
+
+
+class FakeDist:
+    """What `_package_docs` reads of an installed distribution: its metadata's Name and Description."""
+
+    def __init__(self, name: str, body: str):
+        self.metadata = email.message.Message()
+        self.metadata["Name"] = name
+        self.metadata.set_payload(body)
+
+
+def test_docs_text_ignores_packages_outside_the_list_and_notes_missing_ones(monkeypatch, caplog):
+    real, heal = list(importlib.metadata.distributions()), domains.HEAL_BYTES
+    before = {part: (domain_text("docs", part), domain_text("docs", part, heal)) for part in ("eval", "calib")}
+    long_readme = "A linter nobody calibrates on.\n" * (domains.MIN_DOC_BYTES // 10)
+    # a package outside DOCS_PACKAGES, in either name hash half, changes nothing
+    extra = [FakeDist(n, long_readme) for n in ("Ruff", "black", "mypy", "some_tool")]
+    assert not {d.metadata["Name"].lower() for d in extra} & domains.DOCS_PACKAGES
+    monkeypatch.setattr(importlib.metadata, "distributions", lambda: iter(real + extra))
+    assert {p: (domain_text("docs", p), domain_text("docs", p, heal)) for p in before} == before
+    # a listed package that is missing here leaves the docs text and is named in a note
+    present = {d.metadata["Name"].lower() for d in real} & {"rich", "tqdm"}
+    gone = [d for d in real if d.metadata["Name"].lower() not in present]
+    monkeypatch.setattr(importlib.metadata, "distributions", lambda: iter(gone + extra))
+    with caplog.at_level(logging.INFO, logger="latentkv"):
+        text = "\n" + domain_text("docs", "eval", heal) + "\n" + domain_text("docs", "calib", heal)
+    assert present and set(domains.package_docs_missing()) >= present
+    assert all(f"\n# {n}\n\n" in "\n" + before["eval"][1] + "\n" + before["calib"][1] for n in present)
+    assert not any(f"\n# {n}\n\n" in text for n in present)
+    assert "DOCS_PACKAGES are not installed here" in caplog.text
