@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import transformers
 
+from ..io import domains
 from ..io.machine import available_memory, native_bf16
 from ..loading import BUNDLED, DEFAULT_MODEL, cache_dir
 
@@ -102,8 +103,19 @@ def check_bundled() -> list[tuple]:
     return rows
 
 
+def check_calibration_text() -> list[tuple]:
+    """Whether the default calibration and `heal --data mix` read the documentation text the benchmarks did."""
+    missing = domains.package_docs_missing()
+    if not missing:
+        return [("docs calibration text", "ok", f"all {len(domains.DOCS_PACKAGES)} DOCS_PACKAGES installed", "")]
+    return [("docs calibration text", "warn", f"{len(missing)} of {len(domains.DOCS_PACKAGES)} DOCS_PACKAGES missing "
+             f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})",
+             "pip install latentkv[test] to calibrate on the benchmarks' documentation text")]
+
+
 def doctor(path: str | Path = ".") -> dict:
     """-> {"checks": [{"name", "status", "detail", "fix"}...], "ok": no check failed, "python"}."""
-    rows = [*check_torch(), *check_packages(), *check_memory(Path(path).absolute()), *check_bundled()]
+    rows = [*check_torch(), *check_packages(), *check_memory(Path(path).absolute()), *check_bundled(),
+            *check_calibration_text()]
     checks = [dict(zip(("name", "status", "detail", "fix"), r)) for r in rows]
     return {"python": sys.version.split()[0], "checks": checks, "ok": all(c["status"] != "fail" for c in checks)}

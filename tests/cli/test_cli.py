@@ -236,6 +236,12 @@ def test_doctor_reports_and_fails_on_full_disk(capsys, monkeypatch, tmp_path):
     from latentkv.io.machine import native_bf16  # what heal's --precision auto will pick, said up front
 
     assert names["bf16 matmul"]["status"] == ("ok" if native_bf16() else "warn")
+    from latentkv.io import domains  # the docs calibration text: which listed packages are missing, and the fix
+
+    assert names["docs calibration text"]["status"] == ("warn" if domains.package_docs_missing() else "ok")
+    monkeypatch.setattr(domains, "package_docs_missing", lambda: ["rich", "tqdm"])
+    code, stdout, _ = run(capsys, "doctor", tmp_path)
+    assert code == 0 and "2 of" in stdout and "rich, tqdm" in stdout and "latentkv[test]" in stdout
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 * 2**30, 10 * 2**30 - 2**20, 2**20))
     code, stdout, _ = run(capsys, "doctor", tmp_path)
