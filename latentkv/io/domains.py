@@ -22,9 +22,10 @@ import functools
 import hashlib
 import importlib.metadata
 import logging
-import re
 import sysconfig
 from pathlib import Path
+
+from packaging.utils import canonicalize_name
 
 from ..errors import LatentKVError
 from .text import OFFLINE_CALIB, load_text, shared_path, split_heldout
@@ -113,7 +114,7 @@ def _code(part: str, size: int) -> str:
 
 def _docs(part: str, size: int) -> str:
     bodies = _package_docs()
-    return _joined(((f"# {n}", bodies[n]) for n in documents("docs", part)), size)
+    return _joined(((f"# {n}", bodies[n]) for n in _in_part(bodies, part)), size)
 
 
 def documents(domain: str, part: str) -> list[str]:
@@ -128,6 +129,10 @@ def documents(domain: str, part: str) -> list[str]:
             if corpus is not None else []
     else:
         raise ValueError(f"{domain} is not made of named documents")
+    return _in_part(names, part)
+
+
+def _in_part(names, part: str) -> list[str]:
     return sorted(n for n in names if _half(n) == part)
 
 
@@ -138,7 +143,7 @@ def _package_docs() -> dict[str, str]:
     for dist in importlib.metadata.distributions():
         name = (dist.metadata["Name"] or "").lower()
         body = dist.metadata.get("Description") or dist.metadata.get_payload() or ""
-        if canonical(name) in DOCS_PACKAGES and len(body) >= MIN_DOC_BYTES:
+        if canonicalize_name(name) in DOCS_PACKAGES and len(body) >= MIN_DOC_BYTES:
             seen.setdefault(name, body)
     _note_missing(tuple(package_docs_missing(seen)))
     return seen
@@ -154,13 +159,8 @@ def _note_missing(missing: tuple[str, ...]) -> None:
 
 def package_docs_missing(found: dict[str, str] | None = None) -> list[str]:
     """The DOCS_PACKAGES names with no description here (not installed, or a short one), sorted."""
-    names = {canonical(n) for n in (_package_docs() if found is None else found)}
+    names = {canonicalize_name(n) for n in (_package_docs() if found is None else found)}
     return sorted(DOCS_PACKAGES - names)
-
-
-def canonical(name: str) -> str:
-    """A package name in PEP 503 form: `Rouge_Score` and `rouge-score` are one package."""
-    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def _half(name: str) -> str:
