@@ -3,8 +3,10 @@
 import email.message
 import importlib.metadata
 import logging
+from pathlib import Path
 
 import pytest
+from packaging.utils import canonicalize_name
 
 from latentkv.errors import LatentKVError
 from latentkv.io import domains
@@ -56,6 +58,19 @@ class FakeDist:
         self.metadata = email.message.Message()
         self.metadata["Name"] = name
         self.metadata.set_payload(body)
+
+
+def test_every_docs_package_is_pinned_by_make_install():
+    """The docs text is these packages' READMEs: `make install` must fix their versions, or a release moves it."""
+    pins = {}
+    for name in ("cpu.txt", "lock.txt"):
+        for line in (Path(__file__).resolve().parents[2] / "constraints" / name).read_text().splitlines():
+            if "==" in line and not line.startswith("#"):
+                pkg, version = line.split("==", 1)
+                assert canonicalize_name(pkg) not in pins, f"{pkg} pinned twice"  # torch: cpu.txt only
+                pins[canonicalize_name(pkg)] = version
+    assert sorted(domains.DOCS_PACKAGES - set(pins)) == []
+    assert all(v and " " not in v and "*" not in v for v in pins.values())
 
 
 def test_docs_text_ignores_packages_outside_the_list_and_notes_missing_ones(monkeypatch, caplog):
