@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from latentkv.errors import LatentKVError
@@ -65,12 +66,12 @@ def test_every_docs_package_is_pinned_by_make_install():
     pins = {}
     for name in ("cpu.txt", "lock.txt"):
         for line in (Path(__file__).resolve().parents[2] / "constraints" / name).read_text().splitlines():
-            if "==" in line and not line.startswith("#"):
-                pkg, version = line.split("==", 1)
-                assert canonicalize_name(pkg) not in pins, f"{pkg} pinned twice"  # torch: cpu.txt only
-                pins[canonicalize_name(pkg)] = version
+            if line.strip() and not line.startswith("#"):
+                req = Requirement(line)
+                assert canonicalize_name(req.name) not in pins, f"{req.name} pinned twice"  # torch: cpu.txt only
+                pins[canonicalize_name(req.name)] = req.specifier
     assert sorted(domains.DOCS_PACKAGES - set(pins)) == []
-    assert all(v and " " not in v and "*" not in v for v in pins.values())
+    assert all(len(spec) == 1 and next(iter(spec)).operator == "==" and "*" not in str(spec) for spec in pins.values())
 
 
 def test_docs_text_ignores_packages_outside_the_list_and_notes_missing_ones(monkeypatch, caplog):
