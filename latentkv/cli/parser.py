@@ -302,6 +302,9 @@ def add_heal_parser(add) -> None:
     h.add_argument("--long-every", type=int, help="how often a step of --long-seq-len windows comes (e.g. 4)")
     h.add_argument("--average-last", type=float, help="save the mean of the weights over this fraction of the last "
                    f"optimizer steps (tail averaging; e.g. 0.2; default {d.average_last} = the last step's weights)")
+    h.add_argument("--copy-share", type=float, help="fraction of the windows that get a copy drill: a random-token "
+                   "span planted twice, natural text around it, for in-context copying (e.g. 0.1; default "
+                   f"{d.copy_share})")
     h.add_argument("--seed", type=int, help=f"data order seed (default {d.seed})")
     h.add_argument("--save-every", type=int, help=f"optimizer steps between checkpoints (default {d.save_every})")
     h.add_argument("--local-steps", type=int,

@@ -41,7 +41,7 @@ from ..io.text import fingerprint
 from ..loading import load_model, parse_dtype, stored_dtype
 from ..record import record_of
 from ..runtime.checkpoint import save
-from .data import WindowOrder, is_stream, pack, read_documents
+from .data import WindowOrder, is_stream, pack, plant_copies, read_documents
 from .local import local_heal
 from .loop import select_trainable, train
 from .state import latest_checkpoint, plot_losses, prepare_work_dir, read_log
@@ -80,6 +80,7 @@ class HealConfig:
     long_seq_len: int = 0  # > 0 (with long_every): the length of the long windows
     long_every: int = 0  # every long_every-th optimizer step is one of long windows
     average_last: float = 0.0  # > 0: the saved weights are the mean over this fraction of the last steps
+    copy_share: float = 0.0  # > 0: this fraction of the windows carries a planted copy drill (data.plant_copies)
 
     def __post_init__(self):
         if self.train not in TRAINABLE:
@@ -94,6 +95,9 @@ class HealConfig:
         if not 0 <= self.average_last <= 1:
             raise LatentKVError(f"--average-last {self.average_last}: give the fraction of the last optimizer steps "
                                 "to average the weights over, between 0 (off) and 1")
+        if not 0 <= self.copy_share < 1:
+            raise LatentKVError(f"--copy-share {self.copy_share}: give the fraction of windows to plant copies in, "
+                                "in [0, 1) (e.g. 0.1)")
         if self.hidden_weight < 0:
             raise LatentKVError(f"--hidden-weight must be >= 0, got {self.hidden_weight}")
         for name in ("seq_len", "batch_size", "micro_batch", "save_every"):
@@ -191,9 +195,7 @@ def heal(student, teacher, data, out, config: HealConfig = HealConfig(), *, over
     # a streamed dataset is read only as far as the run's windows, each process its own shard of it (then
     # a step takes each process's share from its own windows); other data is whole on every process
     sharded = is_stream(data) and acc.num_processes > 1
-    needed = max(steps * config.batch_size // acc.num_processes, 1) if is_stream(data) else None
-    windows = pack(tok, read_documents(data, (acc.process_index, acc.num_processes) if sharded else None),
-                   config.seq_len, max_windows=needed)
+    windows = training_windows(tok, data, config, acc, steps, sharded, model.config.vocab_size)
     run = {"config": dataclasses.asdict(config), "data": fingerprint(windows), "windows": int(windows.shape[0]),
            "student": _name(student), "teacher": _name(teacher), "processes": acc.num_processes}
     ckpt = prepare_work_dir(work, run, resume, overwrite) if acc.is_main_process else None
@@ -217,6 +219,17 @@ def heal(student, teacher, data, out, config: HealConfig = HealConfig(), *, over
         save_healed(final.to(out_dtype), tok, out, overwrite, report, work)
     acc.wait_for_everyone()
     return report
+
+
+def training_windows(tok, data, config: HealConfig, acc, steps: int, sharded: bool, vocab: int) -> torch.Tensor:
+    """-> (N, seq_len) packed windows, copy drills planted (before the fingerprint: a teacher cache and a resume
+    must see the planted windows). A stream is read only as far as the run's windows, each process its shard."""
+    needed = max(steps * config.batch_size // acc.num_processes, 1) if is_stream(data) else None
+    windows = pack(tok, read_documents(data, (acc.process_index, acc.num_processes) if sharded else None),
+                   config.seq_len, max_windows=needed)
+    if config.copy_share:
+        windows = plant_copies(windows, config.copy_share, config.seed, min(len(tok), vocab), tok.all_special_ids)
+    return windows
 
 
 def resolve_precision(precision: str, device: str) -> str:
