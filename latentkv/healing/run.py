@@ -198,7 +198,8 @@ def heal(student, teacher, data, out, config: HealConfig = HealConfig(), *, over
     windows = training_windows(tok, data, config, acc, steps, sharded, model.config.vocab_size)
     run = {"config": dataclasses.asdict(config), "data": fingerprint(windows), "windows": int(windows.shape[0]),
            "student": _name(student), "teacher": _name(teacher), "processes": acc.num_processes}
-    ckpt = prepare_work_dir(work, run, resume, overwrite) if acc.is_main_process else None
+    ckpt = (prepare_work_dir(work, run, resume, overwrite, dataclasses.asdict(HealConfig()))
+            if acc.is_main_process else None)
     acc.wait_for_everyone()
     if not acc.is_main_process and resume:
         ckpt = latest_checkpoint(work)

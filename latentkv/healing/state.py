@@ -29,8 +29,10 @@ def latest_checkpoint(work: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def prepare_work_dir(work: Path, run: dict, resume: bool, overwrite: bool) -> Path | None:
+def prepare_work_dir(work: Path, run: dict, resume: bool, overwrite: bool, defaults: dict | None = None) -> Path | None:
     """-> the checkpoint to resume from (or None). Refuses to mix runs or to drop work silently.
+    defaults: the config's default values; a setting the work dir's record lacks (it was started by a version
+    without it) counts as its default, so a run survives an upgrade that only adds options.
     Main process only: it may start the folder over."""
     meta = work / "run.json"
     ckpt = latest_checkpoint(work) if work.is_dir() else None
@@ -40,6 +42,8 @@ def prepare_work_dir(work: Path, run: dict, resume: bool, overwrite: bool) -> Pa
                             "or --overwrite to start over")
     if resume and meta.is_file():
         old = json.loads(meta.read_text())
+        if defaults and isinstance(old.get("config"), dict):
+            old["config"] = {**defaults, **old["config"]}
         diff = sorted(k for k in set(old) | set(run) if old.get(k) != run.get(k))
         if diff:
             raise LatentKVError(f"--resume: {work} was started with other settings ({', '.join(diff)} differ); "

@@ -1,4 +1,5 @@
-"""Copy drills in the healing data: a random span planted twice in a share of the windows, seeded, wired into heal."""
+"""Copy drills in the healing data (a random span planted twice in a share of the windows, seeded, wired into heal),
+and resuming a work dir started before such an option existed."""
 
 from __future__ import annotations
 
@@ -73,3 +74,19 @@ def test_heal_trains_on_the_planted_windows(dirs, tmp_path, tiny_tokenizer):  # 
     planted = plant_copies(plain, 0.25, config.seed, vocab, tiny_tokenizer.all_special_ids)
     assert report["data_fingerprint"] == fingerprint(planted) != fingerprint(plain)
     assert teacher_kl(out, dirs, tiny_tokenizer) < 0.9 * teacher_kl(dirs / "low", dirs, tiny_tokenizer)  # it still heals
+
+
+def test_resume_accepts_a_work_dir_from_before_an_option_existed(tmp_path):
+    """A run started by a version without --copy-share resumes when the option is left at its default."""
+    from latentkv.healing.state import prepare_work_dir
+
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "run.json").write_text(json.dumps({"config": {"lr": 1e-3}, "data": "abc"}))
+    defaults = {"lr": 2e-4, "copy_share": 0.0}
+    run = {"config": {"lr": 1e-3, "copy_share": 0.0}, "data": "abc"}
+    assert prepare_work_dir(work, run, resume=True, overwrite=False, defaults=defaults) is None  # no checkpoint yet
+    with pytest.raises(LatentKVError, match="config differ"):
+        prepare_work_dir(work, {**run, "config": {"lr": 1e-3, "copy_share": 0.1}}, True, False, defaults)
+    with pytest.raises(LatentKVError, match="config differ"):  # without the defaults the record must match as is
+        prepare_work_dir(work, run, resume=True, overwrite=False)
