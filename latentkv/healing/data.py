@@ -109,6 +109,13 @@ def pack(tokenizer, documents: Iterable[str], seq_len: int, max_windows: int | N
     return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
 
 
+def check_copy_share(share: float) -> None:
+    """The one check of --copy-share: HealConfig runs it before any model loads, plant_copies for library callers."""
+    if not 0 <= share < 1:
+        raise LatentKVError(f"--copy-share {share}: give the fraction of windows to plant copies in, in [0, 1) "
+                            "(e.g. 0.1)")
+
+
 def plant_copies(windows: torch.Tensor, share: float, seed: int, vocab: int, special=()) -> torch.Tensor:
     """(N, T) packed windows -> a copy where round(share * N) of them (a seeded choice) carry a copy drill: a span
     of random token ids planted at a random place and planted again later in the same window, natural text before,
@@ -116,8 +123,7 @@ def plant_copies(windows: torch.Tensor, share: float, seed: int, vocab: int, spe
     on these windows trains the induction circuits that a narrow latent loses first (prose perplexity barely uses
     them; copying identifiers, code and retrieved facts is all they do). Span ids are uniform over [0, vocab)
     minus `special`; lengths, gaps and places vary per window."""
-    if not 0 <= share < 1:
-        raise LatentKVError(f"--copy-share {share}: give the fraction of windows to plant copies in, in [0, 1)")
+    check_copy_share(share)
     n, t = windows.shape
     count = round(share * n)
     if count == 0:

@@ -41,7 +41,7 @@ from ..io.text import fingerprint
 from ..loading import load_model, parse_dtype, stored_dtype
 from ..record import record_of
 from ..runtime.checkpoint import save
-from .data import WindowOrder, is_stream, pack, plant_copies, read_documents
+from .data import WindowOrder, check_copy_share, is_stream, pack, plant_copies, read_documents
 from .local import local_heal
 from .loop import select_trainable, train
 from .state import latest_checkpoint, plot_losses, prepare_work_dir, read_log
@@ -95,9 +95,7 @@ class HealConfig:
         if not 0 <= self.average_last <= 1:
             raise LatentKVError(f"--average-last {self.average_last}: give the fraction of the last optimizer steps "
                                 "to average the weights over, between 0 (off) and 1")
-        if not 0 <= self.copy_share < 1:
-            raise LatentKVError(f"--copy-share {self.copy_share}: give the fraction of windows to plant copies in, "
-                                "in [0, 1) (e.g. 0.1)")
+        check_copy_share(self.copy_share)
         if self.hidden_weight < 0:
             raise LatentKVError(f"--hidden-weight must be >= 0, got {self.hidden_weight}")
         for name in ("seq_len", "batch_size", "micro_batch", "save_every"):
