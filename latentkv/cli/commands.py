@@ -49,6 +49,11 @@ from .demo import run_demo
 from .doctor import doctor
 
 
+def temperature_flags(value) -> dict:
+    """--attn-temperature auto (None) | off | a factor -> the config's two temperature fields."""
+    return {"attn_temperature": 1.0, "head_temperatures": False} if value == "off" else {"attn_temperature": value}
+
+
 def convert_cmd(a) -> dict:
     if a.target == "gqa" or a.kv_heads is not None:
         return gqa_cmd(a)
@@ -58,7 +63,8 @@ def convert_cmd(a) -> dict:
                          rank_allocation=a.rank_allocation, attn_moment=a.attn_moment,
                          latent_norm=True if a.latent_norm else None, target=a.target, rope_horizon=a.rope_horizon,
                          preset=a.preset, rope_slot0=a.rope_slot0, rope_skip=a.rope_skip,
-                         kv_separate=True if a.kv_separate else None)
+                         kv_separate=True if a.kv_separate else None, temperature_seq_len=a.temperature_seq_len,
+                         **temperature_flags(a.attn_temperature))
     check_output_dir(a.out, a.overwrite, inputs=(a.source, a.calib))
     t0 = time.perf_counter()
     if a.stream:

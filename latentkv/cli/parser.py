@@ -52,6 +52,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def temperature_arg(text: str) -> float | str | None:
+    """--attn-temperature: auto -> None (chosen on calibration text), "off", or the factor."""
+    if text in ("auto", "off"):
+        return None if text == "auto" else "off"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto, off or a number, got {text!r}") from None
+
+
 def _dtype(p, what: str = "dtype the model is loaded and run in") -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                    help=f"{what}; auto: as the weights are stored (GGUF: float32)")
@@ -112,6 +122,12 @@ def _add_convert(add) -> None:
     c.add_argument("--kv-separate", action="store_true",
                    help="lowrank: separate key and value latents (DiffQKV-style; an ablation: the joint latent is "
                         "the least-squares optimum), their widths split by the two spectra")
+    c.add_argument("--attn-temperature", type=temperature_arg,
+                   help="lowrank: one factor on every attention logit, folded into the queries: auto (default) "
+                        "chooses it on calibration text at --temperature-seq-len tokens after fitting two factors per head to "
+                        "the source's attention; a number: that factor after the per-head fit; off: neither")
+    c.add_argument("--temperature-seq-len", type=int,
+                   help="lowrank: tokens per window the temperature is chosen on: the context you serve (default 2048)")
     c.add_argument("--latent-norm", action="store_true",
                    help="lowrank: fit the latent RMSNorm (kv_a_layernorm) stock DeepSeek-V3 engines apply")
     c.add_argument("--target", choices=[*TARGETS, "gqa"],

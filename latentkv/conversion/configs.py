@@ -111,6 +111,11 @@ class LowRankConfig(CacheSize):
     # DiffQKV-style: separate key and value latents (one block each in kv_b_proj), their widths split by the
     # two spectra; the cache holds both (r = r_k + r_v). The joint latent is the default
     kv_separate: bool = False
+    # One factor on every attention logit, folded into the queries (temperature.py): None chooses it on
+    # calibration text at temperature_seq_len tokens (the context served); 1.0 leaves the logits as fitted
+    attn_temperature: float | None = None
+    head_temperatures: bool = True  # first fit two factors per head to the source's attention (temperature.py)
+    temperature_seq_len: int = 2048
 
     def __post_init__(self):
         super().__post_init__()
@@ -133,6 +138,10 @@ class LowRankConfig(CacheSize):
         if self.rope_skip and (self.rope_slot0 is None or self.rope_skip < 0):
             raise LatentKVError(f"--rope-skip {self.rope_skip} needs --rope-slot0 (the pairs before the skip) and "
                                 "a count >= 1")
+        if self.attn_temperature is not None and not 0 < self.attn_temperature <= 10:
+            raise LatentKVError(f"--attn-temperature must be auto or a factor in (0, 10], got {self.attn_temperature}")
+        if self.temperature_seq_len < 16:
+            raise LatentKVError(f"--temperature-seq-len must be >= 16 tokens, got {self.temperature_seq_len}")
         if self.calib_samples < 1 or self.calib_seq_len < 16:
             raise LatentKVError("--calib-samples must be >= 1 and --calib-seq-len >= 16")
 

@@ -11,7 +11,7 @@ import torch
 from ..families import SourceLayout, source_layout
 from ..record import make_record
 from .allocate import allocate_search, allocate_spectrum
-from .calibration import calibration_ids, calibration_record, oneshot_stats, split_ids
+from .calibration import calibration_ids, calibration_record, held_out_nll, oneshot_stats, serving_windows, split_ids
 from .configs import LowRankConfig, config_to_dict
 from .converters import converter_for
 from .dims import check_config, checked, fit_to_source, fixed_dims
@@ -20,6 +20,7 @@ from .rope import sample_windows
 from .search import export_schedule, search_split
 from .sequential import convert_sequential
 from .surgery import check_finite, convert_oneshot
+from .temperature import LOSSLESS, choose_temperature, fit_temperatures, scale_logits
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ def convert(model, config, *, tokenizer=None, calib_ids: torch.Tensor | None = N
     if calibrated:
         if calib_ids is None:
             calib_ids, info = calibration_ids(tokenizer, config)
-        new, choice, config = convert_calibrated(model, layout, config, calib_ids, progress, calib_cache)
+        new, choice, config = convert_calibrated(model, layout, config, calib_ids, progress, calib_cache, tokenizer)
     else:
         dims = checked(config, layout, fixed_dims(config, layout))
         new, choice = convert_oneshot(model, layout, config, dims, None, progress, f"convert ({config.method})"), None
@@ -57,9 +58,10 @@ def convert(model, config, *, tokenizer=None, calib_ids: torch.Tensor | None = N
 
 
 def convert_calibrated(model, layout: SourceLayout, config: LowRankConfig, ids: torch.Tensor, progress: bool,
-                       cache: dict | None = None):
+                       cache: dict | None = None, tokenizer=None):
     """ids (N, T) calibration windows -> (converted model, the record's split_search entry or None, the
-    config as applied: `rope` is the strategy the split search chose)."""
+    config as applied: `rope` is the strategy the split search chose). `tokenizer` reads longer
+    calibration windows to choose the attention temperature on (else the held-out ones)."""
     fit, held = split_ids(ids)
     oneshot = oneshot_stats(model, ids, cache, progress, attention=config.attn_moment > 0,
                             keep=sample_windows(config.rope, *config.rope_choices))
@@ -84,4 +86,23 @@ def convert_calibrated(model, layout: SourceLayout, config: LowRankConfig, ids: 
         new = convert_oneshot(model, layout, config, dims, oneshot, progress)
     if config.latent_norm:
         choice = {**(choice or {}), "latent_norm": add_latent_norm(new, fit, progress)}
+    temperatures = fit_logit_scales(model, new, config, fit, held, tokenizer, progress)
+    if temperatures is not None:
+        choice = {**(choice or {}), "attn_temperature": temperatures}
     return new, choice, config
+
+
+def fit_logit_scales(model, new, config: LowRankConfig, fit: torch.Tensor, held: torch.Tensor, tokenizer,
+                     progress: bool) -> dict | None:
+    """Per-head factors fitted to the source's attention, then one shared factor (config.attn_temperature, or
+    chosen on calibration windows at temperature_seq_len tokens), all folded into `new`'s queries -> the
+    record's entry. A lossless conversion attends as its source does: its factors stay 1."""
+    heads = fit_temperatures(model, new, fit, progress) if config.head_temperatures else None
+    if config.attn_temperature is None:
+        if heads is not None and heads["max_deviation"] < LOSSLESS:
+            return {**heads, "temperature": 1.0}
+        seq_len = min(config.temperature_seq_len, getattr(model.config, "max_position_embeddings", None) or 1 << 30)
+        windows = serving_windows(tokenizer, config, held if len(held) else fit, seq_len)
+        return {**(heads or {}), **choose_temperature(new, windows, held_out_nll)}
+    scale_logits(new, config.attn_temperature)
+    return None if heads is None and config.attn_temperature == 1.0 else {**(heads or {}), "temperature": config.attn_temperature}

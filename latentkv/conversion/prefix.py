@@ -82,6 +82,8 @@ class PrefixWalk:
         self.h[k] = advance(layer, self.h[k], self.ropes[layer.self_attn.layer_idx], self.pos, mask, self.device)
 
     def inputs(self, layer, *ks: int) -> Iterator[tuple[torch.Tensor, ...]]:
-        """`layer`'s attention inputs (its input norm applied) of streams ks, CHUNK windows at a time."""
+        """`layer`'s attention inputs (its input norm applied) of streams ks, CHUNK windows at a time. OLMo-2
+        layers have no input norm (theirs follow attention and the MLP): attention reads the stream itself."""
+        norm = getattr(layer, "input_layernorm", None) or (lambda h: h)
         for c in range(0, self.h[ks[0]].shape[0], CHUNK):
-            yield tuple(layer.input_layernorm(self.h[k][c: c + CHUNK]) for k in ks)
+            yield tuple(norm(self.h[k][c: c + CHUNK]) for k in ks)

@@ -41,6 +41,7 @@ from .rope import sample_windows
 from .statistics import InputStats, Moments, record_attention_inputs
 from .stream_work import Work
 from .surgery import check_finite_layer, convert_attention
+from .temperature import scale_logits_of
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,10 @@ class Stream:
         self.oneshot = self.calibrated and not config.sequential
         self.attention = self.oneshot and config.attn_moment > 0
         self.keep = sample_windows(config.rope) if self.calibrated else 0  # layer-input windows a strategy scores
+        self.temperature = config.attn_temperature if self.calibrated else 1.0
+        if self.calibrated and self.temperature is None:
+            log.warning("streaming conversion: the attention temperature is not chosen (that scores the whole model "
+                        "on calibration text); pass --attn-temperature X to fold one in")
         # attention-averaged moments need the weights; SDPA cannot soft-cap (Gemma-2)
         kernel = "eager" if self.attention or logit_softcap(hf) is not None else "sdpa"
         with init_empty_weights(include_buffers=False):
@@ -169,6 +174,8 @@ class Stream:
         if self.latent_norm:
             x = torch.cat([x for (x,) in self.walk.inputs(layer, CONVERTED)])
             info["latent_norm"] = norm_layer(self.model, i, x.reshape(-1, x.shape[-1]))
+        if self.temperature not in (None, 1.0):
+            scale_logits_of(layer.self_attn, self.temperature)
         if self.h_new is not None:
             self.walk.advance(CONVERTED, layer.to(self.device), mask)
             layer.to("cpu")

@@ -224,6 +224,33 @@ class MLAAttention(nn.Module):
         out, weights = attend(q_nope, q_pe, c_kv, k_pe, attention_mask, scales=scales, **kwargs)
         return self.o_proj(out.reshape(b, t, -1)), weights
 
+    def score_parts(self, x: torch.Tensor, position_embeddings) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, t, D) -> the attention logits' two parts over the same t tokens, (B, h, t, t) each, softmax
+        scale applied, no mask: latent (q_nope . k_nope) and rotated (q_pe . k_pe). Their sum is the logit."""
+        d = self.dims
+        c_kv, k_pe, scales = self._latent(x)
+        cos, sin = select_rope(*position_embeddings, self.rope_freq_idx)
+        q_nope, q_pe = self._query(x).split([d.qk_nope_head_dim, d.qk_rope_head_dim], -1)
+        b, _, s, _ = c_kv.shape
+        k_nope = self.kv_b_proj(c_kv.squeeze(1)).view(b, s, d.num_heads, -1).transpose(1, 2)[..., : d.qk_nope_head_dim]
+        if scales is not None:
+            k_nope = k_nope * self._head_scales(scales)
+        rot = lambda v: v * cos + rotate_half(v) * sin  # noqa: E731
+        return (q_nope @ k_nope.transpose(-1, -2) * d.softmax_scale,
+                rot(q_pe) @ rot(k_pe).transpose(-1, -2) * d.softmax_scale)
+
+    @torch.no_grad()
+    def scale_query(self, nope: torch.Tensor, rope: torch.Tensor) -> None:
+        """Multiply each head's latent and rotated logits by nope (h,) and rope (h,): the query rows (and
+        biases) scale, which is exact and leaves the cache and every engine's softmax scale as they are."""
+        d = self.dims
+        lin = None if d.qk_norm is not None or d.q_factored else self.q_proj if d.q_lora_rank is None else self.q_b_proj
+        w = self.q_head_map if lin is None else lin.weight.view(d.num_heads, d.qk_nope_head_dim + d.qk_rope_head_dim, -1)
+        factor = torch.cat((nope[:, None].expand(-1, d.qk_nope_head_dim), rope[:, None].expand(-1, d.qk_rope_head_dim)), 1)
+        w.mul_(factor[..., None].to(w.dtype))  # (h, n + p, D_q)
+        if lin is not None and lin.bias is not None:
+            lin.bias.mul_(factor.reshape(-1).to(lin.bias.dtype))
+
     def absorbed_is_cheaper(self) -> bool:
         """Multi-token attention over the latents costs (r + p) + r per query-key pair and head, the
         expanded one (n + p) + v: at small ranks the absorbed path is cheaper for prefill too."""

@@ -44,8 +44,9 @@ def logits_of(model, ids):
 
 
 def lowrank(calib, **kw):
+    """Streaming folds a given logit factor but fits no temperatures (that needs the whole model)."""
     return LowRankConfig(**{"kv_lora_rank": 24, "qk_rope_head_dim": 8, "calib": calib, "calib_samples": 6,
-                            "calib_seq_len": 32, **kw})
+                            "calib_seq_len": 32, "attn_temperature": 1.0, "head_temperatures": False, **kw})
 
 
 CASES = {
@@ -56,6 +57,7 @@ CASES = {
     "lowrank-elite": lambda c: lowrank(c, rope="elite"),  # scores pairs on kept layer-input windows
     "lowrank-elite-sequential": lambda c: lowrank(c, rope="elite", sequential=True),
     "lowrank-target": lambda c: lowrank(c, rope="rorope-export", latent_norm=True, qk_rope_head_dim=4),
+    "lowrank-temperature": lambda c: lowrank(c, attn_temperature=1.5),
 }
 
 
