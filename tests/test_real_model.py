@@ -99,7 +99,7 @@ def test_deepseek_v3_export_verifies(smollm2, tmp_path):
 
     model, tok = smollm2
     config = LowRankConfig(kv_lora_rank=160, qk_rope_head_dim=32, rope="rorope-export", calib_samples=4,
-                           calib_seq_len=256)
+                           calib_seq_len=256, temperature_seq_len=512)  # temperatures folded in: the export carries them
     plain = convert(model, config, tokenizer=tok, progress=False)
     normed = convert(model, LowRankConfig(**{**config.__dict__, "latent_norm": True}), tokenizer=tok, progress=False)
     ids = tok(PARAGRAPH * 2, return_tensors="pt").input_ids

@@ -115,7 +115,7 @@ def layer_samples(src_attn, new_attn, walk: PrefixWalk, i: int, layer) -> tuple[
 def fit_temperatures(source, model, ids: torch.Tensor, progress: bool = False) -> dict:
     """Fit and fold every MLA layer's per-head (a, b) into `model`'s queries, in place, on the first
     WINDOWS of ids (N, T) (calibration windows, never test text), each layer on the source's own inputs.
-    -> {"layers": [{"nope": [h], "rope": [h]} or {"skipped": why}], "windows", "rows"}."""
+    -> {"layers": [{"nope": [h], "rope": [h]} or {"skipped": why}], "fit_windows", "rows", "max_deviation"}."""
     if not is_mla(model):
         raise LatentKVError("fit_temperatures needs a model converted by latentkv (every layer MLA)")
     ids = ids[:WINDOWS].to(next(source.parameters()).device)
@@ -138,7 +138,7 @@ def fit_temperatures(source, model, ids: torch.Tensor, progress: bool = False) -
         model.load_state_dict(base, strict=False)
     log.info("attention temperatures: mean latent factor %.3f, rotated %.3f over %d layers",
              *_means(report), len(report))
-    return {"layers": report, "windows": int(ids.shape[0]), "rows": int(len(query_rows(ids.shape[1]))),
+    return {"layers": report, "fit_windows": list(ids.shape), "rows": int(len(query_rows(ids.shape[1]))),
             "max_deviation": round(deviation, 5)}
 
 
@@ -172,7 +172,7 @@ def scale_logits(model, factor: float) -> None:
 def choose_temperature(model, windows: torch.Tensor, nll: Callable[[object, torch.Tensor], float]) -> dict:
     """Fold into `model` the shared logit factor among 1, 1.1, ... with the lowest `nll(model, windows)`,
     windows (N, T) calibration text at the length served. The NLL is taken as unimodal in the factor: the
-    search stops at its first rise. -> {"temperature", "nll": {factor: nll}, "windows": [N, T]}."""
+    search stops at its first rise. -> {"temperature", "nll": {factor: nll}, "chosen_on": [N, T]}."""
     base = query_state(model)
     scores: dict[float, float] = {}
     for step in range(round((GRID_MAX - 1) / GRID_STEP) + 1):
@@ -187,4 +187,4 @@ def choose_temperature(model, windows: torch.Tensor, nll: Callable[[object, torc
     scale_logits(model, best)
     log.info("attention temperature %.2f (held-out NLL %s)", best,
              ", ".join(f"{k:.1f}: {v:.4f}" for k, v in scores.items()))
-    return {"temperature": best, "nll": {str(k): round(v, 5) for k, v in scores.items()}, "windows": list(windows.shape)}
+    return {"temperature": best, "nll": {str(k): round(v, 5) for k, v in scores.items()}, "chosen_on": list(windows.shape)}

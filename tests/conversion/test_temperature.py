@@ -77,6 +77,7 @@ def test_default_conversion_fits_and_records_its_temperatures(calib_ids):
     assert len(entry["layers"]) == 2 and all(len(layer["nope"]) == 4 == len(layer["rope"]) for layer in entry["layers"])
     assert entry["max_deviation"] > 0 and entry["temperature"] in [float(k) for k in entry["nll"]]
     assert entry["nll"][str(entry["temperature"])] == min(entry["nll"].values())
+    assert entry["fit_windows"][0] <= 4 and entry["chosen_on"][1] == 32  # no tokenizer: the held-out windows
 
 
 def test_fixed_factor_and_off(calib_ids):
