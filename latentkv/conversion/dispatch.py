@@ -105,4 +105,6 @@ def fit_logit_scales(model, new, config: LowRankConfig, fit: torch.Tensor, held:
         windows = serving_windows(tokenizer, config, held if len(held) else fit, seq_len)
         return {**(heads or {}), **choose_temperature(new, windows, held_out_nll)}
     scale_logits(new, config.attn_temperature)
-    return None if heads is None and config.attn_temperature == 1.0 else {**(heads or {}), "temperature": config.attn_temperature}
+    if heads is None and config.attn_temperature == 1.0:  # --attn-temperature off: nothing was changed
+        return None
+    return {**(heads or {}), "temperature": config.attn_temperature}

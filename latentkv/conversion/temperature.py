@@ -150,7 +150,6 @@ def _means(report: list[dict]) -> tuple[float, float]:
             sum(sum(r["rope"]) / len(r["rope"]) for r in fitted) / len(fitted))
 
 
-
 def query_state(model) -> dict[str, torch.Tensor]:
     """Copies of the weights every logit factor scales, to restore with load_state_dict(strict=False)."""
     return {k: v.clone() for k, v in model.state_dict().items() if any(q in k for q in QUERY_WEIGHTS)}
