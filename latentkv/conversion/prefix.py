@@ -38,6 +38,12 @@ def advance(layer, h: torch.Tensor, rope, pos, mask, device=None) -> torch.Tenso
     return torch.cat(out)
 
 
+def input_norm(layer) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What a decoder layer applies to the stream before attention: its input norm, or nothing for OLMo-2,
+    whose norms follow attention and the MLP."""
+    return getattr(layer, "input_layernorm", None) or (lambda h: h)
+
+
 def chunked(fn: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor) -> torch.Tensor:
     """fn over h (N, ...) CHUNK windows at a time, concatenated."""
     return torch.cat([fn(h[c: c + CHUNK]) for c in range(0, h.shape[0], CHUNK)])
@@ -82,8 +88,7 @@ class PrefixWalk:
         self.h[k] = advance(layer, self.h[k], self.ropes[layer.self_attn.layer_idx], self.pos, mask, self.device)
 
     def inputs(self, layer, *ks: int) -> Iterator[tuple[torch.Tensor, ...]]:
-        """`layer`'s attention inputs (its input norm applied) of streams ks, CHUNK windows at a time. OLMo-2
-        layers have no input norm (theirs follow attention and the MLP): attention reads the stream itself."""
-        norm = getattr(layer, "input_layernorm", None) or (lambda h: h)
+        """`layer`'s attention inputs (its input norm applied) of streams ks, CHUNK windows at a time."""
+        norm = input_norm(layer)
         for c in range(0, self.h[ks[0]].shape[0], CHUNK):
             yield tuple(norm(self.h[k][c: c + CHUNK]) for k in ks)

@@ -135,6 +135,20 @@ def calibration_batches(tokenizer, text: str, samples: int, seq_len: int) -> tor
     return torch.stack([ids[s: s + seq_len] for s in starts])
 
 
+@contextlib.contextmanager
+def eager_attention(model, on: bool = True):
+    """While inside, `model` attends with the eager kernel (`on`), the only one whose attention modules
+    return their probabilities; its own kernel comes back on the way out."""
+    kernel = model.config._attn_implementation
+    if on:
+        model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        if on:
+            model.set_attn_implementation(kernel)
+
+
 @torch.no_grad()
 def collect_stats(model, batches: torch.Tensor, progress: bool = True, attention: bool = False,
                   keep: int = 0) -> list[InputStats]:
@@ -145,15 +159,8 @@ def collect_stats(model, batches: torch.Tensor, progress: bool = True, attention
     hidden = model.config.hidden_size
     moments = [Moments.empty(hidden, keep) for _ in attns]
     averaged = [Moments.empty(hidden) for _ in attns] if attention else None
-    kernel = model.config._attn_implementation
-    if attention:
-        model.set_attn_implementation("eager")
-    try:
-        with record_attention_inputs(attns, moments, averaged):
-            for row in tqdm(batches, desc="calibrate", disable=not progress):
-                model.model(row[None], use_cache=False)  # the base model: the lm_head is not needed here
-    finally:
-        if attention:
-            model.set_attn_implementation(kernel)
+    with eager_attention(model, attention), record_attention_inputs(attns, moments, averaged):
+        for row in tqdm(batches, desc="calibrate", disable=not progress):
+            model.model(row[None], use_cache=False)  # the base model: the lm_head is not needed here
     return [InputStats(m.second(), attn_sigma=a.second() if averaged else None, sample=m.sample())
             for m, a in zip(moments, averaged or moments)]

@@ -15,7 +15,6 @@ and stock DeepSeek-V3 engines compute them with no config entry.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from typing import Callable
 
@@ -25,6 +24,7 @@ from tqdm.auto import tqdm
 from ..errors import LatentKVError
 from ..runtime.install import is_mla
 from .prefix import PrefixWalk
+from .statistics import eager_attention
 
 log = logging.getLogger(__name__)
 
@@ -84,25 +84,14 @@ def query_rows(t: int) -> torch.Tensor:
     return torch.linspace(1, t - 1, min(ROWS, t - 1)).round().long().unique()
 
 
-@contextlib.contextmanager
-def eager_attention(model):
-    """The source's attention modules return their probabilities only from the eager kernel."""
-    kernel = model.config._attn_implementation
-    model.set_attn_implementation("eager")
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(kernel)
-
-
 @torch.no_grad()
-def layer_samples(src_attn, new_attn, walk: PrefixWalk, i: int, layer) -> tuple[torch.Tensor, ...]:
+def layer_samples(src, new_attn, walk: PrefixWalk, i: int) -> tuple[torch.Tensor, ...]:
     """(target, nope, rope) each (M, h, t) and visible (M, 1, t): layer i's sampled query rows on the walk's
     windows, the source's attention probabilities beside the converted logits' two parts."""
     rows, mask = query_rows(walk.seq_len), walk.mask(i)  # additive (1, 1, T, T)
     out = ([], [], [])
-    for (x,) in walk.inputs(layer, 0):
-        probs = src_attn(x, position_embeddings=walk.ropes[i], attention_mask=mask)[1][:, :, rows]  # (B, h, R, T)
+    for (x,) in walk.inputs(src, 0):
+        probs = src.self_attn(x, position_embeddings=walk.ropes[i], attention_mask=mask)[1][:, :, rows]  # (B, h, R, T)
         nope, rope = new_attn.score_parts(x, walk.ropes[i])
         for acc, part in zip(out, (probs, nope[:, :, rows], rope[:, :, rows])):
             acc.append(part.float().transpose(1, 2).flatten(0, 1))  # (B * R, h, T)
@@ -127,7 +116,7 @@ def fit_temperatures(source, model, ids: torch.Tensor, progress: bool = False) -
             if new.self_attn.softcap is not None:  # a tanh cap between the logit and the softmax: not a linear fit
                 report.append({"skipped": "soft-capped logits"})
             else:
-                target, nope, rope, visible = layer_samples(src.self_attn, new.self_attn, walk, i, src)
+                target, nope, rope, visible = layer_samples(src, new.self_attn, walk, i)
                 theta = fit_head_scales(target, nope, rope, visible)
                 new.self_attn.scale_query(theta[:, 0], theta[:, 1])
                 report.append({"nope": [round(v, 4) for v in theta[:, 0].tolist()],

@@ -16,7 +16,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from ..conversion.prefix import CHUNK, PrefixWalk, chunked
+from ..conversion.prefix import CHUNK, PrefixWalk, chunked, input_norm
 from ..errors import LatentKVError
 from ..runtime.install import is_mla
 
@@ -41,9 +41,9 @@ def local_heal(student, teacher, ids: torch.Tensor, steps: int = 200, lr: float 
         src, new = teacher.model.layers[i], student.model.layers[i]
         mask = walk.mask(i)
         rope = walk.ropes[i]
-        y = chunked(lambda h: src.self_attn(src.input_layernorm(h), position_embeddings=rope,
+        y = chunked(lambda h: src.self_attn(input_norm(src)(h), position_embeddings=rope,
                                             attention_mask=mask)[0], walk.h[TEACHER])
-        x = chunked(new.input_layernorm, walk.h[STUDENT])
+        x = chunked(input_norm(new), walk.h[STUDENT])
         report.append(fit_attention(new.self_attn, x, y, rope, mask, steps, lr, batch, gen))
         walk.advance(TEACHER, src, mask)
         walk.advance(STUDENT, new, mask)

@@ -85,6 +85,11 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (..., p) rotated by the broadcastable cos/sin (..., p), half-split layout."""
+    return x * cos + rotate_half(x) * sin
+
+
 def select_rope(cos: torch.Tensor, sin: torch.Tensor, freq_idx: torch.Tensor):
     """Source cos/sin `(B, T, d)` (half-split layout) -> `(B, 1, T, p)` for the kept frequencies."""
     c = cos[..., freq_idx]  # (B, T, p/2)
@@ -198,7 +203,7 @@ class MLAAttention(nn.Module):
         path: MLAPath = kwargs.pop("mla_path", None) or "auto"
         c_kv, k_pe, scales = self._latent(hidden_states)
         cos, sin = select_rope(*position_embeddings, self.rope_freq_idx)
-        k_pe = k_pe * cos + rotate_half(k_pe) * sin  # (B, 1, t, p)
+        k_pe = apply_rope(k_pe, cos, sin)  # (B, 1, t, p)
         if scales is not None:  # the scales ride in the rope key's slot: (B, 1, t, p + S)
             k_pe = torch.cat((k_pe, scales), -1)
         joint = None
@@ -219,7 +224,7 @@ class MLAAttention(nn.Module):
         if path == "absorbed" and t == 1 and scales is None and not kwargs.get("output_attentions"):
             return self._decode(hidden_states, cos, sin, c_kv, k_pe, joint, attention_mask), None
         q_nope, q_pe = self._query(hidden_states).split([d.qk_nope_head_dim, d.qk_rope_head_dim], -1)
-        q_pe = q_pe * cos + rotate_half(q_pe) * sin  # (B, h, t, p)
+        q_pe = apply_rope(q_pe, cos, sin)  # (B, h, t, p)
         attend = self._absorbed if path == "absorbed" else self._expanded
         out, weights = attend(q_nope, q_pe, c_kv, k_pe, attention_mask, scales=scales, **kwargs)
         return self.o_proj(out.reshape(b, t, -1)), weights
@@ -231,13 +236,9 @@ class MLAAttention(nn.Module):
         c_kv, k_pe, scales = self._latent(x)
         cos, sin = select_rope(*position_embeddings, self.rope_freq_idx)
         q_nope, q_pe = self._query(x).split([d.qk_nope_head_dim, d.qk_rope_head_dim], -1)
-        b, _, s, _ = c_kv.shape
-        k_nope = self.kv_b_proj(c_kv.squeeze(1)).view(b, s, d.num_heads, -1).transpose(1, 2)[..., : d.qk_nope_head_dim]
-        if scales is not None:
-            k_nope = k_nope * self._head_scales(scales)
-        rot = lambda v: v * cos + rotate_half(v) * sin  # noqa: E731
+        k_nope = self._keys_values(c_kv, scales)[0]
         return (q_nope @ k_nope.transpose(-1, -2) * d.softmax_scale,
-                rot(q_pe) @ rot(k_pe).transpose(-1, -2) * d.softmax_scale)
+                apply_rope(q_pe, cos, sin) @ apply_rope(k_pe, cos, sin).transpose(-1, -2) * d.softmax_scale)
 
     @torch.no_grad()
     def scale_query(self, nope: torch.Tensor, rope: torch.Tensor) -> None:
@@ -281,14 +282,19 @@ class MLAAttention(nn.Module):
         idx = torch.arange(self.dims.num_heads, device=scales.device) // (self.dims.num_heads // self.dims.key_scales)
         return scales[..., idx].permute(0, 3, 2, 1)
 
-    def _expanded(self, q_nope, q_pe, c_kv, k_pe, mask, scales=None, **kwargs):
-        """Decompress every cached latent into per-head K/V, then ordinary attention -> (B, t, h, v)."""
+    def _keys_values(self, c_kv: torch.Tensor, scales=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latents c_kv (B, 1, s, r) decompressed: k_nope (B, h, s, n), key scales applied, and values (B, h, s, v)."""
         d = self.dims
         b, _, s, _ = c_kv.shape
         kv = self.kv_b_proj(c_kv.squeeze(1)).view(b, s, d.num_heads, -1).transpose(1, 2)  # (B, h, s, n + v)
         k_nope, value = kv.split([d.qk_nope_head_dim, d.v_head_dim], -1)
-        if scales is not None:
-            k_nope = k_nope * self._head_scales(scales)
+        return (k_nope if scales is None else k_nope * self._head_scales(scales)), value
+
+    def _expanded(self, q_nope, q_pe, c_kv, k_pe, mask, scales=None, **kwargs):
+        """Decompress every cached latent into per-head K/V, then ordinary attention -> (B, t, h, v)."""
+        d = self.dims
+        b, _, s, _ = c_kv.shape
+        k_nope, value = self._keys_values(c_kv, scales)
         key = torch.cat((k_nope, k_pe.expand(b, d.num_heads, s, -1)), -1)  # (B, h, s, n + p)
         query = torch.cat((q_nope, q_pe), -1)  # (B, h, t, n + p)
         return self._attend(_KernelView(1), query, key, value, mask, **kwargs)
@@ -334,7 +340,7 @@ class MLAAttention(nn.Module):
         else:
             q_nope, q_pe = self._query(x)[:, :, 0].split([d.qk_nope_head_dim, d.qk_rope_head_dim], -1)
             q_lat = torch.einsum("bhn,hnr->bhr", q_nope, self.absorbed_weights()[0])
-        q_pe = q_pe * cos[:, 0] + rotate_half(q_pe) * sin[:, 0]  # (B, h, p)
+        q_pe = apply_rope(q_pe, cos[:, 0], sin[:, 0])  # (B, h, p)
         query = torch.cat((q_lat, q_pe), -1)  # (B, h, r + p)
         key = (joint if joint is not None else torch.cat((c_kv, k_pe), -1))[:, 0]  # (B, T, r + p)
         scores = soft_cap(torch.bmm(query, key.transpose(1, 2)).float() * d.softmax_scale, self.softcap)  # (B, h, T)
