@@ -22,6 +22,7 @@ from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..families import logit_softcap
+from .kernels import KernelView, apply_rope, eager_attention, select_rope, soft_cap
 from .local import LocalSpan, key_positions, local_mask
 from .numerics import factor_heads, inv_rms, rms_norm, unit_rms
 
@@ -78,56 +79,6 @@ class MLADims:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (..., p) rotated by the broadcastable cos/sin (..., p), half-split layout."""
-    return x * cos + rotate_half(x) * sin
-
-
-def select_rope(cos: torch.Tensor, sin: torch.Tensor, freq_idx: torch.Tensor):
-    """Source cos/sin `(B, T, d)` (half-split layout) -> `(B, 1, T, p)` for the kept frequencies."""
-    c = cos[..., freq_idx]  # (B, T, p/2)
-    s = sin[..., freq_idx]
-    return torch.cat((c, c), -1).unsqueeze(1), torch.cat((s, s), -1).unsqueeze(1)
-
-
-def soft_cap(scores: torch.Tensor, cap: float | None) -> torch.Tensor:
-    """Gemma-2's logit soft-capping, cap * tanh(scores / cap); identity without a cap."""
-    return scores if cap is None else torch.tanh(scores / cap) * cap
-
-
-def eager_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, softcap=None, **kwargs):
-    """Reference attention; `key`/`value` may have 1 head (broadcast) or as many as `query`.
-
-    query (B, h, t, k), key (B, 1|h, s, k), value (B, 1|h, s, v) -> (B, t, h, v), weights.
-    """
-    scores = soft_cap(torch.matmul(query, key.transpose(-1, -2)) * scaling, softcap)  # (B, h, t, s)
-    if attention_mask is not None:
-        if attention_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
-        else:
-            scores = scores + attention_mask[..., : key.shape[-2]]
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    out = torch.matmul(probs, value)  # (B, h, t, v)
-    return out.transpose(1, 2).contiguous(), probs
-
-
-@dataclass(frozen=True)
-class _KernelView:
-    """What transformers' attention kernels read from the calling module.
-
-    The expanded path has as many key heads as query heads; the absorbed path has one.
-    """
-
-    num_key_value_groups: int
-    training: bool = False
-    is_causal: bool = True
 
 
 class MLAAttention(nn.Module):
@@ -297,7 +248,7 @@ class MLAAttention(nn.Module):
         k_nope, value = self._keys_values(c_kv, scales)
         key = torch.cat((k_nope, k_pe.expand(b, d.num_heads, s, -1)), -1)  # (B, h, s, n + p)
         query = torch.cat((q_nope, q_pe), -1)  # (B, h, t, n + p)
-        return self._attend(_KernelView(1), query, key, value, mask, **kwargs)
+        return self._attend(KernelView(1), query, key, value, mask, **kwargs)
 
     def _absorbed(self, q_nope, q_pe, c_kv, k_pe, mask, scales=None, **kwargs):
         """Attend over latents: score = (W_uk^T q_nope)·c + q_pe·k_pe; out = W_uv (P c) -> (B, t, h, v).
@@ -306,13 +257,13 @@ class MLAAttention(nn.Module):
         w_uk, w_uv = self.absorbed_weights()
         q_lat = torch.einsum("bhtn,hnr->bhtr", q_nope, w_uk)
         query = torch.cat((q_lat, q_pe), -1)  # (B, h, t, r + p)
-        key, value, view = torch.cat((c_kv, k_pe), -1), c_kv, _KernelView(d.num_heads)  # (B, 1, s, r + p)
+        key, value, view = torch.cat((c_kv, k_pe), -1), c_kv, KernelView(d.num_heads)  # (B, 1, s, r + p)
         if scales is not None:
             scaled = c_kv * (scales.transpose(1, 3) if d.key_scales > 1 else scales)  # (B, S, s, r)
             key = torch.cat((scaled, k_pe.expand(-1, scaled.shape[1], -1, -1)), -1)  # (B, S, s, r + p)
             if d.key_scales > 1:  # one key per head: `eager_attention` broadcasts 1 or h key heads
                 key = key.repeat_interleave(d.num_heads // d.key_scales, 1)
-                value, view = c_kv.expand(-1, d.num_heads, -1, -1), _KernelView(1)
+                value, view = c_kv.expand(-1, d.num_heads, -1, -1), KernelView(1)
         o_lat, weights = self._attend(view, query, key, value, mask, **kwargs)
         return torch.einsum("bthr,hvr->bthv", o_lat, w_uv), weights  # o_lat (B, t, h, r)
 

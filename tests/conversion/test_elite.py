@@ -11,7 +11,7 @@ from latentkv.conversion.rope import ROPE_STRATEGIES, greedy_pairs, head_activat
 from latentkv.conversion.statistics import collect_stats
 from latentkv.errors import LatentKVError
 from latentkv.families import attention_layers, read_attention, source_layout
-from latentkv.runtime.mla import rotate_half
+from latentkv.runtime.kernels import rotate_half
 
 from conftest import make_tiny
 

@@ -186,7 +186,7 @@ def test_export_flags():
 def test_mean_rotation_matches_average_rotated_score():
     """(M^T q) . k must equal the mean over distances t < horizon of the true RoPE score q_t . k_0."""
     from latentkv.conversion.keys import mean_rotated
-    from latentkv.runtime.mla import rotate_half
+    from latentkv.runtime.kernels import rotate_half
 
     model = make_tiny("llama-mqa")
     lay = source_layout(model.config)
