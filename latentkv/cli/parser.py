@@ -291,6 +291,14 @@ def add_heal_parser(add) -> None:
     h.add_argument("--tokens", type=int, help=f"training tokens (default {d.tokens:,}; 0 with --local-steps: "
                                               "local healing only)")
     h.add_argument("--seq-len", type=int, help=f"tokens per packed window (default {d.seq_len})")
+    _heal_optimizer_args(h.add_argument_group("optimizer"), d)
+    _heal_loss_args(h.add_argument_group("loss"), d)
+    _heal_window_args(h.add_argument_group("windows"), d)
+    _heal_run_args(h.add_argument_group("local stage, teacher cache and bookkeeping"), d)
+    _dtype(h, "dtype of the healed checkpoint (training keeps float32 weights); auto: as MODEL is stored")
+
+
+def _heal_optimizer_args(h, d: HealConfig) -> None:
     h.add_argument("--batch-size", type=int, help=f"windows per optimizer step, all processes (default {d.batch_size})")
     h.add_argument("--micro-batch", type=int, help=f"windows per forward per process (default {d.micro_batch})")
     h.add_argument("--lr", type=float, help=f"peak learning rate (default {d.lr})")
@@ -298,11 +306,6 @@ def add_heal_parser(add) -> None:
     h.add_argument("--warmup-ratio", type=float, help=f"warmup fraction of the steps (default {d.warmup_ratio})")
     h.add_argument("--weight-decay", type=float, help=f"AdamW weight decay (default {d.weight_decay})")
     h.add_argument("--max-grad-norm", type=float, help=f"gradient clipping, 0 = off (default {d.max_grad_norm})")
-    h.add_argument("--temperature", type=float, help=f"distillation temperature (default {d.temperature})")
-    h.add_argument("--kl-weight", type=float, help=f"weight of KL(teacher||student) (default {d.kl_weight})")
-    h.add_argument("--ce-weight", type=float, help=f"weight of next-token cross-entropy (default {d.ce_weight})")
-    h.add_argument("--hidden-weight", type=float, help="weight of every layer's hidden-state error to the teacher's "
-                   f"(relative per token; live teacher only, not with --teacher-cache; default {d.hidden_weight})")
     h.add_argument("--train", choices=TRAINABLE, help="what trains: attention = the MLA weights incl. kv_a_layernorm "
                                                       "(default), all, lora (peft adapters, merged at the end)")
     h.add_argument("--rest-lr-ratio", type=float, help="with --train all: learning rate of the weights outside "
@@ -312,17 +315,30 @@ def add_heal_parser(add) -> None:
                    help="recompute activations in backward (less memory, ~30%% more time)")
     h.add_argument("--precision", choices=PRECISIONS, help="auto (default): bf16 autocast where the hardware "
                                                           "multiplies bf16 (GPUs, AVX512-BF16/AMX CPUs), else fp32")
+    h.add_argument("--average-last", type=float, help="save the mean of the weights over this fraction of the last "
+                   f"optimizer steps (tail averaging; e.g. 0.2; default {d.average_last} = the last step's weights)")
+
+
+def _heal_loss_args(h, d: HealConfig) -> None:
+    h.add_argument("--temperature", type=float, help=f"distillation temperature (default {d.temperature})")
+    h.add_argument("--kl-weight", type=float, help=f"weight of KL(teacher||student) (default {d.kl_weight})")
+    h.add_argument("--ce-weight", type=float, help=f"weight of next-token cross-entropy (default {d.ce_weight})")
+    h.add_argument("--hidden-weight", type=float, help="weight of every layer's hidden-state error to the teacher's "
+                   f"(relative per token; live teacher only, not with --teacher-cache; default {d.hidden_weight})")
+
+
+def _heal_window_args(h, d: HealConfig) -> None:
     h.add_argument("--long-seq-len", type=int, help="with --long-every N: every N-th step trains on windows this "
                    "long instead (a step's tokens, or one window if longer; live teacher), for long-range recall "
                    "(passkey)")
     h.add_argument("--long-every", type=int, help="how often a step of --long-seq-len windows comes (e.g. 4)")
-    h.add_argument("--average-last", type=float, help="save the mean of the weights over this fraction of the last "
-                   f"optimizer steps (tail averaging; e.g. 0.2; default {d.average_last} = the last step's weights)")
     h.add_argument("--copy-share", type=float, help="fraction of the windows that get a copy drill: a random-token "
                    "span planted twice, natural text around it, for in-context copying (e.g. 0.1; default "
                    f"{d.copy_share})")
     h.add_argument("--seed", type=int, help=f"data order seed (default {d.seed})")
-    h.add_argument("--save-every", type=int, help=f"optimizer steps between checkpoints (default {d.save_every})")
+
+
+def _heal_run_args(h, d: HealConfig) -> None:
     h.add_argument("--local-steps", type=int,
                    help="first fit each layer to the source's attention output, this many Adam steps per layer")
     h.add_argument("--local-windows", type=int, help=f"windows for the local stage (default {d.local_windows})")
@@ -330,12 +346,12 @@ def add_heal_parser(add) -> None:
     h.add_argument("--teacher-cache", help="folder of cached teacher top-k log-probs (filled on first use, reused)")
     h.add_argument("--teacher-topk", type=int, help=f"teacher log-probs kept per token in the cache "
                                                     f"(default {d.teacher_topk})")
+    h.add_argument("--save-every", type=int, help=f"optimizer steps between checkpoints (default {d.save_every})")
     h.add_argument("--work-dir", help="checkpoints and log (default OUT.heal beside the output)")
     h.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the work dir")
     h.add_argument("--report-to", default="none", choices=TRACKERS,
                    help="also log every step to this tracker (accelerate's; written to OUT/trackers or wandb); "
                         "log.jsonl and the loss plot are always written")
-    _dtype(h, "dtype of the healed checkpoint (training keeps float32 weights); auto: as MODEL is stored")
 
 
 def add_doctor_parser(add) -> None:

@@ -59,40 +59,14 @@ def train(acc, model, teacher, windows: torch.Tensor, config, steps: int, work: 
           teacher_cache, progress: bool, sharded: bool = False):
     """-> (report, trained model as prepared by accelerate). Checkpoints every config.save_every.
     sharded: `windows` are this process's own (a streamed shard), else every process holds them all."""
-    model = select_trainable(model, config)
-    if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(param_groups(model, params, config), lr=config.lr, weight_decay=config.weight_decay)
-    sched = get_cosine_with_min_lr_schedule_with_warmup(opt, round(config.warmup_ratio * steps), max(steps, 1),
-                                                        min_lr_rate=config.min_lr_ratio)
-    model, opt = acc.prepare(model, opt)
-    acc.register_for_checkpointing(sched)  # not prepared: accelerate would step it once per process
-    # the optimizer's own tensors: under FSDP, prepare replaces the parameters with its flat shards
-    average = TailAverage([p for g in opt.param_groups for p in g["params"]],
-                          first_averaged_step(steps, config.average_last))
-    start = restore(acc, ckpt, average)
+    model, params, opt, sched, average, start = prepare_training(acc, model, config, steps, ckpt)
     log = StepLog(work / "log.jsonl", start, acc.is_main_process)
-    cache = None
-    if teacher_cache:
-        cache = TeacherCache(teacher_cache, {"data": fingerprint(windows), "seq_len": config.seq_len,
-                                             "topk": config.teacher_topk, "temperature": config.temperature})
-    order = WindowOrder(windows.shape[0], config.seed)
-    long = long_windows(windows, config)
-    long_order = WindowOrder(long.shape[0], config.seed + 1) if long is not None else None
+    batches = StepBatches(windows, config, acc, sharded, teacher_cache)
     bar = tqdm(total=steps, initial=start, unit="step", desc="heal", disable=not (progress and acc.is_main_process))
     times, first, last = [], None, None
     for step in range(start, steps):
         t0 = time.perf_counter()
-        if config.is_long(step):  # the teacher cache holds short windows only: long ones use the live teacher
-            k = step // config.long_every  # long steps before this one: one long window per forward
-            data, step_cache = long, None
-            idx = step_ids(long_order, k, config.long_batch, 1, acc, sharded)
-        else:
-            data, step_cache = windows, cache
-            idx = step_ids(order, step, config.batch_size, config.micro_batch, acc, sharded)
+        data, idx, step_cache = batches.at(step)
         loss, kl, ce, hidden, norm = optimizer_step(acc, model, teacher, data, idx, config, step_cache, params, opt,
                                                     sched)
         average.update(step + 1)
@@ -114,6 +88,48 @@ def train(acc, model, teacher, windows: torch.Tensor, config, steps: int, work: 
     report = train_report(config, acc, steps, start, times, first, last, log.rows())
     report["averaged_steps"] = average.apply()
     return report, model
+
+
+def prepare_training(acc, model, config, steps: int, ckpt):
+    """-> (model, trainable params, optimizer, schedule, tail average, first step), resumed from `ckpt` if any."""
+    model = select_trainable(model, config)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(param_groups(model, params, config), lr=config.lr, weight_decay=config.weight_decay)
+    sched = get_cosine_with_min_lr_schedule_with_warmup(opt, round(config.warmup_ratio * steps), max(steps, 1),
+                                                        min_lr_rate=config.min_lr_ratio)
+    model, opt = acc.prepare(model, opt)
+    acc.register_for_checkpointing(sched)  # not prepared: accelerate would step it once per process
+    # the optimizer's own tensors: under FSDP, prepare replaces the parameters with its flat shards
+    average = TailAverage([p for g in opt.param_groups for p in g["params"]],
+                          first_averaged_step(steps, config.average_last))
+    return model, params, opt, sched, average, restore(acc, ckpt, average)
+
+
+class StepBatches:
+    """Which windows each step reads: short windows in a seeded order, and on long steps one long window
+    each (`long_windows`), which the teacher cache does not hold, so those steps use the live teacher."""
+
+    def __init__(self, windows: torch.Tensor, config, acc, sharded: bool, teacher_cache):
+        self.windows, self.config, self.acc, self.sharded = windows, config, acc, sharded
+        self.cache = None
+        if teacher_cache:
+            self.cache = TeacherCache(teacher_cache, {"data": fingerprint(windows), "seq_len": config.seq_len,
+                                                      "topk": config.teacher_topk, "temperature": config.temperature})
+        self.order = WindowOrder(windows.shape[0], config.seed)
+        self.long = long_windows(windows, config)
+        self.long_order = WindowOrder(self.long.shape[0], config.seed + 1) if self.long is not None else None
+
+    def at(self, step: int):
+        """-> (windows (N, T), this step's row indices, teacher cache or None)."""
+        c = self.config
+        if c.is_long(step):
+            k = step // c.long_every  # long steps before this one: one long window per forward
+            return self.long, step_ids(self.long_order, k, c.long_batch, 1, self.acc, self.sharded), None
+        return self.windows, step_ids(self.order, step, c.batch_size, c.micro_batch, self.acc, self.sharded), self.cache
 
 
 def restore(acc, ckpt, average: TailAverage) -> int:
