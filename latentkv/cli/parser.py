@@ -335,6 +335,9 @@ def _heal_window_args(h, d: HealConfig) -> None:
     h.add_argument("--copy-share", type=float, help="fraction of the windows that get a copy drill: a random-token "
                    "span planted twice, natural text around it, for in-context copying (e.g. 0.1; default "
                    f"{d.copy_share})")
+    h.add_argument("--long-copy-share", type=float, help="with --long-seq-len: fraction of the long windows that get "
+                   "a long-range copy drill (8-32 random ids planted twice, a quarter window or more apart), for "
+                   f"recall across the whole context (passkey; e.g. 0.75; default {d.long_copy_share})")
     h.add_argument("--seed", type=int, help=f"data order seed (default {d.seed})")
 
 

@@ -109,21 +109,23 @@ def pack(tokenizer, documents: Iterable[str], seq_len: int, max_windows: int | N
     return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
 
 
-def check_copy_share(share: float) -> None:
-    """The one check of --copy-share: HealConfig runs it before any model loads, plant_copies for library callers."""
+def check_copy_share(share: float, flag: str = "--copy-share") -> None:
+    """The one check of a drill share: HealConfig runs it before any model loads, plant_copies for library callers."""
     if not 0 <= share < 1:
-        raise LatentKVError(f"--copy-share {share}: give the fraction of windows to plant copies in, in [0, 1) "
+        raise LatentKVError(f"{flag} {share}: give the fraction of windows to plant copies in, in [0, 1) "
                             "(e.g. 0.1)")
 
 
-def plant_copies(windows: torch.Tensor, share: float, seed: int, vocab: int, special=()) -> torch.Tensor:
+def plant_copies(windows: torch.Tensor, share: float, seed: int, vocab: int, special=(), max_length: int = 0,
+                 min_gap: int = 0, flag: str = "--copy-share") -> torch.Tensor:
     """(N, T) packed windows -> a copy where round(share * N) of them (a seeded choice) carry a copy drill: a span
     of random token ids planted at a random place and planted again later in the same window, natural text before,
     between and after. Nothing but the context predicts the second span, and the teacher copies it, so distilling
     on these windows trains the induction circuits that a narrow latent loses first (prose perplexity barely uses
     them; copying identifiers, code and retrieved facts is all they do). Span ids are uniform over [0, vocab)
-    minus `special`; lengths, gaps and places vary per window."""
-    check_copy_share(share)
+    minus `special`; lengths (8 to T/4, or to `max_length`), gaps (at least `min_gap`) and places vary per
+    window."""
+    check_copy_share(share, flag)
     n, t = windows.shape
     count = round(share * n)
     if count == 0:
@@ -134,14 +136,38 @@ def plant_copies(windows: torch.Tensor, share: float, seed: int, vocab: int, spe
     ids = torch.tensor(sorted(set(range(vocab)) - {int(x) for x in special}), dtype=windows.dtype)
     out = windows.clone()
     lo, hi = max(2, min(8, t // 8)), max(2, t // 4)
+    hi = max(lo, min(hi, max_length or hi, (t - min_gap) // 2))
+    if t - 2 * lo < min_gap:
+        raise LatentKVError(f"windows of {t} tokens cannot hold two {lo}-token spans {min_gap} tokens apart; "
+                            "use longer windows")
     for w in torch.randperm(n, generator=g)[:count].tolist():
         length = int(torch.randint(lo, hi + 1, (1,), generator=g))
-        gap = int(torch.randint(0, t - 2 * length + 1, (1,), generator=g))
+        gap = int(torch.randint(min_gap, t - 2 * length + 1, (1,), generator=g))
         start = int(torch.randint(0, t - 2 * length - gap + 1, (1,), generator=g))
         span = ids[torch.randint(0, len(ids), (length,), generator=g)]
         out[w, start:start + length] = span
         out[w, start + length + gap:start + 2 * length + gap] = span
     return out
+
+
+LONG_DRILL_MAX_LENGTH = 32  # passkeys and identifiers are short; a long span would mostly drill the first copy
+
+
+def plant_long_copies(windows: torch.Tensor, long_seq_len: int, share: float, seed: int, vocab: int,
+                      special=()) -> torch.Tensor:
+    """(N, T) packed windows -> a copy where round(share * M) of the M long windows (the same stream cut
+    `long_seq_len` long, as the long steps read it) carry a long-range copy drill: spans of 8 to 32 random ids
+    at least a quarter window apart. The short drills stay within a short window, so nothing else trains recall
+    across thousands of tokens, which is what a passkey at the start of a long prompt needs. The short windows
+    holding a long drill's span see it as random text."""
+    m = windows.numel() // long_seq_len
+    if m == 0 or share == 0:
+        check_copy_share(share, "--long-copy-share")
+        return windows
+    flat = windows.flatten()
+    head = plant_copies(flat[: m * long_seq_len].view(m, long_seq_len), share, seed + 1, vocab, special,
+                        max_length=LONG_DRILL_MAX_LENGTH, min_gap=long_seq_len // 4, flag="--long-copy-share")
+    return torch.cat([head.flatten(), flat[m * long_seq_len:]]).view_as(windows)
 
 
 class WindowOrder:

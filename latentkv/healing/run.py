@@ -41,7 +41,7 @@ from ..io.text import fingerprint
 from ..loading import load_model, parse_dtype, stored_dtype
 from ..record import record_of
 from ..runtime.checkpoint import save
-from .data import WindowOrder, check_copy_share, is_stream, pack, plant_copies, read_documents
+from .data import WindowOrder, check_copy_share, is_stream, pack, plant_copies, plant_long_copies, read_documents
 from .local import local_heal
 from .loop import select_trainable, train
 from .state import latest_checkpoint, plot_losses, prepare_work_dir, read_log
@@ -81,6 +81,7 @@ class HealConfig:
     long_every: int = 0  # every long_every-th optimizer step is one of long windows
     average_last: float = 0.0  # > 0: the saved weights are the mean over this fraction of the last steps
     copy_share: float = 0.0  # > 0: this fraction of the windows carries a planted copy drill (data.plant_copies)
+    long_copy_share: float = 0.0  # > 0: this fraction of the long windows carries a long-range copy drill
 
     def __post_init__(self):
         if self.train not in TRAINABLE:
@@ -96,6 +97,7 @@ class HealConfig:
             raise LatentKVError(f"--average-last {self.average_last}: give the fraction of the last optimizer steps "
                                 "to average the weights over, between 0 (off) and 1")
         check_copy_share(self.copy_share)
+        check_copy_share(self.long_copy_share, "--long-copy-share")
         if self.hidden_weight < 0:
             raise LatentKVError(f"--hidden-weight must be >= 0, got {self.hidden_weight}")
         for name in ("seq_len", "batch_size", "micro_batch", "save_every"):
@@ -107,6 +109,9 @@ class HealConfig:
         if (self.long_seq_len > 0) != (self.long_every > 0):
             raise LatentKVError("--long-seq-len and --long-every go together: give both (e.g. --long-seq-len 4096 "
                                 "--long-every 4) or neither")
+        if self.long_copy_share and not self.long_seq_len:
+            raise LatentKVError("--long-copy-share plants drills in the long windows: give --long-seq-len and "
+                                "--long-every too")
         if self.long_seq_len and self.long_seq_len <= self.seq_len:
             raise LatentKVError(f"--long-seq-len {self.long_seq_len} must be longer than --seq-len {self.seq_len}")
         if self.long_seq_len and self.long_seq_len < self.tokens_per_step and self.tokens_per_step % self.long_seq_len:
@@ -222,12 +227,16 @@ def heal(student, teacher, data, out, config: HealConfig = HealConfig(), *, over
 
 def training_windows(tok, data, config: HealConfig, acc, steps: int, sharded: bool, vocab: int) -> torch.Tensor:
     """-> (N, seq_len) packed windows, copy drills planted (before the fingerprint: a teacher cache and a resume
-    must see the planted windows). A stream is read only as far as the run's windows, each process its shard."""
+    must see the planted windows; long drills first: a short drill may overwrite part of one, never the reverse).
+    A stream is read only as far as the run's windows, each process its shard."""
     needed = max(steps * config.batch_size // acc.num_processes, 1) if is_stream(data) else None
     windows = pack(tok, read_documents(data, (acc.process_index, acc.num_processes) if sharded else None),
                    config.seq_len, max_windows=needed)
+    ids, special = min(len(tok), vocab), tok.all_special_ids
+    if config.long_copy_share:
+        windows = plant_long_copies(windows, config.long_seq_len, config.long_copy_share, config.seed, ids, special)
     if config.copy_share:
-        windows = plant_copies(windows, config.copy_share, config.seed, min(len(tok), vocab), tok.all_special_ids)
+        windows = plant_copies(windows, config.copy_share, config.seed, ids, special)
     return windows
 
 

@@ -90,3 +90,47 @@ def test_resume_accepts_a_work_dir_from_before_an_option_existed(tmp_path):
         prepare_work_dir(work, {**run, "config": {"lr": 1e-3, "copy_share": 0.1}}, True, False, defaults)
     with pytest.raises(LatentKVError, match="config differ"):  # without the defaults the record must match as is
         prepare_work_dir(work, run, resume=True, overwrite=False)
+
+
+def test_long_drills_sit_in_the_long_windows_far_apart_and_short_ones_stay_as_they_were():
+    from latentkv.healing.data import LONG_DRILL_MAX_LENGTH, plant_long_copies
+
+    g = torch.Generator().manual_seed(0)
+    windows = torch.randint(1000, 1100, (33, 64), generator=g)  # 2,112 tokens: 8 long windows of 256, a tail of 64
+    out = plant_long_copies(windows, 256, 0.5, seed=3, vocab=1000, special=[0, 1])
+    assert out.shape == windows.shape
+    assert torch.equal(out.flatten()[8 * 256:], windows.flatten()[8 * 256:])  # the tail is no long window
+    long_before, long_after = windows.flatten()[: 8 * 256].view(8, 256), out.flatten()[: 8 * 256].view(8, 256)
+    touched = [w for w in range(8) if not torch.equal(long_before[w], long_after[w])]
+    assert len(touched) == 4  # round(0.5 * 8)
+    for w in touched:
+        start, length, gap = planted_span(long_before[w], long_after[w])
+        assert 8 <= length <= LONG_DRILL_MAX_LENGTH and gap >= 256 // 4 and start + 2 * length + gap <= 256
+    assert torch.equal(out, plant_long_copies(windows, 256, 0.5, seed=3, vocab=1000, special=[0, 1]))
+    assert plant_long_copies(windows, 256, 0.0, seed=3, vocab=1000) is windows
+    with pytest.raises(LatentKVError, match="--long-copy-share"):
+        plant_long_copies(windows, 256, 1.5, seed=3, vocab=1000)
+
+
+def test_long_drill_flags_are_checked_before_any_model_loads():
+    with pytest.raises(LatentKVError, match="--long-copy-share"):
+        small(long_copy_share=1.0, long_seq_len=64, long_every=2)
+    with pytest.raises(LatentKVError, match="--long-seq-len"):
+        small(long_copy_share=0.5)  # no long windows to plant in
+    with pytest.raises(LatentKVError, match="cannot hold"):
+        plant_copies(torch.zeros(4, 32, dtype=torch.long), 0.5, seed=0, vocab=100, min_gap=30)
+
+
+def test_heal_trains_on_long_drills_planted_before_the_short_ones(dirs, tmp_path, tiny_tokenizer):  # noqa: F811
+    from latentkv.healing.data import plant_long_copies
+
+    config = small(long_seq_len=64, long_every=2, long_copy_share=0.5, copy_share=0.25)
+    report = heal(dirs / "low", dirs / "src", dirs / "data", tmp_path / "long", config, progress=False)
+    plain = pack(tiny_tokenizer, read_documents(dirs / "data"), config.seq_len)
+    vocab = min(len(tiny_tokenizer), json.loads((dirs / "src" / "config.json").read_text())["vocab_size"])
+    special = tiny_tokenizer.all_special_ids
+    long = plant_long_copies(plain, 64, 0.5, config.seed, vocab, special)
+    both = plant_copies(long, 0.25, config.seed, vocab, special)
+    assert report["data_fingerprint"] == fingerprint(both)
+    assert fingerprint(both) not in (fingerprint(plain), fingerprint(plant_copies(plain, 0.25, config.seed, vocab,
+                                                                                  special)))
