@@ -117,14 +117,14 @@ def check_copy_share(share: float, flag: str = "--copy-share") -> None:
 
 
 def plant_copies(windows: torch.Tensor, share: float, seed: int, vocab: int, special=(), max_length: int = 0,
-                 min_gap: int = 0, flag: str = "--copy-share", head_every: int = 0) -> torch.Tensor:
+                 min_gap: int = 0, flag: str = "--copy-share") -> torch.Tensor:
     """(N, T) packed windows -> a copy where round(share * N) of them (a seeded choice) carry a copy drill: a span
     of random token ids planted at a random place and planted again later in the same window, natural text before,
     between and after. Nothing but the context predicts the second span, and the teacher copies it, so distilling
     on these windows trains the induction circuits that a narrow latent loses first (prose perplexity barely uses
     them; copying identifiers, code and retrieved facts is all they do). Span ids are uniform over [0, vocab)
     minus `special`; lengths (8 to T/4, or to `max_length`), gaps (at least `min_gap`) and places vary per
-    window; with `head_every` k, every k-th drill's first span starts the window (position 0)."""
+    window."""
     check_copy_share(share, flag)
     n, t = windows.shape
     count = round(share * n)
@@ -140,11 +140,10 @@ def plant_copies(windows: torch.Tensor, share: float, seed: int, vocab: int, spe
     if t - 2 * lo < min_gap:
         raise LatentKVError(f"windows of {t} tokens cannot hold two {lo}-token spans {min_gap} tokens apart; "
                             "use longer windows")
-    for i, w in enumerate(torch.randperm(n, generator=g)[:count].tolist()):
+    for w in torch.randperm(n, generator=g)[:count].tolist():
         length = int(torch.randint(lo, hi + 1, (1,), generator=g))
         gap = int(torch.randint(min_gap, t - 2 * length + 1, (1,), generator=g))
         start = int(torch.randint(0, t - 2 * length - gap + 1, (1,), generator=g))
-        start = 0 if head_every and i % head_every == 0 else start  # drawn anyway: the other drills stay as they were
         span = ids[torch.randint(0, len(ids), (length,), generator=g)]
         out[w, start:start + length] = span
         out[w, start + length + gap:start + 2 * length + gap] = span
@@ -152,17 +151,13 @@ def plant_copies(windows: torch.Tensor, share: float, seed: int, vocab: int, spe
 
 
 LONG_DRILL_MAX_LENGTH = 32  # passkeys and identifiers are short; a long span would mostly drill the first copy
-# Every 2nd long drill starts its window: recall from the first tokens (a system prompt, a key at depth 0) is
-# what healed models lose apart from distance (passkey at depth 0 missed at 2048-4096 tokens, at depth 0.05 found;
-# BENCHMARKS "Long-range copy drills"), and the sink at position 0 makes those tokens unlike any other.
-LONG_DRILL_HEAD_EVERY = 2
 
 
 def plant_long_copies(windows: torch.Tensor, long_seq_len: int, share: float, seed: int, vocab: int,
                       special=()) -> torch.Tensor:
     """(N, T) packed windows -> a copy where round(share * M) of the M long windows (the same stream cut
     `long_seq_len` long, as the long steps read it) carry a long-range copy drill: spans of 8 to 32 random ids
-    at least a quarter window apart, every 2nd drill's first span at the window's start. The short drills stay within a short window, so nothing else trains recall
+    at least a quarter window apart. The short drills stay within a short window, so nothing else trains recall
     across thousands of tokens, which is what a passkey at the start of a long prompt needs. The short windows
     holding a long drill's span see it as random text."""
     m = windows.numel() // long_seq_len
@@ -171,8 +166,7 @@ def plant_long_copies(windows: torch.Tensor, long_seq_len: int, share: float, se
         return windows
     flat = windows.flatten()
     head = plant_copies(flat[: m * long_seq_len].view(m, long_seq_len), share, seed + 1, vocab, special,
-                        max_length=LONG_DRILL_MAX_LENGTH, min_gap=long_seq_len // 4, flag="--long-copy-share",
-                        head_every=LONG_DRILL_HEAD_EVERY)
+                        max_length=LONG_DRILL_MAX_LENGTH, min_gap=long_seq_len // 4, flag="--long-copy-share")
     return torch.cat([head.flatten(), flat[m * long_seq_len:]]).view_as(windows)
 
 

@@ -92,7 +92,7 @@ def test_resume_accepts_a_work_dir_from_before_an_option_existed(tmp_path):
         prepare_work_dir(work, run, resume=True, overwrite=False)
 
 
-def test_long_drills_sit_in_the_long_windows_far_apart_half_at_the_start_and_the_rest_is_untouched():
+def test_long_drills_sit_in_the_long_windows_far_apart_and_short_ones_stay_as_they_were():
     from latentkv.healing.data import LONG_DRILL_MAX_LENGTH, plant_long_copies
 
     g = torch.Generator().manual_seed(0)
@@ -103,12 +103,9 @@ def test_long_drills_sit_in_the_long_windows_far_apart_half_at_the_start_and_the
     long_before, long_after = windows.flatten()[: 8 * 256].view(8, 256), out.flatten()[: 8 * 256].view(8, 256)
     touched = [w for w in range(8) if not torch.equal(long_before[w], long_after[w])]
     assert len(touched) == 4  # round(0.5 * 8)
-    starts = []
     for w in touched:
         start, length, gap = planted_span(long_before[w], long_after[w])
         assert 8 <= length <= LONG_DRILL_MAX_LENGTH and gap >= 256 // 4 and start + 2 * length + gap <= 256
-        starts.append(start)
-    assert starts.count(0) >= 2 and len(set(starts)) > 1  # every 2nd drill starts its window, the rest anywhere
     assert torch.equal(out, plant_long_copies(windows, 256, 0.5, seed=3, vocab=1000, special=[0, 1]))
     assert plant_long_copies(windows, 256, 0.0, seed=3, vocab=1000) is windows
     with pytest.raises(LatentKVError, match="--long-copy-share"):
