@@ -1,5 +1,5 @@
 """Copy drills in the healing data (a random span planted twice in a share of the windows, seeded, wired into heal),
-and resuming a work dir started before such an option existed."""
+long-range drills in the long windows, and resuming a work dir started before such an option existed."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from test_heal import dirs, small, teacher_kl  # noqa: F401  (dirs is a fixture)
 
 from latentkv.errors import LatentKVError
-from latentkv.healing.data import pack, plant_copies, read_documents
+from latentkv.healing.data import LONG_DRILL_MAX_LENGTH, pack, plant_copies, plant_long_copies, read_documents
 from latentkv.healing.run import heal
 from latentkv.io.text import fingerprint
 
@@ -93,8 +93,6 @@ def test_resume_accepts_a_work_dir_from_before_an_option_existed(tmp_path):
 
 
 def test_long_drills_sit_in_the_long_windows_far_apart_and_short_ones_stay_as_they_were():
-    from latentkv.healing.data import LONG_DRILL_MAX_LENGTH, plant_long_copies
-
     g = torch.Generator().manual_seed(0)
     windows = torch.randint(1000, 1100, (33, 64), generator=g)  # 2,112 tokens: 8 long windows of 256, a tail of 64
     out = plant_long_copies(windows, 256, 0.5, seed=3, vocab=1000, special=[0, 1])
@@ -122,8 +120,6 @@ def test_long_drill_flags_are_checked_before_any_model_loads():
 
 
 def test_heal_trains_on_long_drills_planted_before_the_short_ones(dirs, tmp_path, tiny_tokenizer):  # noqa: F811
-    from latentkv.healing.data import plant_long_copies
-
     config = small(long_seq_len=64, long_every=2, long_copy_share=0.5, copy_share=0.25)
     report = heal(dirs / "low", dirs / "src", dirs / "data", tmp_path / "long", config, progress=False)
     plain = pack(tiny_tokenizer, read_documents(dirs / "data"), config.seq_len)
