@@ -161,14 +161,19 @@ def plant_long_copies(windows: torch.Tensor, long_seq_len: int, share: float, se
     across thousands of tokens (measured: copy probe 35.6 -> 44.7 %; the depth-0 passkey is not a matter of distance
     and stays missed, BENCHMARKS.md "Long-range copy drills"). The short windows holding a long drill's span see it
     as random text."""
-    m = windows.numel() // long_seq_len
-    if m == 0 or share == 0:
-        check_copy_share(share, "--long-copy-share")
+    if share == 0:
         return windows
-    flat = windows.flatten()
-    head = plant_copies(flat[: m * long_seq_len].view(m, long_seq_len), share, seed + 1, vocab, special,
-                        max_length=LONG_DRILL_MAX_LENGTH, min_gap=long_seq_len // 4, flag="--long-copy-share")
-    return torch.cat([head.flatten(), flat[m * long_seq_len:]]).view_as(windows)
+    long = cut_long(windows, long_seq_len)
+    planted = plant_copies(long, share, seed + 1, vocab, special, max_length=LONG_DRILL_MAX_LENGTH,
+                           min_gap=long_seq_len // 4, flag="--long-copy-share")
+    return torch.cat([planted.flatten(), windows.flatten()[long.numel():]]).view_as(windows)
+
+
+def cut_long(windows: torch.Tensor, long_seq_len: int) -> torch.Tensor:
+    """(N, seq_len) packed windows -> (M, long_seq_len): the same token stream cut longer, the tail that fills no
+    long window left out (a view: the long steps read these, the long drills are planted in them)."""
+    m = windows.numel() // long_seq_len
+    return windows.flatten()[: m * long_seq_len].view(m, long_seq_len)
 
 
 class WindowOrder:

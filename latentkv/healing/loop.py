@@ -14,7 +14,7 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 from ..errors import LatentKVError
 from ..io.text import fingerprint
 from .average import TailAverage, first_averaged_step
-from .data import WindowOrder
+from .data import WindowOrder, cut_long
 from .losses import TeacherCache, cross_entropy, hidden_mse, kl_full, kl_topk, teacher_topk
 from .state import StepLog, read_progress, save_checkpoint
 
@@ -156,11 +156,11 @@ def long_windows(windows: torch.Tensor, config) -> torch.Tensor | None:
     """(N, seq_len) packed windows -> (M, long_seq_len): the same token stream cut longer (a view), or None."""
     if not config.long_seq_len:
         return None
-    m = windows.numel() // config.long_seq_len
-    if m < config.long_batch:
+    long = cut_long(windows, config.long_seq_len)
+    if long.shape[0] < config.long_batch:
         raise LatentKVError(f"the training data ({windows.numel():,} tokens) is shorter than one step of "
                             f"--long-seq-len {config.long_seq_len} windows; give more text or shorter long windows")
-    return windows.flatten()[: m * config.long_seq_len].view(m, config.long_seq_len)
+    return long
 
 
 def optimizer_step(acc, model, teacher, windows, idx: torch.Tensor, config, cache, params, opt, sched):
