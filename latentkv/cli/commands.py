@@ -42,7 +42,7 @@ from ..reports.verify import verify_export
 from ..runtime.accounting import cache_report
 from ..runtime.cache import LatentCache
 from ..runtime.checkpoint import save
-from ..runtime.generation import generate
+from ..runtime.generation import generate, greedy_continuation
 from ..runtime.local import LocalSpan
 from ..runtime.quant import CacheFormat
 from .demo import run_demo
@@ -137,7 +137,8 @@ def eval_cmd(a) -> dict:
         out.update(text=a.ppl, **result.to_dict())
     if a.passkey:
         out["passkey"] = passkey(model, tok, contexts=numbers(a.context, int), depths=numbers(a.depths, float),
-                                 trials=a.trials, progress=a.progress)
+                                 trials=a.trials, progress=a.progress,
+                                 continuation=lambda ids, n: greedy_continuation(model, ids, n))
     if a.copy:
         out["copy"] = copy_probe(model, numbers(a.copy_lengths, int), numbers(a.copy_distances, int),
                                  progress=a.progress)

@@ -112,9 +112,11 @@ def print_plain(result: dict, command: str) -> None:
 
 
 def _passkey(v: dict) -> None:
-    print(f"passkey accuracy: {v['accuracy']:.1%}")
+    found = f", key as the answer's first number {v['found_accuracy']:.1%}" if "found_accuracy" in v else ""
+    print(f"passkey accuracy: {v['accuracy']:.1%} (strict){found}")
     for row in v["rows"]:
-        print(f"  context {row['context']:>6}  depth {row['depth']:.2f}  {row['correct']}/{row['trials']}")
+        extra = f"  (number: {row['found']}/{row['trials']})" if "found" in row else ""
+        print(f"  context {row['context']:>6}  depth {row['depth']:.2f}  {row['correct']}/{row['trials']}{extra}")
 
 
 def _copy(v: dict) -> None:

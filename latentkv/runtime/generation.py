@@ -247,3 +247,21 @@ def cache_tensor_bytes(cache) -> int:
         return cache.nbytes()
     return sum(t.numel() * t.element_size() for layer in getattr(cache, "layers", [])
                for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if t is not None and t.numel())
+
+
+@torch.no_grad()
+def greedy_continuation(model, ids: list[int], steps: int) -> list[int]:
+    """Prompt ids -> the next `steps` greedy token ids, decoded through the model's cache as `generate`
+    decodes (no EOS or stop strings: the caller reads what it needs)."""
+    device = next(model.parameters()).device
+    cache = new_cache(model, len(ids) + steps)
+    logits = prefill(model, torch.tensor([ids], device=device), cache)
+    out: list[int] = []
+
+    def on_token(step: int, nxt: torch.Tensor) -> bool:
+        out.append(int(nxt[0]))
+        return step == steps - 1  # the last token needs no forward
+
+    decode_n_tokens(model, cache, logits, torch.tensor([[len(ids) - 1]], device=device), steps,
+                    lambda lg: lg.argmax(-1), on_token=on_token)
+    return out

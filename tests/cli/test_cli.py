@@ -88,6 +88,10 @@ def test_passkey_on_tiny_model(capsys, source_dir):
     res = json.loads(stdout)["passkey"]
     assert code == 0 and len(res["rows"]) == 4 and all(r["trials"] == 2 for r in res["rows"])
     assert 0.0 <= res["accuracy"] <= 1.0
+    assert 0.0 <= res["found_accuracy"] <= 1.0 and all(0 <= r["found"] <= r["trials"] for r in res["rows"])
+    code, stdout, err = run(capsys, "eval", source_dir, "--passkey", "--context", "300", "--depths", "0",
+                            "--trials", 1)
+    assert code == 0 and "strict" in stdout and "(number: " in stdout, err
 
 
 @pytest.mark.parametrize("argv, match", [(["--passkey", "--context", "10"], "too short"),

@@ -7,6 +7,7 @@ import torch
 
 from latentkv import LatentCache, SVDConfig, convert, generate
 from latentkv.errors import LatentKVError
+from latentkv.runtime.generation import greedy_continuation
 from latentkv.runtime.mla import MLAAttention
 
 from conftest import TINY, held_bytes, make_tiny
@@ -271,3 +272,16 @@ def test_bench_compile_adds_compiled_twins(conv):
     twin, eager = by["latent-absorbed-compiled"], by["latent-absorbed"]
     assert twin["step_bytes"] == eager["step_bytes"] and twin["step_flops"] == eager["step_flops"]
     assert twin["decode_step_s"] > 0 and twin["cache_bytes"] == eager["cache_bytes"]
+
+
+@pytest.mark.parametrize("which", ["source", "converted"])
+def test_greedy_continuation_equals_uncached_greedy(conv, which):
+    """The passkey probe's decoder: through the cache, the same ids as re-running the whole sequence."""
+    model = make_tiny("llama-gqa", layers=3) if which == "source" else conv
+    torch.manual_seed(1)
+    ids = torch.randint(0, 320, (1, 16))
+    want = ids
+    with torch.no_grad():
+        for _ in range(6):
+            want = torch.cat((want, model(want).logits[:, -1:].argmax(-1)), 1)
+    assert greedy_continuation(model, ids[0].tolist(), 6) == want[0, 16:].tolist()
