@@ -37,6 +37,7 @@ from latentkv.evaluation.suite import dev_suite
 from latentkv.healing.run import TRAINABLE
 from latentkv.io.domains import DEV_DOMAINS
 from latentkv.io.plots import figure, plot_title, readable_log_axes
+from latentkv.runtime.generation import greedy_continuation
 from latentkv.reports.verify import verify_export
 
 from common import add_output_args, passkey_phrase, section, write_section
@@ -151,7 +152,8 @@ def protocol(model, tok, args) -> dict:
     row = dev_suite(model, tok, domains=PROTOCOL, seq_len=args.seq_len, max_windows=args.protocol_windows,
                     copy=False, progress=False)
     if args.protocol_passkey:
-        row["passkey"] = passkey(model, tok, contexts=(args.protocol_passkey,), trials=args.trials, progress=False)
+        row["passkey"] = passkey(model, tok, contexts=(args.protocol_passkey,), trials=args.trials, progress=False,
+                                 continuation=lambda ids, n: greedy_continuation(model, ids, n))
     return row
 
 
@@ -285,7 +287,11 @@ def long_phrase(args) -> str:
 
 
 def passkey_cell(r: dict) -> str:
-    return f"{r['passkey']['accuracy']:.0%}" if "passkey" in r else "-"
+    """Strict accuracy, and where measured the share whose answer's first number is the key."""
+    if "passkey" not in r:
+        return "-"
+    p = r["passkey"]
+    return f"{p['accuracy']:.0%}" + (f" ({p['found_accuracy']:.0%} by number)" if "found_accuracy" in p else "")
 
 
 def plot(res: dict, path: Path, model: str = "model") -> None:
