@@ -6,10 +6,11 @@ key iff the argmax at every key token (teacher-forced) is that token, so one for
 decides it. KV compression tends to hurt this long-range lookup first.
 
 That strict score also fails an answer that reaches the key by another path: the tokenizer may split
-" 60494" into " " + digits, and the bare space is a weak guess even for the source when the needle
-opens the prompt (SmolLM2-135M, 2,048 tokens, depth 0: p = 0.48, " the" next). Passkey scripts in the literature
-score the first number in the generated answer instead; with `continuation` given, every trial gets that
-score too (`found`), so both can be compared with the source's.
+" 60494" into " " + digits, and the bare space is a weak guess even for the source where the needle
+opens or closes the haystack (SmolLM2-135M at 4,096 tokens: p = 0.28-0.42 at depths 0 and 1, " the" close
+behind), so the strict score flips with numerics there. Passkey scripts in the literature score the first
+number in the generated answer instead; with `continuation` given, every trial gets that score too
+(`found`), so both can be compared with the source's.
 """
 
 from __future__ import annotations
