@@ -37,8 +37,8 @@ from latentkv.evaluation.suite import dev_suite
 from latentkv.healing.run import TRAINABLE
 from latentkv.io.domains import DEV_DOMAINS
 from latentkv.io.plots import figure, plot_title, readable_log_axes
-from latentkv.runtime.generation import greedy_continuation
 from latentkv.reports.verify import verify_export
+from latentkv.runtime.generation import greedy_continuation
 
 from common import add_output_args, passkey_phrase, section, write_section
 from domains import measure
