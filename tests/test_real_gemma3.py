@@ -36,19 +36,22 @@ def test_full_budget_logits_match_beyond_the_window_in_fp64(gemma3):
     """The same check over 600 tokens (more than a sliding window holds), in fp64. Not to fp64 rounding:
     transformers' Gemma3RMSNorm (the q/k norms included) and its eager kernel's softmax compute in fp32
     even in an fp64 model, so the source itself keeps fp32 islands (2026-12-04: the conversion differs by
-    1.2e-4, and patching the norms to fp64 leaves 2.4e-5). The bound is the source's own fp32 rounding on
-    these inputs (3.2e-4 measured); a sliding window off by one token measured 0.41, a thousand times more."""
+    1.2e-4, and patching the norms to fp64 leaves 2.4e-5). The bound is a small multiple of the source's own
+    fp32 rounding on these inputs, as every equivalence test allows (conftest.reference_tolerance): the islands
+    are part of that rounding, and their share of it moves with the CPU's kernels (AVX512 machine: 1.2e-4
+    against 3.2e-4; an AVX2 one: 7.2e-5 against 5.4e-5). A sliding window off by one token measured 0.41,
+    a thousand times more."""
     model, tok = gemma3
     conv = convert(model, ExactConfig(), progress=False)
     ids = tok(PARAGRAPH * 12, return_tensors="pt").input_ids[:, :600]
     assert ids.shape[1] > 512  # the window
-    bound = reference_tolerance(model, ids)
+    bound = 4 * reference_tolerance(model, ids)
     with torch.no_grad():
         src64, conv64 = copy.deepcopy(model).double(), copy.deepcopy(conv).double()
         ref = src64(ids).logits
         for path in ("expanded", "absorbed"):
             diff = (conv64(ids, mla_path=path).logits - ref).abs().max().item()
-            assert diff <= bound, f"fp64, {path}: max abs logit diff {diff:.2e} > the source's own fp32 error {bound:.2e}"
+            assert diff <= bound, f"fp64, {path}: max abs logit diff {diff:.2e} > 4x the source's own fp32 error ({bound:.2e})"
 
 
 def test_reduced_budget_cache_holds_windows_and_scales(gemma3):
