@@ -338,9 +338,6 @@ def _heal_window_args(h, d: HealConfig) -> None:
     h.add_argument("--long-copy-share", type=float, help="with --long-seq-len: fraction of the long windows that get "
                    "a long-range copy drill (8-32 random ids planted twice, a quarter window or more apart), for "
                    f"recall across the whole context (passkey; e.g. 0.75; default {d.long_copy_share})")
-    h.add_argument("--long-opening-share", type=float, help="with --long-copy-share: fraction of the long drills "
-                   "whose first span begins in the window's first 16 tokens, by the attention sink, where a uniform "
-                   f"place almost never lands (facts that open a prompt; e.g. 0.25; default {d.long_opening_share})")
     h.add_argument("--seed", type=int, help=f"data order seed (default {d.seed})")
 
 

@@ -109,9 +109,6 @@ def pack(tokenizer, documents: Iterable[str], seq_len: int, max_windows: int | N
     return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
 
 
-OPENING = 16  # an opening drill's first span begins within a window's first OPENING tokens
-
-
 def check_copy_share(share: float, flag: str = "--copy-share") -> None:
     """The one check of a drill share: HealConfig runs it before any model loads, plant_copies for library callers."""
     if not 0 <= share < 1:
@@ -120,18 +117,15 @@ def check_copy_share(share: float, flag: str = "--copy-share") -> None:
 
 
 def plant_copies(windows: torch.Tensor, share: float, seed: int, vocab: int, special=(), max_length: int = 0,
-                 min_gap: int = 0, flag: str = "--copy-share", opening: float = 0.0) -> torch.Tensor:
+                 min_gap: int = 0, flag: str = "--copy-share") -> torch.Tensor:
     """(N, T) packed windows -> a copy where round(share * N) of them (a seeded choice) carry a copy drill: a span
     of random token ids planted at a random place and planted again later in the same window, natural text before,
     between and after. Nothing but the context predicts the second span, and the teacher copies it, so distilling
     on these windows trains the induction circuits that a narrow latent loses first (prose perplexity barely uses
     them; copying identifiers, code and retrieved facts is all they do). Span ids are uniform over [0, vocab)
     minus `special`; lengths (8 to T/4, or to `max_length`), gaps (at least `min_gap`) and places vary per
-    window. opening: this fraction of the drilled windows has its first span begin within the window's first
-    OPENING tokens, where the attention sink and the first tokens' massive activations sit (a uniform place
-    lands there in ~3 % of 4,096-token drills); the draws are the same, so opening=0 plants what it always did."""
+    window."""
     check_copy_share(share, flag)
-    check_copy_share(opening, "--long-opening-share")
     n, t = windows.shape
     count = round(share * n)
     if count == 0:
@@ -146,12 +140,10 @@ def plant_copies(windows: torch.Tensor, share: float, seed: int, vocab: int, spe
     if t - 2 * lo < min_gap:
         raise LatentKVError(f"windows of {t} tokens cannot hold two {lo}-token spans {min_gap} tokens apart; "
                             "use longer windows")
-    openings = round(opening * count)
-    for i, w in enumerate(torch.randperm(n, generator=g)[:count].tolist()):
+    for w in torch.randperm(n, generator=g)[:count].tolist():
         length = int(torch.randint(lo, hi + 1, (1,), generator=g))
         gap = int(torch.randint(min_gap, t - 2 * length + 1, (1,), generator=g))
-        last = t - 2 * length - gap if i >= openings else min(OPENING - 1, t - 2 * length - gap)
-        start = int(torch.randint(0, last + 1, (1,), generator=g))
+        start = int(torch.randint(0, t - 2 * length - gap + 1, (1,), generator=g))
         span = ids[torch.randint(0, len(ids), (length,), generator=g)]
         out[w, start:start + length] = span
         out[w, start + length + gap:start + 2 * length + gap] = span
@@ -162,18 +154,18 @@ LONG_DRILL_MAX_LENGTH = 32  # passkeys and identifiers are short; a long span wo
 
 
 def plant_long_copies(windows: torch.Tensor, long_seq_len: int, share: float, seed: int, vocab: int,
-                      special=(), opening: float = 0.0) -> torch.Tensor:
+                      special=()) -> torch.Tensor:
     """(N, T) packed windows -> a copy where round(share * M) of the M long windows (the same stream cut
     `long_seq_len` long, as the long steps read it) carry a long-range copy drill: spans of 8 to 32 random ids
     at least a quarter window apart. The short drills stay within a short window, so nothing else trains copying
     across thousands of tokens (measured: copy probe 35.6 -> 44.7 %; the depth-0 passkey is not a matter of distance
     and stays missed, BENCHMARKS.md "Long-range copy drills"). The short windows holding a long drill's span see it
-    as random text. opening: the fraction of the long drills whose first span opens the window (plant_copies)."""
+    as random text."""
     if share == 0:
         return windows
     long = cut_long(windows, long_seq_len)
     planted = plant_copies(long, share, seed + 1, vocab, special, max_length=LONG_DRILL_MAX_LENGTH,
-                           min_gap=long_seq_len // 4, flag="--long-copy-share", opening=opening)
+                           min_gap=long_seq_len // 4, flag="--long-copy-share")
     return torch.cat([planted.flatten(), windows.flatten()[long.numel():]]).view_as(windows)
 
 

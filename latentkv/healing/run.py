@@ -82,7 +82,6 @@ class HealConfig:
     average_last: float = 0.0  # > 0: the saved weights are the mean over this fraction of the last steps
     copy_share: float = 0.0  # > 0: this fraction of the windows carries a planted copy drill (data.plant_copies)
     long_copy_share: float = 0.0  # > 0: this fraction of the long windows carries a long-range copy drill
-    long_opening_share: float = 0.0  # this fraction of the long drills has its first span open the window
 
     def __post_init__(self):
         if self.train not in TRAINABLE:
@@ -99,7 +98,6 @@ class HealConfig:
                                 "to average the weights over, between 0 (off) and 1")
         check_copy_share(self.copy_share)
         check_copy_share(self.long_copy_share, "--long-copy-share")
-        check_copy_share(self.long_opening_share, "--long-opening-share")
         if self.hidden_weight < 0:
             raise LatentKVError(f"--hidden-weight must be >= 0, got {self.hidden_weight}")
         for name in ("seq_len", "batch_size", "micro_batch", "save_every"):
@@ -111,9 +109,6 @@ class HealConfig:
         if (self.long_seq_len > 0) != (self.long_every > 0):
             raise LatentKVError("--long-seq-len and --long-every go together: give both (e.g. --long-seq-len 4096 "
                                 "--long-every 4) or neither")
-        if self.long_opening_share and not self.long_copy_share:
-            raise LatentKVError("--long-opening-share places some of the long drills: give --long-copy-share too "
-                                "(e.g. --long-copy-share 0.75 --long-opening-share 0.25)")
         if self.long_copy_share and not self.long_seq_len:
             raise LatentKVError("--long-copy-share plants drills in the long windows: give --long-seq-len and "
                                 "--long-every too")
@@ -239,8 +234,7 @@ def training_windows(tok, data, config: HealConfig, acc, steps: int, sharded: bo
                    config.seq_len, max_windows=needed)
     ids, special = min(len(tok), vocab), tok.all_special_ids
     if config.long_copy_share:
-        windows = plant_long_copies(windows, config.long_seq_len, config.long_copy_share, config.seed, ids, special,
-                                    config.long_opening_share)
+        windows = plant_long_copies(windows, config.long_seq_len, config.long_copy_share, config.seed, ids, special)
     if config.copy_share:
         windows = plant_copies(windows, config.copy_share, config.seed, ids, special)
     return windows

@@ -10,7 +10,7 @@ import torch
 from test_heal import dirs, small, teacher_kl  # noqa: F401  (dirs is a fixture)
 
 from latentkv.errors import LatentKVError
-from latentkv.healing.data import LONG_DRILL_MAX_LENGTH, OPENING, pack, plant_copies, plant_long_copies, read_documents
+from latentkv.healing.data import LONG_DRILL_MAX_LENGTH, pack, plant_copies, plant_long_copies, read_documents
 from latentkv.healing.run import heal
 from latentkv.io.text import fingerprint
 
@@ -110,33 +110,11 @@ def test_long_drills_sit_in_the_long_windows_far_apart_and_short_ones_stay_as_th
         plant_long_copies(windows, 256, 1.5, seed=3, vocab=1000)
 
 
-def test_opening_drills_begin_at_the_window_start_and_keep_the_long_gap():
-    g = torch.Generator().manual_seed(1)
-    t = 4096  # uniform places open a window this long in ~3 % of drills
-    windows = torch.randint(1000, 1100, (16 * 8, 512), generator=g)  # 16 long windows
-    plain = plant_long_copies(windows, t, 0.5, seed=3, vocab=1000)
-    assert torch.equal(plant_long_copies(windows, t, 0.5, seed=3, vocab=1000, opening=0.0), plain)
-    opened = plant_long_copies(windows, t, 0.5, seed=3, vocab=1000, opening=0.5)
-    starts = {}
-    for name, out in (("plain", plain), ("opened", opened)):
-        before, after = windows.view(16, t), out.view(16, t)
-        spans = [planted_span(before[w], after[w]) for w in range(16) if not torch.equal(before[w], after[w])]
-        assert len(spans) == 8 and all(gap >= t // 4 and 8 <= n <= LONG_DRILL_MAX_LENGTH for _, n, gap in spans)
-        starts[name] = sum(start < OPENING for start, _, _ in spans)
-    assert starts["opened"] >= 4 > starts["plain"]  # round(0.5 * 8) open the window
-    with pytest.raises(LatentKVError, match="--long-opening-share"):
-        plant_long_copies(windows, t, 0.5, seed=3, vocab=1000, opening=1.0)
-
-
 def test_long_drill_flags_are_checked_before_any_model_loads():
     with pytest.raises(LatentKVError, match="--long-copy-share"):
         small(long_copy_share=1.0, long_seq_len=64, long_every=2)
     with pytest.raises(LatentKVError, match="--long-seq-len"):
         small(long_copy_share=0.5)  # no long windows to plant in
-    with pytest.raises(LatentKVError, match="--long-copy-share too"):
-        small(long_opening_share=0.5, long_seq_len=64, long_every=2)  # no long drills to place
-    with pytest.raises(LatentKVError, match="--long-opening-share"):
-        small(long_opening_share=-0.1, long_copy_share=0.5, long_seq_len=64, long_every=2)
     with pytest.raises(LatentKVError, match="cannot hold"):
         plant_copies(torch.zeros(4, 32, dtype=torch.long), 0.5, seed=0, vocab=100, min_gap=30)
 
