@@ -54,17 +54,23 @@ def temperature_flags(value) -> dict:
     return {"attn_temperature": 1.0, "head_temperatures": False} if value == "off" else {"attn_temperature": value}
 
 
+def convert_config(a):
+    """The conversion config that `convert`'s flags ask for."""
+    return make_config(a.kv_budget, a.kv_lora_rank, a.qk_rope_head_dim, a.method, a.kv_values, rope=a.rope,
+                       factorizer=a.factorizer, sequential=True if a.sequential else None, calib=a.calib,
+                       calib_samples=a.calib_samples, calib_seq_len=a.calib_seq_len,
+                       rank_allocation=a.rank_allocation, attn_moment=a.attn_moment,
+                       latent_norm=True if a.latent_norm else None, target=a.target, rope_horizon=a.rope_horizon,
+                       preset=a.preset, rope_slot0=a.rope_slot0, rope_skip=a.rope_skip,
+                       kv_separate=True if a.kv_separate else None, temperature_seq_len=a.temperature_seq_len,
+                       output_refit=None if a.output_refit is None else a.output_refit == "on",
+                       refit_windows=a.refit_windows, **temperature_flags(a.attn_temperature))
+
+
 def convert_cmd(a) -> dict:
     if a.target == "gqa" or a.kv_heads is not None:
         return gqa_cmd(a)
-    config = make_config(a.kv_budget, a.kv_lora_rank, a.qk_rope_head_dim, a.method, a.kv_values, rope=a.rope,
-                         factorizer=a.factorizer, sequential=True if a.sequential else None, calib=a.calib,
-                         calib_samples=a.calib_samples, calib_seq_len=a.calib_seq_len,
-                         rank_allocation=a.rank_allocation, attn_moment=a.attn_moment,
-                         latent_norm=True if a.latent_norm else None, target=a.target, rope_horizon=a.rope_horizon,
-                         preset=a.preset, rope_slot0=a.rope_slot0, rope_skip=a.rope_skip,
-                         kv_separate=True if a.kv_separate else None, temperature_seq_len=a.temperature_seq_len,
-                         **temperature_flags(a.attn_temperature))
+    config = convert_config(a)
     check_output_dir(a.out, a.overwrite, inputs=(a.source, a.calib))
     t0 = time.perf_counter()
     if a.stream:

@@ -128,6 +128,11 @@ def _add_convert(add) -> None:
                         "the source's attention; a number: that factor after the per-head fit; off: neither")
     c.add_argument("--temperature-seq-len", type=int,
                    help="lowrank: tokens per window the temperature is chosen on: the context you serve (default 2048)")
+    c.add_argument("--output-refit", choices=("on", "off"),
+                   help="lowrank: refit every o_proj by least squares to the source's attention output, on "
+                        "calibration windows walked through both models (default on; off: keep the source's o_proj)")
+    c.add_argument("--refit-windows", type=int,
+                   help="lowrank: calibration windows of --temperature-seq-len tokens the output refit reads (default 16)")
     c.add_argument("--latent-norm", action="store_true",
                    help="lowrank: fit the latent RMSNorm (kv_a_layernorm) stock DeepSeek-V3 engines apply")
     c.add_argument("--target", choices=[*TARGETS, "gqa"],

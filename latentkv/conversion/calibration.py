@@ -41,19 +41,21 @@ def calibration_ids(tokenizer, config: LowRankConfig) -> tuple[torch.Tensor, dic
     return calibration_batches(tokenizer, load_text(config.calib), windows, config.calib_seq_len), {"text": config.calib}
 
 
-def serving_windows(tokenizer, config: LowRankConfig, held: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """(HELD_OUT, seq_len) windows of the calibration text at the length served (the mixture: one per
-    component), to choose the attention temperature on; attention flattens with the number of keys, so
-    short windows would choose too little. `held` (k, T) when the text is too short or only ids were given."""
+def serving_windows(tokenizer, config: LowRankConfig, fallback: torch.Tensor, seq_len: int,
+                    count: int = HELD_OUT) -> torch.Tensor:
+    """(count, seq_len) windows of the calibration text at the length served (the mixture: its components
+    in turn), to choose the attention temperature on and to refit outputs on; attention flattens with the
+    number of keys, so short windows would fit the wrong layer. `fallback` (k, T) when the text is too
+    short or only ids were given."""
     if tokenizer is None:
-        return held
+        return fallback
     try:
         if config.calib == MIX:
-            return mixture_windows(tokenizer, HELD_OUT, seq_len, torch.arange(HELD_OUT))[0]
-        return calibration_batches(tokenizer, load_text(config.calib), HELD_OUT, seq_len)
+            return mixture_windows(tokenizer, count, seq_len, torch.arange(min(count, HELD_OUT)))[0]
+        return calibration_batches(tokenizer, load_text(config.calib), count, seq_len)
     except LatentKVError as e:
-        log.warning("attention temperature: %s; choosing it on the %d-token held-out windows instead", e, held.shape[1])
-        return held
+        log.warning("calibration at %d tokens: %s; using the %d-token windows instead", seq_len, e, fallback.shape[1])
+        return fallback
 
 
 def calibration_record(ids: torch.Tensor, info: dict | None) -> dict:

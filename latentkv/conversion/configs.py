@@ -116,6 +116,10 @@ class LowRankConfig(CacheSize):
     attn_temperature: float | None = None
     head_temperatures: bool = True  # first fit two factors per head to the source's attention (temperature.py)
     temperature_seq_len: int = 2048
+    # Refit every o_proj by least squares to the source's attention output (output_refit.py), on
+    # refit_windows calibration windows of temperature_seq_len tokens walked through both models
+    output_refit: bool = True
+    refit_windows: int = 16
 
     def __post_init__(self):
         super().__post_init__()
@@ -142,6 +146,8 @@ class LowRankConfig(CacheSize):
             raise LatentKVError(f"--attn-temperature must be auto or a factor in (0, 10], got {self.attn_temperature}")
         if self.temperature_seq_len < 16:
             raise LatentKVError(f"--temperature-seq-len must be >= 16 tokens, got {self.temperature_seq_len}")
+        if self.refit_windows < 1:
+            raise LatentKVError(f"--refit-windows must be >= 1, got {self.refit_windows}")
         if self.calib_samples < 1 or self.calib_seq_len < 16:
             raise LatentKVError("--calib-samples must be >= 1 and --calib-seq-len >= 16")
 

@@ -16,6 +16,7 @@ from .configs import LowRankConfig, config_to_dict
 from .converters import converter_for
 from .dims import check_config, checked, fit_to_source, fixed_dims
 from .latent_norm import add_latent_norm
+from .output_refit import refit_outputs
 from .rope import sample_windows
 from .search import export_schedule, search_split
 from .sequential import convert_sequential
@@ -89,7 +90,15 @@ def convert_calibrated(model, layout: SourceLayout, config: LowRankConfig, ids: 
     temperatures = fit_logit_scales(model, new, config, fit, held, tokenizer, progress)
     if temperatures is not None:
         choice = {**(choice or {}), "attn_temperature": temperatures}
+    if config.output_refit:  # last: it fits o_proj to what the finished layers compute
+        windows = serving_windows(tokenizer, config, fit, serving_length(model, config), config.refit_windows)
+        choice = {**(choice or {}), "output_refit": refit_outputs(model, new, windows, progress=progress)}
     return new, choice, config
+
+
+def serving_length(model, config: LowRankConfig) -> int:
+    """Tokens per calibration window at the context served: temperature_seq_len, within the source's reach."""
+    return min(config.temperature_seq_len, getattr(model.config, "max_position_embeddings", None) or 1 << 30)
 
 
 def fit_logit_scales(model, new, config: LowRankConfig, fit: torch.Tensor, held: torch.Tensor, tokenizer,
@@ -101,8 +110,7 @@ def fit_logit_scales(model, new, config: LowRankConfig, fit: torch.Tensor, held:
     if config.attn_temperature is None:
         if heads is not None and heads["max_deviation"] < LOSSLESS:
             return {**heads, "temperature": 1.0}
-        seq_len = min(config.temperature_seq_len, getattr(model.config, "max_position_embeddings", None) or 1 << 30)
-        windows = serving_windows(tokenizer, config, held if len(held) else fit, seq_len)
+        windows = serving_windows(tokenizer, config, held if len(held) else fit, serving_length(model, config))
         return {**(heads or {}), **choose_temperature(new, windows, held_out_nll)}
     scale_logits(new, config.attn_temperature)
     if heads is None and config.attn_temperature == 1.0:  # --attn-temperature off: nothing was changed

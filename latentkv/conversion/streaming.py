@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -101,6 +102,10 @@ class Stream:
         self.layout = source_layout(hf)  # refuses unsupported families with the reason
         _tied_embeddings(self.ckpt, hf)
         config = fit_to_source(config, self.layout)
+        if isinstance(config, LowRankConfig) and config.output_refit:
+            log.warning("streaming conversion: o_proj is not refit to the source's attention output (that walks "
+                        "long windows through both whole models); convert in memory for it")
+            config = replace(config, output_refit=False)  # the record says what was done
         self.config, self.device, self.store_dtype = config, torch.device(device), self.ckpt.dtype()
         self.calibrated = isinstance(config, LowRankConfig)
         self.sequential = self.calibrated and config.sequential
