@@ -28,8 +28,7 @@ def run_demo(kv_budget: float = 0.5, out: str | None = None, overwrite: bool = F
     if out is not None:
         check_output_dir(out, overwrite)
     # built first, so a bad budget is one error line before any loading or output
-    config = make_config(kv_budget=kv_budget, calib_samples=16, refit_windows=8)  # half the default calibration
-    fallback = make_config(kv_budget=kv_budget, method="svd")
+    config, fallback = make_config(kv_budget=kv_budget, calib_samples=16), make_config(kv_budget=kv_budget, method="svd")
     t0 = time.perf_counter()
     source, tok = load_model(model, progress=progress)
     _note(f"loaded {model} in {time.perf_counter() - t0:.1f}s")

@@ -14,9 +14,12 @@ with W, b the source's o_proj, W0, b' the converted one's as the conversion left
 o_proj absorbs the part of the latent's and the rope key's error that is linear in what the layer does
 compute, and the error the prefix brought in. The ridge pulls towards the converted weight, not
 towards zero: where the two streams agree (a lossless conversion) W' = W0 = W exactly. Only o_proj changes,
-a dense weight stock DeepSeek-V3 engines read as it is, so the export carries it. Why: on SmolLM2's 50 %
-export (96 + 96, temperatures) the refit took the WikiText-2 held-out tail from 49.37 to 43.56 and test
-from 34.40 to 31.60 before any healing (BENCHMARKS.md, "The output refit").
+a dense weight stock DeepSeek-V3 engines read as it is, so the export carries it. Measured on SmolLM2's
+export (BENCHMARKS.md, "The output refit"): at 50 % (96 + 96, temperatures) WikiText-2 test 34.40 -> 31.51
+and the held-out tail 49.37 -> 43.43 before any healing; at 25 % (60 + 36) test 109.09 -> 366.73, though
+the layers' output error halved there too: where the converted heads predict the source's output poorly
+the least-squares map shrinks the attention output, which the rest of the network reads badly. So it
+is opt-in (`LowRankConfig.output_refit`, `convert --output-refit on`).
 """
 
 from __future__ import annotations

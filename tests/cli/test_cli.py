@@ -205,13 +205,13 @@ def test_convert_export_verify_load(capsys, source_dir, tmp_path):
     assert json.loads(stdout)["model"]["bytes_per_token"] == res["cache_bytes_per_token"]
     code, stdout, _ = run(capsys, "generate", tmp_path / "native", "The quick", "--max-new-tokens", 3, "--json")
     assert code == 0 and len(json.loads(stdout)["tokens"][0]) == 3
-    # an export whose latent up-projection is off by 10 % fails (exit 1), on its logits
+    # an export whose latent up-projection is off by 1 % fails (exit 1), on its logits
     from safetensors.torch import load_file, save_file
 
     shard = next(ds.glob("*.safetensors"))
     weights = load_file(shard)
     key = next(k for k in weights if k.endswith("kv_b_proj.weight"))
-    weights[key] = weights[key] * 1.1
+    weights[key] = weights[key] * 1.01
     save_file(weights, shard, metadata={"format": "pt"})
     code, stdout, _ = run(capsys, "verify-export", ds, "--against", conv, "--json", "--tokens", 48)
     res = json.loads(stdout)

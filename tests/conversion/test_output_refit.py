@@ -64,7 +64,7 @@ def test_refit_lowers_every_layers_output_error_and_is_recorded(family, calib_id
     base = dict(kv_lora_rank=8, qk_rope_head_dim=4, attn_temperature=1.0, head_temperatures=False,
                 rope="2norm" if family == "gemma3-qknorm" else "rorope")
     off = convert(model, LowRankConfig(**base, output_refit=False), calib_ids=calib_ids, progress=False)
-    on = convert(model, LowRankConfig(**base), calib_ids=calib_ids, progress=False)
+    on = convert(model, LowRankConfig(**base, output_refit=True), calib_ids=calib_ids, progress=False)
     entry = record_of(on)["split_search"]["output_refit"]
     assert entry["windows"] == 7 and entry["seq_len"] == calib_ids.shape[1]
     assert all(after < before for before, after in zip(entry["error_before"], entry["error_after"])), entry
@@ -79,7 +79,7 @@ def test_refit_lowers_every_layers_output_error_and_is_recorded(family, calib_id
 def test_refit_keeps_a_full_rank_conversion_exact(calib_ids):
     model = make_tiny("llama-gqa")
     conv = convert(model, LowRankConfig(kv_lora_rank=56, qk_rope_head_dim=8, attn_temperature=1.0,
-                                        head_temperatures=False), calib_ids=calib_ids, progress=False)
+                                        head_temperatures=False, output_refit=True), calib_ids=calib_ids, progress=False)
     entry = record_of(conv)["split_search"]["output_refit"]
     assert max(entry["error_before"]) < SETTLED and entry["error_after"] == entry["error_before"]
     x = calib_ids[:2]
@@ -92,7 +92,7 @@ def test_too_few_tokens_skip_the_refit_and_say_so():
     model = make_tiny("llama-gqa")
     ids = torch.randint(0, 320, (7, 16))
     conv = convert(model, LowRankConfig(kv_lora_rank=8, qk_rope_head_dim=4, attn_temperature=1.0,
-                                        head_temperatures=False), calib_ids=ids, progress=False)
+                                        head_temperatures=False, output_refit=True), calib_ids=ids, progress=False)
     off = convert(model, LowRankConfig(kv_lora_rank=8, qk_rope_head_dim=4, attn_temperature=1.0, head_temperatures=False,
                                        output_refit=False), calib_ids=ids, progress=False)
     assert record_of(conv)["split_search"]["output_refit"]["skipped"] == "too few calibration tokens"
@@ -105,7 +105,7 @@ def test_cli_flags_reach_the_config():
     from latentkv.cli.parser import build_parser
 
     parser = build_parser()
-    for flags, want in (([], (True, 16)), (["--output-refit", "off"], (False, 16)),
+    for flags, want in (([], (False, 16)), (["--output-refit", "off"], (False, 16)),
                         (["--output-refit", "on", "--refit-windows", "3"], (True, 3))):
         config = convert_config(parser.parse_args(["convert", "smollm2-135m", "--kv-budget", "0.5", "--out", "x", *flags]))
         assert (config.output_refit, config.refit_windows) == want
