@@ -118,8 +118,8 @@ class LowRankConfig(CacheSize):
     temperature_seq_len: int = 2048
     # Refit every o_proj by least squares to the source's attention output (output_refit.py), on
     # refit_windows calibration windows of temperature_seq_len tokens walked through both models. Off by
-    # default: on SmolLM2 it helped the 50 % export (WikiText-2 x1.659 -> x1.520) and wrecked the 25 % one
-    # (x5.26 -> x17.7), so it waits for a held-out check that can refuse it (BENCHMARKS.md, "The output refit")
+    # default: on SmolLM2's 50 % export it took WikiText-2 from x1.659 to x1.520 but copying from 6.5 % to
+    # 1.9 %, and it wrecked the 25 % one (x5.26 -> x17.7) (BENCHMARKS.md, "The output refit")
     output_refit: bool = False
     refit_windows: int = 16
 
