@@ -31,11 +31,10 @@ import logging
 import torch
 from tqdm.auto import tqdm
 
-from .prefix import CHUNK, PrefixWalk, advance
+from .prefix import CHUNK, CONVERTED, SOURCE, PrefixWalk, advance
 
 log = logging.getLogger(__name__)
 
-SOURCE, CONVERTED = 0, 1  # the walk's two streams
 RIDGE = 1e-3  # lam: relative to the mean diagonal of G, so the same value serves every layer and model
 # A layer whose relative squared output error is below this (1 % rms: a lossless conversion, float
 # rounding through the prefix only, measured 2e-6 on a tiny full-rank one) keeps its o_proj: a solve would
@@ -128,7 +127,7 @@ def refit_outputs(model, new, ids: torch.Tensor, ridge: float = RIDGE, progress:
         err = relative_error(w_old, w_src, cross, gram, auto)
         w_new = solve(w_src, w_old, cross, gram, ridge) if err > SETTLED else w_old
         before.append(err)
-        after.append(relative_error(w_new, w_src, cross, gram, auto) if err > SETTLED else err)
+        after.append(relative_error(w_new, w_src, cross, gram, auto))
         weight = new_layer.self_attn.o_proj.weight
         weight.copy_(w_new.to(weight.dtype))
         walk.advance(CONVERTED, new_layer, mask)

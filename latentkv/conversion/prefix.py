@@ -16,6 +16,7 @@ import torch
 from ..families import layer_rope_types, sliding_window
 
 CHUNK = 4  # windows per forward: bounds the (CHUNK, H, T, T) attention memory
+SOURCE, CONVERTED = 0, 1  # a two-stream walk's streams: h_src, h_new
 
 
 def causal_mask(t: int, window: int | None) -> torch.Tensor:

@@ -13,12 +13,10 @@ from tqdm.auto import tqdm
 
 from ..families import SourceLayout
 from .configs import LowRankConfig
-from .prefix import PrefixWalk
+from .prefix import CONVERTED, SOURCE, PrefixWalk
 from .rope import sample_windows
 from .statistics import InputStats, Moments
 from .surgery import convert_layer, per_layer
-
-SOURCE, CONVERTED = 0, 1  # the walk's two streams
 
 
 @torch.no_grad()

@@ -37,7 +37,7 @@ from .calibration import calibration_ids, calibration_record, split_ids
 from .configs import LowRankConfig, config_to_dict
 from .dims import fit_to_source, stream_dims
 from .latent_norm import norm_layer
-from .prefix import PrefixWalk
+from .prefix import CONVERTED, SOURCE, PrefixWalk
 from .rope import sample_windows
 from .statistics import InputStats, Moments, record_attention_inputs
 from .stream_work import Work
@@ -45,8 +45,6 @@ from .surgery import check_finite_layer, convert_attention
 from .temperature import scale_logits_of
 
 log = logging.getLogger(__name__)
-
-SOURCE, CONVERTED = 0, 1  # the walk's streams: h_src, h_new
 
 
 def check_streamable(config) -> None:

@@ -44,11 +44,9 @@ def logits_of(model, ids):
 
 
 def lowrank(calib, **kw):
-    """Streaming folds a given logit factor but fits no temperatures and refits no o_proj (both walk the
-    whole model)."""
+    """Streaming folds a given logit factor but fits no temperatures (that needs the whole model)."""
     return LowRankConfig(**{"kv_lora_rank": 24, "qk_rope_head_dim": 8, "calib": calib, "calib_samples": 6,
-                            "calib_seq_len": 32, "attn_temperature": 1.0, "head_temperatures": False,
-                            "output_refit": False, **kw})
+                            "calib_seq_len": 32, "attn_temperature": 1.0, "head_temperatures": False, **kw})
 
 
 CASES = {
@@ -124,7 +122,7 @@ def test_bf16_source_stays_bf16(tmp_path, tiny_tokenizer, calib):
 def test_budget_takes_the_streaming_split(tmp_path, tiny_tokenizer, calib, caplog):
     caplog.set_level(logging.INFO, logger="latentkv")
     _, src = sharded(tmp_path, tokenizer=tiny_tokenizer)
-    cfg = LowRankConfig(kv_budget=0.5, calib=calib, calib_samples=6, calib_seq_len=32, output_refit=False)
+    cfg = LowRankConfig(kv_budget=0.5, calib=calib, calib_samples=6, calib_seq_len=32)
     record = convert_streaming(src, cfg, tmp_path / "out", progress=False)
     first = record["layers"][0]
     assert first["kv_lora_rank"] + first["qk_rope_head_dim"] == 32  # half of keys + values: 2 * 2 heads * 16
@@ -257,7 +255,7 @@ def test_cli_refuses_in_memory_conversion_that_cannot_fit(tmp_path, monkeypatch,
 
 
 def test_streaming_says_it_does_not_refit_outputs(tmp_path, tiny_tokenizer, calib, caplog):
-    model, src = sharded(tmp_path, tokenizer=tiny_tokenizer)
+    _, src = sharded(tmp_path, tokenizer=tiny_tokenizer)
     with caplog.at_level("WARNING", logger="latentkv"):
         record = convert_streaming(src, lowrank(calib, output_refit=True), tmp_path / "out", progress=False)
     assert record["conversion"]["output_refit"] is False
